@@ -1,0 +1,226 @@
+"""The message contract between devices and teamtrack, as code.
+
+Topics:
+    teams/{team}/workers/{worker}/position   JSON object, see `decode_position`
+    teams/{team}/workers/{worker}/status     retained "online" / "offline"
+
+Everything that crosses a service boundary is decoded and validated here, once, so that a
+malformed payload is rejected with a reason that can be counted, and never reaches a manager
+or the database.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+SLUG_PATTERN: Final = r"[a-z0-9][a-z0-9_-]{0,63}"
+_SLUG = re.compile(SLUG_PATTERN)
+MAX_PAYLOAD_BYTES: Final = 1024
+MAX_FUTURE_MS: Final = 5 * 60 * 1000
+MAX_AGE_MS: Final = 7 * 24 * 3600 * 1000
+TOPIC_ROOT: Final = "teams"
+WORKER_TOPIC_FILTER: Final = "teams/+/workers/+/+"
+
+
+class Kind(StrEnum):
+    POSITION = "position"
+    STATUS = "status"
+
+
+class Presence(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Reason(StrEnum):
+    """Why a message was rejected; each value is a label of the `rejected` counter."""
+
+    BAD_TOPIC = "bad_topic"
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    BAD_TYPE = "bad_type"
+    NOT_FINITE = "not_finite"
+    OUT_OF_RANGE = "out_of_range"
+    TS_IN_FUTURE = "ts_in_future"
+    TS_TOO_OLD = "ts_too_old"
+    BAD_STATUS = "bad_status"
+
+
+class ContractError(ValueError):
+    """A message that breaks the contract; `reason` is the counter label, `detail` the log text."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def is_slug(value: str) -> bool:
+    return _SLUG.fullmatch(value) is not None
+
+
+def require_slug(value: str, what: str = "id") -> str:
+    if not is_slug(value):
+        raise ValueError(f"{what} {value!r} is not a slug ({SLUG_PATTERN})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TopicAddress:
+    team: str
+    worker: str
+    kind: Kind
+
+
+def position_topic(team: str, worker: str) -> str:
+    return f"{TOPIC_ROOT}/{team}/workers/{worker}/{Kind.POSITION.value}"
+
+
+def status_topic(team: str, worker: str) -> str:
+    return f"{TOPIC_ROOT}/{team}/workers/{worker}/{Kind.STATUS.value}"
+
+
+def team_topic_filter(team: str) -> str:
+    return f"{TOPIC_ROOT}/{team}/#"
+
+
+def parse_topic(topic: str) -> TopicAddress:
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != TOPIC_ROOT or parts[2] != "workers":
+        raise ContractError(Reason.BAD_TOPIC, f"unexpected topic {topic[:200]!r}")
+    _, team, _, worker, kind = parts
+    if not (is_slug(team) and is_slug(worker)):
+        raise ContractError(Reason.BAD_TOPIC, f"team or worker is not a slug in {topic[:200]!r}")
+    try:
+        return TopicAddress(team, worker, Kind(kind))
+    except ValueError:
+        raise ContractError(Reason.BAD_TOPIC, f"unknown message kind {kind[:40]!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """One validated position fix of one worker."""
+
+    team: str
+    worker: str
+    lat: float
+    lon: float
+    ts: int
+    seq: int
+    acc: float | None = None
+    speed: float | None = None
+    heading: float | None = None
+    battery: float | None = None
+
+    def payload(self) -> dict[str, Any]:
+        """The device payload (what travels on the MQTT topic), without absent optionals."""
+        body: dict[str, Any] = {"lat": self.lat, "lon": self.lon, "ts": self.ts, "seq": self.seq}
+        for name in _OPTIONAL_NAMES:
+            value = getattr(self, name)
+            if value is not None:
+                body[name] = value
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """A presence change of one worker (retained on the broker, Last Will for `offline`)."""
+
+    team: str
+    worker: str
+    presence: Presence
+
+
+# (name, low, high) for each numeric field; None bounds are open.
+_REQUIRED_NUMBERS: Final = (("lat", -90.0, 90.0), ("lon", -180.0, 180.0))
+_OPTIONAL_RANGES: Final[dict[str, tuple[float, float | None]]] = {
+    "acc": (0.0, None),
+    "speed": (0.0, None),
+    "heading": (0.0, 360.0),
+    "battery": (0.0, 100.0),
+}
+_OPTIONAL_NAMES: Final = tuple(_OPTIONAL_RANGES)
+_KNOWN_FIELDS: Final = frozenset({"lat", "lon", "ts", "seq", *_OPTIONAL_NAMES})
+
+
+def _number(body: dict[str, Any], name: str, low: float, high: float | None) -> float:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ContractError(Reason.BAD_TYPE, f"{name} must be a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ContractError(Reason.NOT_FINITE, f"{name} must be finite")
+    if number < low or (high is not None and number > high):
+        raise ContractError(Reason.OUT_OF_RANGE, f"{name}={number} outside [{low}, {high}]")
+    return number
+
+
+def _integer(body: dict[str, Any], name: str) -> int:
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContractError(Reason.BAD_TYPE, f"{name} must be an integer")
+    return value
+
+
+def decode_position(
+    team: str, worker: str, payload: bytes, now_ms: int | None = None
+) -> Position:
+    """Validate a device's position payload; raise `ContractError` with the first broken rule."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ContractError(Reason.NOT_JSON, "payload is not JSON") from None
+    if not isinstance(body, dict):
+        raise ContractError(Reason.NOT_OBJECT, "payload is not a JSON object")
+    missing = [name for name in ("lat", "lon", "ts", "seq") if name not in body]
+    if missing:
+        raise ContractError(Reason.MISSING_FIELD, f"missing {', '.join(missing)}")
+    unknown = body.keys() - _KNOWN_FIELDS
+    if unknown:
+        raise ContractError(Reason.UNKNOWN_FIELD, f"unknown {', '.join(sorted(unknown))[:100]}")
+    lat, lon = (_number(body, name, low, high) for name, low, high in _REQUIRED_NUMBERS)
+    ts = _integer(body, "ts")
+    seq = _integer(body, "seq")
+    if seq < 0:
+        raise ContractError(Reason.OUT_OF_RANGE, "seq must not be negative")
+    now = now_ms if now_ms is not None else int(time.time() * 1000)
+    if ts > now + MAX_FUTURE_MS:
+        raise ContractError(Reason.TS_IN_FUTURE, f"ts is {(ts - now) // 1000} s in the future")
+    if ts < now - MAX_AGE_MS:
+        raise ContractError(Reason.TS_TOO_OLD, f"ts is {(now - ts) // 86_400_000} days old")
+    optional = {
+        name: _number(body, name, low, high) if body.get(name) is not None else None
+        for name, (low, high) in _OPTIONAL_RANGES.items()
+    }
+    return Position(team, worker, lat, lon, ts, seq, **optional)
+
+
+def decode_status(team: str, worker: str, payload: bytes) -> Status:
+    try:
+        return Status(team, worker, Presence(payload.decode("ascii").strip()))
+    except (UnicodeDecodeError, ValueError):
+        raise ContractError(Reason.BAD_STATUS, "status must be 'online' or 'offline'") from None
+
+
+def decode_message(topic: str, payload: bytes, now_ms: int | None = None) -> Position | Status:
+    """Decode one MQTT message from a device topic."""
+    address = parse_topic(topic)
+    if address.kind is Kind.POSITION:
+        return decode_position(address.team, address.worker, payload, now_ms)
+    return decode_status(address.team, address.worker, payload)
+
+
+def encode_position(position: Position) -> bytes:
+    return orjson.dumps(position.payload())
