@@ -84,7 +84,9 @@ class ManagedProcess:
             if port_is_open(host, port):
                 return
             time.sleep(0.05)
-        raise ServerError(f"{self.name} did not open {host}:{port} in {timeout}s:\n{self.log_tail()}")
+        raise ServerError(
+            f"{self.name} did not open {host}:{port} in {timeout}s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10.0) -> int | None:
         if self.process is None:

@@ -1,0 +1,57 @@
+"""Broadcast backends, chosen by URL scheme; drivers are imported only when their scheme is used.
+
+    memory://                 one process (single-process mode, demos)
+    redis://host:port/db      Redis Streams
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from teamtrack.backends.base import (
+    START_OF_LOG,
+    Backend,
+    BackendError,
+    Batch,
+    Cursor,
+    Event,
+    Gap,
+    GroupBatch,
+    GroupConsumer,
+    Snapshot,
+    TeamSubscription,
+)
+
+SCHEMES = ("memory", "redis", "rediss")
+
+
+def from_url(url: str) -> Backend:
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from teamtrack.backends.memory import MemoryBackend
+
+        return MemoryBackend.from_url(url)
+    if scheme in ("redis", "rediss"):
+        from teamtrack.backends.redis import RedisBackend
+
+        return RedisBackend.from_url(url)
+    raise ValueError(
+        f"unknown backend URL scheme {scheme!r} in backend URL; use one of: "
+        + ", ".join(f"{name}://" for name in SCHEMES)
+    )
+
+
+__all__ = [
+    "START_OF_LOG",
+    "Backend",
+    "BackendError",
+    "Batch",
+    "Cursor",
+    "Event",
+    "Gap",
+    "GroupBatch",
+    "GroupConsumer",
+    "Snapshot",
+    "TeamSubscription",
+    "from_url",
+]

@@ -1,0 +1,247 @@
+"""The broadcast backend: the one interface that memory, Redis and Kafka implement.
+
+Model: every team has an append-only, bounded log of *batches*. A batch holds the events
+(positions and presence changes) of one team that one bridge forwarded in one go. Positions
+inside a team's log are identified by an opaque `Cursor` that only ever grows.
+
+Delivery guarantees (every backend passes `tests/backend_contract.py`):
+
+* `publish` returns once the backend holds the events (Redis: the MULTI/EXEC reply; Kafka: the
+  produce acknowledgement with acks=all). Until it returns, the caller must not acknowledge the
+  source messages: that is what makes the bridge at-least-once.
+* A `TeamSubscription` delivers, for each team it was given, every batch appended after the
+  cursor it was given, in log order, each once. Teams can be added and removed while it runs;
+  only added teams are read from the backend (interest-based routing).
+* If the requested cursor is older than the retained history, the subscription delivers a `Gap`
+  for that team first, then continues with the oldest batch still retained.
+* `snapshot` returns the last-known position and presence of every worker of a team together with
+  the cursor of the newest batch they include: subscribing after that cursor misses nothing.
+* A `GroupConsumer` delivers every batch of every team (or of a chosen set) to exactly one member
+  of a named group, in log order per team. With acknowledgement on, a batch is delivered again to
+  the group after a crash unless acknowledged; with it off, a crash loses what was in flight.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self
+
+import orjson
+
+from teamtrack.contract import Kind
+
+Cursor = str
+"""Opaque position in a team's log; compare only with cursors of the same team and backend."""
+
+START_OF_LOG: Cursor = ""
+"""Pass to `TeamSubscription.add` to read a team's whole retained history."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted device message, as the bridge forwards it.
+
+    `body` is the validated device payload, byte for byte (a JSON object for positions, the
+    status word for presence), so that mirrors republish exactly what the device sent and
+    dashboards embed it in frames without decoding it again. `ts` orders the events of one
+    worker for the last-known store: the device fix time of a position, the bridge's receive
+    time of a status.
+    """
+
+    team: str
+    worker: str
+    kind: Kind
+    body: bytes
+    origin: str
+    received_ms: int
+    ts: int
+    qos: int = 0
+
+    def to_json(self) -> bytes:
+        """Compact JSON without a generic encoder: ids are slugs and `body` is validated JSON."""
+        payload = self.body if self.kind is Kind.POSITION else b'"' + self.body + b'"'
+        return b"".join(
+            (
+                b'{"w":"', self.worker.encode(),
+                b'","k":"', self.kind.value[0].encode(),
+                b'","o":"', self.origin.encode(),
+                b'","rx":', str(self.received_ms).encode(),
+                b',"q":', str(self.qos).encode(),
+                b',"p":', payload, b"}",
+            )
+        )
+
+
+def encode_events(events: Iterable[Event]) -> bytes:
+    return b"[" + b",".join(event.to_json() for event in events) + b"]"
+
+
+_KIND_BY_LETTER = {kind.value[0]: kind for kind in Kind}
+
+
+def decode_event(team: str, item: dict[str, Any]) -> Event:
+    payload = item["p"]
+    kind = _KIND_BY_LETTER[item["k"]]
+    received_ms = int(item["rx"])
+    if kind is Kind.POSITION:
+        body, ts = orjson.dumps(payload), int(payload["ts"])
+    else:
+        body, ts = str(payload).encode(), received_ms
+    return Event(
+        team=team,
+        worker=item["w"],
+        kind=kind,
+        body=body,
+        origin=item["o"],
+        received_ms=received_ms,
+        ts=ts,
+        qos=int(item.get("q", 0)),
+    )
+
+
+def decode_events(team: str, raw: bytes) -> list[Event]:
+    return [decode_event(team, item) for item in orjson.loads(raw)]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Events of one team appended to its log as one entry; `raw` is `encode_events(...)`."""
+
+    team: str
+    cursor: Cursor
+    raw: bytes
+
+    def events(self) -> list[Event]:
+        return decode_events(self.team, self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """The history after `requested` was trimmed: some batches of `team` are gone for good."""
+
+    team: str
+    requested: Cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    team: str
+    cursor: Cursor
+    positions: dict[str, Event] = field(default_factory=dict)
+    presence: dict[str, Event] = field(default_factory=dict)
+
+
+class Acknowledgeable(abc.ABC):
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Tell the group this batch is done with (no-op when acknowledgement is off)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBatch:
+    batch: Batch
+    acknowledger: Acknowledgeable
+
+    async def ack(self) -> None:
+        await self.acknowledger.ack()
+
+
+class TeamSubscription(abc.ABC):
+    """Batches of a changing set of teams; iterate with `async for`."""
+
+    @abc.abstractmethod
+    async def add(self, team: str, after: Cursor) -> None:
+        """Deliver `team`'s batches appended after `after` (`START_OF_LOG`: all retained)."""
+
+    @abc.abstractmethod
+    async def remove(self, team: str) -> None:
+        """Stop delivering `team`; batches already queued for it may still come out."""
+
+    @property
+    @abc.abstractmethod
+    def teams(self) -> frozenset[str]: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def __anext__(self) -> Batch | Gap: ...
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class GroupConsumer(abc.ABC):
+    """Batches of all (or chosen) teams, shared among the members of a named group."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def __anext__(self) -> GroupBatch: ...
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+GroupStart = Literal["latest", "earliest"]
+
+
+class Backend(abc.ABC):
+    """Chosen by URL scheme with `teamtrack.backends.from_url`."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and create what the backend needs; raises `BackendError` if unreachable."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Append `events` (any teams, any order) as one batch per team; update last-known."""
+
+    @abc.abstractmethod
+    async def snapshot(self, team: str) -> Snapshot: ...
+
+    @abc.abstractmethod
+    def subscribe(self) -> TeamSubscription: ...
+
+    @abc.abstractmethod
+    def consume(
+        self,
+        group: str,
+        consumer: str,
+        *,
+        start: GroupStart = "latest",
+        acknowledge: bool = True,
+    ) -> GroupConsumer: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the backend answers; used by health checks."""
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class BackendError(RuntimeError):
+    """The backend could not be reached or refused an operation."""

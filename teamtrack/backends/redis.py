@@ -1,0 +1,452 @@
+"""`redis://host:port/db` — Redis Streams as the cross-instance broadcast layer.
+
+Keys (prefix `tt`, change with `?prefix=`):
+
+* `tt:log:{team}`   stream, one entry per forwarded batch of the team (field `b`), capped at
+  `?history=` entries (approximate trimming). Dashboards XREAD only the teams they serve.
+* `tt:all`          stream, one entry per `publish` call (a field per team), capped at
+  `?group_history=`; consumer groups (bridge mirrors, ingest) read it.
+* `tt:last:{team}` / `tt:last-ts:{team}`          last-known position per worker, and its ts.
+* `tt:presence:{team}` / `tt:presence-ts:{team}`  last presence per worker, and its time.
+
+A publish is one MULTI/EXEC round trip whatever the batch size. The last-known hashes are
+updated by a Lua script that keeps the newest `ts` per worker, so a redelivered old message
+never moves a worker back.
+
+Why streams and not PUBLISH: a stream entry stays readable after it is written, which gives
+cursors (stream ids) that a reconnecting viewer resumes from on any instance, and consumer
+groups for the mirrors and the ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from teamtrack.backends.base import (
+    START_OF_LOG,
+    Acknowledgeable,
+    Backend,
+    BackendError,
+    Batch,
+    Cursor,
+    Event,
+    Gap,
+    GroupBatch,
+    GroupConsumer,
+    GroupStart,
+    Snapshot,
+    TeamSubscription,
+    decode_event,
+    encode_events,
+)
+from teamtrack.contract import Kind
+from teamtrack.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HISTORY = 10_000
+DEFAULT_GROUP_HISTORY = 100_000
+READ_COUNT = 500
+BLOCK_MS = 5_000
+
+# KEYS: team log. ARGV: max length, batch, "1" for approximate trimming.
+# Each entry records the id of the entry before it (`p`), so that a reader resuming from a cursor
+# can tell whether the entry right after its cursor was trimmed (a gap) or is still there.
+_APPEND = """
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local previous = '0-0'
+if #newest > 0 then previous = newest[1][1] end
+if ARGV[3] == '1' then
+  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'b', ARGV[2], 'p', previous)
+end
+return redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'b', ARGV[2], 'p', previous)
+"""
+
+# KEYS: value hash, order hash. ARGV: worker, order, value, worker, order, value, ...
+_KEEP_NEWEST = """
+for i = 1, #ARGV, 3 do
+  local current = redis.call('HGET', KEYS[2], ARGV[i])
+  if (not current) or tonumber(current) <= tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+
+
+def _stream_id(cursor: Cursor) -> tuple[int, int]:
+    millis, _, sequence = cursor.partition("-")
+    return int(millis), int(sequence or 0)
+
+
+class RedisBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "tt",
+        history: int = DEFAULT_HISTORY,
+        group_history: int = DEFAULT_GROUP_HISTORY,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.history = history
+        self.group_history = group_history
+        self._client: aioredis.Redis | None = None
+        self._keep_newest: Any = None
+        self._append: Any = None
+        # Approximate trimming removes whole radix-tree nodes (~100 entries): cheap, but it
+        # would ignore a small history altogether, so small histories are trimmed exactly.
+        self._approximate = history >= 1000
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisBackend:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        options: dict[str, Any] = {}
+        if "prefix" in query:
+            options["prefix"] = query["prefix"][0]
+        if "history" in query:
+            options["history"] = int(query["history"][0])
+        if "group_history" in query:
+            options["group_history"] = int(query["group_history"][0])
+        server_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        return cls(server_url, **options)
+
+    # Key names -------------------------------------------------------------------------
+    def log_key(self, team: str) -> str:
+        return f"{self.prefix}:log:{team}"
+
+    @property
+    def all_key(self) -> str:
+        return f"{self.prefix}:all"
+
+    def _store_keys(self, kind: Kind, team: str) -> tuple[str, str]:
+        name = "last" if kind is Kind.POSITION else "presence"
+        return f"{self.prefix}:{name}:{team}", f"{self.prefix}:{name}-ts:{team}"
+
+    # Lifecycle ---------------------------------------------------------------------------
+    def new_client(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(
+            self.url,
+            decode_responses=False,
+            health_check_interval=30,
+            socket_connect_timeout=5,
+            # A blocked XREAD must outlast its BLOCK time before the socket read gives up.
+            socket_timeout=BLOCK_MS / 1000 + 10,
+        )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise BackendError("redis backend used before start()")
+        return self._client
+
+    async def start(self) -> None:
+        self._client = self.new_client()
+        self._keep_newest = self._client.register_script(_KEEP_NEWEST)
+        self._append = self._client.register_script(_APPEND)
+        try:
+            await self._client.ping()
+        except RedisError as error:
+            raise BackendError(f"redis at {_safe(self.url)} is unreachable: {error}") from error
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except RedisError:
+            return False
+
+    # Writing -----------------------------------------------------------------------------
+    async def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        by_team: dict[str, list[Event]] = defaultdict(list)
+        for event in events:
+            by_team[event.team].append(event)
+        pipe = self.client.pipeline(transaction=True)
+        all_fields: dict[Any, Any] = {}
+        for team, team_events in by_team.items():
+            raw = encode_events(team_events)
+            all_fields[team] = raw
+            await self._append(
+                keys=[self.log_key(team)],
+                args=[self.history, raw, "1" if self._approximate else "0"],
+                client=pipe,
+            )
+            for kind in Kind:
+                arguments: list[Any] = []
+                for event in team_events:
+                    if event.kind is kind:
+                        arguments += (event.worker, event.ts, event.to_json())
+                if arguments:
+                    keys = self._store_keys(kind, team)
+                    await self._keep_newest(keys=keys, args=arguments, client=pipe)
+        pipe.xadd(self.all_key, all_fields, maxlen=self.group_history, approximate=True)
+        try:
+            await pipe.execute()
+        except RedisError as error:
+            raise BackendError(f"publish to redis failed: {error}") from error
+
+    # Reading -----------------------------------------------------------------------------
+    async def snapshot(self, team: str) -> Snapshot:
+        positions_key, _ = self._store_keys(Kind.POSITION, team)
+        presence_key, _ = self._store_keys(Kind.STATUS, team)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xrevrange(self.log_key(team), count=1)
+        pipe.hgetall(positions_key)
+        pipe.hgetall(presence_key)
+        newest, positions, presence = await pipe.execute()
+        cursor = newest[0][0].decode() if newest else "0-0"
+        return Snapshot(
+            team=team,
+            cursor=cursor,
+            positions={w.decode(): _decode_stored(team, raw) for w, raw in positions.items()},
+            presence={w.decode(): _decode_stored(team, raw) for w, raw in presence.items()},
+        )
+
+    async def trimmed_after(self, team: str, cursor: Cursor) -> bool:
+        """True if the entry right after `cursor` in the team's log was trimmed away."""
+        oldest: Any = await self.client.xrange(self.log_key(team), count=1)
+        if not oldest:
+            return False
+        oldest_id, fields = oldest[0]
+        if _stream_id(cursor) >= _stream_id(oldest_id.decode()):
+            return False
+        return _stream_id(fields[b"p"].decode()) > _stream_id(cursor)
+
+    def subscribe(self) -> TeamSubscription:
+        return _RedisSubscription(self)
+
+    def consume(
+        self,
+        group: str,
+        consumer: str,
+        *,
+        start: GroupStart = "latest",
+        acknowledge: bool = True,
+    ) -> GroupConsumer:
+        return _RedisGroupConsumer(self, group, consumer, start=start, acknowledge=acknowledge)
+
+
+def _decode_stored(team: str, raw: bytes) -> Event:
+    return decode_event(team, orjson.loads(raw))
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, ""))
+
+
+class _RedisSubscription(TeamSubscription):
+    """One blocking XREAD over all the teams of interest, woken when that set changes."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._backend = backend
+        self._cursors: dict[str, Cursor] = {}
+        self._wake_key = f"{backend.prefix}:wake:{uuid.uuid4().hex}"
+        self._wake_cursor = "$"
+        self._ready: deque[Batch | Gap] = deque()
+        self._reader: aioredis.Redis | None = None
+        self._closed = False
+
+    @property
+    def teams(self) -> frozenset[str]:
+        return frozenset(self._cursors)
+
+    async def add(self, team: str, after: Cursor) -> None:
+        if after == START_OF_LOG:
+            after = "0-0"
+        elif await self._backend.trimmed_after(team, after):
+            self._ready.append(Gap(team, after))
+        self._cursors[team] = after
+        await self._wake()
+
+    async def remove(self, team: str) -> None:
+        if self._cursors.pop(team, None) is not None:
+            await self._wake()
+
+    async def _wake(self) -> None:
+        if self._reader is None:
+            return
+        pipe = self._backend.client.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
+        pipe.expire(self._wake_key, 3600)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            with contextlib.suppress(RedisError):
+                await self._backend.client.delete(self._wake_key)
+            await self._reader.aclose()
+            self._reader = None
+
+    async def _read(self) -> None:
+        if self._reader is None:
+            self._reader = self._backend.new_client()
+            self._wake_cursor = "$"
+        if self._wake_cursor == "$":
+            # Resolve '$' once so that a wake-up written between two reads is not missed.
+            newest: Any = await self._reader.xrevrange(self._wake_key, count=1)
+            self._wake_cursor = newest[0][0].decode() if newest else "0-0"
+        streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
+        keys_to_team: dict[bytes, str] = {}
+        for team, cursor in self._cursors.items():
+            key = self._backend.log_key(team)
+            streams[key] = cursor
+            keys_to_team[key.encode()] = team
+        # redis-py types replies loosely; with decode_responses=False every string is bytes.
+        reply: Any = await self._reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        for key, entries in reply or []:
+            if key == self._wake_key.encode():
+                self._wake_cursor = entries[-1][0].decode()
+                continue
+            team = keys_to_team[key]
+            if team not in self._cursors:
+                continue
+            for entry_id, fields in entries:
+                cursor = entry_id.decode()
+                self._cursors[team] = cursor
+                self._ready.append(Batch(team, cursor, fields[b"b"]))
+
+    async def __anext__(self) -> Batch | Gap:
+        backoff = Backoff()
+        while not self._ready:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                await self._read()
+                backoff.reset()
+            except RedisError as error:
+                delay = backoff.next_delay()
+                log.warning("redis read failed (%s); retrying in %.1fs", error, delay)
+                if self._reader is not None:
+                    with contextlib.suppress(RedisError):
+                        await self._reader.aclose()
+                    self._reader = None
+                await asyncio.sleep(delay)
+        return self._ready.popleft()
+
+
+class _EntryAcknowledger(Acknowledgeable):
+    """XACKs a `tt:all` entry once every team batch cut from it has been acknowledged."""
+
+    def __init__(self, consumer: _RedisGroupConsumer, entry_id: bytes, parts: int) -> None:
+        self._consumer = consumer
+        self._entry_id = entry_id
+        self._remaining = parts
+
+    async def ack(self) -> None:
+        self._remaining -= 1
+        if self._remaining == 0:
+            await self._consumer.ack(self._entry_id)
+
+
+class _NoAck(Acknowledgeable):
+    async def ack(self) -> None:
+        return None
+
+
+class _RedisGroupConsumer(GroupConsumer):
+    def __init__(
+        self,
+        backend: RedisBackend,
+        group: str,
+        consumer: str,
+        *,
+        start: GroupStart,
+        acknowledge: bool,
+    ) -> None:
+        self._backend = backend
+        self._group = group
+        self._consumer = consumer
+        self._start_id = "$" if start == "latest" else "0"
+        self._acknowledge = acknowledge
+        self._reader: aioredis.Redis | None = None
+        self._ready: deque[GroupBatch] = deque()
+        self._closed = False
+
+    async def _ensure_group(self, reader: aioredis.Redis) -> None:
+        try:
+            await reader.xgroup_create(
+                self._backend.all_key, self._group, id=self._start_id, mkstream=True
+            )
+        except ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    async def ack(self, entry_id: bytes) -> None:
+        await self._backend.client.xack(self._backend.all_key, self._group, entry_id)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reader is not None:
+            await self._reader.aclose()
+            self._reader = None
+
+    async def _read(self) -> None:
+        if self._reader is None:
+            reader = self._backend.new_client()
+            await self._ensure_group(reader)
+            self._reader = reader
+        reply: Any = await self._reader.xreadgroup(
+            self._group,
+            self._consumer,
+            {self._backend.all_key: ">"},
+            count=READ_COUNT,
+            block=BLOCK_MS,
+            noack=not self._acknowledge,
+        )
+        for _key, entries in reply or []:
+            for entry_id, fields in entries:
+                acknowledger: Acknowledgeable = (
+                    _EntryAcknowledger(self, entry_id, len(fields))
+                    if self._acknowledge
+                    else _NoAck()
+                )
+                for team, raw in fields.items():
+                    batch = Batch(team.decode(), entry_id.decode(), raw)
+                    self._ready.append(GroupBatch(batch, acknowledger))
+
+    async def __anext__(self) -> GroupBatch:
+        backoff = Backoff()
+        while not self._ready:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                await self._read()
+                backoff.reset()
+            except RedisError as error:
+                delay = backoff.next_delay()
+                log.warning("redis group read failed (%s); retrying in %.1fs", error, delay)
+                if self._reader is not None:
+                    with contextlib.suppress(RedisError):
+                        await self._reader.aclose()
+                    self._reader = None
+                await asyncio.sleep(delay)
+        return self._ready.popleft()

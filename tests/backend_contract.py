@@ -1,0 +1,262 @@
+"""The contract every broadcast backend passes; subclassed once per backend.
+
+A subclass provides `make_backend(history)`; every test here runs against it, against the real
+server of that backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+
+from teamtrack.backends import (
+    START_OF_LOG,
+    Backend,
+    Batch,
+    Event,
+    Gap,
+    GroupBatch,
+    TeamSubscription,
+)
+from teamtrack.contract import Kind
+
+WAIT = 5.0
+
+
+def position(team: str, worker: str, seq: int, ts: int | None = None, origin: str = "b1") -> Event:
+    now = int(time.time() * 1000)
+    fix_time = ts if ts is not None else now
+    body = orjson.dumps({"lat": 52.5, "lon": 13.4 + seq / 1e5, "ts": fix_time, "seq": seq})
+    return Event(team, worker, Kind.POSITION, body, origin, now, fix_time, qos=1)
+
+
+def status(team: str, worker: str, word: str, received_ms: int | None = None) -> Event:
+    now = received_ms if received_ms is not None else int(time.time() * 1000)
+    return Event(team, worker, Kind.STATUS, word.encode(), "b1", now, now, qos=1)
+
+
+async def next_item(subscription: TeamSubscription) -> Batch | Gap:
+    return await asyncio.wait_for(anext(subscription), WAIT)
+
+
+async def nothing_within(subscription: TeamSubscription, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(anext(subscription), seconds)
+    except TimeoutError:
+        return True
+    return False
+
+
+class BackendContract(abc.ABC):
+    @abc.abstractmethod
+    def make_backend(self, history: int) -> Backend: ...
+
+    @pytest.fixture
+    async def open_backend(self) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+        opened: list[Backend] = []
+
+        async def open_one(history: int = 1000) -> Backend:
+            backend = self.make_backend(history)
+            await backend.start()
+            opened.append(backend)
+            return backend
+
+        yield open_one
+        for backend in opened:
+            await backend.close()
+
+    async def test_publish_round_trips_events_byte_for_byte(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        subscription = backend.subscribe()
+        await subscription.add("alpha", (await backend.snapshot("alpha")).cursor)
+        sent = [
+            position("alpha", "w1", 0),
+            status("alpha", "w1", "online"),
+            position("alpha", "w2", 7),
+        ]
+        await backend.publish(sent)
+        batch = await next_item(subscription)
+        assert isinstance(batch, Batch)
+        assert batch.team == "alpha"
+        assert batch.events() == sent
+        await subscription.close()
+
+    async def test_one_batch_per_team_per_publish(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        subscription = backend.subscribe()
+        for team in ("alpha", "bravo"):
+            await subscription.add(team, (await backend.snapshot(team)).cursor)
+        await backend.publish(
+            [position("alpha", "w1", 0), position("bravo", "w1", 0), position("alpha", "w2", 0)]
+        )
+        received = {}
+        for _ in range(2):
+            batch = await next_item(subscription)
+            assert isinstance(batch, Batch)
+            received[batch.team] = [event.worker for event in batch.events()]
+        assert received == {"alpha": ["w1", "w2"], "bravo": ["w1"]}
+        assert await nothing_within(subscription, 0.3)
+        await subscription.close()
+
+    async def test_snapshot_keeps_newest_position_and_presence(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        now = int(time.time() * 1000)
+        await backend.publish([position("alpha", "w1", 5, ts=now), status("alpha", "w1", "online")])
+        # An older fix arriving late (a QoS 1 redelivery) must not move the worker back.
+        await backend.publish([position("alpha", "w1", 4, ts=now - 1000)])
+        await backend.publish([position("alpha", "w2", 1, ts=now)])
+        snapshot = await backend.snapshot("alpha")
+        assert set(snapshot.positions) == {"w1", "w2"}
+        assert orjson.loads(snapshot.positions["w1"].body)["seq"] == 5
+        assert snapshot.presence["w1"].body == b"online"
+        assert (await backend.snapshot("nobody")).positions == {}
+
+    async def test_snapshot_cursor_then_live_misses_nothing(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        await backend.publish([position("alpha", "w1", 0)])
+        snapshot = await backend.snapshot("alpha")
+        await backend.publish([position("alpha", "w1", 1)])
+        await backend.publish([position("alpha", "w1", 2)])
+        subscription = backend.subscribe()
+        await subscription.add("alpha", snapshot.cursor)
+        seqs = []
+        for _ in range(2):
+            batch = await next_item(subscription)
+            assert isinstance(batch, Batch)
+            seqs += [orjson.loads(event.body)["seq"] for event in batch.events()]
+        assert seqs == [1, 2]
+        assert await nothing_within(subscription, 0.3)
+        await subscription.close()
+
+    async def test_cursors_resume_on_another_subscription(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        first = backend.subscribe()
+        await first.add("alpha", (await backend.snapshot("alpha")).cursor)
+        for seq in range(3):
+            await backend.publish([position("alpha", "w1", seq)])
+        batch = await next_item(first)
+        assert isinstance(batch, Batch)
+        await first.close()
+        # A second reader (another dashboard instance) resumes after the first batch.
+        second = backend.subscribe()
+        await second.add("alpha", batch.cursor)
+        seqs = []
+        for _ in range(2):
+            resumed = await next_item(second)
+            assert isinstance(resumed, Batch)
+            seqs += [orjson.loads(event.body)["seq"] for event in resumed.events()]
+        assert seqs == [1, 2]
+        await second.close()
+
+    async def test_only_added_teams_are_delivered(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        subscription = backend.subscribe()
+        await subscription.add("alpha", (await backend.snapshot("alpha")).cursor)
+        await backend.publish([position("bravo", "w1", 0)])
+        await backend.publish([position("alpha", "w1", 0)])
+        batch = await next_item(subscription)
+        assert isinstance(batch, Batch) and batch.team == "alpha"
+        await subscription.remove("alpha")
+        assert subscription.teams == frozenset()
+        await backend.publish([position("alpha", "w1", 1)])
+        assert await nothing_within(subscription, 0.3)
+        await subscription.close()
+
+    async def test_team_added_while_waiting_is_read_promptly(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        subscription = backend.subscribe()
+        await subscription.add("alpha", (await backend.snapshot("alpha")).cursor)
+        waiting = asyncio.create_task(next_item(subscription))
+        await asyncio.sleep(0.2)  # the reader is now blocked on alpha only
+        await subscription.add("bravo", (await backend.snapshot("bravo")).cursor)
+        started = time.monotonic()
+        await backend.publish([position("bravo", "w1", 0)])
+        batch = await waiting
+        assert isinstance(batch, Batch) and batch.team == "bravo"
+        # Well under the backend's blocking-read timeout: the reader was woken, not polled.
+        assert time.monotonic() - started < 1.0
+        await subscription.close()
+
+    async def test_start_of_log_reads_retained_history(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        for seq in range(3):
+            await backend.publish([position("alpha", "w1", seq)])
+        subscription = backend.subscribe()
+        await subscription.add("alpha", START_OF_LOG)
+        seqs = []
+        for _ in range(3):
+            batch = await next_item(subscription)
+            assert isinstance(batch, Batch)
+            seqs += [orjson.loads(event.body)["seq"] for event in batch.events()]
+        assert seqs == [0, 1, 2]
+        await subscription.close()
+
+    async def test_gap_when_history_was_trimmed(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend(history=5)
+        await backend.publish([position("alpha", "w1", 0)])
+        old_cursor = (await backend.snapshot("alpha")).cursor
+        for seq in range(1, 20):
+            await backend.publish([position("alpha", "w1", seq)])
+        subscription = backend.subscribe()
+        await subscription.add("alpha", old_cursor)
+        first = await next_item(subscription)
+        assert first == Gap("alpha", old_cursor)
+        seqs = []
+        for _ in range(5):
+            batch = await next_item(subscription)
+            assert isinstance(batch, Batch)
+            seqs += [orjson.loads(event.body)["seq"] for event in batch.events()]
+        assert seqs == [15, 16, 17, 18, 19]
+        await subscription.close()
+
+    async def test_no_gap_when_history_is_intact(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend(history=50)
+        await backend.publish([position("alpha", "w1", 0)])
+        cursor = (await backend.snapshot("alpha")).cursor
+        for seq in range(1, 20):
+            await backend.publish([position("alpha", "w1", seq)])
+        subscription = backend.subscribe()
+        await subscription.add("alpha", cursor)
+        first = await next_item(subscription)
+        assert isinstance(first, Batch)
+        assert orjson.loads(first.events()[0].body)["seq"] == 1
+        await subscription.close()
+
+    async def test_group_members_share_and_groups_each_get_all(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        member_a = backend.consume("mirror-x", "a")
+        member_b = backend.consume("mirror-x", "b")
+        other_group = backend.consume("ingest", "only", acknowledge=True)
+        # Group creation happens on the first read; start the readers before publishing.
+        reads = {
+            name: asyncio.create_task(_drain(consumer, 0.8))
+            for name, consumer in (("a", member_a), ("b", member_b), ("other", other_group))
+        }
+        await asyncio.sleep(0.3)
+        for seq in range(10):
+            await backend.publish([position("alpha", "w1", seq), position("bravo", "w1", seq)])
+        results = {name: await task for name, task in reads.items()}
+        shared = results["a"] + results["b"]
+        expected = {(team, seq) for team in ("alpha", "bravo") for seq in range(10)}
+        assert sorted(shared) == sorted(expected)  # each batch to exactly one member
+        assert sorted(results["other"]) == sorted(expected)
+        for consumer in (member_a, member_b, other_group):
+            await consumer.close()
+
+
+async def _drain(consumer: AsyncIterator[GroupBatch], quiet: float) -> list[tuple[str, int]]:
+    """Everything a group member receives until nothing more comes for `quiet` seconds."""
+    seen: list[tuple[str, int]] = []
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(consumer), quiet + 1.0 if not seen else quiet)
+        except TimeoutError:
+            return seen
+        for event in item.batch.events():
+            seen.append((item.batch.team, orjson.loads(event.body)["seq"]))
+        await item.ack()
