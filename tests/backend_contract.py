@@ -151,6 +151,7 @@ class BackendContract(abc.ABC):
             assert isinstance(resumed, Batch)
             seqs += [orjson.loads(event.body)["seq"] for event in resumed.events()]
         assert seqs == [1, 2]
+        assert backend.cursor_key(resumed.cursor) > backend.cursor_key(batch.cursor)
         await second.close()
 
     async def test_only_added_teams_are_delivered(self, open_backend) -> None:  # type: ignore[no-untyped-def]

@@ -232,6 +232,10 @@ class Backend(abc.ABC):
     ) -> GroupConsumer: ...
 
     @abc.abstractmethod
+    def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
+        """Sort key of a cursor: of two cursors of one team, the larger key is the later one."""
+
+    @abc.abstractmethod
     async def ping(self) -> bool:
         """True when the backend answers; used by health checks."""
 

@@ -84,6 +84,9 @@ class MemoryBackend(Backend):
     async def ping(self) -> bool:
         return True
 
+    def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
+        return (_number(cursor),)
+
     async def publish(self, events: Sequence[Event]) -> None:
         by_team: dict[str, list[Event]] = defaultdict(list)
         for event in events:

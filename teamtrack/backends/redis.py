@@ -174,6 +174,9 @@ class RedisBackend(Backend):
         except RedisError:
             return False
 
+    def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
+        return _stream_id(cursor) if cursor else (0, 0)
+
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
         if not events:
