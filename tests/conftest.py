@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from teamtrack.servers import LOOPBACK, free_port, start_redis
+from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.provision import Credentials, DeviceCredential, ProvisionResult, provision
+from teamtrack.registry import demo_registry
+from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto, start_redis
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +38,59 @@ def output_dir(request: pytest.FixtureRequest) -> Path:
     folder = root / request.node.name.replace("/", "_").replace("[", "-").replace("]", "")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@dataclass
+class Broker:
+    name: str
+    mqtt_port: int
+    ws_port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{LOOPBACK}:{self.mqtt_port}"
+
+
+@dataclass
+class Cluster:
+    """Provisioned identities (alpha and bravo, 3 workers each) and real brokers using them."""
+
+    state_dir: Path
+    provisioned: ProvisionResult
+    brokers: list[Broker]
+
+    @property
+    def credentials(self) -> Credentials:
+        return self.provisioned.credentials
+
+    def device(self, team: str, worker: str) -> DeviceCredential:
+        return self.credentials.device(team, worker)
+
+
+@pytest.fixture(scope="session")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
+    return provision(demo_registry(teams=2, workers=3), tmp_path_factory.mktemp("identities"))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, provisioned: ProvisionResult) -> Iterator[Cluster]:
+    """Two fresh brokers: no session state from another test can route messages away."""
+    brokers: list[Broker] = []
+    try:
+        for index in (1, 2):
+            mqtt_port, ws_port = free_port(), free_port()
+            config = render_broker_config(
+                mqtt_port=mqtt_port,
+                ws_port=ws_port,
+                state_dir=tmp_path,
+                password_file=provisioned.password_file,
+                acl_file=provisioned.acl_file,
+                broker_name=f"broker-{index}",
+            )
+            process = start_mosquitto(config, mqtt_port)
+            brokers.append(Broker(f"b{index}", mqtt_port, ws_port, process))
+        yield Cluster(tmp_path, provisioned, brokers)
+    finally:
+        for broker in brokers:
+            broker.process.stop()

@@ -1,0 +1,68 @@
+"""`python -m bridge`: one broker's devices into the backend, other brokers' traffic back out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from bridge.service import BridgeConfig, BridgeService
+from bridge.settings import BridgeSettings
+from teamtrack.backends import BackendError, from_url
+from teamtrack.logs import configure_logging
+from teamtrack.metrics import MetricsServer
+from teamtrack.mqtt import BrokerAddress
+from teamtrack.settings import load_settings
+
+log = logging.getLogger("bridge")
+
+
+async def serve(settings: BridgeSettings) -> None:
+    config = BridgeConfig(
+        broker=BrokerAddress.parse(settings.broker_url),
+        broker_id=settings.broker_id,
+        client_id=f"teamtrack-bridge-{settings.broker_id}-{settings.instance}",
+        username=settings.mqtt_username,
+        password=settings.mqtt_password.get_secret_value(),
+        share_group=settings.share_group,
+        session_expiry_s=settings.session_expiry_s,
+        mirror=settings.mirror,
+        mirror_teams=settings.mirrored_teams(),
+        batch_max_events=settings.batch_max_events,
+        max_pending_events=settings.max_pending_events,
+    )
+    registry = CollectorRegistry()
+    service = BridgeService(config, from_url(settings.backend_url), registry)
+    metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
+    metrics.start()
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    await service.start()
+    log.info("bridge %s ready on %s", config.client_id, config.broker)
+    await stopping.wait()
+    log.info("stopping")
+    await service.stop()
+    metrics.stop()
+
+
+def main() -> None:
+    settings = load_settings(BridgeSettings, "python -m bridge")
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except BackendError as error:
+        print(f"python -m bridge: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:
+        print(f"python -m bridge: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

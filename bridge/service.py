@@ -1,0 +1,311 @@
+"""The bridge: one broker's device traffic into the backend, and other brokers' traffic back out.
+
+Inbound: a shared subscription on `teams/+/workers/+/+` (several bridges of one broker split
+its load), validation, batches into the backend. A QoS 1 message is acknowledged to the broker
+only once the backend holds it; the MQTT session is persistent, so the broker keeps QoS 1
+messages while the bridge restarts.
+
+Outbound (mirroring): a consumer group per broker on the backend's all-teams feed, so each
+message from another broker is republished into this broker exactly once, however many bridges
+serve it. Mirrored messages carry the `teamtrack-origin` user property; inbound messages with it
+are dropped before decoding, which is what keeps mirroring free of loops and duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gmqtt import Client as MQTTClient
+from gmqtt import Subscription
+from gmqtt.mqtt.constants import MQTTv50
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from teamtrack.backends import Backend, Event
+from teamtrack.contract import (
+    WORKER_TOPIC_FILTER,
+    ContractError,
+    Kind,
+    Status,
+    decode_message,
+    position_topic,
+    status_topic,
+)
+from teamtrack.logs import RateLimitedLog
+from teamtrack.mqtt import ORIGIN_PROPERTY, BrokerAddress
+from teamtrack.retry import Backoff
+
+from .batcher import Batcher
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0
+
+
+@dataclass
+class BridgeCounters:
+    """Plain integers bumped per message (cheap); turned into Prometheus metrics on scrape."""
+
+    received: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    forwarded: int = 0
+    dropped_overflow: int = 0
+    mirror_echoes: int = 0
+    mirrored: int = 0
+    mirror_skipped_offline: int = 0
+    backend_errors: int = 0
+    reconnects: int = 0
+    connected: bool = False
+
+
+class _CountersCollector(Collector):
+    def __init__(self, counters: BridgeCounters, broker_id: str) -> None:
+        self._counters = counters
+        self._broker_id = broker_id
+
+    def collect(self) -> Iterator[Any]:
+        counters = self._counters
+        broker = self._broker_id
+        received = CounterMetricFamily(
+            "teamtrack_bridge_received", "Messages received from the broker",
+            labels=["broker", "kind"],
+        )
+        for kind, count in counters.received.items():
+            received.add_metric([broker, kind], count)
+        yield received
+        rejected = CounterMetricFamily(
+            "teamtrack_bridge_rejected", "Messages dropped for breaking the contract",
+            labels=["broker", "reason"],
+        )
+        for reason, count in counters.rejected.items():
+            rejected.add_metric([broker, reason], count)
+        yield rejected
+        for name, help_text, value in (
+            ("forwarded", "Events handed to the backend", counters.forwarded),
+            ("dropped_overflow", "QoS 0 messages dropped while the backend lagged",
+             counters.dropped_overflow),
+            ("mirror_echoes", "Mirrored messages seen again and skipped", counters.mirror_echoes),
+            ("mirrored", "Messages from other brokers published into this one",
+             counters.mirrored),
+            ("mirror_skipped_offline", "Mirror messages skipped while the broker was away",
+             counters.mirror_skipped_offline),
+            ("backend_errors", "Failed backend publishes (retried)", counters.backend_errors),
+            ("mqtt_reconnects", "Connections to the broker lost", counters.reconnects),
+        ):
+            family = CounterMetricFamily(f"teamtrack_bridge_{name}", help_text, labels=["broker"])
+            family.add_metric([broker], value)
+            yield family
+        connected = GaugeMetricFamily(
+            "teamtrack_bridge_mqtt_connected", "1 while connected to the broker", labels=["broker"]
+        )
+        connected.add_metric([broker], 1 if counters.connected else 0)
+        yield connected
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    broker: BrokerAddress
+    broker_id: str
+    client_id: str
+    username: str
+    password: str
+    share_group: str = "teamtrack"
+    session_expiry_s: int = 3600
+    mirror: bool = True
+    mirror_teams: frozenset[str] | None = None
+    batch_max_events: int = 2000
+    max_pending_events: int = 20000
+
+
+class BridgeService:
+    def __init__(
+        self, config: BridgeConfig, backend: Backend, registry: CollectorRegistry
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.counters = BridgeCounters()
+        registry.register(_CountersCollector(self.counters, config.broker_id))
+        self._batch_sizes = Histogram(
+            "teamtrack_bridge_batch_size", "Events per backend publish", ["broker"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=registry,
+        ).labels(config.broker_id)
+        self._publish_seconds = Histogram(
+            "teamtrack_bridge_publish_seconds", "Backend publish round trip", ["broker"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+            registry=registry,
+        ).labels(config.broker_id)
+        self.batcher = Batcher(
+            self._publish,
+            max_batch=config.batch_max_events,
+            max_pending=config.max_pending_events,
+            on_batch=self._observe_batch,
+            on_backend_error=self._count_backend_error,
+        )
+        self._client = MQTTClient(
+            config.client_id,
+            clean_session=False,
+            optimistic_acknowledgement=False,
+            session_expiry_interval=config.session_expiry_s,
+            receive_maximum=1000,
+        )
+        self._client.set_auth_credentials(config.username, config.password)
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._reconnect_backoff = Backoff(initial=0.5, maximum=15.0)
+        self._rejections_log = RateLimitedLog(log)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscribed = asyncio.Event()
+        self._stopping = False
+
+    # Lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start()
+        self._tasks.append(asyncio.create_task(self.batcher.run(), name="bridge-batcher"))
+        await self._connect_with_backoff()
+        if self.config.mirror:
+            self._tasks.append(asyncio.create_task(self._mirror(), name="bridge-mirror"))
+
+    async def wait_subscribed(self) -> None:
+        await self._subscribed.wait()
+
+    async def stop(self) -> None:
+        """Stop taking messages, flush what was accepted, then disconnect and close."""
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            await self._client.disconnect()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.batcher.wait_idle(), 5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.backend.close()
+
+    async def _connect_with_backoff(self) -> None:
+        broker = self.config.broker
+        backoff = Backoff(initial=0.2, maximum=10.0)
+        while True:
+            try:
+                await self._client.connect(broker.host, broker.port, version=MQTTv50, keepalive=30)
+                return
+            except (OSError, ConnectionError, Exception) as error:  # gmqtt raises plain Exception
+                delay = backoff.next_delay()
+                log.warning("cannot connect to %s (%s); retrying in %.1fs", broker, error, delay)
+                await asyncio.sleep(delay)
+
+    def _on_connect(self, client: MQTTClient, flags: int, rc: int, properties: Any) -> None:
+        self.counters.connected = True
+        self._reconnect_backoff.reset()
+        log.info("connected to %s as %s (session present: %s)",
+                 self.config.broker, self.config.client_id, bool(flags))
+        # Subscribe on every connect: harmless when the session kept the subscription, needed
+        # when it expired while the bridge was away.
+        topic = f"$share/{self.config.share_group}/{WORKER_TOPIC_FILTER}"
+        client.subscribe(Subscription(topic, qos=1))
+
+    def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: MQTTClient, packet: Any, exc: Any = None) -> None:
+        if self._stopping:
+            self.counters.connected = False
+            return
+        if self.counters.connected:
+            self.counters.reconnects += 1
+        self.counters.connected = False
+        self._subscribed.clear()
+        delay = self._reconnect_backoff.next_delay()
+        client.reconnect_delay = delay
+        log.warning("disconnected from %s; reconnecting in %.1fs", self.config.broker, delay)
+
+    # Inbound -------------------------------------------------------------------------------
+    async def _on_message(
+        self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any
+    ) -> int:
+        """Return the PUBACK reason code; gmqtt sends the PUBACK only once this returns."""
+        for name, _origin in properties.get("user_property", ()):
+            if name == ORIGIN_PROPERTY:
+                self.counters.mirror_echoes += 1
+                return SUCCESS
+        try:
+            message = decode_message(topic, payload)
+        except ContractError as error:
+            self.counters.rejected[error.reason.value] += 1
+            self._rejections_log.warning(
+                error.reason.value, "rejected message on %s: %s", topic[:200], error.detail
+            )
+            return SUCCESS
+        now = int(time.time() * 1000)
+        if isinstance(message, Status):
+            kind, body, ts = Kind.STATUS, message.presence.value.encode(), now
+        else:
+            kind, body, ts = Kind.POSITION, payload, message.ts
+        self.counters.received[kind.value] += 1
+        event = Event(
+            message.team, message.worker, kind, body, self.config.broker_id, now, ts, qos=qos
+        )
+        if qos == 0:
+            if not self.batcher.offer(event):
+                self.counters.dropped_overflow += 1
+                self._rejections_log.warning(
+                    "overflow", "backend lagging: dropped a QoS 0 message on %s", topic
+                )
+            return SUCCESS
+        await self.batcher.submit(event)
+        return SUCCESS
+
+    async def _publish(self, events: Any) -> None:
+        await self.backend.publish(events)
+        self.counters.forwarded += len(events)
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self._batch_sizes.observe(size)
+        self._publish_seconds.observe(seconds)
+
+    def _count_backend_error(self) -> None:
+        self.counters.backend_errors += 1
+
+    # Outbound ------------------------------------------------------------------------------
+    async def _mirror(self) -> None:
+        """Republish other brokers' messages into this broker, once per broker."""
+        consumer = self.backend.consume(
+            f"mirror-{self.config.broker_id}",
+            self.config.client_id,
+            start="latest",
+            # A mirror is a live view: after a crash, resending old positions helps nobody.
+            acknowledge=False,
+        )
+        wanted = self.config.mirror_teams
+        async with consumer:
+            async for item in consumer:
+                if wanted is not None and item.batch.team not in wanted:
+                    continue
+                for event in item.batch.events():
+                    if event.origin != self.config.broker_id:
+                        self._republish(event)
+
+    def _republish(self, event: Event) -> None:
+        if not self.counters.connected:
+            self.counters.mirror_skipped_offline += 1
+            return
+        is_status = event.kind is Kind.STATUS
+        topic = (status_topic if is_status else position_topic)(event.team, event.worker)
+        self._client.publish(
+            topic,
+            event.body,
+            qos=event.qos,
+            retain=is_status,
+            user_property=(ORIGIN_PROPERTY, event.origin),
+        )
+        self.counters.mirrored += 1

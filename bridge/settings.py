@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+
+from teamtrack.contract import require_slug
+from teamtrack.settings import ServiceSettings
+
+
+class BridgeSettings(ServiceSettings):
+    broker_url: str = Field("mqtt://127.0.0.1:1883", description="the broker this bridge serves")
+    broker_id: str = Field(
+        "b1", description="short name of that broker; marks where a message came in"
+    )
+    instance: int = Field(1, ge=1, description="number of this bridge among those of its broker")
+    mqtt_username: str = Field("bridge", description="MQTT user of the bridge")
+    mqtt_password: SecretStr = Field(
+        SecretStr(""), description="MQTT password (prefer TEAMTRACK_MQTT_PASSWORD)"
+    )
+    share_group: str = Field(
+        "teamtrack", description="shared-subscription group that splits a broker among bridges"
+    )
+    session_expiry_s: int = Field(
+        3600, ge=0, description="how long the broker keeps QoS 1 messages for a stopped bridge"
+    )
+    mirror: bool = Field(True, description="mirror other brokers' traffic into this broker")
+    mirror_teams: str = Field("", description="comma-separated teams to mirror (empty: all)")
+    batch_max_events: int = Field(2000, ge=1, description="largest batch sent to the backend")
+    max_pending_events: int = Field(
+        20000, ge=1, description="events held while the backend is slow (QoS 0 beyond is dropped)"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
+    metrics_port: int = Field(9101, ge=0, description="port of /metrics (0: any free port)")
+
+    @field_validator("broker_id")
+    @classmethod
+    def _broker_id_is_slug(cls, value: str) -> str:
+        return require_slug(value, "broker id")
+
+    def mirrored_teams(self) -> frozenset[str] | None:
+        """None means every team."""
+        teams = frozenset(team.strip() for team in self.mirror_teams.split(",") if team.strip())
+        for team in teams:
+            require_slug(team, "team")
+        return teams or None

@@ -1,0 +1,275 @@
+"""The bridge against real Mosquitto brokers and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+import pytest
+from conftest import Cluster
+from mqtt_tools import MosquittoSub, publish_lines
+from prometheus_client import CollectorRegistry
+
+from bridge.service import BridgeConfig, BridgeService
+from teamtrack.backends import Backend, Batch, from_url
+from teamtrack.contract import position_topic, status_topic
+from teamtrack.metrics import MetricsServer
+from teamtrack.mqtt import BrokerAddress
+
+StartBridge = Callable[..., Awaitable[BridgeService]]
+
+
+def payload(seq: int, **overrides: object) -> bytes:
+    body: dict[str, object] = {"lat": 52.52, "lon": 13.40, "ts": int(time.time() * 1000), "seq": seq}
+    body.update(overrides)
+    return orjson.dumps(body)
+
+
+@pytest.fixture
+async def start_bridge(cluster: Cluster, redis_url: str) -> AsyncIterator[StartBridge]:
+    started: list[BridgeService] = []
+
+    async def start(broker_index: int, instance: int = 1, **options: object) -> BridgeService:
+        broker = cluster.brokers[broker_index]
+        credential = cluster.credentials.bridge()
+        config = BridgeConfig(
+            broker=BrokerAddress.parse(broker.url),
+            broker_id=broker.name,
+            client_id=f"teamtrack-bridge-{broker.name}-{instance}",
+            username=credential.username,
+            password=credential.password,
+            **options,  # type: ignore[arg-type]
+        )
+        service = BridgeService(config, from_url(redis_url), CollectorRegistry())
+        await service.start()
+        await asyncio.wait_for(service.wait_subscribed(), 5)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+@pytest.fixture
+async def backend(redis_url: str) -> AsyncIterator[Backend]:
+    backend = from_url(redis_url)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+async def collect_events(
+    backend: Backend, team: str, count: int, timeout: float = 10.0
+) -> list[dict[str, object]]:
+    """Positions of `team` appended to the backend from now on, decoded."""
+    subscription = backend.subscribe()
+    await subscription.add(team, (await backend.snapshot(team)).cursor)
+    received: list[dict[str, object]] = []
+
+    async def read() -> None:
+        async for item in subscription:
+            assert isinstance(item, Batch)
+            for event in item.events():
+                received.append({"worker": event.worker, "origin": event.origin,
+                                 "kind": event.kind.value, "body": event.body})
+            if len(received) >= count:
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except TimeoutError:
+        pass
+    await subscription.close()
+    return received
+
+
+async def test_positions_reach_the_backend_and_every_broker_exactly_once(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend
+) -> None:
+    await start_bridge(0)
+    await start_bridge(1)
+    observer = cluster.credentials.observer
+    assert observer is not None
+    watchers = [
+        await MosquittoSub.start(broker.mqtt_port, observer.username, observer.password, "teams/alpha/#")
+        for broker in cluster.brokers
+    ]
+    device = cluster.device("alpha", "w001")
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 20))
+    await asyncio.sleep(0.2)
+    result = await publish_lines(
+        cluster.brokers[0].mqtt_port, device.username, device.password,
+        position_topic("alpha", "w001"), [payload(seq) for seq in range(20)],
+    )
+    assert result.returncode == 0, result.stderr
+    events = await collecting
+    assert [orjson.loads(e["body"])["seq"] for e in events] == list(range(20))  # type: ignore[arg-type]
+    assert {e["origin"] for e in events} == {"b1"}
+    for watcher in watchers:
+        seen = await watcher.wait_for(20, timeout=5)
+        await asyncio.sleep(0.3)  # anything extra (a loop, a duplicate) would arrive now
+        seqs = [orjson.loads(body)["seq"] for topic, body in watcher.messages
+                if topic == position_topic("alpha", "w001")]
+        watcher.stop()
+        assert sorted(seqs) == list(range(20)), f"{len(seen)} seen"
+
+
+async def test_status_is_mirrored_retained(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    await start_bridge(0)
+    await start_bridge(1)
+    device = cluster.device("bravo", "w002")
+    await publish_lines(cluster.brokers[1].mqtt_port, device.username, device.password,
+                  status_topic("bravo", "w002"), [b"online"])
+    await asyncio.sleep(0.5)
+    observer = cluster.credentials.observer
+    assert observer is not None
+    # A subscriber arriving later on the other broker still sees the retained presence.
+    late = await MosquittoSub.start(cluster.brokers[0].mqtt_port, observer.username, observer.password,
+                        "teams/bravo/workers/+/status")
+    messages = await late.wait_for(1, timeout=3)
+    late.stop()
+    assert messages == [(status_topic("bravo", "w002"), "online")]
+
+
+@pytest.mark.parametrize(
+    ("topic_worker", "body", "reason"),
+    [
+        ("w001", b"not json", "not_json"),
+        ("w001", b"[1, 2]", "not_object"),
+        ("w001", orjson.dumps({"lat": 1, "lon": 2, "ts": 1}), "missing_field"),
+        ("w001", payload(0, extra=1), "unknown_field"),
+        ("w001", payload(0, lat="52"), "bad_type"),
+        ("w001", payload(0, lat=95.0), "out_of_range"),
+        ("w001", payload(0, battery=101), "out_of_range"),
+        ("w001", payload(0, ts=int(time.time() * 1000) + 10 * 60_000), "ts_in_future"),
+        ("w001", payload(0, ts=int(time.time() * 1000) - 8 * 86_400_000), "ts_too_old"),
+        ("w001", b'{"lat": 1, "lon": 2, "ts": 1, "seq": 0, "acc": NaN}', "not_json"),
+        # JSON has no infinities: an overflowing literal is refused by the JSON parser itself.
+        ("w001", b'{"lat":1e400,"lon":1,"ts":1,"seq":1}', "not_json"),
+        ("w001", payload(0) + b" " * 1100, "too_large"),
+    ],
+)
+async def test_invalid_payloads_are_counted_and_never_forwarded(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend,
+    topic_worker: str, body: bytes, reason: str,
+) -> None:
+    bridge = await start_bridge(0, mirror=False)
+    device = cluster.device("alpha", topic_worker)
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 1, timeout=3))
+    await asyncio.sleep(0.2)
+    port = cluster.brokers[0].mqtt_port
+    await publish_lines(port, device.username, device.password,
+                  position_topic("alpha", topic_worker), [body])
+    # The bridge survives and the next valid message goes through alone.
+    await publish_lines(port, device.username, device.password,
+                  position_topic("alpha", topic_worker), [payload(42)])
+    events = await collecting
+    assert [orjson.loads(e["body"])["seq"] for e in events] == [42]  # type: ignore[arg-type]
+    assert bridge.counters.rejected == {reason: 1}
+    assert bridge.counters.forwarded == 1
+
+
+async def test_two_bridges_split_one_broker_without_duplicates(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend
+) -> None:
+    first = await start_bridge(0, instance=1, mirror=False)
+    second = await start_bridge(0, instance=2, mirror=False)
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 200))
+    await asyncio.sleep(0.2)
+    for worker in ("w001", "w002"):
+        device = cluster.device("alpha", worker)
+        await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
+                      position_topic("alpha", worker), [payload(seq) for seq in range(100)])
+    events = await collecting
+    keys = sorted((e["worker"], orjson.loads(e["body"])["seq"]) for e in events)  # type: ignore[arg-type]
+    assert keys == sorted((w, s) for w in ("w001", "w002") for s in range(100))
+    assert first.counters.forwarded + second.counters.forwarded == 200
+    assert first.counters.forwarded > 0 and second.counters.forwarded > 0
+
+
+async def test_qos1_messages_wait_in_the_broker_while_the_bridge_restarts(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend, redis_url: str
+) -> None:
+    bridge = await start_bridge(0, mirror=False)
+    await bridge.stop()
+    device = cluster.device("alpha", "w003")
+    await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
+                  position_topic("alpha", "w003"), [payload(seq) for seq in range(10)])
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 10))
+    await asyncio.sleep(0.2)
+    await start_bridge(0, mirror=False)  # same client id: takes its session back
+    events = await collecting
+    assert [orjson.loads(e["body"])["seq"] for e in events] == list(range(10))  # type: ignore[arg-type]
+
+
+async def test_a_worker_cannot_publish_as_another(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend
+) -> None:
+    await start_bridge(0, mirror=False)
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 1, timeout=3))
+    await asyncio.sleep(0.2)
+    intruder = cluster.device("alpha", "w001")
+    port = cluster.brokers[0].mqtt_port
+    await publish_lines(port, intruder.username, intruder.password,
+                  position_topic("alpha", "w002"), [payload(0)])
+    await publish_lines(port, intruder.username, intruder.password,
+                  position_topic("bravo", "w001"), [payload(0)])
+    await publish_lines(port, intruder.username, intruder.password,
+                  position_topic("alpha", "w001"), [payload(7)])
+    events = await collecting
+    assert [(e["worker"], orjson.loads(e["body"])["seq"]) for e in events] == [("w001", 7)]  # type: ignore[arg-type]
+
+
+async def test_mirroring_limited_to_chosen_teams(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    await start_bridge(0, mirror=False)
+    await start_bridge(1, mirror_teams=frozenset({"bravo"}))
+    observer = cluster.credentials.observer
+    assert observer is not None
+    watcher = await MosquittoSub.start(cluster.brokers[1].mqtt_port, observer.username, observer.password,
+                           "teams/#")
+    port = cluster.brokers[0].mqtt_port
+    for team in ("alpha", "bravo"):
+        device = cluster.device(team, "w001")
+        await publish_lines(port, device.username, device.password,
+                      position_topic(team, "w001"), [payload(1)])
+    await watcher.wait_for(1, timeout=5)
+    await asyncio.sleep(0.5)
+    watcher.stop()
+    assert [topic for topic, _ in watcher.messages] == [position_topic("bravo", "w001")]
+
+
+async def test_metrics_port_serves_counters(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    registry = CollectorRegistry()
+    bridge = await start_bridge(0, mirror=False)
+    bridge_registry = CollectorRegistry()
+    # Serve the running bridge's counters the way `python -m bridge` does.
+    from bridge.service import _CountersCollector
+
+    bridge_registry.register(_CountersCollector(bridge.counters, "b1"))
+    server = MetricsServer(bridge_registry, "127.0.0.1", 0)
+    server.start()
+    try:
+        device = cluster.device("alpha", "w001")
+        await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
+                      position_topic("alpha", "w001"), [payload(1), b"junk"])
+        await asyncio.sleep(0.5)
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(  # noqa: S310 (loopback test URL)
+                f"http://127.0.0.1:{server.port}/metrics", timeout=5
+            ).read().decode()
+        )
+    finally:
+        server.stop()
+    assert 'teamtrack_bridge_forwarded_total{broker="b1"} 1.0' in text
+    assert 'teamtrack_bridge_rejected_total{broker="b1",reason="not_json"} 1.0' in text
+    assert registry is not None
