@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,12 @@ StartBridge = Callable[..., Awaitable[BridgeService]]
 
 
 def payload(seq: int, **overrides: object) -> bytes:
-    body: dict[str, object] = {"lat": 52.52, "lon": 13.40, "ts": int(time.time() * 1000), "seq": seq}
+    body: dict[str, object] = {
+        "lat": 52.52,
+        "lon": 13.40,
+        "ts": int(time.time() * 1000),
+        "seq": seq,
+    }
     body.update(overrides)
     return orjson.dumps(body)
 
@@ -74,15 +80,19 @@ async def collect_events(
         async for item in subscription:
             assert isinstance(item, Batch)
             for event in item.events():
-                received.append({"worker": event.worker, "origin": event.origin,
-                                 "kind": event.kind.value, "body": event.body})
+                received.append(
+                    {
+                        "worker": event.worker,
+                        "origin": event.origin,
+                        "kind": event.kind.value,
+                        "body": event.body,
+                    }
+                )
             if len(received) >= count:
                 return
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(read(), timeout)
-    except TimeoutError:
-        pass
     await subscription.close()
     return received
 
@@ -95,15 +105,20 @@ async def test_positions_reach_the_backend_and_every_broker_exactly_once(
     observer = cluster.credentials.observer
     assert observer is not None
     watchers = [
-        await MosquittoSub.start(broker.mqtt_port, observer.username, observer.password, "teams/alpha/#")
+        await MosquittoSub.start(
+            broker.mqtt_port, observer.username, observer.password, "teams/alpha/#"
+        )
         for broker in cluster.brokers
     ]
     device = cluster.device("alpha", "w001")
     collecting = asyncio.create_task(collect_events(backend, "alpha", 20))
     await asyncio.sleep(0.2)
     result = await publish_lines(
-        cluster.brokers[0].mqtt_port, device.username, device.password,
-        position_topic("alpha", "w001"), [payload(seq) for seq in range(20)],
+        cluster.brokers[0].mqtt_port,
+        device.username,
+        device.password,
+        position_topic("alpha", "w001"),
+        [payload(seq) for seq in range(20)],
     )
     assert result.returncode == 0, result.stderr
     events = await collecting
@@ -112,26 +127,36 @@ async def test_positions_reach_the_backend_and_every_broker_exactly_once(
     for watcher in watchers:
         seen = await watcher.wait_for(20, timeout=5)
         await asyncio.sleep(0.3)  # anything extra (a loop, a duplicate) would arrive now
-        seqs = [orjson.loads(body)["seq"] for topic, body in watcher.messages
-                if topic == position_topic("alpha", "w001")]
+        seqs = [
+            orjson.loads(body)["seq"]
+            for topic, body in watcher.messages
+            if topic == position_topic("alpha", "w001")
+        ]
         watcher.stop()
         assert sorted(seqs) == list(range(20)), f"{len(seen)} seen"
 
 
-async def test_status_is_mirrored_retained(
-    cluster: Cluster, start_bridge: StartBridge
-) -> None:
+async def test_status_is_mirrored_retained(cluster: Cluster, start_bridge: StartBridge) -> None:
     await start_bridge(0)
     await start_bridge(1)
     device = cluster.device("bravo", "w002")
-    await publish_lines(cluster.brokers[1].mqtt_port, device.username, device.password,
-                  status_topic("bravo", "w002"), [b"online"])
+    await publish_lines(
+        cluster.brokers[1].mqtt_port,
+        device.username,
+        device.password,
+        status_topic("bravo", "w002"),
+        [b"online"],
+    )
     await asyncio.sleep(0.5)
     observer = cluster.credentials.observer
     assert observer is not None
     # A subscriber arriving later on the other broker still sees the retained presence.
-    late = await MosquittoSub.start(cluster.brokers[0].mqtt_port, observer.username, observer.password,
-                        "teams/bravo/workers/+/status")
+    late = await MosquittoSub.start(
+        cluster.brokers[0].mqtt_port,
+        observer.username,
+        observer.password,
+        "teams/bravo/workers/+/status",
+    )
     messages = await late.wait_for(1, timeout=3)
     late.stop()
     assert messages == [(status_topic("bravo", "w002"), "online")]
@@ -156,19 +181,25 @@ async def test_status_is_mirrored_retained(
     ],
 )
 async def test_invalid_payloads_are_counted_and_never_forwarded(
-    cluster: Cluster, start_bridge: StartBridge, backend: Backend,
-    topic_worker: str, body: bytes, reason: str,
+    cluster: Cluster,
+    start_bridge: StartBridge,
+    backend: Backend,
+    topic_worker: str,
+    body: bytes,
+    reason: str,
 ) -> None:
     bridge = await start_bridge(0, mirror=False)
     device = cluster.device("alpha", topic_worker)
     collecting = asyncio.create_task(collect_events(backend, "alpha", 1, timeout=3))
     await asyncio.sleep(0.2)
     port = cluster.brokers[0].mqtt_port
-    await publish_lines(port, device.username, device.password,
-                  position_topic("alpha", topic_worker), [body])
+    await publish_lines(
+        port, device.username, device.password, position_topic("alpha", topic_worker), [body]
+    )
     # The bridge survives and the next valid message goes through alone.
-    await publish_lines(port, device.username, device.password,
-                  position_topic("alpha", topic_worker), [payload(42)])
+    await publish_lines(
+        port, device.username, device.password, position_topic("alpha", topic_worker), [payload(42)]
+    )
     events = await collecting
     assert [orjson.loads(e["body"])["seq"] for e in events] == [42]  # type: ignore[arg-type]
     assert bridge.counters.rejected == {reason: 1}
@@ -184,8 +215,13 @@ async def test_two_bridges_split_one_broker_without_duplicates(
     await asyncio.sleep(0.2)
     for worker in ("w001", "w002"):
         device = cluster.device("alpha", worker)
-        await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
-                      position_topic("alpha", worker), [payload(seq) for seq in range(100)])
+        await publish_lines(
+            cluster.brokers[0].mqtt_port,
+            device.username,
+            device.password,
+            position_topic("alpha", worker),
+            [payload(seq) for seq in range(100)],
+        )
     events = await collecting
     keys = sorted((e["worker"], orjson.loads(e["body"])["seq"]) for e in events)  # type: ignore[arg-type]
     assert keys == sorted((w, s) for w in ("w001", "w002") for s in range(100))
@@ -199,8 +235,13 @@ async def test_qos1_messages_wait_in_the_broker_while_the_bridge_restarts(
     bridge = await start_bridge(0, mirror=False)
     await bridge.stop()
     device = cluster.device("alpha", "w003")
-    await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
-                  position_topic("alpha", "w003"), [payload(seq) for seq in range(10)])
+    await publish_lines(
+        cluster.brokers[0].mqtt_port,
+        device.username,
+        device.password,
+        position_topic("alpha", "w003"),
+        [payload(seq) for seq in range(10)],
+    )
     collecting = asyncio.create_task(collect_events(backend, "alpha", 10))
     await asyncio.sleep(0.2)
     await start_bridge(0, mirror=False)  # same client id: takes its session back
@@ -216,12 +257,15 @@ async def test_a_worker_cannot_publish_as_another(
     await asyncio.sleep(0.2)
     intruder = cluster.device("alpha", "w001")
     port = cluster.brokers[0].mqtt_port
-    await publish_lines(port, intruder.username, intruder.password,
-                  position_topic("alpha", "w002"), [payload(0)])
-    await publish_lines(port, intruder.username, intruder.password,
-                  position_topic("bravo", "w001"), [payload(0)])
-    await publish_lines(port, intruder.username, intruder.password,
-                  position_topic("alpha", "w001"), [payload(7)])
+    await publish_lines(
+        port, intruder.username, intruder.password, position_topic("alpha", "w002"), [payload(0)]
+    )
+    await publish_lines(
+        port, intruder.username, intruder.password, position_topic("bravo", "w001"), [payload(0)]
+    )
+    await publish_lines(
+        port, intruder.username, intruder.password, position_topic("alpha", "w001"), [payload(7)]
+    )
     events = await collecting
     assert [(e["worker"], orjson.loads(e["body"])["seq"]) for e in events] == [("w001", 7)]  # type: ignore[arg-type]
 
@@ -233,22 +277,22 @@ async def test_mirroring_limited_to_chosen_teams(
     await start_bridge(1, mirror_teams=frozenset({"bravo"}))
     observer = cluster.credentials.observer
     assert observer is not None
-    watcher = await MosquittoSub.start(cluster.brokers[1].mqtt_port, observer.username, observer.password,
-                           "teams/#")
+    watcher = await MosquittoSub.start(
+        cluster.brokers[1].mqtt_port, observer.username, observer.password, "teams/#"
+    )
     port = cluster.brokers[0].mqtt_port
     for team in ("alpha", "bravo"):
         device = cluster.device(team, "w001")
-        await publish_lines(port, device.username, device.password,
-                      position_topic(team, "w001"), [payload(1)])
+        await publish_lines(
+            port, device.username, device.password, position_topic(team, "w001"), [payload(1)]
+        )
     await watcher.wait_for(1, timeout=5)
     await asyncio.sleep(0.5)
     watcher.stop()
     assert [topic for topic, _ in watcher.messages] == [position_topic("bravo", "w001")]
 
 
-async def test_metrics_port_serves_counters(
-    cluster: Cluster, start_bridge: StartBridge
-) -> None:
+async def test_metrics_port_serves_counters(cluster: Cluster, start_bridge: StartBridge) -> None:
     registry = CollectorRegistry()
     bridge = await start_bridge(0, mirror=False)
     bridge_registry = CollectorRegistry()
@@ -260,13 +304,22 @@ async def test_metrics_port_serves_counters(
     server.start()
     try:
         device = cluster.device("alpha", "w001")
-        await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
-                      position_topic("alpha", "w001"), [payload(1), b"junk"])
+        await publish_lines(
+            cluster.brokers[0].mqtt_port,
+            device.username,
+            device.password,
+            position_topic("alpha", "w001"),
+            [payload(1), b"junk"],
+        )
         await asyncio.sleep(0.5)
         text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(  # noqa: S310 (loopback test URL)
-                f"http://127.0.0.1:{server.port}/metrics", timeout=5
-            ).read().decode()
+            lambda: (
+                urllib.request.urlopen(
+                    f"http://127.0.0.1:{server.port}/metrics", timeout=5
+                )
+                .read()
+                .decode()
+            )
         )
     finally:
         server.stop()

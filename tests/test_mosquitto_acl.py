@@ -1,0 +1,507 @@
+"""The provisioned password file and ACL, enforced by a real mosquitto on loopback ports.
+
+Absence of a message is checked without sleeping: after the message that must not arrive, a
+message that must arrive is sent along the same path. Mosquitto handles one client's packets in
+order and fans each message out before reading the next, so once the later message is in, the
+earlier one would have been too.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from teamtrack.contract import position_topic, status_topic
+from teamtrack.mosquitto_config import (
+    BrokerConfigError,
+    render_broker_config,
+    render_compose_broker_configs,
+)
+from teamtrack.provision import Credentials, ProvisionResult, provision
+from teamtrack.registry import demo_registry
+from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
+
+WAIT_S: Final = 3.0
+SILENCE_S: Final = 0.3
+NOT_AUTHORIZED: Final = 135
+
+
+ConnectAs = Callable[..., "Probe"]
+
+
+@dataclass(frozen=True)
+class Broker:
+    mqtt_port: int
+    ws_port: int
+    credentials: Credentials
+
+
+class Probe:
+    """A paho MQTT v5 client whose deliveries and acknowledgements can be awaited."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        username: str | None,
+        password: str | None,
+        *,
+        transport: str = "tcp",
+        clean_start: bool = True,
+        client_id: str = "",
+        session_expiry_s: int = 0,
+    ) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.clean_start = clean_start
+        self.session_expiry_s = session_expiry_s
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"probe-{uuid.uuid4().hex[:10]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+            transport="websockets" if transport == "websockets" else "tcp",
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connect_result: ReasonCode | None = None
+        self._connected = threading.Event()
+        self._acks: dict[int, list[int]] = {}
+        self._ack_arrived = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connect_result = reason
+        self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.messages.put((message.topic, bytes(message.payload)))
+
+    def _record_ack(self, mid: int, codes: list[int]) -> None:
+        with self._ack_arrived:
+            self._acks[mid] = codes
+            self._ack_arrived.notify_all()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._record_ack(mid, [reason.value])
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        self._record_ack(mid, [reason.value for reason in reasons])
+
+    def _ack(self, mid: int) -> list[int]:
+        with self._ack_arrived:
+            if not self._ack_arrived.wait_for(lambda: mid in self._acks, WAIT_S):
+                raise AssertionError(f"no acknowledgement of packet {mid} within {WAIT_S} s")
+            return self._acks.pop(mid)
+
+    def connect(self) -> ReasonCode:
+        port = self.broker.ws_port if self.transport == "websockets" else self.broker.mqtt_port
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = self.session_expiry_s
+        self.client.connect(
+            LOOPBACK, port, keepalive=30, clean_start=self.clean_start, properties=properties
+        )
+        self.client.loop_start()
+        assert self._connected.wait(WAIT_S), "no CONNACK"
+        assert self.connect_result is not None
+        return self.connect_result
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> list[int]:
+        result, mid = self.client.subscribe(topic_filter, qos=qos)
+        assert result == mqtt.MQTT_ERR_SUCCESS and mid is not None
+        return self._ack(mid)
+
+    def publish(self, topic: str, payload: bytes) -> int:
+        """Publish at QoS 1 and return the broker's PUBACK reason code."""
+        info = self.client.publish(topic, payload, qos=1)
+        return self._ack(info.mid)[0]
+
+    def next_message(self) -> tuple[str, bytes]:
+        try:
+            return self.messages.get(timeout=WAIT_S)
+        except queue.Empty:
+            raise AssertionError(f"no message within {WAIT_S} s") from None
+
+    def messages_until(self, payload: bytes) -> list[tuple[str, bytes]]:
+        """Everything received up to and including the message with this payload."""
+        received = []
+        while True:
+            topic, body = self.next_message()
+            received.append((topic, body))
+            if body == payload:
+                return received
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def start_broker(state: Path, provisioned: ProvisionResult) -> tuple[ManagedProcess, int, int]:
+    mqtt_port, ws_port = free_port(), free_port()
+    config = render_broker_config(
+        mqtt_port=mqtt_port,
+        ws_port=ws_port,
+        state_dir=state,
+        password_file=provisioned.password_file,
+        acl_file=provisioned.acl_file,
+        broker_name=f"acl-{mqtt_port}",
+    )
+    server = start_mosquitto(config, mqtt_port)
+    # The websockets listener opens together with the MQTT one, but check rather than assume.
+    server.wait_for_port(LOOPBACK, ws_port)
+    return server, mqtt_port, ws_port
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
+    return provision(demo_registry(teams=2, workers=2), tmp_path_factory.mktemp("acl-state"))
+
+
+@pytest.fixture(scope="module")
+def broker(provisioned: ProvisionResult) -> Iterator[Broker]:
+    server, mqtt_port, ws_port = start_broker(provisioned.out_dir, provisioned)
+    try:
+        yield Broker(mqtt_port, ws_port, provisioned.credentials)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def connect(broker: Broker) -> Iterator[ConnectAs]:
+    """connect(username, **options) -> a connected Probe; all are closed after the test."""
+    probes: list[Probe] = []
+    passwords = {
+        **{device.username: device.password for device in broker.credentials.devices},
+        **{manager.username: manager.password for manager in broker.credentials.managers},
+        **{service.username: service.password for service in broker.credentials.observers},
+        **{service.username: service.password for service in broker.credentials.bridges},
+    }
+
+    def connect_as(username: str, **options: Any) -> Probe:
+        probe = Probe(broker, username, passwords[username], **options)
+        probes.append(probe)
+        result = probe.connect()
+        assert not result.is_failure, f"{username} refused: {result}"
+        return probe
+
+    yield connect_as
+    for probe in probes:
+        probe.close()
+
+
+def unique_payload(label: str) -> bytes:
+    return f"{label}-{uuid.uuid4().hex[:8]}".encode()
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [(None, None), ("observer", "not-the-password"), ("alpha.w009", "unregistered")],
+)
+def test_anonymous_and_wrong_logins_are_refused(
+    broker: Broker, username: str | None, password: str | None
+) -> None:
+    # Mosquitto 2.0 answers "not authorized" for all three rather than "bad username or password".
+    refused = Probe(broker, username, password)
+    try:
+        assert refused.connect().value == NOT_AUTHORIZED
+    finally:
+        refused.close()
+
+
+def test_device_position_reaches_observer(connect: ConnectAs) -> None:
+    observer = connect("observer")
+    assert observer.subscribe("teams/#") == [1]
+    device = connect("alpha.w001")
+
+    payload = unique_payload("own")
+    assert device.publish(position_topic("alpha", "w001"), payload) == 0
+
+    assert observer.next_message() == (position_topic("alpha", "w001"), payload)
+
+
+def test_device_cannot_impersonate_another_worker(connect: ConnectAs) -> None:
+    observer = connect("observer")
+    observer.subscribe("teams/#")
+    device = connect("alpha.w001")
+
+    forged = unique_payload("forged")
+    assert device.publish(position_topic("alpha", "w002"), forged) == NOT_AUTHORIZED
+    assert device.publish(position_topic("bravo", "w001"), forged) == NOT_AUTHORIZED
+    assert device.publish("teams/alpha/workers/w001/other", forged) == NOT_AUTHORIZED
+    sentinel = unique_payload("sentinel")
+    device.publish(status_topic("alpha", "w001"), sentinel)
+
+    assert observer.messages_until(sentinel) == [(status_topic("alpha", "w001"), sentinel)]
+
+
+def test_device_cannot_read(connect: ConnectAs) -> None:
+    device = connect("alpha.w001")
+    # Mosquitto 2.0 grants the subscription and enforces `read` on each delivery instead.
+    device.subscribe("teams/alpha/#")
+    device.subscribe(position_topic("alpha", "w001"))
+    bridge = connect("bridge")
+    bridge.subscribe("teams/alpha/#")
+
+    payload = unique_payload("for-managers")
+    bridge.publish(position_topic("alpha", "w001"), payload)
+
+    # The bridge got its own message back, so the broker has already fanned it out; a device
+    # allowed to read would have it in flight now. No later message can serve as a barrier
+    # for a client that may receive nothing, hence a short bounded wait.
+    assert bridge.messages_until(payload)[-1][1] == payload
+    with pytest.raises(queue.Empty):
+        device.messages.get(timeout=SILENCE_S)
+
+
+def test_manager_reads_own_team_only(connect: ConnectAs) -> None:
+    manager = connect("alpha-lead")
+    manager.subscribe("teams/#")
+    bridge = connect("bridge")
+
+    other_team = unique_payload("bravo")
+    own_team = unique_payload("alpha")
+    bridge.publish(position_topic("bravo", "w001"), other_team)
+    bridge.publish(position_topic("alpha", "w002"), own_team)
+
+    assert manager.messages_until(own_team) == [(position_topic("alpha", "w002"), own_team)]
+
+
+def test_manager_cannot_publish(connect: ConnectAs) -> None:
+    observer = connect("observer")
+    observer.subscribe("teams/#")
+    manager = connect("alpha-lead")
+
+    fake = unique_payload("fake")
+    assert manager.publish(position_topic("alpha", "w001"), fake) == NOT_AUTHORIZED
+    sentinel = unique_payload("sentinel")
+    connect("bridge").publish(position_topic("alpha", "w001"), sentinel)
+
+    assert observer.messages_until(sentinel) == [(position_topic("alpha", "w001"), sentinel)]
+
+
+def test_observer_cannot_publish(connect: ConnectAs) -> None:
+    observer = connect("observer")
+    assert observer.publish(position_topic("alpha", "w001"), b"{}") == NOT_AUTHORIZED
+
+
+def test_bridges_share_a_subscription(connect: ConnectAs) -> None:
+    # Several bridges on one broker split the stream with a shared subscription; the ACL topic
+    # filter teams/# must cover the $share form too.
+    bridge = connect("bridge")
+    assert bridge.subscribe("$share/bridges/teams/+/workers/+/+") == [1]
+    device = connect("bravo.w002")
+
+    payload = unique_payload("shared")
+    device.publish(position_topic("bravo", "w002"), payload)
+
+    assert bridge.next_message() == (position_topic("bravo", "w002"), payload)
+
+
+def test_manager_over_websockets(connect: ConnectAs) -> None:
+    manager = connect("bravo-lead", transport="websockets")
+    manager.subscribe("teams/bravo/#")
+    device = connect("bravo.w001")
+
+    payload = unique_payload("ws")
+    device.publish(position_topic("bravo", "w001"), payload)
+
+    assert manager.next_message() == (position_topic("bravo", "w001"), payload)
+
+
+def test_websockets_listener_refuses_anonymous(broker: Broker) -> None:
+    anonymous = Probe(broker, None, None, transport="websockets")
+    try:
+        assert anonymous.connect().value == NOT_AUTHORIZED
+    finally:
+        anonymous.close()
+
+
+def test_mosquitto_sub_sees_a_team(broker: Broker, connect: ConnectAs) -> None:
+    observer = broker.credentials.observer
+    assert observer is not None
+    command = [
+        "mosquitto_sub",
+        "-h",
+        LOOPBACK,
+        "-p",
+        str(broker.mqtt_port),
+        "-V",
+        "mqttv5",
+        "-u",
+        observer.username,
+        "-P",
+        observer.password,
+        "-t",
+        "teams/alpha/#",
+        "-C",
+        "1",
+        "-W",
+        str(int(WAIT_S)),
+        "-v",
+    ]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
+        bridge = connect("bridge")
+        bridge.subscribe("teams/alpha/#")
+        # Publish until mosquitto_sub has subscribed and printed one message (or timed out).
+        payload = unique_payload("cli")
+        while reader.poll() is None:
+            bridge.publish(position_topic("alpha", "w002"), payload)
+            bridge.messages_until(payload)
+        output = reader.stdout.read().decode() if reader.stdout else ""
+    assert reader.returncode == 0, output
+    assert output.strip() == f"{position_topic('alpha', 'w002')} {payload.decode()}"
+
+
+def test_persistent_bridge_session_survives_a_broker_restart(
+    provisioned: ProvisionResult, tmp_path: Path
+) -> None:
+    server, mqtt_port, ws_port = start_broker(tmp_path, provisioned)
+    broker = Broker(mqtt_port, ws_port, provisioned.credentials)
+    bridge_login = provisioned.credentials.bridge()
+    device_login = provisioned.credentials.device("alpha", "w001")
+    try:
+        bridge = Probe(
+            broker,
+            bridge_login.username,
+            bridge_login.password,
+            clean_start=False,
+            client_id="bridge-b1",
+            session_expiry_s=3600,
+        )
+        bridge.connect()
+        bridge.subscribe("teams/+/workers/+/position", qos=1)
+        bridge.close()
+
+        device = Probe(broker, device_login.username, device_login.password)
+        device.connect()
+        queued = unique_payload("queued")
+        device.publish(position_topic("alpha", "w001"), queued)
+        device.close()
+
+        server.stop()
+        server = start_mosquitto(tmp_path / f"acl-{mqtt_port}.conf", mqtt_port)
+
+        resumed = Probe(
+            broker,
+            bridge_login.username,
+            bridge_login.password,
+            clean_start=False,
+            client_id="bridge-b1",
+            session_expiry_s=3600,
+        )
+        resumed.connect()
+        try:
+            assert resumed.next_message() == (position_topic("alpha", "w001"), queued)
+        finally:
+            resumed.close()
+    finally:
+        server.stop()
+
+
+def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
+    config = render_broker_config(
+        mqtt_port=18830,
+        ws_port=18831,
+        state_dir=tmp_path,
+        password_file=tmp_path / "mosquitto.passwd",
+        acl_file=tmp_path / "mosquitto.acl",
+        broker_name="b1",
+    )
+    options = [
+        line for line in config.read_text().splitlines() if line and not line.startswith("#")
+    ]
+
+    assert config == tmp_path.resolve() / "b1.conf"
+    assert (tmp_path / "b1").is_dir()
+    # Security options come before the listeners they must apply to.
+    assert options[:4] == [
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"password_file {tmp_path.resolve() / 'mosquitto.passwd'}",
+        f"acl_file {tmp_path.resolve() / 'mosquitto.acl'}",
+    ]
+    for expected in [
+        "listener 18830 127.0.0.1",
+        "protocol mqtt",
+        "listener 18831",
+        "protocol websockets",
+        "persistence true",
+        f"persistence_location {tmp_path.resolve() / 'b1'}/",
+        "max_queued_messages 10000",
+        "set_tcp_nodelay true",
+        "log_dest stdout",
+    ]:
+        assert expected in options
+    assert "$" not in config.read_text().replace("$share", "")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"broker_name": "Broker 1"}, "not a slug"),
+        ({"ws_port": 18830}, "both on port"),
+        ({"mqtt_port": 70000}, "not a TCP port"),
+        ({"acl_file": Path("/tmp/x\nallow_anonymous true")}, "cannot be written"),
+    ],
+)
+def test_render_rejects_values_that_would_break_the_config(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    arguments: dict[str, Any] = {
+        "mqtt_port": 18830,
+        "ws_port": 18831,
+        "state_dir": tmp_path,
+        "password_file": tmp_path / "mosquitto.passwd",
+        "acl_file": tmp_path / "mosquitto.acl",
+        "broker_name": "b1",
+    }
+    with pytest.raises(BrokerConfigError, match=message):
+        render_broker_config(**{**arguments, **change})
+    assert not list(tmp_path.glob("*.conf"))
+
+
+def test_compose_configs_use_container_paths(tmp_path: Path) -> None:
+    written = render_compose_broker_configs(tmp_path)
+
+    assert [path.name for path in written] == ["mosquitto-1.conf", "mosquitto-2.conf"]
+    text = written[1].read_text()
+    assert "password_file /mosquitto/config/mosquitto.passwd" in text
+    assert "listener 1883 0.0.0.0" in text
+    assert "persistence_location /mosquitto/data/" in text
+    assert "user mosquitto" in text
