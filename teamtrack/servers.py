@@ -6,20 +6,32 @@ Used by `teamtrack up` and by the test fixtures, so that both run the same serve
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
     """A child server failed to start; the message ends with the tail of its log."""
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the parent dies, so a killed supervisor leaves no orphans."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -58,6 +70,7 @@ class ManagedProcess:
                 # A process group of its own: Ctrl-C in the terminal reaches the supervisor,
                 # which then stops children in order instead of all at once.
                 start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         return self
 

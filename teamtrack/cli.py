@@ -1,0 +1,219 @@
+"""`teamtrack`: the command line of the platform.
+
+    teamtrack up          a local cluster (brokers, Redis, bridges, dashboards, simulated teams)
+    teamtrack provision   registry.yaml -> Mosquitto password file, ACL, dashboard auth, secrets
+    teamtrack registry    write a starter registry.yaml
+    teamtrack simulate    simulated workers (flags: `teamtrack simulate --help`)
+
+Every option is also read from `TEAMTRACK_<OPTION>` (dashes as underscores).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from teamtrack.settings import ENV_PREFIX
+
+app = typer.Typer(
+    name="teamtrack",
+    help="Live positions of field teams for their managers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _env(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def _fail(message: str) -> typer.Exit:
+    errors.print(f"[red]teamtrack:[/red] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+@app.command()
+def up(
+    brokers: Annotated[int, typer.Option(envvar=_env("brokers"), help="Mosquitto brokers")] = 2,
+    dashboards: Annotated[
+        int, typer.Option(envvar=_env("dashboards"), help="dashboard instances")
+    ] = 2,
+    teams: Annotated[int, typer.Option(envvar=_env("teams"), help="demo teams")] = 3,
+    workers: Annotated[int, typer.Option(envvar=_env("workers"), help="workers per team")] = 50,
+    base_port: Annotated[
+        int,
+        typer.Option(envvar=_env("base_port"), help="first port of the plan (0: free ports)"),
+    ] = 18830,
+    state_dir: Annotated[
+        Path, typer.Option(envvar=_env("state_dir"), help="configs, secrets, logs")
+    ] = Path("state"),
+    backend_url: Annotated[
+        str | None,
+        typer.Option(envvar=_env("backend_url"), help="use this Redis instead of starting one"),
+    ] = None,
+    simulate: Annotated[
+        bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
+    ] = True,
+    interval: Annotated[
+        float, typer.Option(envvar=_env("interval"), help="seconds between a worker's fixes")
+    ] = 1.0,
+    qos: Annotated[int, typer.Option(envvar=_env("qos"), help="QoS of positions (0 or 1)")] = 0,
+    duration: Annotated[
+        float, typer.Option(envvar=_env("duration"), help="stop after N seconds (0: Ctrl-C)")
+    ] = 0.0,
+    status: Annotated[
+        bool, typer.Option(help="live status table while running")
+    ] = True,
+) -> None:
+    """Start a local cluster and keep it running until Ctrl-C or SIGTERM."""
+    import threading
+
+    from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster, ServerError
+    from teamtrack.provision import ProvisionError
+
+    if qos not in (0, 1):
+        raise _fail("--qos must be 0 or 1")
+    options = ClusterOptions(
+        state_dir=state_dir, brokers=brokers, dashboards=dashboards, teams=teams,
+        workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
+        interval=interval, qos=qos, duration=duration,
+    )
+    cluster = LocalCluster(options, console)
+    try:
+        with console.status("starting the cluster..."):
+            cluster.start()
+    except (ClusterError, ServerError, ProvisionError, ValueError) as error:
+        cluster.stop()
+        raise _fail(str(error)) from None
+    _print_endpoints(cluster)
+    if duration:
+        threading.Timer(duration, cluster.request_stop).start()
+    try:
+        cluster.run_until_stopped(show_status=status and console.is_terminal)
+    finally:
+        with console.status("stopping..."):
+            results = cluster.stop()
+    unclean = [(role, code) for role, code in results if code not in (0, -15, None)]
+    console.print(
+        f"stopped {len(results)} processes"
+        + (f"; unclean exits: {unclean}" if unclean else ", all cleanly")
+    )
+
+
+def _print_endpoints(cluster: object) -> None:
+    from teamtrack.cluster import LocalCluster
+
+    assert isinstance(cluster, LocalCluster)
+    assert cluster.provisioned is not None
+    credentials = cluster.provisioned.credentials
+    endpoints = cluster.endpoints()
+    console.rule("teamtrack is up")
+    for url in endpoints["dashboards"]:  # type: ignore[attr-defined]
+        console.print(f"dashboard  {url}")
+    for broker in endpoints["brokers"]:  # type: ignore[attr-defined]
+        console.print(f"broker     {broker['mqtt']}  (MQTT over WebSockets: {broker['ws']})")
+    console.print(f"backend    {endpoints['backend']}")
+    credentials_path = cluster.provisioned.credentials_path
+    manager = credentials.managers[0] if credentials.managers else None
+    if manager is not None:
+        console.print(
+            f"log in as  [bold]{manager.username}[/bold] (team {manager.team}); passwords "
+            f"and tokens of every manager are in {credentials_path}"
+        )
+    observer = credentials.observer
+    if observer is not None:
+        first_port = cluster.ports.broker_mqtt[0]
+        console.print("watch a team on any broker:")
+        console.print(
+            f"  mosquitto_sub -h 127.0.0.1 -p {first_port} -V mqttv5 -u {observer.username} "
+            f"-P \"$(jq -r .observer.password {credentials_path})\" -t 'teams/alpha/#' -v",
+            soft_wrap=True, highlight=False,
+        )
+    console.print(f"endpoints  {cluster.state_dir / 'endpoints.json'}")
+
+
+@app.command("provision")
+def provision_command(
+    registry: Annotated[
+        Path, typer.Option(envvar=_env("registry"), help="registry YAML of teams and people")
+    ],
+    out: Annotated[
+        Path, typer.Option(envvar=_env("out"), help="folder for the generated files")
+    ] = Path("state"),
+    rotate: Annotated[
+        bool, typer.Option(help="replace every existing secret instead of keeping them")
+    ] = False,
+) -> None:
+    """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json."""
+    from teamtrack.provision import ProvisionError, provision
+    from teamtrack.registry import RegistryError, load_registry
+
+    try:
+        result = provision(load_registry(registry), out, reuse_existing=not rotate)
+    except (RegistryError, ProvisionError, OSError) as error:
+        raise _fail(str(error)) from None
+    console.print(
+        f"{len(result.credentials.devices)} devices, {len(result.credentials.managers)} managers;"
+        f" added {len(result.added_usernames)}, removed {len(result.removed_usernames)}"
+    )
+    for path in (result.credentials_path, result.password_file, result.acl_file,
+                 result.dashboard_auth_path):
+        console.print(f"wrote {path}")
+    console.print("reload brokers with SIGHUP to apply the new password file and ACL")
+
+
+@app.command("registry")
+def registry_command(
+    out: Annotated[Path, typer.Option(help="where to write the registry")] = Path(
+        "registry.yaml"
+    ),
+    teams: Annotated[int, typer.Option(help="number of teams")] = 3,
+    workers: Annotated[int, typer.Option(help="workers per team")] = 50,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+) -> None:
+    """Write a starter registry (teams alpha, bravo, ... with workers w001.. and a lead each)."""
+    from teamtrack.registry import demo_registry, dump_registry
+
+    if out.exists() and not force:
+        raise _fail(f"{out} exists; pass --force to overwrite it")
+    try:
+        dump_registry(demo_registry(teams, workers), out)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    console.print(f"wrote {out}; next: teamtrack provision --registry {out}")
+
+
+@app.command(
+    "simulate",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def simulate_command(context: typer.Context) -> None:
+    """Simulated workers moving through a city (`teamtrack simulate --help` for the flags)."""
+    from devices.__main__ import main as simulate_main
+
+    raise typer.Exit(simulate_main(list(context.args)) or 0)
+
+
+@app.command("endpoints")
+def endpoints_command(
+    state_dir: Annotated[Path, typer.Option(envvar=_env("state_dir"))] = Path("state"),
+) -> None:
+    """Print the endpoints of the cluster started by `teamtrack up`."""
+    path = state_dir / "endpoints.json"
+    if not path.exists():
+        raise _fail(f"{path} not found: is `teamtrack up` running with this --state-dir?")
+    json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()

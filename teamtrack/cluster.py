@@ -1,0 +1,366 @@
+"""`teamtrack up`: a whole local cluster as child processes, supervised, stopped cleanly.
+
+Order of start: identities, Redis, brokers, bridges, dashboards, simulator. Order of stop: the
+reverse, so devices say `offline` while bridges still forward it and nothing is left behind.
+A child that dies is restarted with backoff and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.request import urlopen
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.passwords import generate_secret
+from teamtrack.provision import ProvisionResult, provision
+from teamtrack.registry import demo_registry, dump_registry
+from teamtrack.retry import Backoff
+from teamtrack.servers import (
+    LOOPBACK,
+    ManagedProcess,
+    ServerError,
+    free_port,
+    port_is_open,
+    start_redis,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    state_dir: Path
+    brokers: int = 2
+    dashboards: int = 2
+    teams: int = 3
+    workers: int = 50
+    base_port: int = 18830
+    backend_url: str | None = None
+    simulate: bool = True
+    interval: float = 1.0
+    qos: int = 0
+    duration: float = 0.0
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """Where everything listens; `base_port=0` takes free ports instead."""
+
+    broker_mqtt: list[int]
+    broker_ws: list[int]
+    redis: int
+    bridge_metrics: list[int]
+    dashboards: list[int]
+
+    @classmethod
+    def build(cls, base: int, brokers: int, dashboards: int) -> PortPlan:
+        if base == 0:
+            return cls(
+                broker_mqtt=[free_port() for _ in range(brokers)],
+                broker_ws=[free_port() for _ in range(brokers)],
+                redis=free_port(),
+                bridge_metrics=[free_port() for _ in range(brokers)],
+                dashboards=[free_port() for _ in range(dashboards)],
+            )
+        return cls(
+            broker_mqtt=[base + 10 * index for index in range(brokers)],
+            broker_ws=[base + 10 * index + 1 for index in range(brokers)],
+            redis=base + 100,
+            bridge_metrics=[base + 200 + index for index in range(brokers)],
+            dashboards=[base + 300 + index for index in range(dashboards)],
+        )
+
+    def all_ports(self) -> Iterator[int]:
+        yield from self.broker_mqtt
+        yield from self.broker_ws
+        yield self.redis
+        yield from self.bridge_metrics
+        yield from self.dashboards
+
+
+@dataclass
+class Child:
+    """A supervised child: its role, how to start it again, and how often it was restarted."""
+
+    role: str
+    process: ManagedProcess
+    ready_port: int | None = None
+    restarts: int = 0
+    backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
+    next_restart_at: float = 0.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start; the message says what to change."""
+
+
+def _python(module: str) -> list[str]:
+    return [sys.executable, "-m", module]
+
+
+class LocalCluster:
+    def __init__(self, options: ClusterOptions, console: Console | None = None) -> None:
+        self.options = options
+        self.console = console or Console()
+        self.state_dir = options.state_dir.resolve()
+        self.logs_dir = self.state_dir / "logs"
+        self.ports = PortPlan.build(options.base_port, options.brokers, options.dashboards)
+        self.children: list[Child] = []
+        self.redis: ManagedProcess | None = None
+        self.backend_url = options.backend_url or f"redis://{LOOPBACK}:{self.ports.redis}/0"
+        self._session_secret = generate_secret(32)
+        self._stop_requested = threading.Event()
+        self.provisioned: ProvisionResult | None = None
+
+    # Start -------------------------------------------------------------------------------
+    def check_options(self) -> None:
+        options = self.options
+        if options.brokers < 1 or options.dashboards < 1:
+            raise ClusterError("--brokers and --dashboards must be at least 1")
+        if options.backend_url is not None and not options.backend_url.startswith(
+            ("redis://", "rediss://")
+        ):
+            raise ClusterError(
+                "--backend-url must be a redis:// URL: the cluster's processes share the backend"
+                " (memory:// lives inside one process)"
+            )
+        planned = list(self.ports.all_ports())
+        if options.backend_url is not None:
+            planned.remove(self.ports.redis)
+        busy = [port for port in planned if port_is_open(LOOPBACK, port)]
+        if busy:
+            raise ClusterError(
+                f"port(s) {', '.join(map(str, busy))} already in use; "
+                "stop what uses them or pick another --base-port (0 takes free ports)"
+            )
+
+    def start(self) -> None:
+        self.check_options()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        registry = demo_registry(self.options.teams, self.options.workers)
+        dump_registry(registry, self.state_dir / "registry.yaml")
+        self.provisioned = provision(registry, self.state_dir)
+        if self.options.backend_url is None:
+            self.redis = start_redis(self.ports.redis, self.state_dir / "redis")
+        for index in range(self.options.brokers):
+            self._start_broker(index)
+        for index in range(self.options.brokers):
+            self._start_bridge(index)
+        for index in range(self.options.dashboards):
+            self._start_dashboard(index)
+        for child in self.children:
+            if child.ready_port is not None:
+                child.process.wait_for_port(LOOPBACK, child.ready_port, timeout=30)
+        if self.options.simulate:
+            self._start_simulator()
+        self._write_endpoints()
+
+    def _add(
+        self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
+    ) -> None:
+        process = ManagedProcess(role, argv, self.logs_dir / f"{role}.log", env=env)
+        process.start()
+        self.children.append(Child(role, process, port))
+
+    def _start_broker(self, index: int) -> None:
+        assert self.provisioned is not None
+        config = render_broker_config(
+            mqtt_port=self.ports.broker_mqtt[index],
+            ws_port=self.ports.broker_ws[index],
+            state_dir=self.state_dir / "brokers",
+            password_file=self.provisioned.password_file,
+            acl_file=self.provisioned.acl_file,
+            broker_name=f"broker-{index + 1}",
+        )
+        self._add(
+            f"broker-{index + 1}", ["mosquitto", "-c", str(config)], None,
+            self.ports.broker_mqtt[index],
+        )
+
+    def _service_env(self, **secrets: str) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("TEAMTRACK_")}
+        env["TEAMTRACK_BACKEND_URL"] = self.backend_url
+        env.update(secrets)
+        return env
+
+    def _start_bridge(self, index: int) -> None:
+        assert self.provisioned is not None
+        bridge = self.provisioned.credentials.bridge()
+        argv = [
+            *_python("bridge"),
+            "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",
+            "--broker-id", f"b{index + 1}",
+            "--mqtt-username", bridge.username,
+            "--metrics-port", str(self.ports.bridge_metrics[index]),
+        ]
+        env = self._service_env(TEAMTRACK_MQTT_PASSWORD=bridge.password)
+        self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])
+
+    def _start_dashboard(self, index: int) -> None:
+        assert self.provisioned is not None
+        argv = [
+            *_python("dashboard"),
+            "--host", LOOPBACK,
+            "--port", str(self.ports.dashboards[index]),
+            "--auth-file", str(self.provisioned.dashboard_auth_path),
+            "--instance-id", f"dashboard-{index + 1}",
+        ]
+        env = self._service_env(TEAMTRACK_SESSION_SECRET=self._session_secret)
+        self._add(f"dashboard-{index + 1}", argv, env, self.ports.dashboards[index])
+
+    def _start_simulator(self) -> None:
+        assert self.provisioned is not None
+        argv = [
+            *_python("devices"),
+            "--credentials", str(self.provisioned.credentials_path),
+            "--teams", str(self.options.teams),
+            "--workers", str(self.options.workers),
+            "--interval", str(self.options.interval),
+            "--qos", str(self.options.qos),
+            "--no-progress",
+        ]
+        for port in self.ports.broker_mqtt:
+            argv += ["--broker-url", f"mqtt://{LOOPBACK}:{port}"]
+        if self.options.duration:
+            argv += ["--duration", str(self.options.duration)]
+        self._add("simulator", argv, self._service_env(), None)
+
+    def endpoints(self) -> dict[str, object]:
+        return {
+            "brokers": [
+                {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"ws://{LOOPBACK}:{ws}"}
+                for mqtt, ws in zip(self.ports.broker_mqtt, self.ports.broker_ws, strict=True)
+            ],
+            "dashboards": [f"http://{LOOPBACK}:{port}" for port in self.ports.dashboards],
+            "backend": _without_password(self.backend_url),
+            "bridge_metrics": [
+                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.bridge_metrics
+            ],
+        }
+
+    def _write_endpoints(self) -> None:
+        path = self.state_dir / "endpoints.json"
+        path.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
+
+    # Run ---------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def supervise_once(self) -> None:
+        """Restart children that died (the simulator only if it did not finish on its own)."""
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process.running():
+                continue
+            finished = process.process is not None and process.process.returncode == 0
+            if child.role == "simulator" and finished:
+                continue
+            if child.next_restart_at == 0.0:
+                delay = child.backoff.next_delay()
+                child.next_restart_at = now + delay
+                log.warning("%s exited; restarting in %.1fs (log: %s)",
+                            child.role, delay, process.log_path)
+            elif now >= child.next_restart_at:
+                child.restarts += 1
+                child.next_restart_at = 0.0
+                process.start()
+
+    def run_until_stopped(self, show_status: bool = True) -> None:
+        previous = {
+            signum: signal.signal(signum, lambda *_: self.request_stop())
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            if show_status:
+                with Live(self.status(), console=self.console, refresh_per_second=1) as live:
+                    while not self._stop_requested.wait(1.0):
+                        self.supervise_once()
+                        live.update(self.status())
+            else:
+                while not self._stop_requested.wait(0.5):
+                    self.supervise_once()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def stop(self) -> list[tuple[str, int | None]]:
+        """Stop everything in reverse order of start; returns each child's exit code."""
+        results = []
+        for child in reversed(self.children):
+            results.append((child.role, child.process.stop()))
+        if self.redis is not None:
+            results.append(("redis", self.redis.stop()))
+        return results
+
+    # Status ------------------------------------------------------------------------------
+    def status(self) -> Group:
+        table = Table(title="teamtrack cluster", expand=False)
+        table.add_column("process")
+        table.add_column("state")
+        table.add_column("restarts", justify="right")
+        table.add_column("forwarded", justify="right")
+        table.add_column("rejected", justify="right")
+        metrics_by_role = {
+            f"bridge-{index + 1}": port for index, port in enumerate(self.ports.bridge_metrics)
+        }
+        for child in self.children:
+            state = "[green]running" if child.process.running() else "[red]stopped"
+            forwarded = rejected = ""
+            port = metrics_by_role.get(child.role)
+            if port is not None and child.process.running():
+                counters = _scrape_counters(port)
+                forwarded = _count(counters, "teamtrack_bridge_forwarded_total")
+                rejected = _count(counters, "teamtrack_bridge_rejected_total")
+            table.add_row(child.role, state, str(child.restarts), forwarded, rejected)
+        return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
+
+
+def _scrape_counters(port: int) -> dict[str, float]:
+    """Sum of each metric over its labels, from a bridge's /metrics page."""
+    totals: dict[str, float] = {}
+    try:
+        with urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=0.5) as response:
+            text = response.read().decode()
+    except OSError:
+        return totals
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name_and_labels, _, value = line.rpartition(" ")
+        name = name_and_labels.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals
+
+
+def _count(counters: dict[str, float], name: str) -> str:
+    return f"{int(counters[name]):,}" if name in counters else "-"
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+__all__ = ["ClusterError", "ClusterOptions", "LocalCluster", "PortPlan", "ServerError"]
