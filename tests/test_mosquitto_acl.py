@@ -9,8 +9,10 @@ earlier one would have been too.
 from __future__ import annotations
 
 import queue
+import signal
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquit
 WAIT_S: Final = 3.0
 SILENCE_S: Final = 0.3
 NOT_AUTHORIZED: Final = 135
+# PUBACK of an accepted publish that nobody is subscribed to.
+NO_MATCHING_SUBSCRIBERS: Final = 16
 
 
 ConnectAs = Callable[..., "Probe"]
@@ -505,3 +509,38 @@ def test_compose_configs_use_container_paths(tmp_path: Path) -> None:
     assert "listener 1883 0.0.0.0" in text
     assert "persistence_location /mosquitto/data/" in text
     assert "user mosquitto" in text
+
+
+def test_workers_added_at_a_peak_connect_after_sighup(tmp_path: Path) -> None:
+    first = provision(demo_registry(teams=1, workers=1), tmp_path)
+    server, mqtt_port, ws_port = start_broker(tmp_path, first)
+    try:
+        grown = provision(demo_registry(teams=1, workers=2), tmp_path)
+        newcomer = grown.credentials.device("alpha", "w002")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+
+        broker = Broker(mqtt_port, ws_port, grown.credentials)
+        # The reload is asynchronous to the signal; retry briefly until the new login works.
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            probe = Probe(broker, newcomer.username, newcomer.password)
+            try:
+                result = probe.connect()
+            finally:
+                probe.close()
+            if not result.is_failure or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert not result.is_failure, f"new worker refused after SIGHUP: {result}"
+        kept = grown.credentials.device("alpha", "w001")
+        assert kept == first.credentials.device("alpha", "w001")
+        probe = Probe(broker, kept.username, kept.password)
+        try:
+            assert not probe.connect().is_failure
+            accepted = probe.publish(position_topic("alpha", "w001"), b"{}")
+            assert accepted == NO_MATCHING_SUBSCRIBERS
+        finally:
+            probe.close()
+    finally:
+        server.stop()

@@ -1,0 +1,71 @@
+# teamtrack: bootstrap a fresh Debian machine, test, lint and run the local demo.
+#
+#   make test    system packages + virtualenv, then the whole test suite
+#   make demo    the same bootstrap, then a local cluster with 3 teams of 50 simulated workers
+#
+# Runs as root on a fresh machine (CI) or as a user with sudo.
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+.DELETE_ON_ERROR:
+
+# Debian keeps mosquitto and redis-server in /usr/sbin, which is not on every user's PATH.
+export PATH := $(PATH):/usr/sbin:/sbin
+
+PYTHON ?= python3
+VENV := .venv
+# Touched after a successful install, so the install re-runs only when pyproject.toml changes.
+VENV_STAMP := $(VENV)/.installed-from-pyproject
+TEST_OUTPUT := test-output
+SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server
+SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
+
+.PHONY: bootstrap system-deps venv test demo lint clean
+
+bootstrap: system-deps venv
+
+system-deps:
+	@missing=""; \
+	for command in $(SYSTEM_COMMANDS); do \
+		command -v "$$command" >/dev/null 2>&1 || missing="$$missing $$command"; \
+	done; \
+	packages=""; \
+	if [ -n "$$missing" ]; then packages="$(SYSTEM_PACKAGES)"; fi; \
+	if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+		missing="$$missing python3-venv"; packages="$$packages python3 python3-venv"; \
+	fi; \
+	if [ -z "$$missing" ]; then \
+		echo "system-deps: all present, nothing to install"; \
+	else \
+		echo "system-deps: missing$$missing; installing$$packages"; \
+		$(SUDO) apt-get update; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends $$packages; \
+	fi
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "venv: $(PYTHON) is $$($(PYTHON) --version 2>&1); teamtrack needs Python >= 3.11" >&2; \
+		exit 1; }
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+test: bootstrap
+	mkdir -p $(TEST_OUTPUT)
+	$(VENV)/bin/pytest -q -p no:cacheprovider --junitxml=$(TEST_OUTPUT)/junit.xml \
+		2>&1 | tee $(TEST_OUTPUT)/pytest.log
+
+demo: bootstrap
+	$(VENV)/bin/teamtrack up --teams 3 --workers 50
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf state/ $(TEST_OUTPUT)/

@@ -1,0 +1,162 @@
+"""Broker configuration files rendered from `mosquitto/broker.conf.template`.
+
+Every broker of a cluster gets the same security files (password file and ACL written by
+`teamtrack.provision`) and differs only in its ports, its name and its persistence directory.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pwd
+from collections.abc import Sequence
+from pathlib import Path
+from string import Template
+from typing import Final
+
+from teamtrack.contract import is_slug
+from teamtrack.provision import ACL_FILE, PASSWORD_FILE
+
+# The template lives at the repository root next to its README, found from this module; this
+# holds for a source checkout and for the editable install the project is developed with.
+TEMPLATE_DIR: Final = Path(__file__).resolve().parents[1] / "mosquitto"
+BROKER_TEMPLATE: Final = TEMPLATE_DIR / "broker.conf.template"
+LOOPBACK: Final = "127.0.0.1"
+
+# Paths inside the eclipse-mosquitto image used by docker-compose.yml.
+COMPOSE_CONFIG_DIR: Final = Path("/mosquitto/config")
+COMPOSE_DATA_DIR: Final = Path("/mosquitto/data")
+COMPOSE_MQTT_PORT: Final = 1883
+COMPOSE_WS_PORT: Final = 9001
+COMPOSE_BROKERS: Final = ("mosquitto-1", "mosquitto-2")
+
+
+class BrokerConfigError(ValueError):
+    """A value that would produce a broken or ambiguous broker configuration."""
+
+
+def _load_template() -> Template:
+    try:
+        return Template(BROKER_TEMPLATE.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BrokerConfigError(
+            f"broker config template not found at {BROKER_TEMPLATE}; teamtrack must run from a "
+            "source checkout or an editable install (pip install -e .)"
+        ) from None
+
+
+def _config_value(value: str, what: str) -> str:
+    # A line break would end the option and start another one chosen by whoever controls
+    # the value; mosquitto has no quoting to prevent that.
+    if not value or any(character in value for character in "\r\n\0"):
+        raise BrokerConfigError(f"{what} {value!r} cannot be written into a mosquitto config")
+    return value
+
+
+def _port(value: int, what: str) -> str:
+    if isinstance(value, bool) or not 0 < value < 65536:
+        raise BrokerConfigError(f"{what} {value!r} is not a TCP port")
+    return str(value)
+
+
+def current_user_name() -> str:
+    """The account this process runs as (not $USER, which sudo and su may leave unchanged)."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        # A uid without a passwd entry (common in containers) is never root, and mosquitto
+        # only switches users when started as root, so any name serves.
+        return getpass.getuser()
+
+
+def broker_config_text(
+    *,
+    mqtt_port: int,
+    ws_port: int,
+    password_file: Path,
+    acl_file: Path,
+    persistence_location: Path,
+    broker_name: str,
+    host: str = LOOPBACK,
+    run_as_user: str,
+) -> str:
+    """The configuration of one broker, as text; paths are written as given."""
+    if not is_slug(broker_name):
+        raise BrokerConfigError(f"broker name {broker_name!r} is not a slug")
+    if mqtt_port == ws_port:
+        raise BrokerConfigError(f"MQTT and WebSockets listeners both on port {mqtt_port}")
+    return _load_template().substitute(
+        broker_name=broker_name,
+        mqtt_port=_port(mqtt_port, "MQTT port"),
+        ws_port=_port(ws_port, "WebSockets port"),
+        host=_config_value(host, "host"),
+        password_file=_config_value(str(password_file), "password file"),
+        acl_file=_config_value(str(acl_file), "ACL file"),
+        # mosquitto appends the database file name to this verbatim, so it needs the slash.
+        persistence_location=_config_value(f"{str(persistence_location).rstrip('/')}/", "path"),
+        run_as_user=_config_value(run_as_user, "user"),
+    )
+
+
+def render_broker_config(
+    *,
+    mqtt_port: int,
+    ws_port: int,
+    state_dir: Path,
+    password_file: Path,
+    acl_file: Path,
+    broker_name: str,
+    host: str = LOOPBACK,
+    run_as_user: str | None = None,
+) -> Path:
+    """Write `{state_dir}/{broker_name}.conf` and create the broker's persistence directory.
+
+    `run_as_user` defaults to the current user: a broker started as root then keeps running as
+    root instead of switching to the `mosquitto` account, which could not read the 0600 secrets
+    that provisioning wrote as the current user.
+    """
+    state = Path(state_dir).resolve()
+    persistence = state / broker_name
+    text = broker_config_text(
+        mqtt_port=mqtt_port,
+        ws_port=ws_port,
+        password_file=Path(password_file).resolve(),
+        acl_file=Path(acl_file).resolve(),
+        persistence_location=persistence,
+        broker_name=broker_name,
+        host=host,
+        run_as_user=run_as_user if run_as_user is not None else current_user_name(),
+    )
+    persistence.mkdir(parents=True, exist_ok=True)
+    config_path = state / f"{broker_name}.conf"
+    config_path.write_text(text, encoding="utf-8")
+    return config_path
+
+
+def render_compose_broker_configs(
+    out_dir: Path, broker_names: Sequence[str] = COMPOSE_BROKERS
+) -> list[Path]:
+    """Write the broker configs used by docker-compose.yml into `out_dir`.
+
+    Paths are those inside the container, where the entrypoint installs the provisioned files
+    owned by the image's `mosquitto` user, so that the broker can drop root privileges.
+    """
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in broker_names:
+        text = broker_config_text(
+            mqtt_port=COMPOSE_MQTT_PORT,
+            ws_port=COMPOSE_WS_PORT,
+            password_file=COMPOSE_CONFIG_DIR / PASSWORD_FILE,
+            acl_file=COMPOSE_CONFIG_DIR / ACL_FILE,
+            persistence_location=COMPOSE_DATA_DIR,
+            broker_name=name,
+            # Inside a container, the other services reach the broker over the compose network.
+            host="0.0.0.0",
+            run_as_user="mosquitto",
+        )
+        path = directory / f"{name}.conf"
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,403 @@
+"""Turn the registry into secrets and the files that enforce them.
+
+`provision(registry, out_dir)` writes:
+
+    credentials.json     (0600) every secret in plaintext, for the processes that log in with them
+    mosquitto.passwd     (0600) the brokers' password file, hashed by `mosquitto_passwd -U`
+    mosquitto.acl        (0644) who may read and write which topics; contains no secret
+    dashboard-auth.json  (0600) manager password hashes and token digests, no plaintext
+
+Secrets already present in an existing credentials.json are kept, so re-provisioning after adding
+workers (a seasonal peak) does not log out anybody already in the field; identities removed from
+the registry lose their secrets.
+
+Every file is written to a temporary name and renamed into place, with its final mode from the
+start, so that a broker reloading on SIGHUP or a dashboard reading the auth file never sees a
+half-written file, and a plaintext password file never exists under a name a broker reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
+from teamtrack.passwords import generate_secret, hash_password, token_digest
+from teamtrack.registry import Registry
+
+CREDENTIALS_FILE: Final = "credentials.json"
+PASSWORD_FILE: Final = "mosquitto.passwd"  # noqa: S105 (a file name, not a secret)
+ACL_FILE: Final = "mosquitto.acl"
+DASHBOARD_AUTH_FILE: Final = "dashboard-auth.json"
+PRIVATE_MODE: Final = 0o600
+PUBLIC_MODE: Final = 0o644
+# The program that hashes a plaintext mosquitto password file in place (`-U`).
+HASH_TOOL: Final = "mosquitto_passwd"
+HASH_TOOL_TIMEOUT_S: Final = 120.0
+ALL_TEAMS_FILTER: Final = f"{TOPIC_ROOT}/#"
+
+
+class ProvisionError(RuntimeError):
+    """Provisioning could not complete; nothing already in place was replaced by a broken file."""
+
+
+class DeviceCredential(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    team: str
+    worker: str
+    username: str
+    # Secrets stay out of reprs, so they never end up in logs or tracebacks.
+    password: str = Field(repr=False)
+
+
+class ManagerCredential(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    team: str
+    username: str
+    password: str = Field(repr=False)
+    token: str = Field(repr=False)
+
+
+class ServiceCredential(BaseModel):
+    """A bridge or observer login."""
+
+    model_config = ConfigDict(frozen=True)
+
+    username: str
+    password: str = Field(repr=False)
+
+
+class Credentials(BaseModel):
+    """The content of credentials.json.
+
+    The file also carries `observer`, the first observer, as a shortcut for the common case of
+    one debugging login; it is derived on writing and ignored on reading.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    devices: tuple[DeviceCredential, ...] = ()
+    managers: tuple[ManagerCredential, ...] = ()
+    observers: tuple[ServiceCredential, ...] = ()
+    bridges: tuple[ServiceCredential, ...] = ()
+
+    @property
+    def observer(self) -> ServiceCredential | None:
+        return self.observers[0] if self.observers else None
+
+    @cached_property
+    def _devices_by_address(self) -> dict[tuple[str, str], DeviceCredential]:
+        return {(credential.team, credential.worker): credential for credential in self.devices}
+
+    @cached_property
+    def _managers_by_username(self) -> dict[str, ManagerCredential]:
+        return {credential.username: credential for credential in self.managers}
+
+    def device(self, team: str, worker: str) -> DeviceCredential:
+        """The device login of one worker; KeyError if it is not provisioned."""
+        try:
+            return self._devices_by_address[team, worker]
+        except KeyError:
+            raise KeyError(f"no device credential for {team}/{worker}") from None
+
+    def manager(self, username: str) -> ManagerCredential:
+        try:
+            return self._managers_by_username[username]
+        except KeyError:
+            raise KeyError(f"no manager credential for {username!r}") from None
+
+    def managers_of(self, team: str) -> tuple[ManagerCredential, ...]:
+        return tuple(credential for credential in self.managers if credential.team == team)
+
+    def bridge(self, username: str | None = None) -> ServiceCredential:
+        """The named bridge login, or the first one when no name is given."""
+        for credential in self.bridges:
+            if username is None or credential.username == username:
+                return credential
+        raise KeyError(f"no bridge credential for {username!r}")
+
+    def document(self) -> dict[str, Any]:
+        document = self.model_dump(mode="json")
+        observer = self.observer
+        return {
+            "devices": document["devices"],
+            "managers": document["managers"],
+            "observer": observer.model_dump(mode="json") if observer is not None else None,
+            "observers": document["observers"],
+            "bridges": document["bridges"],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionResult:
+    out_dir: Path
+    credentials: Credentials
+    credentials_path: Path
+    password_file: Path
+    acl_file: Path
+    dashboard_auth_path: Path
+    added_usernames: tuple[str, ...]
+    removed_usernames: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Secret:
+    password: str
+    token: str | None = None
+
+
+def load_credentials(path: Path | str) -> Credentials:
+    """Read a credentials.json (or the one inside a provisioned directory)."""
+    source = Path(path)
+    if source.is_dir():
+        source = source / CREDENTIALS_FILE
+    try:
+        return Credentials.model_validate_json(source.read_bytes())
+    except OSError as error:
+        raise ProvisionError(f"{source}: cannot read credentials ({error.strerror})") from None
+    except ValidationError as error:
+        raise ProvisionError(
+            f"{source}: not a valid credentials file ({error.error_count()} problems, first: "
+            f"{error.errors()[0]['msg']}); fix it, or delete it to issue new secrets to everyone"
+        ) from None
+
+
+def _existing_secrets(credentials: Credentials) -> dict[str, _Secret]:
+    secrets: dict[str, _Secret] = {}
+    for device in credentials.devices:
+        secrets[device.username] = _Secret(device.password)
+    for manager in credentials.managers:
+        secrets[manager.username] = _Secret(manager.password, manager.token)
+    for service in (*credentials.observers, *credentials.bridges):
+        secrets[service.username] = _Secret(service.password)
+    return secrets
+
+
+class _SecretIssuer:
+    """Hands out the kept secret of a known username, or a fresh one, and records which."""
+
+    def __init__(self, existing: dict[str, _Secret]) -> None:
+        self._existing = existing
+        self.issued: list[str] = []
+        self.added: list[str] = []
+
+    def password(self, username: str) -> str:
+        self.issued.append(username)
+        kept = self._existing.get(username)
+        if kept is not None:
+            return kept.password
+        self.added.append(username)
+        return generate_secret()
+
+    def token(self, username: str) -> str:
+        kept = self._existing.get(username)
+        if kept is not None and kept.token is not None:
+            return kept.token
+        # 32 bytes: a bearer token is a long-lived credential presented on every request.
+        return generate_secret(32)
+
+    def removed(self) -> tuple[str, ...]:
+        return tuple(sorted(self._existing.keys() - set(self.issued)))
+
+
+def issue_credentials(registry: Registry, existing: Credentials | None = None) -> Credentials:
+    """Credentials for every identity in the registry, keeping those found in `existing`."""
+    return _issue(registry, _SecretIssuer(_existing_secrets(existing or Credentials())))
+
+
+def _issue(registry: Registry, issuer: _SecretIssuer) -> Credentials:
+    devices = tuple(
+        DeviceCredential(
+            team=device.team,
+            worker=device.worker,
+            username=device.username,
+            password=issuer.password(device.username),
+        )
+        for device in registry.devices()
+    )
+    managers = tuple(
+        ManagerCredential(
+            team=manager.team,
+            username=manager.username,
+            password=issuer.password(manager.username),
+            token=issuer.token(manager.username),
+        )
+        for manager in registry.managers()
+    )
+    observers = tuple(
+        ServiceCredential(username=username, password=issuer.password(username))
+        for username in registry.observers
+    )
+    bridges = tuple(
+        ServiceCredential(username=username, password=issuer.password(username))
+        for username in registry.bridges
+    )
+    return Credentials(devices=devices, managers=managers, observers=observers, bridges=bridges)
+
+
+def acl_text(registry: Registry) -> str:
+    """The mosquitto acl_file: each user gets exactly the topics of its role, nothing by pattern."""
+    lines = [
+        "# Generated by `teamtrack provision` from the registry. Do not edit: changes are lost",
+        "# on the next provisioning. Edit the registry and provision again, then send SIGHUP to",
+        "# the brokers to reload it.",
+        "#",
+        "# bridges: read and write every team; observers: read every team (debugging);",
+        "# managers: read their own team only (MQTT over WebSockets);",
+        "# devices: write their own position and status only, never read.",
+        "",
+    ]
+    for username in registry.bridges:
+        lines += [f"user {username}", f"topic readwrite {ALL_TEAMS_FILTER}", ""]
+    for username in registry.observers:
+        lines += [f"user {username}", f"topic read {ALL_TEAMS_FILTER}", ""]
+    for manager in registry.managers():
+        lines += [f"user {manager.username}", f"topic read {team_topic_filter(manager.team)}", ""]
+    for device in registry.devices():
+        lines += [
+            f"user {device.username}",
+            f"topic write {position_topic(device.team, device.worker)}",
+            f"topic write {status_topic(device.team, device.worker)}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def dashboard_auth_document(credentials: Credentials) -> dict[str, Any]:
+    return {
+        "managers": [
+            {
+                "username": manager.username,
+                "team": manager.team,
+                "password_hash": hash_password(manager.password),
+                "token_sha256": token_digest(manager.token),
+            }
+            for manager in credentials.managers
+        ]
+    }
+
+
+def _mqtt_logins(credentials: Credentials) -> Iterator[tuple[str, str]]:
+    for device in credentials.devices:
+        yield device.username, device.password
+    for manager in credentials.managers:
+        yield manager.username, manager.password
+    for service in (*credentials.observers, *credentials.bridges):
+        yield service.username, service.password
+
+
+def _temporary_sibling(target: Path, mode: int) -> Path:
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(descriptor)
+    temporary = Path(name)
+    temporary.chmod(mode)
+    return temporary
+
+
+def _write_atomically(target: Path, content: bytes, mode: int) -> None:
+    temporary = _temporary_sibling(target, mode)
+    try:
+        temporary.write_bytes(content)
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_password_file(
+    target: Path, logins: Iterable[tuple[str, str]], hash_tool: str = HASH_TOOL
+) -> None:
+    """Write a mosquitto password file with one `mosquitto_passwd -U` run over all logins.
+
+    Passwords reach mosquitto_passwd only through a 0600 file, never its command line, where any
+    local user could read them from the process list.
+    """
+    executable = shutil.which(hash_tool)
+    if executable is None:
+        raise ProvisionError(
+            f"{hash_tool} not found on PATH; it comes with the mosquitto package "
+            "(`make system-deps` installs it)"
+        )
+    plaintext = "".join(f"{username}:{password}\n" for username, password in logins)
+    temporary = _temporary_sibling(target, PRIVATE_MODE)
+    try:
+        temporary.write_text(plaintext, encoding="utf-8")
+        completed = subprocess.run(
+            [executable, "-U", str(temporary)],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=HASH_TOOL_TIMEOUT_S,
+            check=False,
+        )
+        if completed.returncode != 0:
+            output = (completed.stderr or completed.stdout).decode(errors="replace").strip()
+            raise ProvisionError(f"mosquitto_passwd -U failed ({completed.returncode}): {output}")
+        # mosquitto_passwd rewrites the file; make sure the result is still private.
+        temporary.chmod(PRIVATE_MODE)
+        os.replace(temporary, target)
+    except subprocess.TimeoutExpired:
+        raise ProvisionError(
+            f"mosquitto_passwd -U did not finish in {HASH_TOOL_TIMEOUT_S:.0f} s"
+        ) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes:
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+
+
+def provision(
+    registry: Registry,
+    out_dir: Path | str,
+    *,
+    reuse_existing: bool = True,
+    hash_tool: str = HASH_TOOL,
+) -> ProvisionResult:
+    """Issue credentials for `registry` and write the four files into `out_dir`.
+
+    With `reuse_existing` (the default) the secrets in an existing `out_dir/credentials.json`
+    are kept for identities still in the registry; without it every secret is replaced.
+    `hash_tool` is the mosquitto_passwd program, by name on PATH or as a path.
+    """
+    directory = Path(out_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    credentials_path = directory / CREDENTIALS_FILE
+    existing = Credentials()
+    if reuse_existing and credentials_path.exists():
+        existing = load_credentials(credentials_path)
+    issuer = _SecretIssuer(_existing_secrets(existing))
+    credentials = _issue(registry, issuer)
+
+    # credentials.json first: it is the source of truth, so if a later step fails, running
+    # provisioning again reuses these secrets and produces matching files.
+    _write_atomically(credentials_path, _json_bytes(credentials.document()), PRIVATE_MODE)
+    password_file = directory / PASSWORD_FILE
+    write_password_file(password_file, _mqtt_logins(credentials), hash_tool)
+    acl_file = directory / ACL_FILE
+    _write_atomically(acl_file, acl_text(registry).encode("utf-8"), PUBLIC_MODE)
+    dashboard_auth_path = directory / DASHBOARD_AUTH_FILE
+    _write_atomically(
+        dashboard_auth_path, _json_bytes(dashboard_auth_document(credentials)), PRIVATE_MODE
+    )
+    return ProvisionResult(
+        out_dir=directory,
+        credentials=credentials,
+        credentials_path=credentials_path,
+        password_file=password_file,
+        acl_file=acl_file,
+        dashboard_auth_path=dashboard_auth_path,
+        added_usernames=tuple(issuer.added),
+        removed_usernames=issuer.removed(),
+    )
