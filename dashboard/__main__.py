@@ -1,0 +1,108 @@
+"""`python -m dashboard`: one dashboard instance; run several behind the same backend.
+
+    TEAMTRACK_BACKEND_URL=redis://127.0.0.1:6379/0 \
+    TEAMTRACK_AUTH_FILE=run/dashboard-auth.json \
+    TEAMTRACK_SESSION_SECRET=... \
+    python -m dashboard --port 8001
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from dashboard.app import create_app
+from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory
+from dashboard.settings import DashboardSettings
+from teamtrack.backends import BackendError, from_url
+from teamtrack.logs import configure_logging
+from teamtrack.metrics import CollectorRegistry
+from teamtrack.passwords import generate_secret
+from teamtrack.settings import load_settings
+
+PROGRAM = "python -m dashboard"
+# Clients only ever send small control messages (pings).
+MAX_CLIENT_MESSAGE_BYTES = 64 * 1024
+
+log = logging.getLogger("dashboard")
+
+
+class _SpuriousHandshakeError(logging.Filter):
+    """Drops the error uvicorn's websockets-sansio logs after every refused handshake.
+
+    It forgets to mark a handshake answered by a denial response as complete (uvicorn PR 3138),
+    so each 401/403 would log "returned without completing handshake" at ERROR. Every path of
+    our socket handler either accepts or sends a denial, so the message is never a real fault.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
+
+
+async def _check_backend(url: str) -> None:
+    """Fail before serving anything when the backend cannot be reached."""
+    probe = from_url(url)
+    try:
+        await probe.start()
+    finally:
+        await probe.close()
+
+
+def _session_secret(settings: DashboardSettings) -> str:
+    secret = settings.session_secret.get_secret_value()
+    if secret:
+        return secret
+    log.warning(
+        "TEAMTRACK_SESSION_SECRET is not set: using a random session secret, so logins made "
+        "on this instance will not be accepted by other instances or after a restart"
+    )
+    return generate_secret(32)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(DashboardSettings, PROGRAM, argv)
+    configure_logging(settings.log_level)
+    try:
+        directory = ManagerDirectory.load(settings.auth_file)
+        backend = from_url(settings.backend_url)
+        asyncio.run(_check_backend(settings.backend_url))
+    except (AuthFileError, BackendError, ValueError) as error:
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 1
+    app = create_app(
+        backend,
+        Authenticator(directory, _session_secret(settings), settings.session_max_age_s),
+        instance_id=settings.instance_id,
+        registry=CollectorRegistry(),
+        viewer_queue_batches=settings.viewer_queue_batches,
+    )
+    log.info(
+        "instance %s: %d manager(s), backend %s://",
+        settings.instance_id, len(directory), settings.backend_url.partition("://")[0],
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # Behind no proxy by default: X-Forwarded-* from clients must not fake https or IPs.
+        proxy_headers=False,
+        server_header=False,
+        # Chosen explicitly: it implements the WebSocket denial-response extension that the
+        # 401/403 handshake refusals rely on (the legacy "websockets" one is deprecated).
+        ws="websockets-sansio",
+        ws_max_size=MAX_CLIENT_MESSAGE_BYTES,
+    )
+    server = uvicorn.Server(config)
+    # After Server(): the config has installed uvicorn's own logging set-up by now.
+    logging.getLogger("uvicorn.error").addFilter(_SpuriousHandshakeError())
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

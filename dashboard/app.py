@@ -1,0 +1,185 @@
+"""The dashboard's ASGI application: login, the page, the snapshot API and the live socket.
+
+    GET  /login  POST /login  POST /logout       session cookie for browsers
+    GET  /                                       the page (static/index.html)
+    GET  /api/me                                 {"username", "team"}
+    GET  /api/teams/{team}/positions             the team's snapshot
+    WS   /ws/teams/{team}                        snapshot, then live events (docs/protocol.md)
+    GET  /healthz  GET /metrics                  for operators, no credentials needed
+
+Everything under /api and /ws takes `Authorization: Bearer <token>` or the session cookie.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Final
+
+from fastapi import Depends, FastAPI, Form, Request, WebSocket, status
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from dashboard.auth import SESSION_COOKIE, Authenticator, Manager, current_manager, require_team
+from dashboard.frames import snapshot_json
+from dashboard.hub import DEFAULT_QUEUE_BATCHES, TeamHub
+from dashboard.live import serve_viewer
+from dashboard.metrics import DashboardMetrics
+from teamtrack.backends import Backend, BackendError
+from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR: Final = Path(__file__).parent / "static"
+LOGIN_ERROR_MARK: Final = "<!-- login-error -->"
+PAGE_HEADERS: Final = {
+    # No inline script, no other origin: an injected string can neither run nor phone home.
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def create_app(
+    backend: Backend,
+    authenticator: Authenticator,
+    *,
+    instance_id: str,
+    registry: CollectorRegistry,
+    viewer_queue_batches: int = DEFAULT_QUEUE_BATCHES,
+) -> FastAPI:
+    """The app for one instance; its lifespan starts and stops the backend and the hub."""
+    metrics = DashboardMetrics(registry)
+    hub = TeamHub(backend, metrics, queue_batches=viewer_queue_batches)
+    login_page = (STATIC_DIR / "login.html").read_text()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        try:
+            await hub.start()
+            try:
+                yield
+            finally:
+                await hub.stop()
+        finally:
+            await backend.close()
+
+    app = FastAPI(
+        title="teamtrack dashboard",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.authenticator = authenticator
+    app.state.hub = hub
+    app.state.metrics = metrics
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    def login_form(error: str | None = None, status_code: int = 200) -> HTMLResponse:
+        notice = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+        return HTMLResponse(
+            login_page.replace(LOGIN_ERROR_MARK, notice),
+            status_code=status_code,
+            headers=PAGE_HEADERS,
+        )
+
+    @app.get("/login", response_class=HTMLResponse)
+    async def show_login() -> HTMLResponse:
+        return login_form()
+
+    @app.post("/login", response_model=None)
+    async def log_in(
+        request: Request,
+        username: Annotated[str, Form(max_length=128)],
+        password: Annotated[str, Form(max_length=1024)],
+    ) -> Response:
+        # scrypt takes tens of milliseconds: off the event loop, or every viewer stalls.
+        manager = await run_in_threadpool(
+            authenticator.directory.authenticate_password, username, password
+        )
+        if manager is None:
+            metrics.logins.labels("failed").inc()
+            return login_form("Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
+        metrics.logins.labels("ok").inc()
+        response = RedirectResponse("/", status.HTTP_303_SEE_OTHER)
+        response.set_cookie(
+            SESSION_COOKIE,
+            authenticator.issue_session(manager),
+            max_age=authenticator.session_max_age_s,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    @app.post("/logout")
+    async def log_out(request: Request) -> RedirectResponse:
+        response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
+        response.delete_cookie(
+            SESSION_COOKIE,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    @app.get("/", response_model=None)
+    async def page(request: Request) -> Response:
+        if authenticator.identify(request.headers, request.cookies) is None:
+            return RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/api/me")
+    async def me(manager: Annotated[Manager, Depends(current_manager)]) -> dict[str, str]:
+        return {"username": manager.username, "team": manager.team}
+
+    @app.get("/api/teams/{team}/positions")
+    async def positions(
+        team: str, manager: Annotated[Manager, Depends(current_manager)]
+    ) -> Response:
+        require_team(manager, team)
+        try:
+            snapshot = await backend.snapshot(team)
+        except BackendError as error:
+            log.warning("snapshot of team %s failed: %s", team, error)
+            return JSONResponse({"detail": "backend unavailable"}, status_code=503)
+        return Response(
+            snapshot_json(snapshot),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    @app.websocket("/ws/teams/{team}")
+    async def live(websocket: WebSocket, team: str) -> None:
+        await serve_viewer(
+            websocket, team, authenticator=authenticator, hub=hub, metrics=metrics
+        )
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        reachable = await backend.ping()
+        return JSONResponse(
+            {"status": "ok" if reachable else "backend unreachable",
+             "instance": instance_id,
+             "backend": reachable},
+            status_code=200 if reachable else 503,
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,238 @@
+"""Who is asking: managers from dashboard-auth.json, by password, bearer token or session cookie.
+
+Credentials travel only in the `Authorization: Bearer` header or the `tt_session` cookie, never
+in a URL: URLs end up in proxy logs, browser history and Referer headers.
+
+A session cookie is `base64url(username|team|expires).base64url(HMAC-SHA256)`, signed with the
+session secret that every instance shares, so a login on one instance works on all of them. It
+names the manager only; the manager's team is looked up again in the directory on every use,
+so a manager removed from the auth file is locked out at the next request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import orjson
+from fastapi import HTTPException, Request, status
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from teamtrack.contract import SLUG_PATTERN, is_slug
+from teamtrack.passwords import generate_secret, hash_password, token_digest, verify_password
+
+SESSION_COOKIE: Final = "tt_session"
+MAX_COOKIE_CHARS: Final = 1024
+
+
+class AuthFileError(ValueError):
+    """dashboard-auth.json is missing or malformed; the message is one line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Manager:
+    username: str
+    team: str
+
+    def may_view(self, team: str) -> bool:
+        return team == self.team
+
+
+class _ManagerEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    username: str = Field(min_length=1, max_length=128)
+    team: str = Field(pattern=f"^{SLUG_PATTERN}$")
+    password_hash: str = Field(min_length=1)
+    token_sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class _AuthFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    managers: list[_ManagerEntry]
+
+
+class ManagerDirectory:
+    """The managers allowed in, with their password hashes and token digests."""
+
+    def __init__(self, entries: Iterable[_ManagerEntry]) -> None:
+        self._entries: dict[str, _ManagerEntry] = {}
+        self._by_token_digest: dict[str, Manager] = {}
+        for entry in entries:
+            if entry.username in self._entries:
+                raise AuthFileError(f"manager {entry.username!r} is listed twice")
+            self._entries[entry.username] = entry
+            self._by_token_digest[entry.token_sha256] = Manager(entry.username, entry.team)
+        # Unknown usernames are checked against this, so that a login attempt takes as long
+        # whether or not the name exists: response times must not reveal usernames.
+        self._dummy_hash = hash_password(generate_secret())
+
+    @classmethod
+    def load(cls, path: Path | str) -> ManagerDirectory:
+        source = Path(path)
+        try:
+            document = _AuthFile.model_validate(orjson.loads(source.read_bytes()))
+        except FileNotFoundError:
+            raise AuthFileError(f"auth file {source} does not exist (run provisioning)") from None
+        except OSError as error:
+            raise AuthFileError(f"auth file {source} is unreadable: {error.strerror}") from None
+        except orjson.JSONDecodeError as error:
+            raise AuthFileError(f"auth file {source} is not JSON: {error}") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise AuthFileError(f"auth file {source}: {where}: {first['msg']}") from None
+        return cls(document.managers)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, str]]) -> ManagerDirectory:
+        """From dicts shaped like the entries of dashboard-auth.json (tests, tools)."""
+        return cls(_ManagerEntry.model_validate(record) for record in records)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, username: str) -> Manager | None:
+        entry = self._entries.get(username)
+        return Manager(entry.username, entry.team) if entry is not None else None
+
+    def authenticate_password(self, username: str, password: str) -> Manager | None:
+        """Slow on purpose (scrypt): call it from a worker thread, not the event loop."""
+        entry = self._entries.get(username)
+        if entry is None:
+            verify_password(password, self._dummy_hash)
+            return None
+        if not verify_password(password, entry.password_hash):
+            return None
+        return Manager(entry.username, entry.team)
+
+    def authenticate_token(self, token: str) -> Manager | None:
+        # The lookup key is a digest the caller cannot steer, so the dict lookup leaks nothing.
+        return self._by_token_digest.get(token_digest(token))
+
+
+def _encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated manager and how they proved it (cookies need an Origin check)."""
+
+    manager: Manager
+    by_cookie: bool
+
+
+class Authenticator:
+    """Passwords, tokens and signed session cookies against one `ManagerDirectory`."""
+
+    def __init__(
+        self, directory: ManagerDirectory, session_secret: str, session_max_age_s: int
+    ) -> None:
+        if not session_secret:
+            raise ValueError("session_secret must not be empty")
+        self.directory = directory
+        self.session_max_age_s = session_max_age_s
+        self._key = session_secret.encode()
+
+    def _signature(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, payload, hashlib.sha256).digest()
+
+    def issue_session(self, manager: Manager, now: float | None = None) -> str:
+        issued = time.time() if now is None else now
+        expires = int(issued) + self.session_max_age_s
+        payload = f"{manager.username}|{manager.team}|{expires}".encode()
+        return f"{_encode(payload)}.{_encode(self._signature(payload))}"
+
+    def read_session(self, value: str, now: float | None = None) -> Manager | None:
+        """The manager of a valid, unexpired cookie who is still in the directory, else None."""
+        if len(value) > MAX_COOKIE_CHARS or value.count(".") != 1:
+            return None
+        encoded_payload, encoded_signature = value.split(".")
+        try:
+            payload = _decode(encoded_payload)
+            signature = _decode(encoded_signature)
+        except (binascii.Error, ValueError):
+            return None
+        if not hmac.compare_digest(signature, self._signature(payload)):
+            return None
+        try:
+            username, team, expires_text = payload.decode().rsplit("|", 2)
+            expires = int(expires_text)
+        except ValueError:
+            return None
+        if expires <= (time.time() if now is None else now):
+            return None
+        manager = self.directory.get(username)
+        if manager is None or manager.team != team:
+            return None
+        return manager
+
+    def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity | None:
+        """The manager behind a request's bearer header, else its session cookie.
+
+        A request that presents an `Authorization` header is judged by it alone: a bad token
+        is an error, not a reason to fall back to whatever cookie the browser also sent.
+        """
+        authorization = headers.get("authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                return None
+            manager = self.directory.authenticate_token(token.strip())
+            return Identity(manager, by_cookie=False) if manager is not None else None
+        cookie = cookies.get(SESSION_COOKIE)
+        if cookie:
+            manager = self.read_session(cookie)
+            if manager is not None:
+                return Identity(manager, by_cookie=True)
+        return None
+
+
+def authenticator_of(request: Request) -> Authenticator:
+    authenticator: Authenticator = request.app.state.authenticator
+    return authenticator
+
+
+def current_manager(request: Request) -> Manager:
+    """FastAPI dependency: the manager making the request, or 401."""
+    identity = authenticator_of(request).identify(request.headers, request.cookies)
+    if identity is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "not authenticated",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return identity.manager
+
+
+def require_team(manager: Manager, team: str) -> None:
+    """403 for any team but the manager's own, existing or not: team names are not revealed."""
+    if not (is_slug(team) and manager.may_view(team)):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "not your team")
+
+
+def origin_matches_host(headers: Mapping[str, str]) -> bool:
+    """False when a browser says the page that opened this socket came from another site.
+
+    Browsers attach cookies to cross-site WebSocket handshakes and the Same-Origin Policy does
+    not apply to them, so without this check any web page could read a logged-in manager's team.
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    _, separator, authority = origin.partition("://")
+    host = headers.get("host")
+    return bool(separator) and host is not None and authority.lower() == host.lower()

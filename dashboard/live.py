@@ -1,0 +1,140 @@
+"""`/ws/teams/{team}`: one manager's live view of one team (protocol in docs/protocol.md).
+
+Credentials and the team are checked before the handshake is accepted, so a refused client gets
+a plain HTTP 401 or 403 and never a WebSocket. This needs the ASGI "websocket.http.response"
+extension, which uvicorn's websockets-sansio implementation and Starlette's TestClient provide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Final
+
+import orjson
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from dashboard.auth import Authenticator, origin_matches_host
+from dashboard.frames import PONG_FRAME
+from dashboard.hub import CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON, TeamHub, Viewer
+from dashboard.metrics import DashboardMetrics
+from teamtrack.backends import BackendError
+from teamtrack.contract import is_slug
+
+log = logging.getLogger(__name__)
+
+CLOSE_BACKEND_FAILED: Final = 1011
+# A viewer dropped for being slow is usually not reading at all, so its close frame may never
+# leave the send buffer; it gets this long before the connection is abandoned.
+CLOSE_TIMEOUT_S: Final = 2.0
+
+
+def handshake_refusal(
+    websocket: WebSocket, team: str, authenticator: Authenticator
+) -> int | None:
+    """The HTTP status that refuses this handshake, or None to accept it."""
+    identity = authenticator.identify(websocket.headers, websocket.cookies)
+    if identity is None:
+        return 401
+    # Bearer tokens are never sent by browsers on their own, so only cookie logins can be
+    # abused by another site's page (cross-site WebSocket hijacking).
+    if identity.by_cookie and not origin_matches_host(websocket.headers):
+        return 403
+    if not (is_slug(team) and identity.manager.may_view(team)):
+        return 403
+    return None
+
+
+async def serve_viewer(
+    websocket: WebSocket,
+    team: str,
+    *,
+    authenticator: Authenticator,
+    hub: TeamHub,
+    metrics: DashboardMetrics,
+) -> None:
+    refusal = handshake_refusal(websocket, team, authenticator)
+    if refusal is not None:
+        await _refuse(websocket, refusal, metrics)
+        return
+    try:
+        viewer = await hub.join(team)
+    except BackendError as error:
+        log.warning("cannot serve a viewer of team %s: %s", team, error)
+        await _refuse(websocket, 503, metrics)
+        return
+    try:
+        await websocket.accept()
+        await _converse(websocket, viewer, metrics)
+    finally:
+        await hub.leave(viewer)
+
+
+async def _refuse(websocket: WebSocket, status: int, metrics: DashboardMetrics) -> None:
+    metrics.ws_denied.labels(str(status)).inc()
+    await websocket.send_denial_response(PlainTextResponse(str(status), status_code=status))
+
+
+async def _converse(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics) -> None:
+    sender = asyncio.create_task(_send_frames(websocket, viewer, metrics))
+    receiver = asyncio.create_task(_answer_client(websocket))
+    too_slow = asyncio.create_task(viewer.too_slow.wait())
+    tasks = {sender, receiver, too_slow}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # `wait`, not `gather`: if this handler is itself cancelled meanwhile, its own
+        # CancelledError must surface, not one re-raised from a child (anyio's cancel scopes,
+        # as in Starlette's TestClient, only swallow their own).
+        await asyncio.wait(tasks)
+    failures = {
+        task: task.exception() for task in done if not task.cancelled() and task is not too_slow
+    }
+    if receiver in done:
+        return  # the client went away (or vanished mid-pong): nothing left to tell it
+    if too_slow in done:
+        await _close(websocket, CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON)
+        return
+    error = failures.get(sender)
+    if error is None or isinstance(error, WebSocketDisconnect):
+        return
+    if isinstance(error, BackendError):
+        log.warning("viewer of team %s lost the backend: %s", viewer.team, error)
+        await _close(websocket, CLOSE_BACKEND_FAILED, "backend unavailable; reconnect")
+        return
+    raise error
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, TimeoutError):
+        await asyncio.wait_for(websocket.close(code, reason), CLOSE_TIMEOUT_S)
+
+
+async def _send_frames(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics) -> None:
+    while True:
+        frame = await viewer.next_frame()
+        await websocket.send_text(frame)
+        metrics.frames_sent.inc()
+
+
+async def _answer_client(websocket: WebSocket) -> None:
+    """Returns when the client disconnects; answers `{"type":"ping"}`, ignores anything else."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is not None and _is_ping(text):
+            await websocket.send_text(PONG_FRAME)
+
+
+def _is_ping(text: str) -> bool:
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and message.get("type") == "ping"
