@@ -30,7 +30,7 @@ from dashboard.frames import snapshot_json
 from dashboard.hub import DEFAULT_QUEUE_BATCHES, TeamHub
 from dashboard.live import serve_viewer
 from dashboard.metrics import DashboardMetrics
-from teamtrack.backends import Backend, BackendError
+from teamtrack.backends import Backend
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
 
 log = logging.getLogger(__name__)
@@ -153,8 +153,9 @@ def create_app(
         require_team(manager, team)
         try:
             snapshot = await backend.snapshot(team)
-        except BackendError as error:
-            log.warning("snapshot of team %s failed: %s", team, error)
+        except Exception as error:
+            # Not only BackendError: a driver may raise its own errors (redis-py's, for one).
+            log.warning("snapshot of team %s failed: %s: %s", team, type(error).__name__, error)
             return JSONResponse({"detail": "backend unavailable"}, status_code=503)
         return Response(
             snapshot_json(snapshot),
@@ -171,12 +172,12 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
         reachable = await backend.ping()
-        return JSONResponse(
-            {"status": "ok" if reachable else "backend unreachable",
-             "instance": instance_id,
-             "backend": reachable},
-            status_code=200 if reachable else 503,
-        )
+        document = {
+            "status": "ok" if reachable else "backend unreachable",
+            "instance": instance_id,
+            "backend": reachable,
+        }
+        return JSONResponse(document, status_code=200 if reachable else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

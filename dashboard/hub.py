@@ -222,7 +222,12 @@ class TeamHub:
             if not state.viewers and state.cursor is not None:
                 state.cursor = None
                 if self._subscription is not None:
-                    await self._subscription.remove(viewer.team)
+                    try:
+                        await self._subscription.remove(viewer.team)
+                    except Exception as error:
+                        # The team is out of the subscription's set already; at worst its
+                        # reader wakes late. Leaving must not fail a viewer's clean-up.
+                        log.warning("unsubscribing team %s: %s", viewer.team, error)
 
     def _count_viewers(self, team: str, state: _TeamState) -> None:
         self.metrics.viewers.labels(team).set(len(state.viewers))

@@ -61,8 +61,9 @@ async def serve_viewer(
         return
     try:
         viewer = await hub.join(team)
-    except BackendError as error:
-        log.warning("cannot serve a viewer of team %s: %s", team, error)
+    except Exception as error:
+        # Not only BackendError: a driver may raise its own errors (redis-py's, for one).
+        log.warning("cannot serve a viewer of team %s: %s: %s", team, type(error).__name__, error)
         await _refuse(websocket, 503, metrics)
         return
     try:
@@ -102,11 +103,12 @@ async def _converse(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetr
     error = failures.get(sender)
     if error is None or isinstance(error, WebSocketDisconnect):
         return
-    if isinstance(error, BackendError):
-        log.warning("viewer of team %s lost the backend: %s", viewer.team, error)
-        await _close(websocket, CLOSE_BACKEND_FAILED, "backend unavailable; reconnect")
-        return
-    raise error
+    # The only backend call after the handshake is the fresh snapshot after a gap.
+    log.warning(
+        "viewer of team %s failed: %s: %s", viewer.team, type(error).__name__, error,
+        exc_info=not isinstance(error, BackendError),
+    )
+    await _close(websocket, CLOSE_BACKEND_FAILED, "backend unavailable; reconnect")
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

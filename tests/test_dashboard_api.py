@@ -16,12 +16,12 @@ import pytest
 import websockets
 from backend_contract import position, status
 from prometheus_client import CollectorRegistry
-from starlette.testclient import TestClient
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from starlette.websockets import WebSocketDisconnect
 
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory
-from teamtrack.backends import Backend, Event, from_url
+from teamtrack.backends import Backend, BackendError, Event, Snapshot, from_url
 from teamtrack.backends.memory import MemoryBackend
 from teamtrack.passwords import hash_password, token_digest
 from teamtrack.servers import LOOPBACK, free_port, port_is_open
@@ -166,6 +166,25 @@ def test_slow_websocket_viewer_is_closed_with_4008(authenticator: Authenticator)
 class UnreachableBackend(MemoryBackend):
     async def ping(self) -> bool:
         return False
+
+
+class SnapshotlessBackend(MemoryBackend):
+    async def snapshot(self, team: str) -> Snapshot:
+        raise BackendError("redis at 127.0.0.1:1 is unreachable (test)")
+
+
+def test_backend_failure_is_503_not_a_crash(authenticator: Authenticator) -> None:
+    for dashboard in open_dashboard(authenticator, backend=SnapshotlessBackend()):
+        client = dashboard.client
+        response = client.get("/api/teams/alpha/positions", headers=bearer())
+        assert response.status_code == 503
+        with pytest.raises(WebSocketDenialResponse) as refused, client.websocket_connect(
+            "/ws/teams/alpha", headers=bearer()
+        ):
+            pass
+        assert refused.value.status_code == 503
+        # The failed viewer is not left behind in the hub.
+        assert dashboard.metric("teamtrack_dashboard_viewers", {"team": "alpha"}) == 0
 
 
 def test_healthz(dashboard: Dashboard, authenticator: Authenticator) -> None:
