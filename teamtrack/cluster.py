@@ -167,6 +167,7 @@ class LocalCluster:
         if self.options.simulate:
             self._start_simulator()
         self._write_endpoints()
+        self._write_processes()
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
@@ -255,6 +256,13 @@ class LocalCluster:
         path = self.state_dir / "endpoints.json"
         path.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
 
+    def _write_processes(self) -> None:
+        """`processes.json`: role -> pid, for operators (and the test that checks for orphans)."""
+        processes = {child.role: child.process.pid for child in self.children}
+        if self.redis is not None:
+            processes["redis"] = self.redis.pid
+        (self.state_dir / "processes.json").write_text(json.dumps(processes, indent=2) + "\n")
+
     # Run ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -278,6 +286,7 @@ class LocalCluster:
                 child.restarts += 1
                 child.next_restart_at = 0.0
                 process.start()
+                self._write_processes()
 
     def run_until_stopped(self, show_status: bool = True) -> None:
         previous = {

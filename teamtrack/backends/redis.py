@@ -216,7 +216,10 @@ class RedisBackend(Backend):
         pipe.xrevrange(self.log_key(team), count=1)
         pipe.hgetall(positions_key)
         pipe.hgetall(presence_key)
-        newest, positions, presence = await pipe.execute()
+        try:
+            newest, positions, presence = await pipe.execute()
+        except RedisError as error:
+            raise BackendError(f"snapshot from redis failed: {error}") from error
         cursor = newest[0][0].decode() if newest else "0-0"
         return Snapshot(
             team=team,
@@ -227,7 +230,10 @@ class RedisBackend(Backend):
 
     async def trimmed_after(self, team: str, cursor: Cursor) -> bool:
         """True if the entry right after `cursor` in the team's log was trimmed away."""
-        oldest: Any = await self.client.xrange(self.log_key(team), count=1)
+        try:
+            oldest: Any = await self.client.xrange(self.log_key(team), count=1)
+        except RedisError as error:
+            raise BackendError(f"reading {team}'s log failed: {error}") from error
         if not oldest:
             return False
         oldest_id, fields = oldest[0]
@@ -299,7 +305,11 @@ class _RedisSubscription(TeamSubscription):
         pipe = self._backend.client.pipeline(transaction=False)
         pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
         pipe.expire(self._wake_key, 3600)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except RedisError as error:
+            # The reader is then failing too; it re-reads the new team set when it recovers.
+            raise BackendError(f"waking the redis reader failed: {error}") from error
 
     async def close(self) -> None:
         self._closed = True
