@@ -1,0 +1,746 @@
+"""The device simulator: many workers, each a real MQTT 5 client, reporting positions.
+
+All clients share one asyncio event loop and one scheduler loop: a heap of (next fix due, worker)
+is drained every few milliseconds, so a thousand workers cost a thousand heap operations a
+second instead of a thousand sleeping tasks. Connects and clean disconnects are short-lived
+tasks, bounded in number; reconnects after a lost connection are left to gmqtt, with an
+exponential backoff per client.
+
+A run is: build the workers (profile, start point, broker) from the seed; every control tick
+compare the online count with the schedule's target and bring workers online or offline;
+publish each online worker's fixes when due; at the end take every worker offline cleanly
+(a retained `offline` status, then DISCONNECT) and return a `SimulationSummary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import heapq
+import logging
+import math
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from gmqtt import Client, Message
+from gmqtt.mqtt.handler import MQTTConnectError
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from devices.identities import DeviceIdentity, load_device_identities, select_identities
+from devices.movement import (
+    CENTRAL_BERLIN,
+    BoundingBox,
+    Mover,
+    ProfileMix,
+    start_near,
+    team_base,
+)
+from devices.ratelimit import RateLimitFilter
+from devices.schedule import LoadSchedule, SchedulePoint, parse_schedule
+from teamtrack.contract import Position, Presence, encode_position, position_topic, status_topic
+from teamtrack.logs import RateLimitedLog
+from teamtrack.retry import Backoff
+
+__all__ = [
+    "BoundingBox",
+    "BrokerAddress",
+    "DeviceIdentity",
+    "LoadSchedule",
+    "ProfileMix",
+    "SchedulePoint",
+    "SimulationConfig",
+    "SimulationSummary",
+    "TimelineSample",
+    "load_device_identities",
+    "parse_schedule",
+    "run_simulation",
+    "select_identities",
+    "summary_table",
+]
+
+log = logging.getLogger(__name__)
+# gmqtt logs every failed reconnect of every client; this logger is handed to our clients so
+# that those lines are rate-limited without touching the application's logging setup.
+_gmqtt_log = logging.getLogger("devices.gmqtt")
+_gmqtt_log.addFilter(RateLimitFilter(period=5.0))
+
+DEFAULT_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
+UNLIMITED_RECONNECTS: Final = -1
+# How often the online count is compared with the schedule.
+CONTROL_INTERVAL_S: Final = 0.1
+# The scheduler never sleeps less than this, so fixes due within it are published in one batch.
+MIN_SLEEP_S: Final = 0.005
+DISCONNECT_TIMEOUT_S: Final = 5.0
+# Enough for one hour of progress refreshes at 0.5 s.
+TIMELINE_SAMPLES: Final = 7200
+_ONLINE: Final = Presence.ONLINE.value.encode()
+_OFFLINE: Final = Presence.OFFLINE.value.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse `mqtt://host[:port]` (port 1883 by default; IPv6 hosts in brackets)."""
+        parts = urlsplit(url)
+        if parts.scheme != "mqtt":
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// (TLS is not supported)")
+        try:
+            port = parts.port or 1883
+        except ValueError:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from None
+        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
+            raise ValueError(f"broker URL {url!r} must be mqtt://host:port and nothing else")
+        return cls(parts.hostname, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationConfig:
+    """What to simulate. Plain values, so the CLI, `python -m devices` and tests build it alike.
+
+    `teams` and `workers_per_team` select from the identities (None = all). Without a schedule
+    every selected worker is online for `duration` seconds (0 = until `stop` is set). With a
+    schedule the run lasts `duration` seconds if given, else until the schedule's last point.
+    """
+
+    broker_urls: tuple[str, ...] = (DEFAULT_BROKER_URL,)
+    teams: int | None = None
+    workers_per_team: int | None = None
+    interval: float = 1.0
+    jitter: float = 0.1
+    qos: int = 0
+    duration: float = 0.0
+    schedule: LoadSchedule | None = None
+    bbox: BoundingBox = CENTRAL_BERLIN
+    profile_mix: ProfileMix = field(default_factory=ProfileMix)
+    seed: int | None = None
+    show_progress: bool = True
+    refresh_interval: float = 0.5
+    keepalive: int = 60
+    connect_timeout: float = 10.0
+    max_concurrent_connects: int = 100
+    reconnect_initial_delay: float = 1.0
+    reconnect_max_delay: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.broker_urls:
+            raise ValueError("at least one broker URL is needed")
+        for url in self.broker_urls:
+            BrokerAddress.parse(url)
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ValueError("interval must be a positive number of seconds")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be a fraction in [0, 1)")
+        if self.qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        if not (math.isfinite(self.duration) and self.duration >= 0):
+            raise ValueError("duration must be a number of seconds >= 0")
+        if self.duration == 0 and self.schedule is not None and self.schedule.end_seconds == 0:
+            raise ValueError("a schedule that ends at 0 s needs a duration")
+        if self.refresh_interval <= 0 or self.connect_timeout <= 0 or self.keepalive <= 0:
+            raise ValueError("refresh interval, connect timeout and keepalive must be positive")
+        if self.max_concurrent_connects < 1:
+            raise ValueError("max concurrent connects must be at least 1")
+        if not 0 < self.reconnect_initial_delay <= self.reconnect_max_delay:
+            raise ValueError("reconnect delays need 0 < initial <= max")
+
+    @property
+    def run_seconds(self) -> float:
+        """How long the run lasts; infinity means until `stop` is set."""
+        if self.duration > 0:
+            return self.duration
+        if self.schedule is not None:
+            return self.schedule.end_seconds
+        return math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineSample:
+    elapsed_s: float
+    target: int
+    connected: int
+    messages_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationSummary:
+    """The numbers of one run. `timeline` keeps the last hour of progress samples."""
+
+    duration_s: float
+    seed: int
+    workers_selected: int
+    workers_peak: int
+    messages_sent: int
+    mean_rate: float
+    errors: dict[str, int]
+    reconnects: int
+    fixes_skipped: int
+    workers_by_broker: dict[str, int]
+    timeline: tuple[TimelineSample, ...]
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    # Wanted online; the connection may be down for a while, gmqtt is then reconnecting.
+    ONLINE = "online"
+    STOPPING = "stopping"
+
+
+class _DeviceClient(Client):  # type: ignore[misc]  # gmqtt ships no type information
+    """A gmqtt client whose reconnects back off exponentially and stop at `disconnect()`.
+
+    gmqtt waits a fixed delay between reconnects and, if `disconnect()` is called during that
+    delay, connects again anyway; both are fixed by waiting here instead.
+    """
+
+    def __init__(self, client_id: str, *, backoff: Backoff, **kwargs: Any) -> None:
+        super().__init__(client_id, **kwargs)
+        self.backoff = backoff
+        self._closed = asyncio.Event()
+        self._waiting_to_reconnect = False
+
+    async def reconnect(self, delay: bool = False) -> None:
+        if self._closed.is_set():
+            return
+        if delay:
+            if self._waiting_to_reconnect:
+                return
+            self._waiting_to_reconnect = True
+            try:
+                await asyncio.wait_for(self._closed.wait(), self.backoff.next_delay())
+                return
+            except TimeoutError:
+                pass
+            finally:
+                self._waiting_to_reconnect = False
+        await super().reconnect(delay=False)
+
+    async def disconnect(self, reason_code: int = 0, **properties: Any) -> None:
+        self._closed.set()
+        await super().disconnect(reason_code, **properties)
+
+
+class _Worker:
+    __slots__ = (
+        "broker",
+        "client",
+        "connect_backoff",
+        "connected",
+        "generation",
+        "has_connected",
+        "identity",
+        "index",
+        "last_fix_at",
+        "mover",
+        "phase",
+        "position_topic",
+        "retry_at",
+        "seq",
+        "status_topic",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        identity: DeviceIdentity,
+        broker: BrokerAddress,
+        mover: Mover,
+        connect_backoff: Backoff,
+    ) -> None:
+        self.index = index
+        self.identity = identity
+        self.broker = broker
+        self.mover = mover
+        self.position_topic = position_topic(identity.team, identity.worker)
+        self.status_topic = status_topic(identity.team, identity.worker)
+        self.client: _DeviceClient | None = None
+        self.phase = _Phase.IDLE
+        # Whether the current client's connection is up (between CONNACK and its loss).
+        self.connected = False
+        # Whether the current client was connected before, so its next CONNACK is a reconnect.
+        self.has_connected = False
+        # Bumped whenever the worker goes offline, so its stale heap entries are skipped.
+        self.generation = 0
+        self.seq = 0
+        self.last_fix_at = 0.0
+        self.retry_at = 0.0
+        # Retrying a failed connect; gmqtt's own reconnects use the client's backoff.
+        self.connect_backoff = connect_backoff
+
+
+class _RateMeter:
+    """Messages per second over the last `window` seconds."""
+
+    def __init__(self, window: float = 1.0) -> None:
+        self._window = window
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, total: int) -> float:
+        samples = self._samples
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= self._window:
+            samples.popleft()
+        first_time, first_total = samples[0]
+        return (total - first_total) / (now - first_time) if now > first_time else 0.0
+
+
+def _bring_up_order(identities: list[DeviceIdentity]) -> list[int]:
+    """Indices interleaved across teams (t1w1, t2w1, t1w2, ...), so a growing schedule grows
+    every team, not the first team first."""
+    by_team: dict[str, list[int]] = {}
+    for index, identity in enumerate(identities):
+        by_team.setdefault(identity.team, []).append(index)
+    columns = list(by_team.values())
+    depth = max((len(column) for column in columns), default=0)
+    return [column[row] for row in range(depth) for column in columns if row < len(column)]
+
+
+class _Simulation:
+    def __init__(
+        self, config: SimulationConfig, identities: list[DeviceIdentity], stop: asyncio.Event
+    ) -> None:
+        self.config = config
+        self.stop = stop
+        self.seed = (
+            config.seed if config.seed is not None else random.SystemRandom().getrandbits(32)
+        )
+        self.brokers = [BrokerAddress.parse(url) for url in config.broker_urls]
+        self.errors: Counter[str] = Counter()
+        self.error_log = RateLimitedLog(log, interval=5.0)
+        self.messages_sent = 0
+        self.fixes_skipped = 0
+        self.reconnects = 0
+        self.connected_count = 0
+        self.peak = 0
+        self.active_count = 0  # workers CONNECTING or ONLINE
+        self.connects_in_flight = 0
+        self.target = 0
+        self.broker_workers: dict[BrokerAddress, set[int]] = {b: set() for b in self.brokers}
+        self.timeline: deque[TimelineSample] = deque(maxlen=TIMELINE_SAMPLES)
+        self.rate_meter = _RateMeter()
+        self.rate = 0.0
+        self.due: list[tuple[float, int, int]] = []
+        self.connect_tasks: set[asyncio.Task[None]] = set()
+        self.disconnect_tasks: set[asyncio.Task[None]] = set()
+        self.timing_rng = random.Random(f"{self.seed}/timing")
+        self.workers = self._build_workers(
+            select_identities(identities, config.teams, config.workers_per_team)
+        )
+
+    def _build_workers(self, selected: list[DeviceIdentity]) -> list[_Worker]:
+        config = self.config
+        profiles = config.profile_mix.assign(len(selected), random.Random(f"{self.seed}/profiles"))
+        bases = {
+            identity.team: team_base(
+                config.bbox, random.Random(f"{self.seed}/team/{identity.team}")
+            )
+            for identity in selected
+        }
+        movers = []
+        for identity, profile in zip(selected, profiles, strict=True):
+            rng = random.Random(f"{self.seed}/worker/{identity.team}/{identity.worker}")
+            start = start_near(bases[identity.team], config.bbox, rng)
+            movers.append(Mover(profile, config.bbox, rng, start))
+        # Brokers go round-robin in file order, so each team is spread over all brokers;
+        # the bring-up order interleaves teams.
+        return [
+            _Worker(
+                position,
+                selected[index],
+                self.brokers[index % len(self.brokers)],
+                movers[index],
+                Backoff(config.reconnect_initial_delay, config.reconnect_max_delay),
+            )
+            for position, index in enumerate(_bring_up_order(selected))
+        ]
+
+    # --- errors -------------------------------------------------------------------------
+
+    def _fail(self, kind: str, worker: _Worker, detail: object) -> None:
+        self.errors[kind] += 1
+        self.error_log.warning(
+            kind,
+            "%s: %s/%s on %s: %s",
+            kind,
+            worker.identity.team,
+            worker.identity.worker,
+            worker.broker,
+            detail,
+        )
+
+    # --- the run ------------------------------------------------------------------------
+
+    def target_at(self, elapsed: float) -> int:
+        schedule = self.config.schedule
+        wanted = schedule.target_at(elapsed) if schedule is not None else len(self.workers)
+        return min(wanted, len(self.workers))
+
+    async def run(self) -> SimulationSummary:
+        config = self.config
+        schedule = config.schedule
+        if schedule is not None and schedule.peak > len(self.workers):
+            log.warning(
+                "the schedule wants up to %d workers, only %d are selected",
+                schedule.peak,
+                len(self.workers),
+            )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        console = Console()
+        live = (
+            Live(console=console, auto_refresh=False, transient=False)
+            if config.show_progress
+            else None
+        )
+        with live if live is not None else contextlib.nullcontext():
+            try:
+                await self._schedule_loop(loop, started, live)
+            finally:
+                ended = loop.time()
+                self.target = 0
+                if live is not None:
+                    view = self._progress_view(ended - started, "taking workers offline")
+                    live.update(view, refresh=True)
+                await self._shutdown()
+                if live is not None:
+                    live.update(self._progress_view(ended - started, "ended"), refresh=True)
+        summary = self._summary(ended - started)
+        if config.show_progress:
+            console.print(summary_table(summary))
+        return summary
+
+    async def _schedule_loop(
+        self, loop: asyncio.AbstractEventLoop, started: float, live: Live | None
+    ) -> None:
+        end = started + self.config.run_seconds
+        refresh_interval = self.config.refresh_interval
+        next_control = next_refresh = started
+        while not self.stop.is_set():
+            now = loop.time()
+            if now >= end:
+                break
+            if now >= next_control:
+                self.target = self.target_at(now - started)
+                self._reconcile(now)
+                next_control = now + CONTROL_INTERVAL_S
+            if now >= next_refresh:
+                self._record(now, now - started)
+                if live is not None:
+                    live.update(self._progress_view(now - started), refresh=True)
+                next_refresh = now + refresh_interval
+            self._publish_due(now)
+            wake = min(self.due[0][0] if self.due else math.inf, next_control, next_refresh, end)
+            await asyncio.sleep(max(MIN_SLEEP_S, wake - loop.time()))
+        self._record(loop.time(), loop.time() - started)
+
+    def _record(self, now: float, elapsed: float) -> None:
+        self.rate = self.rate_meter.add(now, self.messages_sent)
+        self.timeline.append(
+            TimelineSample(round(elapsed, 3), self.target, self.connected_count, self.messages_sent)
+        )
+
+    def _reconcile(self, now: float) -> None:
+        target = self.target
+        if self.active_count < target:
+            for worker in self.workers:
+                if self.active_count >= target:
+                    break
+                if self.connects_in_flight >= self.config.max_concurrent_connects:
+                    break
+                if worker.phase is _Phase.IDLE and worker.retry_at <= now:
+                    self._start(self.connect_tasks, self._connect(worker))
+                    worker.phase = _Phase.CONNECTING
+                    self.active_count += 1
+                    self.connects_in_flight += 1
+        elif self.active_count > target:
+            for worker in reversed(self.workers):
+                if self.active_count <= target:
+                    break
+                if worker.phase is _Phase.ONLINE:
+                    self._take_offline(worker)
+
+    def _start(self, tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _publish_due(self, now: float) -> None:
+        due = self.due
+        workers = self.workers
+        interval = self.config.interval
+        jitter = self.config.jitter
+        uniform = self.timing_rng.uniform
+        while due and due[0][0] <= now:
+            due_at, generation, index = heapq.heappop(due)
+            worker = workers[index]
+            if generation != worker.generation:
+                continue
+            self._publish_fix(worker, now)
+            next_due = due_at + interval * (1.0 + uniform(-jitter, jitter))
+            if next_due <= now:
+                # Fell a whole interval behind (an overloaded loop): skip, don't burst.
+                next_due = now + interval
+            heapq.heappush(due, (next_due, generation, index))
+
+    def _publish_fix(self, worker: _Worker, now: float) -> None:
+        fix = worker.mover.step(now - worker.last_fix_at)
+        worker.last_fix_at = now
+        client = worker.client
+        if not worker.connected or client is None:
+            # The worker keeps moving while its phone has no connection.
+            self.fixes_skipped += 1
+            return
+        identity = worker.identity
+        position = Position(
+            identity.team,
+            identity.worker,
+            fix.lat,
+            fix.lon,
+            time.time_ns() // 1_000_000,
+            worker.seq,
+            fix.acc,
+            fix.speed,
+            fix.heading,
+            fix.battery,
+        )
+        try:
+            client.publish(worker.position_topic, encode_position(position), qos=self.config.qos)
+        except Exception as exc:
+            self._fail("publish", worker, exc)
+            return
+        worker.seq += 1
+        self.messages_sent += 1
+
+    # --- connections --------------------------------------------------------------------
+
+    def _new_client(self, worker: _Worker) -> _DeviceClient:
+        config = self.config
+        identity = worker.identity
+        client = _DeviceClient(
+            identity.client_id,
+            backoff=Backoff(config.reconnect_initial_delay, config.reconnect_max_delay),
+            will_message=Message(worker.status_topic, _OFFLINE, qos=1, retain=True),
+            logger=_gmqtt_log,
+        )
+        client.set_auth_credentials(identity.username, identity.password)
+        client.reconnect_retries = UNLIMITED_RECONNECTS
+        client.on_connect = functools.partial(self._on_connect, worker)
+        client.on_disconnect = functools.partial(self._on_disconnect, worker)
+        return client
+
+    async def _connect(self, worker: _Worker) -> None:
+        config = self.config
+        client = self._new_client(worker)
+        worker.client = client
+        worker.has_connected = False
+        failure: tuple[str, object] | None = None
+        try:
+            await asyncio.wait_for(
+                client.connect(worker.broker.host, worker.broker.port, keepalive=config.keepalive),
+                config.connect_timeout,
+            )
+        except MQTTConnectError as exc:
+            failure = ("connect_refused", exc)
+        except TimeoutError:
+            failure = ("connect_timeout", f"no CONNACK within {config.connect_timeout} s")
+        except OSError as exc:
+            failure = ("connect_failed", exc)
+        except Exception as exc:
+            failure = ("connect_error", repr(exc))
+        finally:
+            self.connects_in_flight -= 1
+        loop = asyncio.get_running_loop()
+        if failure is not None:
+            self._fail(failure[0], worker, failure[1])
+            await self._close_quietly(client)
+            self._mark_disconnected(worker)
+            worker.client = None
+            worker.phase = _Phase.IDLE
+            self.active_count -= 1
+            worker.retry_at = loop.time() + worker.connect_backoff.next_delay()
+            return
+        worker.connect_backoff.reset()
+        worker.phase = _Phase.ONLINE
+        now = loop.time()
+        worker.last_fix_at = now
+        # Spread the first fixes of workers that connect together over one interval.
+        first_due = now + self.timing_rng.uniform(0.0, config.interval)
+        heapq.heappush(self.due, (first_due, worker.generation, worker.index))
+
+    def _mark_disconnected(self, worker: _Worker) -> None:
+        if worker.connected:
+            worker.connected = False
+            self.connected_count -= 1
+
+    def _on_connect(
+        self, worker: _Worker, client: _DeviceClient, flags: Any, rc: Any, properties: Any
+    ) -> None:
+        if worker.client is not client or worker.phase not in (_Phase.CONNECTING, _Phase.ONLINE):
+            return
+        client.backoff.reset()
+        try:
+            # Re-sent on every reconnect: the broker may have published the Will meanwhile.
+            client.publish(worker.status_topic, _ONLINE, qos=1, retain=True)
+        except Exception as exc:
+            self._fail("publish_status", worker, exc)
+        if worker.has_connected:
+            self.reconnects += 1
+            log.info("%s reconnected to %s", worker.identity.client_id, worker.broker)
+        worker.has_connected = True
+        if not worker.connected:
+            worker.connected = True
+            self.connected_count += 1
+            self.peak = max(self.peak, self.connected_count)
+        self.broker_workers[worker.broker].add(worker.index)
+
+    def _on_disconnect(
+        self, worker: _Worker, client: _DeviceClient, packet: Any, exc: Any = None
+    ) -> None:
+        if worker.client is not client:
+            return
+        was_connected = worker.connected
+        self._mark_disconnected(worker)
+        if was_connected and worker.phase is _Phase.ONLINE:
+            self._fail("connection_lost", worker, exc or "broker closed the connection")
+
+    def _take_offline(self, worker: _Worker) -> None:
+        worker.phase = _Phase.STOPPING
+        worker.generation += 1
+        self.active_count -= 1
+        self._start(self.disconnect_tasks, self._disconnect(worker))
+
+    async def _disconnect(self, worker: _Worker) -> None:
+        client = worker.client
+        if client is not None:
+            if worker.connected:
+                try:
+                    # Sent before DISCONNECT on the same connection, so the broker stores it
+                    # first; a clean DISCONNECT suppresses the Will, so this is what managers see.
+                    client.publish(worker.status_topic, _OFFLINE, qos=1, retain=True)
+                except Exception as exc:
+                    self._fail("publish_status", worker, exc)
+            self._mark_disconnected(worker)
+            try:
+                await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
+            except Exception as exc:
+                self._fail("disconnect", worker, repr(exc))
+        worker.client = None
+        worker.phase = _Phase.IDLE
+
+    async def _close_quietly(self, client: _DeviceClient) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
+
+    async def _shutdown(self) -> None:
+        for task in self.connect_tasks:
+            task.cancel()
+        await asyncio.gather(*self.connect_tasks, return_exceptions=True)
+        for worker in self.workers:
+            if worker.phase in (_Phase.CONNECTING, _Phase.ONLINE):
+                self._take_offline(worker)
+        await asyncio.gather(*self.disconnect_tasks, return_exceptions=True)
+
+    # --- reporting ----------------------------------------------------------------------
+
+    def _summary(self, duration: float) -> SimulationSummary:
+        return SimulationSummary(
+            duration_s=round(duration, 3),
+            seed=self.seed,
+            workers_selected=len(self.workers),
+            workers_peak=self.peak,
+            messages_sent=self.messages_sent,
+            mean_rate=self.messages_sent / duration if duration > 0 else 0.0,
+            errors=dict(sorted(self.errors.items())),
+            reconnects=self.reconnects,
+            fixes_skipped=self.fixes_skipped,
+            workers_by_broker={str(b): len(ws) for b, ws in self.broker_workers.items()},
+            timeline=tuple(self.timeline),
+        )
+
+    def _progress_view(self, elapsed: float, state: str = "running") -> Group:
+        run_seconds = self.config.run_seconds
+        length = "until stopped" if math.isinf(run_seconds) else _clock(run_seconds)
+        errors = sum(self.errors.values())
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items()))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        grid.add_row("time", f"{_clock(elapsed)} / {length}  ({state}, seed {self.seed})")
+        grid.add_row(
+            "workers",
+            f"{self.connected_count:,} connected / {self.target:,} target"
+            f"  ({len(self.workers):,} selected, peak {self.peak:,})",
+        )
+        grid.add_row(
+            "messages",
+            f"{self.rate:,.0f}/s  total {self.messages_sent:,}  skipped {self.fixes_skipped:,}",
+        )
+        grid.add_row(
+            "errors",
+            Text(f"{errors:,}" + (f" ({kinds})" if kinds else ""), style="red" if errors else ""),
+        )
+        grid.add_row("reconnects", f"{self.reconnects:,}")
+        return Group(Text("teamtrack device simulator", style="bold cyan"), grid)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def summary_table(summary: SimulationSummary) -> Table:
+    table = Table(title="device simulation summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("duration", f"{summary.duration_s:,.1f} s")
+    table.add_row("seed", str(summary.seed))
+    table.add_row("workers selected", f"{summary.workers_selected:,}")
+    table.add_row("workers peak", f"{summary.workers_peak:,}")
+    for broker, count in summary.workers_by_broker.items():
+        table.add_row(f"  on {broker}", f"{count:,}")
+    table.add_row("messages sent", f"{summary.messages_sent:,}")
+    table.add_row("mean rate", f"{summary.mean_rate:,.1f} msg/s")
+    table.add_row("fixes skipped (offline)", f"{summary.fixes_skipped:,}")
+    table.add_row("reconnects", f"{summary.reconnects:,}")
+    table.add_row("errors", f"{summary.error_count:,}")
+    for kind, count in summary.errors.items():
+        table.add_row(f"  {kind}", f"{count:,}")
+    return table
+
+
+async def run_simulation(
+    config: SimulationConfig,
+    identities: list[DeviceIdentity],
+    *,
+    stop: asyncio.Event | None = None,
+) -> SimulationSummary:
+    """Run the simulation until its duration or schedule ends, or until `stop` is set.
+
+    One failing device never ends the run: connect failures, refusals, lost connections and
+    publish errors are counted by kind in the summary and logged at most every few seconds.
+    Every worker is taken offline cleanly before this returns, also when the task is cancelled.
+    """
+    simulation = _Simulation(config, identities, stop if stop is not None else asyncio.Event())
+    return await simulation.run()
