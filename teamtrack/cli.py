@@ -217,3 +217,7 @@ def endpoints_command(
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,9 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if level.upper() != "DEBUG":
+        # gmqtt logs every packet type at INFO; our services log connects and losses themselves.
+        logging.getLogger("gmqtt").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:
