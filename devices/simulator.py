@@ -26,7 +26,6 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
 
 from gmqtt import Client, Message
 from gmqtt.mqtt.handler import MQTTConnectError
@@ -48,6 +47,7 @@ from devices.ratelimit import RateLimitFilter
 from devices.schedule import LoadSchedule, SchedulePoint, parse_schedule
 from teamtrack.contract import Position, Presence, encode_position, position_topic, status_topic
 from teamtrack.logs import RateLimitedLog
+from teamtrack.mqtt import BrokerAddress
 from teamtrack.retry import Backoff
 
 __all__ = [
@@ -87,30 +87,6 @@ _OFFLINE: Final = Presence.OFFLINE.value.encode()
 
 
 @dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse `mqtt://host[:port]` (port 1883 by default; IPv6 hosts in brackets)."""
-        parts = urlsplit(url)
-        if parts.scheme != "mqtt":
-            raise ValueError(f"broker URL {url!r} must start with mqtt:// (TLS is not supported)")
-        try:
-            port = parts.port or 1883
-        except ValueError:
-            raise ValueError(f"broker URL {url!r} has an invalid port") from None
-        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
-            raise ValueError(f"broker URL {url!r} must be mqtt://host:port and nothing else")
-        return cls(parts.hostname, port)
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
 class SimulationConfig:
     """What to simulate. Plain values, so the CLI, `python -m devices` and tests build it alike.
 
@@ -142,7 +118,8 @@ class SimulationConfig:
         if not self.broker_urls:
             raise ValueError("at least one broker URL is needed")
         for url in self.broker_urls:
-            BrokerAddress.parse(url)
+            if BrokerAddress.parse(url).websockets:
+                raise ValueError(f"devices connect over mqtt:// only, not {url!r}")
         if not (math.isfinite(self.interval) and self.interval > 0):
             raise ValueError("interval must be a positive number of seconds")
         if not 0 <= self.jitter < 1:

@@ -21,16 +21,26 @@ class BrokerAddress:
 
     @classmethod
     def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://host:port` (default port 1883) or `ws://host:port` (MQTT over WebSockets)."""
+        """`mqtt://host[:port]` (1883 by default) or `ws://host[:port]` (MQTT over WebSockets).
+
+        IPv6 hosts go in brackets. Credentials never go in the URL: they would end up in logs.
+        """
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "tcp", "ws"):
-            raise ValueError(f"broker URL {url!r} must start with mqtt:// or ws://")
-        if not parts.hostname:
-            raise ValueError(f"broker URL {url!r} has no host")
+        if parts.scheme not in ("mqtt", "ws"):
+            raise ValueError(
+                f"broker URL {url!r} must start with mqtt:// or ws:// (TLS is not supported)"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from None
         if parts.username or parts.password:
-            raise ValueError("broker URLs must not carry credentials; use the password settings")
+            raise ValueError(f"broker URL {url!r} must not carry credentials")
+        if not parts.hostname or parts.path not in ("", "/") or parts.query:
+            raise ValueError(f"broker URL {url!r} must be {parts.scheme}://host:port and no more")
         websockets = parts.scheme == "ws"
-        return cls(parts.hostname, parts.port or (8080 if websockets else 1883), websockets)
+        return cls(parts.hostname, port or (8080 if websockets else 1883), websockets)
 
     def __str__(self) -> str:
-        return f"{'ws' if self.websockets else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'ws' if self.websockets else 'mqtt'}://{host}:{self.port}"

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -271,6 +271,46 @@ def _safe(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, ""))
 
 
+class _BlockingReader:
+    """A connection of its own for blocking reads, dropped and re-opened with backoff on errors."""
+
+    def __init__(self, backend: RedisBackend, what: str) -> None:
+        self.backend = backend
+        self.what = what
+        self.connection: aioredis.Redis | None = None
+        self._backoff = Backoff()
+
+    async def open(self) -> tuple[aioredis.Redis, bool]:
+        """The connection, and whether it was just opened."""
+        if self.connection is not None:
+            return self.connection, False
+        self.connection = self.backend.new_client()
+        return self.connection, True
+
+    async def read_until(
+        self, read: Callable[[], Awaitable[None]], has_items: Callable[[], bool],
+        closed: Callable[[], bool],
+    ) -> None:
+        """Call `read` until it produced items; raise StopAsyncIteration once closed."""
+        while not has_items():
+            if closed():
+                raise StopAsyncIteration
+            try:
+                await read()
+                self._backoff.reset()
+            except RedisError as error:
+                delay = self._backoff.next_delay()
+                log.warning("redis %s failed (%s); retrying in %.1fs", self.what, error, delay)
+                await self.close()
+                await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(RedisError):
+                await self.connection.aclose()
+            self.connection = None
+
+
 class _RedisSubscription(TeamSubscription):
     """One blocking XREAD over all the teams of interest, woken when that set changes."""
 
@@ -280,7 +320,7 @@ class _RedisSubscription(TeamSubscription):
         self._wake_key = f"{backend.prefix}:wake:{uuid.uuid4().hex}"
         self._wake_cursor = "$"
         self._ready: deque[Batch | Gap] = deque()
-        self._reader: aioredis.Redis | None = None
+        self._reader = _BlockingReader(backend, "read")
         self._closed = False
 
     @property
@@ -300,7 +340,7 @@ class _RedisSubscription(TeamSubscription):
             await self._wake()
 
     async def _wake(self) -> None:
-        if self._reader is None:
+        if self._reader.connection is None:
             return
         pipe = self._backend.client.pipeline(transaction=False)
         pipe.xadd(self._wake_key, {"w": b"1"}, maxlen=1, approximate=False)
@@ -313,19 +353,16 @@ class _RedisSubscription(TeamSubscription):
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader is not None:
+        if self._reader.connection is not None:
             with contextlib.suppress(RedisError):
                 await self._backend.client.delete(self._wake_key)
-            await self._reader.aclose()
-            self._reader = None
+        await self._reader.close()
 
     async def _read(self) -> None:
-        if self._reader is None:
-            self._reader = self._backend.new_client()
-            self._wake_cursor = "$"
-        if self._wake_cursor == "$":
+        connection, fresh = await self._reader.open()
+        if fresh or self._wake_cursor == "$":
             # Resolve '$' once so that a wake-up written between two reads is not missed.
-            newest: Any = await self._reader.xrevrange(self._wake_key, count=1)
+            newest: Any = await connection.xrevrange(self._wake_key, count=1)
             self._wake_cursor = newest[0][0].decode() if newest else "0-0"
         streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
         keys_to_team: dict[bytes, str] = {}
@@ -334,7 +371,7 @@ class _RedisSubscription(TeamSubscription):
             streams[key] = cursor
             keys_to_team[key.encode()] = team
         # redis-py types replies loosely; with decode_responses=False every string is bytes.
-        reply: Any = await self._reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        reply: Any = await connection.xread(streams, count=READ_COUNT, block=BLOCK_MS)
         for key, entries in reply or []:
             if key == self._wake_key.encode():
                 self._wake_cursor = entries[-1][0].decode()
@@ -348,21 +385,7 @@ class _RedisSubscription(TeamSubscription):
                 self._ready.append(Batch(team, cursor, fields[b"b"]))
 
     async def __anext__(self) -> Batch | Gap:
-        backoff = Backoff()
-        while not self._ready:
-            if self._closed:
-                raise StopAsyncIteration
-            try:
-                await self._read()
-                backoff.reset()
-            except RedisError as error:
-                delay = backoff.next_delay()
-                log.warning("redis read failed (%s); retrying in %.1fs", error, delay)
-                if self._reader is not None:
-                    with contextlib.suppress(RedisError):
-                        await self._reader.aclose()
-                    self._reader = None
-                await asyncio.sleep(delay)
+        await self._reader.read_until(self._read, lambda: bool(self._ready), lambda: self._closed)
         return self._ready.popleft()
 
 
@@ -400,7 +423,7 @@ class _RedisGroupConsumer(GroupConsumer):
         self._consumer = consumer
         self._start_id = "$" if start == "latest" else "0"
         self._acknowledge = acknowledge
-        self._reader: aioredis.Redis | None = None
+        self._reader = _BlockingReader(backend, "group read")
         self._ready: deque[GroupBatch] = deque()
         self._closed = False
 
@@ -418,16 +441,13 @@ class _RedisGroupConsumer(GroupConsumer):
 
     async def close(self) -> None:
         self._closed = True
-        if self._reader is not None:
-            await self._reader.aclose()
-            self._reader = None
+        await self._reader.close()
 
     async def _read(self) -> None:
-        if self._reader is None:
-            reader = self._backend.new_client()
-            await self._ensure_group(reader)
-            self._reader = reader
-        reply: Any = await self._reader.xreadgroup(
+        connection, fresh = await self._reader.open()
+        if fresh:
+            await self._ensure_group(connection)
+        reply: Any = await connection.xreadgroup(
             self._group,
             self._consumer,
             {self._backend.all_key: ">"},
@@ -447,19 +467,5 @@ class _RedisGroupConsumer(GroupConsumer):
                     self._ready.append(GroupBatch(batch, acknowledger))
 
     async def __anext__(self) -> GroupBatch:
-        backoff = Backoff()
-        while not self._ready:
-            if self._closed:
-                raise StopAsyncIteration
-            try:
-                await self._read()
-                backoff.reset()
-            except RedisError as error:
-                delay = backoff.next_delay()
-                log.warning("redis group read failed (%s); retrying in %.1fs", error, delay)
-                if self._reader is not None:
-                    with contextlib.suppress(RedisError):
-                        await self._reader.aclose()
-                    self._reader = None
-                await asyncio.sleep(delay)
+        await self._reader.read_until(self._read, lambda: bool(self._ready), lambda: self._closed)
         return self._ready.popleft()
