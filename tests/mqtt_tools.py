@@ -13,6 +13,10 @@ from teamtrack.servers import LOOPBACK
 SUBACK_TIMEOUT = 5.0
 
 
+def _connection(port: int, username: str, password: str) -> list[str]:
+    return ["-h", LOOPBACK, "-p", str(port), "-V", "mqttv5", "-u", username, "-P", password]
+
+
 class MosquittoSub:
     """`mosquitto_sub -V mqttv5` collecting `(topic, payload)` pairs in a background thread.
 
@@ -22,21 +26,12 @@ class MosquittoSub:
 
     def __init__(self, port: int, username: str, password: str, topic_filter: str) -> None:
         self._process = subprocess.Popen(
+            # Line-buffered, or the SUBACK line would sit in a pipe buffer.
             [
-                # Line-buffered, or the SUBACK line would sit in a pipe buffer.
                 "stdbuf",
                 "-oL",
                 "mosquitto_sub",
-                "-h",
-                LOOPBACK,
-                "-p",
-                str(port),
-                "-V",
-                "mqttv5",
-                "-u",
-                username,
-                "-P",
-                password,
+                *_connection(port, username, password),
                 "-t",
                 topic_filter,
                 "-F",
@@ -98,16 +93,7 @@ async def publish_lines(
         subprocess.run,
         [
             "mosquitto_pub",
-            "-h",
-            LOOPBACK,
-            "-p",
-            str(port),
-            "-V",
-            "mqttv5",
-            "-u",
-            username,
-            "-P",
-            password,
+            *_connection(port, username, password),
             "-t",
             topic,
             "-q",
