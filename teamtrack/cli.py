@@ -151,6 +151,9 @@ def provision_command(
     rotate: Annotated[
         bool, typer.Option(help="replace every existing secret instead of keeping them")
     ] = False,
+    compose: Annotated[
+        bool, typer.Option(help="also write OUT/compose/ broker configs for docker-compose.yml")
+    ] = False,
 ) -> None:
     """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json."""
     from teamtrack.provision import ProvisionError, provision
@@ -167,6 +170,11 @@ def provision_command(
     for path in (result.credentials_path, result.password_file, result.acl_file,
                  result.dashboard_auth_path):
         console.print(f"wrote {path}")
+    if compose:
+        from teamtrack.mosquitto_config import render_compose_broker_configs
+
+        for path in render_compose_broker_configs(out / "compose"):
+            console.print(f"wrote {path}")
     console.print("reload brokers with SIGHUP to apply the new password file and ACL")
 
 
