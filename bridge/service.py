@@ -179,13 +179,17 @@ class BridgeService:
     async def wait_subscribed(self) -> None:
         await self._subscribed.wait()
 
-    async def stop(self) -> None:
-        """Stop taking messages, flush what was accepted, then disconnect and close."""
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Stop taking messages, flush what was accepted, then disconnect and close.
+
+        QoS 1 messages still unflushed after `flush_timeout` were never acknowledged: the broker
+        keeps them in this bridge's session and delivers them again when it comes back.
+        """
         self._stopping = True
         with contextlib.suppress(Exception):
             await self._client.disconnect()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.batcher.wait_idle(), 5.0)
+            await asyncio.wait_for(self.batcher.wait_idle(), flush_timeout)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

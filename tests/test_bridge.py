@@ -7,6 +7,7 @@ import contextlib
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ from teamtrack.backends import Backend, Batch, from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.metrics import MetricsServer
 from teamtrack.mqtt import BrokerAddress
+from teamtrack.servers import free_port, start_redis
 
 StartBridge = Callable[..., Awaitable[BridgeService]]
 
@@ -314,9 +316,7 @@ async def test_metrics_port_serves_counters(cluster: Cluster, start_bridge: Star
         await asyncio.sleep(0.5)
         text = await asyncio.to_thread(
             lambda: (
-                urllib.request.urlopen(
-                    f"http://127.0.0.1:{server.port}/metrics", timeout=5
-                )
+                urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5)
                 .read()
                 .decode()
             )
@@ -326,3 +326,54 @@ async def test_metrics_port_serves_counters(cluster: Cluster, start_bridge: Star
     assert 'teamtrack_bridge_forwarded_total{broker="b1"} 1.0' in text
     assert 'teamtrack_bridge_rejected_total{broker="b1",reason="not_json"} 1.0' in text
     assert registry is not None
+
+
+async def test_unacknowledged_messages_survive_a_backend_outage_and_a_bridge_restart(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """QoS 1 is acknowledged only once Redis holds it: what Redis never got comes back later."""
+    port = free_port()
+    redis = start_redis(port, tmp_path / "redis")
+    url = f"redis://127.0.0.1:{port}/0"
+    broker = cluster.brokers[0]
+    credential = cluster.credentials.bridge()
+    config = BridgeConfig(
+        broker=BrokerAddress.parse(broker.url),
+        broker_id=broker.name,
+        client_id="teamtrack-bridge-outage-1",
+        username=credential.username,
+        password=credential.password,
+        mirror=False,
+    )
+    first = BridgeService(config, from_url(url), CollectorRegistry())
+    await first.start()
+    await asyncio.wait_for(first.wait_subscribed(), 5)
+    redis.stop()  # the backend goes away while devices keep publishing
+    device = cluster.device("alpha", "w001")
+    await publish_lines(
+        broker.mqtt_port,
+        device.username,
+        device.password,
+        position_topic("alpha", "w001"),
+        [payload(seq) for seq in range(5)],
+    )
+    await asyncio.sleep(0.5)
+    assert first.counters.forwarded == 0
+    assert first.counters.backend_errors >= 1
+    await first.stop(flush_timeout=0.1)  # gives up: nothing was acknowledged
+
+    redis = start_redis(port, tmp_path / "redis")  # empty: the 5 messages never reached it
+    try:
+        backend = from_url(url)
+        await backend.start()
+        collecting = asyncio.create_task(collect_events(backend, "alpha", 5))
+        await asyncio.sleep(0.2)
+        second = BridgeService(config, from_url(url), CollectorRegistry())
+        await second.start()  # same client id: the broker redelivers the unacknowledged ones
+        events = await collecting
+        await second.stop()
+        await backend.close()
+    finally:
+        redis.stop()
+    seqs = sorted(orjson.loads(e["body"])["seq"] for e in events)  # type: ignore[arg-type]
+    assert seqs == list(range(5))
