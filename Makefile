@@ -20,9 +20,13 @@ VENV_STAMP := $(VENV)/.installed-from-pyproject
 TEST_OUTPUT := test-output
 SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server
 SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server
+# Leaflet and friends, installed from the lock file and copied into the git-ignored vendor folder.
+FRONTEND := dashboard/frontend
+VENDOR := dashboard/static/vendor
+ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv test demo lint clean
+.PHONY: bootstrap system-deps venv assets test demo lint clean
 
 bootstrap: system-deps venv
 
@@ -36,6 +40,9 @@ system-deps:
 	if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		missing="$$missing python3-venv"; packages="$$packages python3 python3-venv"; \
 	fi; \
+	for command in chromium npm; do \
+		command -v "$$command" >/dev/null 2>&1 || { missing="$$missing $$command"; packages="$$packages $$command"; }; \
+	done; \
 	if [ -z "$$missing" ]; then \
 		echo "system-deps: all present, nothing to install"; \
 	else \
@@ -55,12 +62,20 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
 
-test: bootstrap
+assets: $(ASSETS_STAMP)
+
+$(ASSETS_STAMP): $(FRONTEND)/package-lock.json | system-deps
+	cd $(FRONTEND) && npm ci --no-audit --no-fund --loglevel=error
+	rm -rf $(VENDOR)/leaflet && mkdir -p $(VENDOR)/leaflet
+	cp -r $(addprefix $(FRONTEND)/node_modules/leaflet/dist/,leaflet.js leaflet.css images) $(VENDOR)/leaflet/
+	touch $@
+
+test: bootstrap assets
 	mkdir -p $(TEST_OUTPUT)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --junitxml=$(TEST_OUTPUT)/junit.xml \
 		2>&1 | tee $(TEST_OUTPUT)/pytest.log
 
-demo: bootstrap
+demo: bootstrap assets
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 lint: venv
