@@ -252,6 +252,26 @@ class BackendContract(abc.ABC):
             await consumer.close()
 
 
+    async def test_unacked_batches_reach_another_member_after_a_crash(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        for seq in range(6):
+            await backend.publish([position("alpha", "w1", seq)])
+        crashed = backend.consume("ingest-x", "first", start="earliest", acknowledge=True)
+        delivered = [await asyncio.wait_for(anext(crashed), WAIT) for _ in range(6)]
+        for item in delivered[:3]:
+            await item.ack()
+        # The member dies holding the other three: never acknowledged, never lost.
+        await crashed.close()
+        successor = backend.consume("ingest-x", "second", start="earliest", acknowledge=True)
+        redelivered = await _drain(successor, 0.5)
+        assert sorted(seq for _team, seq in redelivered) == [3, 4, 5]
+        await successor.close()
+        # Acknowledged by the successor: a third member gets nothing more.
+        third = backend.consume("ingest-x", "third", start="earliest", acknowledge=True)
+        assert await _drain(third, 0.5) == []
+        await third.close()
+
+
 async def _drain(consumer: AsyncIterator[GroupBatch], quiet: float) -> list[tuple[str, int]]:
     """Everything a group member receives until nothing more comes for `quiet` seconds."""
     seen: list[tuple[str, int]] = []

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
-from backend_contract import BackendContract
+from backend_contract import BackendContract, position
 
 from teamtrack.backends import Backend, BackendError, from_url
 
@@ -12,7 +15,36 @@ class TestRedisBackend(BackendContract):
         self.url = redis_url
 
     def make_backend(self, history: int) -> Backend:
-        return from_url(f"{self.url}&history={history}")
+        # A short claim time, so that a crashed member's batches reach another one quickly.
+        return from_url(f"{self.url}&history={history}&claim_idle_ms=300")
+
+
+async def test_a_member_restarted_under_its_name_gets_its_pending_batches_at_once(
+    redis_url: str,
+) -> None:
+    backend = from_url(f"{redis_url}&claim_idle_ms=60000")
+    await backend.start()
+    await backend.publish([position("alpha", "w1", seq) for seq in range(3)])
+    await backend.publish([position("bravo", "w1", 0)])
+    first = backend.consume("ingest", "ingest-1", start="earliest")
+    delivered = [await asyncio.wait_for(anext(first), 5) for _ in range(2)]
+    assert {item.batch.team for item in delivered} == {"alpha", "bravo"}
+    await first.close()
+    # Same name, long claim time: its own pending entries come back without waiting for idle.
+    started = time.monotonic()
+    again = backend.consume("ingest", "ingest-1", start="earliest")
+    redelivered = [await asyncio.wait_for(anext(again), 5) for _ in range(2)]
+    assert time.monotonic() - started < 2.0
+    assert sorted(item.batch.team for item in redelivered) == ["alpha", "bravo"]
+    for item in redelivered:
+        await item.ack()
+    await again.close()
+    # An entry is acknowledged once every team batch cut from it is: nothing is pending now.
+    last = backend.consume("ingest", "ingest-1", start="earliest")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(last), 1.0)
+    await last.close()
+    await backend.close()
 
 
 async def test_unreachable_redis_is_a_clear_error() -> None:

@@ -3,6 +3,11 @@
 Each team's log is a bounded deque of batches numbered from 1; a subscription keeps one cursor
 per team and reads the deques when woken, so a slow reader never makes the log grow.
 Query options: `memory://?history=10000` (batches kept per team and in the group log).
+
+Consumer groups: a batch goes to one member; with acknowledgement on, a member that closes
+without acknowledging hands its unacknowledged batches back to its group, which delivers them
+to the next member that reads. That is the in-process form of "redelivered after a crash": the
+memory backend itself cannot outlive a crash of its process, so nothing else is kept.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class MemoryBackend(Backend):
         self._positions: dict[str, dict[str, Event]] = defaultdict(dict)
         self._presence: dict[str, dict[str, Event]] = defaultdict(dict)
         self._group_positions: dict[str, int] = {}
+        self._group_returned: dict[str, deque[Batch]] = defaultdict(deque)
         self._appended = asyncio.Condition()
 
     @classmethod
@@ -127,7 +133,7 @@ class MemoryBackend(Backend):
                 if start == "latest"
                 else self._group_log.oldest_number() - 1
             )
-        return _MemoryGroupConsumer(self, group)
+        return _MemoryGroupConsumer(self, group, acknowledge)
 
     async def wait_for_append(self) -> None:
         async with self._appended:
@@ -185,28 +191,53 @@ class _NoAck(Acknowledgeable):
         return None
 
 
+class _MemberAck(Acknowledgeable):
+    def __init__(self, member: _MemoryGroupConsumer, batch: Batch) -> None:
+        self._member = member
+        self._batch = batch
+
+    async def ack(self) -> None:
+        self._member._unacknowledged.pop(id(self._batch), None)
+
+
 class _MemoryGroupConsumer(GroupConsumer):
     """Members of a group share one position, so each batch goes to exactly one of them."""
 
-    def __init__(self, backend: MemoryBackend, group: str) -> None:
+    def __init__(self, backend: MemoryBackend, group: str, acknowledge: bool) -> None:
         self._backend = backend
         self._group = group
+        self._acknowledge = acknowledge
+        self._unacknowledged: dict[int, Batch] = {}
         self._closed = False
 
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        # Delivered but never acknowledged: back to the group, in the order they were given out.
+        self._backend._group_returned[self._group].extend(self._unacknowledged.values())
+        self._unacknowledged.clear()
         async with self._backend._appended:
             self._backend._appended.notify_all()
 
+    def _hand_out(self, batch: Batch) -> GroupBatch:
+        if not self._acknowledge:
+            return GroupBatch(batch, _NoAck())
+        self._unacknowledged[id(batch)] = batch
+        return GroupBatch(batch, _MemberAck(self, batch))
+
     async def __anext__(self) -> GroupBatch:
         log = self._backend._group_log
+        returned = self._backend._group_returned[self._group]
         while True:
             if self._closed:
                 raise StopAsyncIteration
+            if returned:
+                return self._hand_out(returned.popleft())
             position = max(self._backend._group_positions[self._group], log.oldest_number() - 1)
             pending = log.after(position)
             if pending:
                 number, batch = pending[0]
                 self._backend._group_positions[self._group] = number
-                return GroupBatch(batch, _NoAck())
+                return self._hand_out(batch)
             await self._backend.wait_for_append()

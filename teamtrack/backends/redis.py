@@ -16,6 +16,11 @@ never moves a worker back.
 Why streams and not PUBLISH: a stream entry stays readable after it is written, which gives
 cursors (stream ids) that a reconnecting viewer resumes from on any instance, and consumer
 groups for the mirrors and the ingest.
+
+Consumer groups with acknowledgement deliver again what a member received and never
+acknowledged: a member first re-reads its own pending entries (a restart under the same consumer
+name), and every member claims entries left pending longer than `?claim_idle_ms=` (XAUTOCLAIM),
+which is how the batches of a member that crashed for good reach the others.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,6 +63,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 10_000
 DEFAULT_GROUP_HISTORY = 100_000
+DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
 BLOCK_MS = 5_000
 
@@ -99,11 +106,16 @@ class RedisBackend(Backend):
         prefix: str = "tt",
         history: int = DEFAULT_HISTORY,
         group_history: int = DEFAULT_GROUP_HISTORY,
+        claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
     ) -> None:
         self.url = url
         self.prefix = prefix
         self.history = history
         self.group_history = group_history
+        # An unacknowledged group entry idle this long is taken to be abandoned by a crashed
+        # member and claimed by another; 0 turns claiming off. Keep it above the longest time
+        # a member may hold a batch (its slowest write), or live members lose batches to others.
+        self.claim_idle_ms = claim_idle_ms
         self._client: aioredis.Redis | None = None
         self._keep_newest: Any = None
         self._append: Any = None
@@ -122,6 +134,8 @@ class RedisBackend(Backend):
             options["history"] = int(query["history"][0])
         if "group_history" in query:
             options["group_history"] = int(query["group_history"][0])
+        if "claim_idle_ms" in query:
+            options["claim_idle_ms"] = int(query["claim_idle_ms"][0])
         server_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         return cls(server_url, **options)
 
@@ -409,6 +423,15 @@ class _NoAck(Acknowledgeable):
 
 
 class _RedisGroupConsumer(GroupConsumer):
+    """XREADGROUP on the all-teams stream; with acknowledgement, pending entries come back.
+
+    Order of reads: first this member's own pending entries (`XREADGROUP ... 0`, once: they
+    are what a previous process of the same name received and never acknowledged), then, every
+    half `claim_idle_ms`, entries of any member idle longer than that (XAUTOCLAIM), then new
+    entries (`>`). An entry may therefore be delivered more than once; consumers that
+    acknowledge must be idempotent, which is what at-least-once means.
+    """
+
     def __init__(
         self,
         backend: RedisBackend,
@@ -426,6 +449,11 @@ class _RedisGroupConsumer(GroupConsumer):
         self._reader = _BlockingReader(backend, "group read")
         self._ready: deque[GroupBatch] = deque()
         self._closed = False
+        self._claim_idle_ms = backend.claim_idle_ms if acknowledge else 0
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0
+        # None once this member's own pending entries have all been read again.
+        self._own_pending_after: str | None = "0" if acknowledge else None
 
     async def _ensure_group(self, reader: aioredis.Redis) -> None:
         try:
@@ -447,24 +475,78 @@ class _RedisGroupConsumer(GroupConsumer):
         connection, fresh = await self._reader.open()
         if fresh:
             await self._ensure_group(connection)
+        if self._own_pending_after is not None:
+            await self._read_own_pending(connection, self._own_pending_after)
+            return
+        if self._claim_idle_ms and time.monotonic() >= self._next_claim_at:
+            await self._claim_abandoned(connection)
+            if self._ready:
+                return
         reply: Any = await connection.xreadgroup(
             self._group,
             self._consumer,
             {self._backend.all_key: ">"},
             count=READ_COUNT,
-            block=BLOCK_MS,
+            block=self._block_ms(),
             noack=not self._acknowledge,
         )
         for _key, entries in reply or []:
-            for entry_id, fields in entries:
-                acknowledger: Acknowledgeable = (
-                    _EntryAcknowledger(self, entry_id, len(fields))
-                    if self._acknowledge
-                    else _NoAck()
-                )
-                for team, raw in fields.items():
-                    batch = Batch(team.decode(), entry_id.decode(), raw)
-                    self._ready.append(GroupBatch(batch, acknowledger))
+            await self._deliver(entries)
+
+    def _block_ms(self) -> int:
+        if not self._claim_idle_ms:
+            return BLOCK_MS
+        until_claim = int((self._next_claim_at - time.monotonic()) * 1000)
+        return max(1, min(BLOCK_MS, until_claim))
+
+    async def _read_own_pending(self, connection: aioredis.Redis, after: str) -> None:
+        reply: Any = await connection.xreadgroup(
+            self._group, self._consumer, {self._backend.all_key: after}, count=READ_COUNT
+        )
+        entries = [entry for _key, key_entries in reply or [] for entry in key_entries]
+        if not entries:
+            self._own_pending_after = None
+            return
+        self._own_pending_after = entries[-1][0].decode()
+        await self._deliver(entries)
+
+    async def _claim_abandoned(self, connection: aioredis.Redis) -> None:
+        """One step of a sweep over the group's pending entries; a sweep ends at `0-0`."""
+        reply: Any = await connection.xautoclaim(
+            self._backend.all_key,
+            self._group,
+            self._consumer,
+            min_idle_time=self._claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=READ_COUNT,
+        )
+        self._claim_cursor = reply[0].decode()
+        trimmed = reply[2] if len(reply) > 2 else []
+        if trimmed:
+            log.warning(
+                "group %s: %d pending entries were trimmed from %s before being acknowledged",
+                self._group, len(trimmed), self._backend.all_key,
+            )
+        if self._claim_cursor == "0-0":
+            self._next_claim_at = time.monotonic() + self._claim_idle_ms / 2000
+        await self._deliver(reply[1])
+
+    async def _deliver(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        for entry_id, fields in entries:
+            if not fields:
+                # Pending, but trimmed from the stream: nothing left to deliver, ever.
+                log.warning("group %s: pending entry %s was trimmed before being acknowledged",
+                            self._group, entry_id.decode())
+                await self.ack(entry_id)
+                continue
+            acknowledger: Acknowledgeable = (
+                _EntryAcknowledger(self, entry_id, len(fields))
+                if self._acknowledge
+                else _NoAck()
+            )
+            for team, raw in fields.items():
+                batch = Batch(team.decode(), entry_id.decode(), raw)
+                self._ready.append(GroupBatch(batch, acknowledger))
 
     async def __anext__(self) -> GroupBatch:
         await self._reader.read_until(self._read, lambda: bool(self._ready), lambda: self._closed)
