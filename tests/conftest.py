@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from teamtrack.history_postgres import PostgresServer, start_postgres
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.provision import Credentials, DeviceCredential, ProvisionResult, provision
 from teamtrack.registry import demo_registry
@@ -29,6 +30,25 @@ def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def redis_url(redis_server_url: str) -> str:
     """The shared test Redis, with a key prefix of this test's own."""
     return f"{redis_server_url}?prefix=test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL: initdb into a temporary folder, a free port; started on first use."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty history database of this test's own, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return await server.create_database(f"test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture

@@ -1,0 +1,629 @@
+"""The position history in SQL: tables, batch decoding, the store (writes and queries).
+
+Both the ingest (writes) and the dashboard (reads) use it; exports and summaries are in
+`teamtrack.history_export`. SQLite (`sqlite+aiosqlite:///path`) by default, PostgreSQL
+(`postgresql+asyncpg://...`) at scale; the schema is created and migrated by Alembic
+(`teamtrack/migrations`, `HistoryStore.migrate`).
+
+Exactly once. A position is stored once per (team, worker, device run, seq). The contract has
+no run id: `seq` restarts at 0 when a device restarts. Within one run a seq is used once, so two
+deliveries of one message carry the same (seq, ts); two runs of one device that reuse a seq do
+so at different fix times, because a later run's fixes are taken later. The fix time therefore
+stands for the run in the key, which is `UNIQUE (team, worker, ts, seq)`: a redelivered message
+is ignored (`INSERT ... ON CONFLICT DO NOTHING`), a restarted device's seq 0 is kept. The key
+depends on nothing but the message, so it is the same whatever order, process or retry brings
+the message in. (Only a device that restarts *and* reports, under the same seq, a fix with the
+very same millisecond as before would be taken for a repeat: that is the same point anyway.)
+Runs are recovered when reading: ordered by fix time, a run starts where seq does not increase.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Generic, TypeVar
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from teamtrack.contract import Presence, is_slug
+
+MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
+HISTORY_FILE_NAME: Final = "history.sqlite3"
+DEFAULT_PAGE_SIZE: Final = 1000
+MAX_PAGE_SIZE: Final = 10_000
+
+metadata = sa.MetaData()
+
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+positions = sa.Table(
+    "positions",
+    metadata,
+    # INTEGER PRIMARY KEY on SQLite (the rowid itself), BIGINT identity on PostgreSQL.
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("team", sa.String(64), nullable=False),
+    sa.Column("worker", sa.String(64), nullable=False),
+    sa.Column("ts", sa.BigInteger, nullable=False, comment="device fix time, epoch ms"),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("lat", sa.Double, nullable=False),
+    sa.Column("lon", sa.Double, nullable=False),
+    sa.Column("acc", sa.Double),
+    sa.Column("speed", sa.Double),
+    sa.Column("heading", sa.Double),
+    sa.Column("battery", sa.Double),
+    sa.Column("origin", sa.String(64), nullable=False, comment="broker the device used"),
+    sa.Column("received_ms", sa.BigInteger, nullable=False, comment="bridge receive time"),
+    # One row per message, and "a worker between two times" (ordered by ts, seq).
+    sa.UniqueConstraint("team", "worker", "ts", "seq", name="uq_positions_worker_fix"),
+    # "A team between two times" (ordered by ts, id); also what retention deletes by.
+    sa.Index("ix_positions_team_time", "team", "ts", "id"),
+)
+
+presence_changes = sa.Table(
+    "presence_changes",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("team", sa.String(64), nullable=False),
+    sa.Column("worker", sa.String(64), nullable=False),
+    sa.Column("ts", sa.BigInteger, nullable=False, comment="bridge receive time, epoch ms"),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("origin", sa.String(64), nullable=False),
+    sa.UniqueConstraint("team", "worker", "ts", "status", name="uq_presence_worker_change"),
+    sa.Index("ix_presence_team_time", "team", "ts", "id"),
+)
+
+
+def default_database_url(state_dir: Path | str) -> str:
+    """The SQLite file of a state folder, as the ingest and the dashboard both default to."""
+    return f"sqlite+aiosqlite:///{Path(state_dir) / HISTORY_FILE_NAME}"
+
+
+# Decoding ------------------------------------------------------------------------------------
+
+POSITION_COLUMNS: Final = (
+    "team", "worker", "ts", "seq", "lat", "lon", "acc", "speed", "heading", "battery",
+    "origin", "received_ms",
+)
+_OPTIONAL_RANGES: Final = (
+    ("acc", 0.0, math.inf), ("speed", 0.0, math.inf), ("heading", 0.0, 360.0),
+    ("battery", 0.0, 100.0),
+)
+_STATUS_WORDS: Final = frozenset(presence.value for presence in Presence)
+
+
+class OddEvent(ValueError):
+    """An event that should never have passed a bridge; `reason` labels the skip counter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class DecodedBatch:
+    """Rows ready for `HistoryStore.write`, and what was skipped, by reason."""
+
+    positions: list[dict[str, Any]] = field(default_factory=list)
+    presence: list[dict[str, Any]] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def extend(self, other: DecodedBatch) -> None:
+        self.positions += other.positions
+        self.presence += other.presence
+        self.skipped.update(other.skipped)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bounded(value: object, low: float, high: float, reason: str) -> float:
+    if not _is_number(value):
+        raise OddEvent(reason)
+    number = float(value)  # type: ignore[arg-type]
+    if not (low <= number <= high):  # also false for NaN
+        raise OddEvent(reason)
+    return number
+
+
+def _integer(value: object, reason: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise OddEvent(reason)
+    return value
+
+
+def decode_event_row(team: str, item: object) -> tuple[str, dict[str, Any]]:
+    """("p", position row) or ("s", presence row) of one event of a backend batch."""
+    if not isinstance(item, dict):
+        raise OddEvent("bad_event")
+    worker, kind, origin = item.get("w"), item.get("k"), item.get("o")
+    if not (isinstance(worker, str) and is_slug(worker)):
+        raise OddEvent("bad_worker")
+    if not isinstance(origin, str) or len(origin) > 64:
+        raise OddEvent("bad_event")
+    received_ms = _integer(item.get("rx"), "bad_event")
+    payload = item.get("p")
+    if kind == "s":
+        if payload not in _STATUS_WORDS:
+            raise OddEvent("bad_status")
+        row = {"team": team, "worker": worker, "ts": received_ms, "status": payload}
+        row["origin"] = origin
+        return "s", row
+    if kind != "p":
+        raise OddEvent("bad_event")
+    if not isinstance(payload, dict):
+        raise OddEvent("bad_position")
+    row = {
+        "team": team,
+        "worker": worker,
+        "ts": _integer(payload.get("ts"), "bad_position"),
+        "seq": _integer(payload.get("seq"), "bad_position"),
+        "lat": _bounded(payload.get("lat"), -90.0, 90.0, "bad_position"),
+        "lon": _bounded(payload.get("lon"), -180.0, 180.0, "bad_position"),
+        "origin": origin,
+        "received_ms": received_ms,
+    }
+    for name, low, high in _OPTIONAL_RANGES:
+        value = payload.get(name)
+        row[name] = None if value is None else _bounded(value, low, high, "bad_position")
+    return "p", row
+
+
+def decode_batch(team: str, raw: bytes) -> DecodedBatch:
+    """The rows of one backend batch; never raises: what does not fit is counted and skipped."""
+    decoded = DecodedBatch()
+    if not is_slug(team):
+        decoded.skipped["bad_team"] += 1
+        return decoded
+    try:
+        items = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        decoded.skipped["not_json"] += 1
+        return decoded
+    if not isinstance(items, list):
+        decoded.skipped["bad_batch"] += 1
+        return decoded
+    for item in items:
+        try:
+            kind, row = decode_event_row(team, item)
+        except OddEvent as odd:
+            decoded.skipped[odd.reason] += 1
+            continue
+        (decoded.positions if kind == "p" else decoded.presence).append(row)
+    return decoded
+
+
+# Reading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPosition:
+    team: str
+    worker: str
+    ts: int
+    seq: int
+    lat: float
+    lon: float
+    acc: float | None
+    speed: float | None
+    heading: float | None
+    battery: float | None
+
+    def document(self) -> dict[str, Any]:
+        """The JSON form of the API: the device's fields, plus the worker."""
+        return {
+            "worker": self.worker, "ts": self.ts, "seq": self.seq, "lat": self.lat,
+            "lon": self.lon, "acc": self.acc, "speed": self.speed, "heading": self.heading,
+            "battery": self.battery,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceChange:
+    team: str
+    worker: str
+    ts: int
+    status: str
+
+    def document(self) -> dict[str, Any]:
+        return {"worker": self.worker, "ts": self.ts, "status": self.status}
+
+
+class BadCursor(ValueError):
+    """A page cursor that this query did not hand out."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Where the next page starts: after (ts, tiebreak) in the query's order. Opaque outside."""
+
+    query: str
+    ts: int
+    tiebreak: int
+
+    def encode(self) -> str:
+        raw = f"{self.query}:{self.ts}:{self.tiebreak}".encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+    @classmethod
+    def decode(cls, text: str, query: str) -> PageCursor:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+            name, ts, tiebreak = raw.split(":")
+            cursor = cls(name, int(ts), int(tiebreak))
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            raise BadCursor("malformed cursor") from None
+        if cursor.query != query:
+            raise BadCursor("cursor of another query")
+        return cursor
+
+
+ItemT = TypeVar("ItemT")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[ItemT]):
+    items: list[ItemT]
+    next: PageCursor | None
+
+
+class TooManyPoints(ValueError):
+    """A whole-track read over its limit: the caller should ask for a shorter window."""
+
+
+_POSITION_FIELDS: Final = (
+    positions.c.team, positions.c.worker, positions.c.ts, positions.c.seq, positions.c.lat,
+    positions.c.lon, positions.c.acc, positions.c.speed, positions.c.heading,
+    positions.c.battery,
+)
+
+
+def _stored(row: Any) -> StoredPosition:
+    return StoredPosition(
+        row.team, row.worker, row.ts, row.seq, row.lat, row.lon, row.acc, row.speed,
+        row.heading, row.battery,
+    )
+
+
+def _after(ts: sa.ColumnElement[int], tiebreak: sa.ColumnElement[int], cursor: PageCursor
+           ) -> sa.ColumnElement[bool]:
+    """(ts, tiebreak) > cursor, spelled so that both SQLite and PostgreSQL use the index."""
+    return sa.and_(
+        ts >= cursor.ts,
+        sa.or_(ts > cursor.ts, tiebreak > cursor.tiebreak),
+    )
+
+
+# Writing -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    positions_stored: int
+    positions_duplicate: int
+    presence_stored: int
+    presence_duplicate: int
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: readers (dashboards) never block the writer (ingest) and the other way round.
+    # synchronous=NORMAL: in WAL mode a power cut may lose the last commits, never corrupts;
+    # the backend redelivers what was not acknowledged, so nothing is lost for good.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """An async engine for a history URL; SQLite files get their folder and WAL mode."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    raise ValueError(
+        f"unsupported history database {parsed.get_backend_name()!r}; use "
+        "sqlite+aiosqlite:///path or postgresql+asyncpg://user@host:port/database"
+    )
+
+
+def _upgrade_to_head(connection: Connection) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+def _postgresql_type(column_type: sa.types.TypeEngine[Any]) -> str:
+    if isinstance(column_type, sa.String):
+        return "text"
+    if isinstance(column_type, sa.Double):
+        return "float8"
+    if isinstance(column_type, sa.Integer):
+        return "bigint"
+    raise TypeError(f"no array type for {column_type!r}")
+
+
+def _insert_or_ignore(dialect: str, table: sa.Table) -> sa.Executable:
+    """The statement `HistoryStore.write` runs with a batch of rows of `table`.
+
+    SQLite: `INSERT ... ON CONFLICT DO NOTHING` run for many rows (executemany) in one
+    transaction. PostgreSQL: one statement for the whole batch, its columns sent as arrays
+    (`INSERT ... SELECT * FROM unnest(...) ON CONFLICT DO NOTHING`): one round trip, and a row
+    count of what was really inserted, which asyncpg's executemany does not report.
+    """
+    if dialect == "postgresql":
+        columns = [column for column in table.columns if column.name != "id"]
+        arrays = ", ".join(
+            f"CAST(:{column.name} AS {_postgresql_type(column.type)}[])" for column in columns
+        )
+        names = ", ".join(column.name for column in columns)
+        return sa.text(
+            f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}) "  # noqa: S608
+            "ON CONFLICT DO NOTHING"
+        )
+    from sqlalchemy.dialects.sqlite import insert
+
+    return insert(table).on_conflict_do_nothing()
+
+
+class HistoryStore:
+    """Writes and queries over one database. Times are epoch milliseconds; windows are
+    [since, until). Errors of the database or its driver surface as `SQLAlchemyError`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._columnar = engine.dialect.name == "postgresql"
+        self._insert_positions = _insert_or_ignore(engine.dialect.name, positions)
+        self._insert_presence = _insert_or_ignore(engine.dialect.name, presence_changes)
+
+    @classmethod
+    def from_url(cls, url: str) -> HistoryStore:
+        """No I/O: the first query connects. Call `migrate` before writing."""
+        return cls(create_engine(url))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema to the newest Alembic revision."""
+        async with self.engine.begin() as connection:
+            await connection.run_sync(_upgrade_to_head)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def ping(self) -> bool:
+        try:
+            async with self.engine.connect() as connection:
+                await connection.execute(sa.text("SELECT 1"))
+        except (SQLAlchemyError, OSError):
+            return False
+        return True
+
+    async def write(
+        self, position_rows: Sequence[Mapping[str, Any]], presence_rows: Sequence[Mapping[str, Any]]
+    ) -> WriteResult:
+        """Insert-or-ignore both kinds of rows in one transaction."""
+        stored = presence_stored = 0
+        async with self.engine.begin() as connection:
+            if position_rows:
+                stored = await self._insert(
+                    connection, self._insert_positions, positions, position_rows
+                )
+            if presence_rows:
+                presence_stored = await self._insert(
+                    connection, self._insert_presence, presence_changes, presence_rows
+                )
+        return WriteResult(
+            positions_stored=stored,
+            positions_duplicate=len(position_rows) - stored,
+            presence_stored=presence_stored,
+            presence_duplicate=len(presence_rows) - presence_stored,
+        )
+
+    async def _insert(
+        self,
+        connection: AsyncConnection,
+        statement: sa.Executable,
+        table: sa.Table,
+        rows: Sequence[Mapping[str, Any]],
+    ) -> int:
+        if self._columnar:
+            arrays = {
+                column.name: [row[column.name] for row in rows]
+                for column in table.columns
+                if column.name != "id"
+            }
+            result = await connection.execute(statement, arrays)
+        else:
+            result = await connection.execute(statement, list(rows))
+        return max(result.rowcount, 0)
+
+    async def track(
+        self,
+        team: str,
+        worker: str,
+        since_ms: int,
+        until_ms: int,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: PageCursor | None = None,
+    ) -> Page[StoredPosition]:
+        """One worker's positions in [since, until), by fix time then seq, a page at a time."""
+        where = [
+            positions.c.team == team,
+            positions.c.worker == worker,
+            positions.c.ts >= since_ms,
+            positions.c.ts < until_ms,
+        ]
+        if after is not None:
+            where.append(_after(positions.c.ts, positions.c.seq, after))
+        query = (
+            sa.select(*_POSITION_FIELDS)
+            .where(*where)
+            .order_by(positions.c.ts, positions.c.seq)
+            .limit(limit + 1)
+        )
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        items = [_stored(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = PageCursor("track", items[-1].ts, items[-1].seq) if more else None
+        return Page(items, next_cursor)
+
+    async def whole_track(
+        self, team: str, worker: str, since_ms: int, until_ms: int, max_points: int
+    ) -> list[StoredPosition]:
+        """Every position of the window (for exports and summaries); `TooManyPoints` beyond."""
+        page = await self.track(team, worker, since_ms, until_ms, limit=max_points)
+        if page.next is not None:
+            raise TooManyPoints(f"more than {max_points} positions in this window")
+        return page.items
+
+    async def team_window(
+        self,
+        team: str,
+        since_ms: int,
+        until_ms: int,
+        *,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: PageCursor | None = None,
+    ) -> Page[StoredPosition]:
+        """Every worker's positions of a team in [since, until), by fix time, a page at a time."""
+        where = [positions.c.team == team, positions.c.ts >= since_ms, positions.c.ts < until_ms]
+        if after is not None:
+            where.append(_after(positions.c.ts, positions.c.id, after))
+        query = (
+            sa.select(*_POSITION_FIELDS, positions.c.id)
+            .where(*where)
+            .order_by(positions.c.ts, positions.c.id)
+            .limit(limit + 1)
+        )
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = PageCursor("team", rows[-1].ts, rows[-1].id) if more else None
+        return Page([_stored(row) for row in rows], next_cursor)
+
+    async def presence(
+        self,
+        team: str,
+        since_ms: int,
+        until_ms: int,
+        *,
+        worker: str | None = None,
+        limit: int = DEFAULT_PAGE_SIZE,
+        after: PageCursor | None = None,
+    ) -> Page[PresenceChange]:
+        """Online/offline changes of a team (or one worker) in [since, until), oldest first."""
+        table = presence_changes
+        where = [table.c.team == team, table.c.ts >= since_ms, table.c.ts < until_ms]
+        if worker is not None:
+            where.append(table.c.worker == worker)
+        if after is not None:
+            where.append(_after(table.c.ts, table.c.id, after))
+        query = (
+            sa.select(table.c.team, table.c.worker, table.c.ts, table.c.status, table.c.id)
+            .where(*where)
+            .order_by(table.c.ts, table.c.id)
+            .limit(limit + 1)
+        )
+        async with self.engine.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = PageCursor("presence", rows[-1].ts, rows[-1].id) if more else None
+        changes = [PresenceChange(row.team, row.worker, row.ts, row.status) for row in rows]
+        return Page(changes, next_cursor)
+
+    async def teams(self) -> list[str]:
+        """Teams with stored positions or presence, found by index seeks (not a table scan)."""
+        found: set[str] = set()
+        async with self.engine.connect() as connection:
+            for table in (positions, presence_changes):
+                team = await connection.scalar(sa.select(sa.func.min(table.c.team)))
+                while team is not None:
+                    found.add(team)
+                    team = await connection.scalar(
+                        sa.select(sa.func.min(table.c.team)).where(table.c.team > team)
+                    )
+        return sorted(found)
+
+    async def delete_older_than(self, cutoff_ms: int, chunk: int = 5000) -> int:
+        """Delete positions and presence changes before `cutoff_ms`, `chunk` rows per
+        transaction, so that writers never wait long. Returns how many rows went."""
+        deleted = 0
+        for team in await self.teams():
+            for table in (positions, presence_changes):
+                while True:
+                    oldest = (
+                        sa.select(table.c.id)
+                        .where(table.c.team == team, table.c.ts < cutoff_ms)
+                        .order_by(table.c.ts)
+                        .limit(chunk)
+                        .scalar_subquery()
+                    )
+                    async with self.engine.begin() as connection:
+                        result = await connection.execute(
+                            sa.delete(table).where(table.c.id.in_(oldest))
+                        )
+                    deleted += max(result.rowcount, 0)
+                    if result.rowcount < chunk:
+                        break
+        return deleted
+
+    async def count(self, team: str | None = None) -> tuple[int, int]:
+        """(positions, presence changes) stored, of one team or all."""
+        counts = []
+        async with self.engine.connect() as connection:
+            for table in (positions, presence_changes):
+                query = sa.select(sa.func.count()).select_from(table)
+                if team is not None:
+                    query = query.where(table.c.team == team)
+                counts.append(int(await connection.scalar(query) or 0))
+        return counts[0], counts[1]
+
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "MAX_PAGE_SIZE",
+    "BadCursor",
+    "DecodedBatch",
+    "HistoryStore",
+    "OddEvent",
+    "Page",
+    "PageCursor",
+    "PresenceChange",
+    "StoredPosition",
+    "TooManyPoints",
+    "WriteResult",
+    "create_engine",
+    "decode_batch",
+    "decode_event_row",
+    "default_database_url",
+    "metadata",
+    "positions",
+    "presence_changes",
+]

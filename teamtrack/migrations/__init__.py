@@ -1,0 +1,1 @@
+"""Alembic migrations of the history database; run with `HistoryStore.migrate()`."""
