@@ -2,6 +2,8 @@
 #
 #   make test    system packages + virtualenv, then the whole test suite
 #   make demo    the same bootstrap, then a local cluster with 3 teams of 50 simulated workers
+#   make bench   the same bootstrap, then the reference benchmark (docs/benchmarks/README.md);
+#                BENCH_ARGS adds options, e.g. make bench BENCH_ARGS="--shape few"
 #
 # Runs as root on a fresh machine (CI) or as a user with sudo.
 
@@ -26,7 +28,7 @@ VENDOR := dashboard/static/vendor
 ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv assets test demo lint clean
+.PHONY: bootstrap system-deps venv assets test demo bench lint clean
 
 bootstrap: system-deps venv
 
@@ -77,6 +79,12 @@ test: bootstrap assets
 
 demo: bootstrap assets
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
+
+# The reference run: every scenario, both load shapes, the default ladder and fixed rates.
+# It takes about half an hour and needs a quiet machine; the report goes to reports/.
+BENCH_ARGS ?=
+bench: bootstrap
+	$(VENV)/bin/teamtrack bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

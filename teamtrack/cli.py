@@ -223,6 +223,57 @@ def endpoints_command(
     sys.stdout.write("\n")
 
 
+@app.command("bench")
+def bench_command(
+    scenarios: Annotated[
+        str | None, typer.Option(help="comma-separated: baseline,redis,mqtt-mirror (default all)")
+    ] = None,
+    rates: Annotated[
+        str | None, typer.Option(help="offered-rate ladder, msg/s (default 1k,2k,5k,...,50k)")
+    ] = None,
+    fixed_rates: Annotated[
+        str | None, typer.Option(help="rates always run and reported (default 1k,5k,10k)")
+    ] = None,
+    step_seconds: Annotated[float, typer.Option(help="measured seconds per step")] = 10.0,
+    warmup_seconds: Annotated[float, typer.Option(help="unmeasured seconds first")] = 2.0,
+    drain_seconds: Annotated[float, typer.Option(help="longest wait for stragglers")] = 5.0,
+    shape: Annotated[str, typer.Option(help="many (connections), few, or both")] = "both",
+    workers: Annotated[
+        int | None, typer.Option(help="connections of the many shape (default 10000)")
+    ] = None,
+    few_workers: Annotated[
+        int | None, typer.Option(help="connections of the few shape (default 20)")
+    ] = None,
+    teams: Annotated[int | None, typer.Option(help="teams the workers belong to")] = None,
+    generators: Annotated[int, typer.Option(help="load generator processes")] = 2,
+    qos: Annotated[int, typer.Option(help="QoS of the positions (0 or 1)")] = 0,
+    endpoints: Annotated[
+        Path | None, typer.Option(help="endpoints.json of a running `teamtrack up`")
+    ] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="its state folder (default: the endpoints' folder)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="report folder (default reports/bench-<time>)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="live progress table")] = True,
+) -> None:
+    """Latency and throughput device -> manager, side by side with Mosquitto alone."""
+    from teamtrack.bench.command import build_config, run_command
+
+    try:
+        config = build_config(
+            scenarios=scenarios, rates=rates, fixed_rates=fixed_rates,
+            step_seconds=step_seconds, warmup_seconds=warmup_seconds,
+            drain_seconds=drain_seconds, shape=shape, workers=workers,
+            few_workers=few_workers, teams=teams, generators=generators, qos=qos,
+            endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
+        )
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    raise typer.Exit(run_command(config, console))
+
+
 def main() -> None:
     app()
 

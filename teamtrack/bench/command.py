@@ -1,0 +1,108 @@
+"""`teamtrack bench`: the command-line options turned into a run, a report and an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from teamtrack.bench.config import (
+    DEFAULT_FEW_WORKERS,
+    DEFAULT_FIXED_RATES,
+    DEFAULT_LADDER,
+    DEFAULT_MANY_WORKERS,
+    DEFAULT_TEAMS,
+    BenchConfig,
+    BenchError,
+    Shape,
+)
+from teamtrack.bench.report import print_summary, write_report
+from teamtrack.bench.runner import run_benchmark
+from teamtrack.bench.scenarios import SCENARIOS, parse_scenarios
+
+REPORTS_DIR = Path("reports")
+
+
+def parse_rates(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """`1000,5k,10000` -> (1000, 5000, 10000); an empty text means none."""
+    if text is None:
+        return default
+    rates = []
+    for item in (part.strip().lower() for part in text.split(",")):
+        if not item:
+            continue
+        multiplier = 1000 if item.endswith("k") else 1
+        try:
+            rates.append(int(float(item.removesuffix("k")) * multiplier))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a rate in messages per second") from None
+    return tuple(rates)
+
+
+def parse_shapes(text: str) -> tuple[Shape, ...]:
+    if text == "both":
+        return (Shape.MANY, Shape.FEW)
+    try:
+        return (Shape(text),)
+    except ValueError:
+        raise ValueError(f"--shape must be many, few or both, not {text!r}") from None
+
+
+def default_out_dir() -> Path:
+    return REPORTS_DIR / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_config(
+    *,
+    scenarios: str | None,
+    rates: str | None,
+    fixed_rates: str | None,
+    step_seconds: float,
+    warmup_seconds: float,
+    drain_seconds: float,
+    shape: str,
+    workers: int | None,
+    few_workers: int | None,
+    teams: int | None,
+    generators: int,
+    qos: int,
+    endpoints: Path | None,
+    state_dir: Path | None,
+    out: Path | None,
+    progress: bool,
+) -> BenchConfig:
+    """A BenchConfig from the command line; None takes the reference default."""
+    if state_dir is not None and endpoints is None:
+        raise ValueError("--state-dir goes with --endpoints")
+    return BenchConfig(
+        out_dir=out or default_out_dir(),
+        scenarios=parse_scenarios(scenarios) if scenarios else tuple(SCENARIOS),
+        rates=parse_rates(rates, DEFAULT_LADDER),
+        fixed_rates=parse_rates(fixed_rates, DEFAULT_FIXED_RATES),
+        shapes=parse_shapes(shape),
+        many_workers=workers or DEFAULT_MANY_WORKERS,
+        few_workers=few_workers or DEFAULT_FEW_WORKERS,
+        teams=teams or DEFAULT_TEAMS,
+        step_seconds=step_seconds,
+        warmup_seconds=warmup_seconds,
+        drain_seconds=drain_seconds,
+        generator_processes=generators,
+        qos=qos,
+        endpoints=endpoints,
+        state_dir=state_dir,
+        show_progress=progress,
+    )
+
+
+def run_command(config: BenchConfig, console: Console) -> int:
+    """Run, report, print the summary; 1 if a scenario could not be measured at all."""
+    try:
+        result = asyncio.run(run_benchmark(config, console))
+    except BenchError as error:
+        console.print(f"[red]teamtrack bench:[/red] {error}", highlight=False)
+        return 1
+    written = write_report(result, config.out_dir)
+    print_summary(result, written, console)
+    return 1 if any(run.error for run in result.runs) else 0

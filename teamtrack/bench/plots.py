@@ -1,0 +1,101 @@
+"""PNG plots of a run, with matplotlib (the `bench` extra), drawn off-screen.
+
+* `latency-{shape}.png`: one panel per scenario, p50/p90/p99/max latency against offered rate;
+* `throughput-{shape}.png`: delivered rate against offered rate, every scenario on one panel,
+  with the line where everything offered is delivered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+
+from teamtrack.bench.config import Shape
+from teamtrack.bench.results import BenchResult, RunResult
+
+PERCENTILE_LINES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"))
+
+
+def _measured(run: RunResult) -> list[tuple[int, float, dict[str, float]]]:
+    points = []
+    for step in run.steps:
+        latency = step.latency
+        if latency is None:
+            continue
+        values = {attribute: getattr(latency, attribute) for attribute, _ in PERCENTILE_LINES}
+        points.append((step.offered_rate, step.delivered_rate, values))
+    return points
+
+
+def latency_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
+    runs = [run for run in result.runs if run.shape is shape and _measured(run)]
+    if not runs:
+        return None
+    figure, axes = plt.subplots(
+        1, len(runs), figsize=(4.5 * len(runs), 4), sharey=True, squeeze=False
+    )
+    for axis, run in zip(axes[0], runs, strict=True):
+        points = _measured(run)
+        rates = [rate for rate, _, _ in points]
+        for attribute, label in PERCENTILE_LINES:
+            axis.plot(rates, [values[attribute] for _, _, values in points], marker="o",
+                      label=label)
+        for step in run.steps:
+            if not step.passed:
+                axis.axvline(step.offered_rate, color="red", alpha=0.2)
+        axis.set_title(f"{run.scenario}")
+        axis.set_xlabel("offered rate (msg/s)")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("latency (ms)")
+    axes[0][-1].legend(loc="best")
+    figure.suptitle(
+        f"device-to-receiver latency, {shape.value} connections "
+        f"({result.config.workers_for(shape):,}); red: failing steps"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def throughput_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
+    runs = [run for run in result.runs if run.shape is shape and _measured(run)]
+    if not runs:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    highest = 0
+    for run in runs:
+        points = _measured(run)
+        rates = [rate for rate, _, _ in points]
+        highest = max(highest, *rates)
+        axis.plot(rates, [delivered for _, delivered, _ in points], marker="o",
+                  label=run.scenario)
+    axis.plot([0, highest], [0, highest], color="grey", linestyle="--", label="all delivered")
+    axis.set_xlabel("offered rate (msg/s)")
+    axis.set_ylabel("delivered rate (msg/s)")
+    axis.set_title(
+        f"throughput, {shape.value} connections ({result.config.workers_for(shape):,})"
+    )
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
+    written = []
+    for shape in result.config.shapes:
+        for plot, name in ((latency_plot, "latency"), (throughput_plot, "throughput")):
+            path = plot(result, shape, out_dir / f"{name}-{shape.value}.png")
+            if path is not None:
+                written.append(path)
+    return written

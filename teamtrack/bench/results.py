@@ -1,0 +1,256 @@
+"""What a benchmark run measured, and the performance targets checked against it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from teamtrack.bench.accounting import Delivery, LatencySummary
+from teamtrack.bench.config import BenchConfig, Shape
+from teamtrack.bench.system import UsageReport
+
+RESULT_FORMAT_VERSION: Final = 1
+TARGET_RATE: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One offered rate, held for the measurement window, then drained and accounted."""
+
+    offered_rate: int
+    fixed: bool
+    measure_seconds: float
+    achieved_rate: float  # what the generators actually offered in the window
+    delivery: Delivery
+    failures: tuple[str, ...]  # why the step does not count as sustained; empty if it does
+    generator: dict[str, int]
+    receiver: dict[str, int]
+    usage: UsageReport
+    drain_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def latency(self) -> LatencySummary | None:
+        return self.delivery.latency
+
+    @property
+    def delivered_rate(self) -> float:
+        return self.delivery.delivered / self.measure_seconds
+
+    @property
+    def generator_cpu_percent(self) -> float:
+        return sum(
+            usage.cpu_percent
+            for role, usage in self.usage.processes.items()
+            if role.startswith("generator")
+        )
+
+    def document(self) -> dict[str, Any]:
+        latency = self.latency
+        return {
+            "offered_rate": self.offered_rate,
+            "fixed_rate": self.fixed,
+            "measure_seconds": round(self.measure_seconds, 3),
+            "achieved_rate": round(self.achieved_rate, 1),
+            "delivered_rate": round(self.delivered_rate, 1),
+            "sent": self.delivery.sent,
+            "delivered": self.delivery.delivered,
+            "lost": self.delivery.lost,
+            "duplicated": self.delivery.duplicated,
+            "latency_ms": (
+                {key: round(value, 3) for key, value in asdict(latency).items()}
+                if latency is not None
+                else None
+            ),
+            "passed": self.passed,
+            "failures": list(self.failures),
+            "generator": self.generator,
+            "receiver": self.receiver,
+            "drain_seconds": round(self.drain_seconds, 3),
+            "usage_seconds": round(self.usage.seconds, 3),
+            "machine_busy_percent": round(self.usage.machine_busy_percent, 1),
+            "processes": {
+                role: usage.document() for role, usage in sorted(self.usage.processes.items())
+            },
+        }
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One scenario under one load shape: its connections and its steps, lowest rate first."""
+
+    scenario: str
+    path: str
+    shape: Shape
+    workers: int
+    deployment: str
+    connect: dict[str, Any] = field(default_factory=dict)
+    memory_per_connection_kib: dict[str, float] = field(default_factory=dict)
+    steps: list[StepResult] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def sustainable_rate(self) -> int | None:
+        """The highest offered rate of the ladder passed before its first failing step."""
+        best = None
+        for step in self.steps:
+            if not step.passed:
+                break
+            best = step.offered_rate
+        return best
+
+    @property
+    def ladder_stop(self) -> str | None:
+        for step in self.steps:
+            if not step.passed:
+                return f"{step.offered_rate:,} msg/s: {'; '.join(step.failures)}"
+        return self.error
+
+    def step_at(self, rate: int) -> StepResult | None:
+        return next((step for step in self.steps if step.offered_rate == rate), None)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "path": self.path,
+            "shape": self.shape.value,
+            "workers": self.workers,
+            "deployment": self.deployment,
+            "connect": self.connect,
+            "memory_per_connection_kib": self.memory_per_connection_kib,
+            "sustainable_rate": self.sustainable_rate,
+            "ladder_stop": self.ladder_stop,
+            "error": self.error,
+            "steps": [step.document() for step in self.steps],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCheck:
+    name: str
+    shape: Shape
+    value: float | None  # None: not measured in this run
+    limit: float
+    at_least: bool  # the value must be >= limit (else <= limit)
+    unit: str
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": self.shape.value,
+            "value": None if self.value is None else round(self.value, 3),
+            "limit": self.limit,
+            "comparison": ">=" if self.at_least else "<=",
+            "unit": self.unit,
+            "met": self.met,
+        }
+
+
+@dataclass(slots=True)
+class BenchResult:
+    config: BenchConfig
+    machine: dict[str, Any]
+    started_at: str
+    finished_at: str = ""
+    runs: list[RunResult] = field(default_factory=list)
+
+    def run_of(self, scenario: str, shape: Shape) -> RunResult | None:
+        return next(
+            (run for run in self.runs if run.scenario == scenario and run.shape is shape), None
+        )
+
+    def baseline_rate(self, shape: Shape) -> int | None:
+        """R0 of a shape: what Mosquitto alone sustained with the same generator and receiver."""
+        baseline = self.run_of("baseline", shape)
+        return baseline.sustainable_rate if baseline is not None else None
+
+    def ratio_to_baseline(self, run: RunResult) -> float | None:
+        baseline = self.baseline_rate(run.shape)
+        sustained = run.sustainable_rate
+        if not baseline or sustained is None:
+            return None
+        return sustained / baseline
+
+    def targets(self) -> list[TargetCheck]:
+        """The targets of issue 6 that this run can judge, per load shape."""
+        checks = []
+        for shape in self.config.shapes:
+            for scenario, share in (("redis", 0.6), ("kafka", 0.5)):
+                run = self.run_of(scenario, shape)
+                if run is None:
+                    continue
+                checks.append(
+                    TargetCheck(
+                        f"{scenario} sustains >= {share} x R0 with zero loss", shape,
+                        self.ratio_to_baseline(run), share, True, "x R0",
+                    )
+                )
+            redis = self.run_of("redis", shape)
+            if redis is None:
+                continue
+            step = redis.step_at(TARGET_RATE)
+            latency = step.latency if step is not None else None
+            baseline_run = self.run_of("baseline", shape)
+            baseline_step = baseline_run.step_at(TARGET_RATE) if baseline_run else None
+            baseline_latency = baseline_step.latency if baseline_step is not None else None
+            checks += [
+                TargetCheck(
+                    "redis p50 at 10,000 msg/s", shape,
+                    latency.p50_ms if latency else None, 5.0, False, "ms",
+                ),
+                TargetCheck(
+                    "redis p99 at 10,000 msg/s", shape,
+                    latency.p99_ms if latency else None, 25.0, False, "ms",
+                ),
+                TargetCheck(
+                    "redis p99 minus baseline p99 at 10,000 msg/s", shape,
+                    latency.p99_ms - baseline_latency.p99_ms
+                    if latency and baseline_latency
+                    else None,
+                    10.0, False, "ms",
+                ),
+            ]
+        return checks
+
+    def document(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "format_version": RESULT_FORMAT_VERSION,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "machine": self.machine,
+            "config": {
+                "scenarios": list(config.scenarios),
+                "shapes": [shape.value for shape in config.shapes],
+                "rates": list(config.rates),
+                "fixed_rates": list(config.fixed_rates),
+                "many_workers": config.many_workers,
+                "few_workers": config.few_workers,
+                "teams": config.teams,
+                "step_seconds": config.step_seconds,
+                "warmup_seconds": config.warmup_seconds,
+                "drain_seconds": config.drain_seconds,
+                "generator_processes": config.generator_processes,
+                "qos": config.qos,
+                "max_p99_ms": config.max_p99_ms,
+                "endpoints": str(config.endpoints) if config.endpoints else None,
+                "faults": asdict(config.faults),
+            },
+            "baseline_rates": {
+                shape.value: self.baseline_rate(shape) for shape in config.shapes
+            },
+            "runs": [
+                {**run.document(), "ratio_to_baseline": self.ratio_to_baseline(run)}
+                for run in self.runs
+            ],
+            "targets": [check.document() for check in self.targets()],
+        }

@@ -1,0 +1,147 @@
+"""The benchmark harness measures correctly: what is sent, delivered, lost and duplicated.
+
+No timing thresholds here: the performance targets live in the benchmark report. The smoke run
+drives real servers at a tiny rate with faults injected by the generators (messages recorded as
+sent but never published, messages published twice) and checks that the accounting finds
+exactly those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from typer.testing import CliRunner
+
+from teamtrack.bench import BenchConfig, FaultInjection, Shape, run_benchmark
+from teamtrack.bench.accounting import account, percentile
+from teamtrack.bench.command import build_config, parse_rates
+from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
+from teamtrack.bench.report import write_report
+from teamtrack.cli import app
+
+MS = 1_000_000
+
+
+def test_message_key_round_trips() -> None:
+    assert split_key(message_key(12_345, 678)) == (12_345, 678)
+    assert message_key(1, 0) != message_key(0, 1)
+
+
+def test_record_files_round_trip(tmp_path: Path) -> None:
+    log = RecordLog()
+    log.add(message_key(1, 2), 3)
+    log.add(message_key(4, 5), 6)
+    assert log.write(tmp_path / "records.bin") == 2
+    assert len(log) == 0
+    assert list(iter_records([tmp_path / "records.bin"])) == [
+        (message_key(1, 2), 3),
+        (message_key(4, 5), 6),
+    ]
+
+
+def test_accounting_counts_delivered_lost_and_duplicated() -> None:
+    sent = [(message_key(0, seq), seq * MS) for seq in range(10)]
+    received = [
+        *((message_key(0, seq), seq * MS + 2 * MS) for seq in range(8)),  # seq 8, 9 lost
+        (message_key(0, 3), 50 * MS),  # a duplicate of seq 3
+        (message_key(0, 99), 60 * MS),  # not sent in the window (warm-up): ignored
+        (message_key(7, 0), 61 * MS),  # another worker, not sent in the window: ignored
+    ]
+    delivery = account(sent, received)
+    assert (delivery.sent, delivery.delivered, delivery.lost, delivery.duplicated) == (
+        10, 8, 2, 1,
+    )
+    assert delivery.latency is not None
+    # Latency is that of the first copy: every delivered message took exactly 2 ms.
+    assert delivery.latency.p50_ms == delivery.latency.max_ms == 2.0
+
+
+def test_accounting_of_nothing_received() -> None:
+    delivery = account([(message_key(0, 0), 0)], [])
+    assert (delivery.delivered, delivery.lost, delivery.latency) == (0, 1, None)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7], 99) == 7
+
+
+def test_rates_and_options_are_parsed() -> None:
+    assert parse_rates("1000, 5k,2.5k", ()) == (1000, 5000, 2500)
+    assert parse_rates(None, (1,)) == (1,)
+    assert parse_rates("", (1,)) == ()
+    config = build_config(
+        scenarios="baseline,redis", rates="1k", fixed_rates="", step_seconds=3,
+        warmup_seconds=1, drain_seconds=2, shape="few", workers=None, few_workers=3,
+        teams=1, generators=1, qos=0, endpoints=None, state_dir=None, out=Path("x"),
+        progress=False,
+    )
+    assert config.scenarios == ("baseline", "redis")
+    assert config.shapes == (Shape.FEW,)
+    assert config.step_rates() == [(1000, False)]
+
+
+def test_cli_refuses_an_unknown_scenario_and_shape() -> None:
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["bench", "--scenarios", "carrier-pigeon"])
+    assert unknown.exit_code == 2
+    assert "carrier-pigeon" in unknown.output
+    shape = runner.invoke(app, ["bench", "--shape", "sideways"])
+    assert shape.exit_code == 2
+
+
+async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: Path) -> None:
+    config = BenchConfig(
+        out_dir=tmp_path / "report",
+        scenarios=("baseline", "redis"),
+        rates=(200,),
+        fixed_rates=(),
+        shapes=(Shape.FEW,),
+        few_workers=4,
+        teams=2,
+        step_seconds=2.0,
+        warmup_seconds=0.5,
+        drain_seconds=3.0,
+        generator_processes=2,
+        faults=FaultInjection(drop_every=40, duplicate_every=25),
+        show_progress=False,
+    )
+    result = await run_benchmark(config)
+
+    assert [(run.scenario, run.error) for run in result.runs] == [
+        ("baseline", None),
+        ("redis", None),
+    ]
+    for run in result.runs:
+        assert run.connect["connected"] == 4
+        [step] = run.steps
+        generator = step.generator
+        delivery = step.delivery
+        assert generator["injected_drops"] > 0
+        assert generator["injected_duplicates"] > 0
+        # Every message of the window is accounted for, and only the injected faults differ.
+        assert delivery.sent == generator["measured_sent"] > 0
+        assert delivery.lost == generator["injected_drops"]
+        assert delivery.duplicated == generator["injected_duplicates"]
+        assert delivery.delivered == delivery.sent - generator["injected_drops"]
+        assert step.latency is not None
+        assert not step.passed  # a loss and a duplicate fail the step
+        assert step.receiver["disconnects"] == 0
+        assert {"receiver", "generator-1", "generator-2"} <= set(step.usage.processes)
+    redis_step = result.runs[1].steps[0]
+    assert {"bridge-1", "dashboard-2", "redis"} <= set(redis_step.usage.processes)
+
+    written = write_report(result, config.out_dir)
+    names = {path.name for path in written}
+    assert {"result.json", "summary.md", "latency-few.png", "throughput-few.png"} <= names
+    document = orjson.loads((config.out_dir / "result.json").read_bytes())
+    reported = document["runs"][1]["steps"][0]
+    assert (reported["lost"], reported["duplicated"]) == (
+        redis_step.delivery.lost,
+        redis_step.delivery.duplicated,
+    )
+    assert "redis" in (config.out_dir / "summary.md").read_text()
