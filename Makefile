@@ -81,7 +81,7 @@ demo: bootstrap assets
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 # The reference run: every scenario, both load shapes, the default ladder and fixed rates.
-# It takes about half an hour and needs a quiet machine; the report goes to reports/.
+# It takes 10 to 20 minutes and needs a quiet machine; the report goes to reports/.
 BENCH_ARGS ?=
 bench: bootstrap
 	$(VENV)/bin/teamtrack bench $(BENCH_ARGS)

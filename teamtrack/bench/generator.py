@@ -5,8 +5,8 @@ publishes at the rate it is told. A scheduler tick publishes what the clock says
 (rate x elapsed, round-robin over the workers), so thousands of workers cost one timer, not one
 sleep per message. Each payload obeys the message contract: `ts` is the send time in epoch
 milliseconds and `seq` counts up per worker. The exact send time of every message in the
-measured window is recorded in nanoseconds, keyed by (worker, seq), and written to a file the
-harness joins with what the receivers recorded.
+measured window is recorded in nanoseconds (CLOCK_MONOTONIC), keyed by (worker, seq), and
+written to a file the harness joins with what the receivers recorded.
 
 Driven over stdin/stdout (see `teamtrack.bench.control`):
 
@@ -242,7 +242,8 @@ class Generator:
         duplicate_every = self.faults.duplicate_every if measuring else 0
         qos = self.qos
         cursor = self._cursor
-        time_ns = time.time_ns
+        clock_ns = time.monotonic_ns
+        epoch_ns = time.time_ns
         for _ in range(count):
             device = devices[cursor]
             cursor += 1
@@ -254,8 +255,8 @@ class Generator:
                 continue
             seq = device.seq
             device.seq = seq + 1
-            sent_ns = time_ns()
-            payload = device.payload_prefix + b'"ts":%d,"seq":%d}' % (sent_ns // 1_000_000, seq)
+            sent_ns = clock_ns()
+            payload = device.payload_prefix + b'"ts":%d,"seq":%d}' % (epoch_ns() // 1_000_000, seq)
             number = 0
             if measuring:
                 self._measured_number += 1

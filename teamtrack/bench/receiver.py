@@ -119,7 +119,7 @@ class MqttReceiver(Receiver):
     def _on_message(
         self, client: Client, topic: str, payload: bytes, qos: int, properties: Any
     ) -> int:
-        received_ns = time.time_ns()
+        received_ns = time.monotonic_ns()
         self.received += 1
         index = self.topic_index.get(topic)
         if index is None:
@@ -160,7 +160,7 @@ class WebSocketReceiver(Receiver):
                     url, additional_headers=headers, max_size=MAX_FRAME_BYTES, open_timeout=30
                 ) as socket:
                     async for frame in socket:
-                        received_ns = time.time_ns()
+                        received_ns = time.monotonic_ns()
                         message = orjson.loads(frame)
                         kind = message.get("type")
                         if kind == "events":

@@ -1,8 +1,9 @@
 """Per-message records that generators and receivers keep, and the files they hand over.
 
 A message is identified by its worker (a run-wide index) and its `seq`; the pair is packed into
-one 64-bit key. Each record is that key and a time in nanoseconds (`time.time_ns()`, the same
-clock in every process of the machine). Generators record when they published a message,
+one 64-bit key. Each record is that key and a time in nanoseconds of `time.monotonic_ns()`:
+CLOCK_MONOTONIC is one clock for every process of a Linux machine, and unlike the wall clock it
+never jumps when NTP corrects the time. Generators record when they published a message,
 receivers when they got it; joining the two after a step gives exact latencies without putting
 anything into the payload that the message contract does not allow.
 

@@ -10,7 +10,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from teamtrack.bench.results import BenchResult, RunResult, StepResult
+from teamtrack.bench.results import TARGET_RATE, BenchResult, RunResult, StepResult
 from teamtrack.bench.scenarios import SCENARIOS
 
 RESULT_FILE: Final = "result.json"
@@ -220,14 +220,15 @@ def write_report(result: BenchResult, out_dir: Path) -> list[Path]:
 
 
 def summary_table(result: BenchResult) -> Table:
-    """The closing table on the console: sustained rates, ratios and the 10,000 msg/s step."""
+    """The closing table on the console: sustained rates, ratios, the 10,000 msg/s step, and
+    the first failing rate (why it failed is in summary.md)."""
     table = Table(title="teamtrack bench: summary", title_justify="left")
     for column in ("scenario", "shape", "sustained msg/s", "x R0", "p50 @10k", "p99 @10k",
-                   "stopped at"):
+                   "failed at"):
         table.add_column(column, justify="left" if column in ("scenario", "shape") else "right")
     for run in result.runs:
         ratio = result.ratio_to_baseline(run)
-        step = run.step_at(10_000)
+        step = run.step_at(TARGET_RATE)
         latency = step.latency if step is not None else None
         table.add_row(
             run.scenario,
@@ -236,9 +237,17 @@ def summary_table(result: BenchResult) -> Table:
             "-" if ratio is None else f"{ratio:.2f}",
             _ms(latency.p50_ms if latency else None),
             _ms(latency.p99_ms if latency else None),
-            run.ladder_stop or "-",
+            _stop_rate(run),
         )
     return table
+
+
+def _stop_rate(run: RunResult) -> str:
+    failing = next((step for step in run.steps if not step.passed), None)
+    if failing is not None:
+        return f"{failing.offered_rate:,}"
+    return "broke" if run.error else "-"
+
 
 
 def print_summary(result: BenchResult, written: list[Path], console: Console) -> None:
