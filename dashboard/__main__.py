@@ -17,6 +17,8 @@ import uvicorn
 
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory
+from dashboard.hub import ViewerLimits
+from dashboard.page import PageConfig
 from dashboard.settings import DashboardSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.logs import configure_logging
@@ -78,7 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         Authenticator(directory, _session_secret(settings), settings.session_max_age_s),
         instance_id=settings.instance_id,
         registry=CollectorRegistry(),
-        viewer_queue_batches=settings.viewer_queue_batches,
+        viewer_limits=ViewerLimits(
+            queue_batches=settings.viewer_queue_batches,
+            queue_bytes=settings.viewer_queue_bytes,
+        ),
+        stuck_after_s=settings.viewer_stuck_after_s,
+        page_config=PageConfig(
+            stale_after_s=settings.stale_after_s,
+            trail_points=settings.trail_points,
+            tile_url=settings.tile_url,
+            tile_attribution=settings.tile_attribution,
+        ),
     )
     log.info(
         "instance %s: %d manager(s), backend %s://",

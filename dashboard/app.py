@@ -3,8 +3,9 @@
     GET  /login  POST /login  POST /logout       session cookie for browsers
     GET  /                                       the page (static/index.html)
     GET  /api/me                                 {"username", "team"}
+    GET  /api/config                             what the map page needs (tiles, stale time)
     GET  /api/teams/{team}/positions             the team's snapshot
-    WS   /ws/teams/{team}                        snapshot, then live events (docs/protocol.md)
+    WS   /ws/teams/{team}[?after=cursor]         snapshot or resume, then live (docs/protocol.md)
     GET  /healthz  GET /metrics                  for operators, no credentials needed
 
 Everything under /api and /ws takes `Authorization: Bearer <token>` or the session cookie.
@@ -27,9 +28,10 @@ from starlette.responses import Response
 
 from dashboard.auth import SESSION_COOKIE, Authenticator, Manager, current_manager, require_team
 from dashboard.frames import snapshot_json
-from dashboard.hub import DEFAULT_QUEUE_BATCHES, TeamHub
-from dashboard.live import serve_viewer
+from dashboard.hub import TeamHub, ViewerLimits
+from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
 from dashboard.metrics import DashboardMetrics
+from dashboard.page import PageConfig
 from teamtrack.backends import Backend
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
 
@@ -37,16 +39,6 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 LOGIN_ERROR_MARK: Final = "<!-- login-error -->"
-PAGE_HEADERS: Final = {
-    # No inline script, no other origin: an injected string can neither run nor phone home.
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-store",
-}
 
 
 def create_app(
@@ -55,11 +47,17 @@ def create_app(
     *,
     instance_id: str,
     registry: CollectorRegistry,
-    viewer_queue_batches: int = DEFAULT_QUEUE_BATCHES,
+    viewer_limits: ViewerLimits | None = None,
+    stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+    page_config: PageConfig | None = None,
 ) -> FastAPI:
     """The app for one instance; its lifespan starts and stops the backend and the hub."""
     metrics = DashboardMetrics(registry)
-    hub = TeamHub(backend, metrics, queue_batches=viewer_queue_batches)
+    hub = TeamHub(backend, metrics, limits=viewer_limits)
+    config = page_config if page_config is not None else PageConfig()
+    # No inline script, no other origin but the tiles': an injected string can neither run
+    # nor phone home.
+    page_headers = config.security_headers()
     login_page = (STATIC_DIR / "login.html").read_text()
 
     @asynccontextmanager
@@ -91,7 +89,7 @@ def create_app(
         return HTMLResponse(
             login_page.replace(LOGIN_ERROR_MARK, notice),
             status_code=status_code,
-            headers=PAGE_HEADERS,
+            headers=page_headers,
         )
 
     @app.get("/login", response_class=HTMLResponse)
@@ -140,11 +138,17 @@ def create_app(
     async def page(request: Request) -> Response:
         if authenticator.identify(request.headers, request.cookies) is None:
             return RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
-        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+        return FileResponse(STATIC_DIR / "index.html", headers=page_headers)
 
     @app.get("/api/me")
     async def me(manager: Annotated[Manager, Depends(current_manager)]) -> dict[str, str]:
         return {"username": manager.username, "team": manager.team}
+
+    @app.get("/api/config")
+    async def page_settings(
+        _: Annotated[Manager, Depends(current_manager)],
+    ) -> dict[str, object]:
+        return config.document()
 
     @app.get("/api/teams/{team}/positions")
     async def positions(
@@ -166,7 +170,12 @@ def create_app(
     @app.websocket("/ws/teams/{team}")
     async def live(websocket: WebSocket, team: str) -> None:
         await serve_viewer(
-            websocket, team, authenticator=authenticator, hub=hub, metrics=metrics
+            websocket,
+            team,
+            authenticator=authenticator,
+            hub=hub,
+            metrics=metrics,
+            stuck_after_s=stuck_after_s,
         )
 
     @app.get("/healthz")

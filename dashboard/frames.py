@@ -33,6 +33,8 @@ def snapshot_document(snapshot: Snapshot) -> dict[str, Any]:
                 "received_ms": latest.received_ms,
                 "origin": latest.origin,
                 "status": presence.body.decode() if presence is not None else None,
+                # Tells whether the presence is older than the last fix ("offline", then moved).
+                "status_ms": presence.received_ms if presence is not None else None,
             }
         )
     return {"team": snapshot.team, "cursor": snapshot.cursor, "workers": workers}
@@ -42,8 +44,20 @@ def snapshot_json(snapshot: Snapshot) -> bytes:
     return orjson.dumps(snapshot_document(snapshot))
 
 
-def snapshot_frame(snapshot: Snapshot) -> str:
-    return orjson.dumps({"type": "snapshot", **snapshot_document(snapshot)}).decode()
+def snapshot_frame(snapshot: Snapshot, now_ms: int) -> str:
+    document = {"type": "snapshot", **snapshot_document(snapshot), "now": now_ms}
+    return orjson.dumps(document).decode()
+
+
+def resume_frame(team: str, cursor: str, now_ms: int) -> str:
+    """The first frame of a resumed connection: the view is kept, events after `cursor` follow."""
+    return orjson.dumps({"type": "resume", "team": team, "cursor": cursor, "now": now_ms}).decode()
+
+
+def sync_frame(team: str, cursor: str, events: Sequence[str], now_ms: int) -> str:
+    """Latest event of each kind of each worker that changed, for a viewer that fell behind."""
+    head = orjson.dumps({"type": "sync", "team": team, "cursor": cursor, "now": now_ms})
+    return head[:-1].decode() + ',"events":[' + ",".join(events) + "]}"
 
 
 def events_frame(team: str, batches: Sequence[Batch]) -> str:

@@ -8,9 +8,17 @@ batch that the hub delivers while the snapshot is in flight is already queued fo
 up to the snapshot's cursor is dropped when frames are built, because the snapshot covers it;
 everything after it is sent once, because the viewer remembers the newest cursor it sent.
 
-Slow viewers: each viewer has a bounded queue that the hub fills with `put_nowait`. A viewer
-whose queue is full is dropped from the fan-out and told to close (code 4008); the hub and the
-other viewers never wait for it.
+Resuming on any instance: a viewer that comes back with the cursor of the last frame it got is
+registered and snapshotted the same way, but instead of the snapshot it is sent the batches
+between its cursor and the snapshot's, read again from the backend's history by a subscription
+of its own that ends there; everything later comes from the shared subscription. The cursor is
+the only thing a viewer brings, so the instance it lands on does not matter.
+
+Slow viewers: the hub fills each viewer's bounded queue without waiting. A viewer whose queue
+overflows is switched to state-sync: from then on it keeps only the newest position and the
+newest presence of each worker (at most two entries per worker of the team, whatever the
+traffic), and gets them as one `sync` frame when its socket takes the next frame. The hub and
+the other viewers never wait for it.
 """
 
 from __future__ import annotations
@@ -18,97 +26,324 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from dashboard.frames import count_events, events_frame, gap_frame, snapshot_frame
+import orjson
+
+from dashboard.frames import (
+    count_events,
+    events_frame,
+    gap_frame,
+    resume_frame,
+    snapshot_frame,
+    sync_frame,
+)
 from dashboard.metrics import DashboardMetrics
-from teamtrack.backends import Backend, Batch, Gap, TeamSubscription
+from teamtrack.backends import Backend, Batch, Cursor, Gap, Snapshot, TeamSubscription
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-CLOSE_TOO_SLOW: Final = 4008
-CLOSE_TOO_SLOW_REASON: Final = "too slow; resync"
 MAX_BATCHES_PER_FRAME: Final = 64
 MAX_FRAME_BYTES: Final = 512 * 1024
 DEFAULT_QUEUE_BATCHES: Final = 256
+DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
+MAX_CURSOR_CHARS: Final = 256
+# Batches up to a resume's end point are in the backend's log already; a replay that gets
+# none for this long has lost its backend, and the viewer is resynced instead of waiting.
+REPLAY_READ_TIMEOUT_S: Final = 10.0
 
 CursorKey = tuple[int, ...]
 
 
-class Viewer:
-    """One connected viewer of one team: its queue of batches and the frames built from it.
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
-    Created by `TeamHub.join`; the owner calls `next_frame` in a loop and sends what it returns,
-    watches `too_slow`, and calls `TeamHub.leave` when done.
+
+@dataclass(frozen=True, slots=True)
+class ViewerLimits:
+    """How much one viewer may hold before it is switched to state-sync."""
+
+    queue_batches: int = DEFAULT_QUEUE_BATCHES
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
+
+
+class _LatestPerWorker:
+    """What a viewer that fell behind still needs: each worker's newest position and presence.
+
+    Entries are the events' JSON, tagged with the cursor of the batch they came in, so that the
+    sync frame can leave out what the viewer already has.
     """
 
-    def __init__(self, hub: TeamHub, team: str, queue_batches: int) -> None:
+    def __init__(self) -> None:
+        self.positions: dict[str, tuple[CursorKey, str]] = {}
+        self.presence: dict[str, tuple[CursorKey, str]] = {}
+        self.cursor: Cursor | None = None
+        self.key: CursorKey = ()
+        self.gap: Gap | None = None
+        self.held_bytes = 0
+
+    def absorb(self, item: Batch | Gap, key: CursorKey | None) -> int:
+        """Take in a batch (or a gap); returns how many events were replaced by newer ones."""
+        if isinstance(item, Gap):
+            # The fresh snapshot that a gap calls for covers everything absorbed so far.
+            superseded = len(self.positions) + len(self.presence)
+            self.positions.clear()
+            self.presence.clear()
+            self.held_bytes = 0
+            self.gap = item
+            return superseded
+        assert key is not None
+        superseded = 0
+        for event in orjson.loads(item.raw):
+            store = self.positions if event["k"] == "p" else self.presence
+            # As str: orjson's bytes keep their oversized write buffer (~4 KiB each).
+            encoded = orjson.dumps(event).decode()
+            previous = store.get(event["w"])
+            if previous is not None:
+                superseded += 1
+                self.held_bytes -= len(previous[1])
+            store[event["w"]] = (key, encoded)
+            self.held_bytes += len(encoded)
+        if key > self.key:
+            self.key, self.cursor = key, item.cursor
+        return superseded
+
+    def events_after(self, key: CursorKey) -> list[str]:
+        """Positions first, then presence (a later `offline` must win over an earlier fix)."""
+        return [
+            encoded
+            for store in (self.positions, self.presence)
+            for _, (entry_key, encoded) in sorted(store.items())
+            if entry_key > key
+        ]
+
+
+class _Replay:
+    """A resuming viewer's own subscription, read from its cursor up to `until`, then closed."""
+
+    def __init__(
+        self, subscription: TeamSubscription, after: Cursor, first: Batch, until: CursorKey
+    ) -> None:
+        self.team = first.team
+        self.subscription = subscription
+        self.last_cursor = after
+        self.pending: Batch | None = first
+        self.until = until
+
+    async def next(self) -> Batch | Gap:
+        """The next batch, or a `Gap` if the history was trimmed or the backend went quiet."""
+        if self.pending is not None:
+            item: Batch | Gap = self.pending
+            self.pending = None
+        else:
+            try:
+                item = await asyncio.wait_for(anext(self.subscription), REPLAY_READ_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("replay after %s stalled; resyncing the viewer", self.last_cursor)
+                item = Gap(self.team, self.last_cursor)
+        if isinstance(item, Batch):
+            self.last_cursor = item.cursor
+        return item
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.subscription.close()
+
+
+class Viewer:
+    """One connected viewer of one team: what is queued for it and the frames built from it.
+
+    Created by `TeamHub.join`; the owner calls `next_frame` in a loop, sends what it returns,
+    and calls `TeamHub.leave` when done.
+    """
+
+    def __init__(self, hub: TeamHub, team: str, limits: ViewerLimits) -> None:
         self.team = team
-        self.too_slow = asyncio.Event()
         self._hub = hub
-        self._queue: asyncio.Queue[Batch | Gap] = asyncio.Queue(maxsize=queue_batches)
-        self._held: Batch | Gap | None = None
+        self._limits = limits
+        self._queue: deque[Batch | Gap] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._latest: _LatestPerWorker | None = None
+        self._replay: _Replay | None = None
         self._ready_frames: deque[str] = deque()
-        # Nothing is sent until the snapshot is known; `None` would let a queued batch through.
+        # Nothing is sent until the first frame is decided; `None` would let a queued batch through.
         self._sent_key: CursorKey | None = None
 
-    def offer(self, item: Batch | Gap) -> bool:
-        """Queue without waiting; False (and `too_slow` set) when the queue is full."""
-        if self.too_slow.is_set():
-            return False
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.too_slow.set()
-            return False
-        return True
+    @property
+    def syncing(self) -> bool:
+        """True while the viewer is behind and keeps only the latest state per worker."""
+        return self._latest is not None
 
-    def start_after_snapshot(self, frame: str, cursor_key: CursorKey) -> None:
-        self._ready_frames.append(frame)
-        self._sent_key = cursor_key
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held for this viewer alone (batches themselves are shared by all viewers)."""
+        latest = self._latest.held_bytes if self._latest is not None else 0
+        return self._queued_bytes + latest + sum(len(frame) for frame in self._ready_frames)
+
+    @property
+    def queued_batches(self) -> int:
+        return len(self._queue)
+
+    def offer(self, item: Batch | Gap) -> None:
+        """Queue without waiting; past the limits, switch to keeping the latest per worker."""
+        size = len(item.raw) if isinstance(item, Batch) else 0
+        if self._latest is not None:
+            self._absorb(item)
+        elif len(self._queue) >= self._limits.queue_batches or (
+            self._queue and self._queued_bytes + size > self._limits.queue_bytes
+        ):
+            self._start_syncing()
+            self._absorb(item)
+        else:
+            self._queue.append(item)
+            self._queued_bytes += size
+        self._wakeup.set()
+
+    def _start_syncing(self) -> None:
+        self._hub.metrics.viewer_conflations.inc()
+        log.info("a viewer of team %s fell behind; switching it to state-sync", self.team)
+        self._latest = _LatestPerWorker()
+        queued, self._queue = self._queue, deque()
+        self._queued_bytes = 0
+        for item in queued:
+            self._absorb(item)
+
+    def _absorb(self, item: Batch | Gap) -> None:
+        assert self._latest is not None
+        key = self._hub.backend.cursor_key(item.cursor) if isinstance(item, Batch) else None
+        superseded = self._latest.absorb(item, key)
+        if superseded:
+            self._hub.metrics.events_conflated.inc(superseded)
+
+    def start_with_snapshot(self, snapshot: Snapshot) -> None:
+        self._ready_frames.append(snapshot_frame(snapshot, now_ms()))
+        self._sent_key = self._hub.backend.cursor_key(snapshot.cursor)
+
+    async def start_resuming(self, after: Cursor, snapshot: Snapshot) -> str:
+        """Continue after `after` up to `snapshot`'s cursor; returns the outcome for metrics.
+
+        The snapshot marks where the shared subscription takes over: everything after its
+        cursor reaches this viewer's queue, since the viewer was registered before it was taken.
+        """
+        backend = self._hub.backend
+        until = backend.cursor_key(snapshot.cursor)
+        requested = self._hub.parse_cursor(after)
+        if requested is None or requested > until:
+            # Not a cursor of this team's log as it is now (a reset backend, another team's,
+            # or not a cursor at all): nothing can be proven about what was missed.
+            self._start_over(Gap(self.team, after), snapshot)
+            return "unusable"
+        if requested == until:
+            self._ready_frames.append(resume_frame(self.team, after, now_ms()))
+            self._sent_key = until
+            return "current"
+        subscription = backend.subscribe()
+        try:
+            await subscription.add(self.team, after)
+            first = await asyncio.wait_for(anext(subscription), REPLAY_READ_TIMEOUT_S)
+        except TimeoutError:
+            first = Gap(self.team, after)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            raise
+        if isinstance(first, Gap):
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            self._start_over(first, snapshot)
+            return "gap"
+        self._ready_frames.append(resume_frame(self.team, after, now_ms()))
+        self._sent_key = requested
+        self._replay = _Replay(subscription, after, first, until)
+        return "replayed"
+
+    def _start_over(self, gap: Gap, snapshot: Snapshot) -> None:
+        self._ready_frames.append(gap_frame(self.team, gap.requested))
+        self.start_with_snapshot(snapshot)
+
+    async def close(self) -> None:
+        replay, self._replay = self._replay, None
+        if replay is not None:
+            await replay.close()
 
     async def next_frame(self) -> str:
-        """The next text frame for this viewer: the snapshot first, then live frames.
+        """The next text frame for this viewer: the first one, then live frames.
 
-        Waits for the first batch, then takes whatever else is already queued into the same
-        frame: an idle viewer gets each batch at once, a busy one gets fewer, larger frames.
+        Takes whatever is already queued into the same frame: an idle viewer gets each batch at
+        once, a busy one gets fewer, larger frames, and one that fell behind gets a `sync`.
         """
         while not self._ready_frames:
             await self._build_frames()
         return self._ready_frames.popleft()
 
-    async def _take(self) -> Batch | Gap:
-        if self._held is not None:
-            item, self._held = self._held, None
-            return item
-        return await self._queue.get()
-
     async def _build_frames(self) -> None:
-        first = await self._take()
-        if isinstance(first, Gap):
-            await self._resync(first)
-            return
+        if self._replay is not None:
+            await self._build_replay_frames(self._replay)
+        elif self._latest is not None:
+            await self._build_sync_frame()
+        elif not self._queue:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        elif isinstance(self._queue[0], Gap):
+            gap = self._queue.popleft()
+            assert isinstance(gap, Gap)
+            await self._resync(gap)
+        else:
+            self._build_events_frame()
+
+    def _build_events_frame(self) -> None:
         batches: list[Batch] = []
         size = 0
-        item: Batch | Gap | None = first
-        while item is not None:
+        while self._queue and len(batches) < MAX_BATCHES_PER_FRAME and size < MAX_FRAME_BYTES:
+            item = self._queue[0]
             if isinstance(item, Gap):
-                self._held = item  # its own frames come after this batch's
-                break
+                break  # its own frames come after this batch's
+            self._queue.popleft()
+            self._queued_bytes -= len(item.raw)
             if self._is_new(item):
                 batches.append(item)
                 size += len(item.raw)
-            if len(batches) >= MAX_BATCHES_PER_FRAME or size >= MAX_FRAME_BYTES:
-                break
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                item = None
         if batches:
             self._ready_frames.append(events_frame(self.team, batches))
+
+    async def _build_replay_frames(self, replay: _Replay) -> None:
+        batches: list[Batch] = []
+        size = 0
+        while len(batches) < MAX_BATCHES_PER_FRAME and size < MAX_FRAME_BYTES:
+            item = await replay.next()
+            if isinstance(item, Gap):
+                # Trimmed while being read: send what was read, then start over.
+                await self.close()
+                if batches:
+                    self._ready_frames.append(events_frame(self.team, batches))
+                await self._resync(item)
+                return
+            self._hub.metrics.replayed_batches.inc()
+            if self._is_new(item):
+                batches.append(item)
+                size += len(item.raw)
+            if self._hub.backend.cursor_key(item.cursor) >= replay.until:
+                await self.close()  # the shared subscription's batches take over from here
+                break
+        if batches:
+            self._ready_frames.append(events_frame(self.team, batches))
+
+    async def _build_sync_frame(self) -> None:
+        latest, self._latest = self._latest, None
+        assert latest is not None and self._sent_key is not None
+        if latest.gap is not None:
+            await self._resync(latest.gap)
+            return
+        events = latest.events_after(self._sent_key)
+        if events and latest.cursor is not None:
+            self._ready_frames.append(sync_frame(self.team, latest.cursor, events, now_ms()))
+            self._hub.metrics.sync_frames.inc()
+            self._sent_key = max(self._sent_key, latest.key)
 
     def _is_new(self, batch: Batch) -> bool:
         key = self._hub.backend.cursor_key(batch.cursor)
@@ -119,10 +354,8 @@ class Viewer:
 
     async def _resync(self, gap: Gap) -> None:
         """History the viewer needed is gone: say so, then start over from a fresh snapshot."""
-        self._ready_frames.append(gap_frame(self.team, gap.requested))
         snapshot = await self._hub.backend.snapshot(self.team)
-        self._ready_frames.append(snapshot_frame(snapshot))
-        self._sent_key = self._hub.backend.cursor_key(snapshot.cursor)
+        self._start_over(gap, snapshot)
 
 
 @dataclass(eq=False)
@@ -142,11 +375,11 @@ class TeamHub:
         backend: Backend,
         metrics: DashboardMetrics,
         *,
-        queue_batches: int = DEFAULT_QUEUE_BATCHES,
+        limits: ViewerLimits | None = None,
     ) -> None:
         self.backend = backend
         self.metrics = metrics
-        self._queue_batches = queue_batches
+        self._limits = limits if limits is not None else ViewerLimits()
         # States are kept after their last viewer leaves: a lock must outlive every waiter, and
         # only teams a manager was allowed to open ever get one.
         self._teams: dict[str, _TeamState] = {}
@@ -163,6 +396,20 @@ class TeamHub:
         state = self._teams.get(team)
         return len(state.viewers) if state is not None else 0
 
+    def viewers(self, team: str) -> frozenset[Viewer]:
+        state = self._teams.get(team)
+        return frozenset(state.viewers) if state is not None else frozenset()
+
+    def parse_cursor(self, cursor: Cursor) -> CursorKey | None:
+        """The sort key of a cursor a client sent, or None if the backend cannot read it."""
+        if not cursor or len(cursor) > MAX_CURSOR_CHARS:
+            return None
+        try:
+            return self.backend.cursor_key(cursor)
+        except Exception:
+            # Cursors are opaque and each backend parses its own; any failure means "not ours".
+            return None
+
     async def start(self) -> None:
         self._subscription = self.backend.subscribe()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dashboard-hub-dispatch")
@@ -177,10 +424,10 @@ class TeamHub:
             await self._subscription.close()
             self._subscription = None
 
-    async def join(self, team: str) -> Viewer:
-        """A viewer of `team` whose first frame is a snapshot; raises `BackendError`."""
+    async def join(self, team: str, after: Cursor | None = None) -> Viewer:
+        """A viewer of `team`: from a snapshot, or resuming after `after`; raises `BackendError`."""
         state = self._teams.setdefault(team, _TeamState())
-        viewer = Viewer(self, team, self._queue_batches)
+        viewer = Viewer(self, team, self._limits)
         # Registered first: batches delivered while the snapshot is taken are already queued.
         state.viewers.add(viewer)
         self._count_viewers(team, state)
@@ -191,12 +438,14 @@ class TeamHub:
                 snapshot = await self.backend.snapshot(team)
                 if state.cursor is None:
                     await self._subscribe(team, state, snapshot.cursor)
+            if after is None:
+                viewer.start_with_snapshot(snapshot)
+            else:
+                outcome = await viewer.start_resuming(after, snapshot)
+                self.metrics.resumes.labels(outcome).inc()
         except BaseException:
             await self.leave(viewer)
             raise
-        viewer.start_after_snapshot(
-            snapshot_frame(snapshot), self.backend.cursor_key(snapshot.cursor)
-        )
         return viewer
 
     async def _subscribe(self, team: str, state: _TeamState, cursor: str) -> None:
@@ -213,6 +462,7 @@ class TeamHub:
 
     async def leave(self, viewer: Viewer) -> None:
         """Forget `viewer`; the team is unsubscribed when its last viewer here leaves."""
+        await viewer.close()
         state = self._teams.get(viewer.team)
         if state is None:
             return
@@ -280,10 +530,5 @@ class TeamHub:
             # move the resume point back.
             if self.backend.cursor_key(item.cursor) > self.backend.cursor_key(state.cursor):
                 state.cursor = item.cursor
-        slow = [viewer for viewer in state.viewers if not viewer.offer(item)]
-        for viewer in slow:
-            state.viewers.discard(viewer)
-            self.metrics.viewers_disconnected_slow.inc()
-        if slow:
-            self._count_viewers(item.team, state)
-            log.info("dropped %d slow viewer(s) of team %s", len(slow), item.team)
+        for viewer in state.viewers:
+            viewer.offer(item)

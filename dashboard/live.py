@@ -1,8 +1,12 @@
-"""`/ws/teams/{team}`: one manager's live view of one team (protocol in docs/protocol.md).
+"""`/ws/teams/{team}[?after=cursor]`: one manager's live view of one team (docs/protocol.md).
 
 Credentials and the team are checked before the handshake is accepted, so a refused client gets
 a plain HTTP 401 or 403 and never a WebSocket. This needs the ASGI "websocket.http.response"
 extension, which uvicorn's websockets-sansio implementation and Starlette's TestClient provide.
+
+Sending waits while the connection's write buffer is full (uvicorn's flow control), so a viewer
+that reads slowly makes its own queue fill up, and the hub switches it to state-sync. A viewer
+whose socket takes nothing at all for `stuck_after_s` is closed with 4008.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from dashboard.auth import Authenticator, origin_matches_host
 from dashboard.frames import PONG_FRAME
-from dashboard.hub import CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON, TeamHub, Viewer
+from dashboard.hub import TeamHub, Viewer
 from dashboard.metrics import DashboardMetrics
 from teamtrack.backends import BackendError
 from teamtrack.contract import is_slug
@@ -26,6 +30,9 @@ from teamtrack.contract import is_slug
 log = logging.getLogger(__name__)
 
 CLOSE_BACKEND_FAILED: Final = 1011
+CLOSE_TOO_SLOW: Final = 4008
+CLOSE_TOO_SLOW_REASON: Final = "too slow; resync"
+DEFAULT_STUCK_AFTER_S: Final = 20.0
 # A viewer dropped for being slow is usually not reading at all, so its close frame may never
 # leave the send buffer; it gets this long before the connection is abandoned.
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -47,6 +54,10 @@ def handshake_refusal(
     return None
 
 
+class _StuckError(Exception):
+    """The viewer's socket accepted nothing for too long."""
+
+
 async def serve_viewer(
     websocket: WebSocket,
     team: str,
@@ -54,13 +65,16 @@ async def serve_viewer(
     authenticator: Authenticator,
     hub: TeamHub,
     metrics: DashboardMetrics,
+    stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
 ) -> None:
     refusal = handshake_refusal(websocket, team, authenticator)
     if refusal is not None:
         await _refuse(websocket, refusal, metrics)
         return
+    # A cursor is a position in a log, not a secret: a URL may carry it.
+    after = websocket.query_params.get("after") or None
     try:
-        viewer = await hub.join(team)
+        viewer = await hub.join(team, after)
     except Exception as error:
         # Not only BackendError: a driver may raise its own errors (redis-py's, for one).
         log.warning("cannot serve a viewer of team %s: %s: %s", team, type(error).__name__, error)
@@ -68,7 +82,7 @@ async def serve_viewer(
         return
     try:
         await websocket.accept()
-        await _converse(websocket, viewer, metrics)
+        await _converse(websocket, viewer, metrics, stuck_after_s)
     finally:
         await hub.leave(viewer)
 
@@ -78,11 +92,12 @@ async def _refuse(websocket: WebSocket, status: int, metrics: DashboardMetrics) 
     await websocket.send_denial_response(PlainTextResponse(str(status), status_code=status))
 
 
-async def _converse(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics) -> None:
-    sender = asyncio.create_task(_send_frames(websocket, viewer, metrics))
+async def _converse(
+    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, stuck_after_s: float
+) -> None:
+    sender = asyncio.create_task(_send_frames(websocket, viewer, metrics, stuck_after_s))
     receiver = asyncio.create_task(_answer_client(websocket))
-    too_slow = asyncio.create_task(viewer.too_slow.wait())
-    tasks = {sender, receiver, too_slow}
+    tasks = {sender, receiver}
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -92,16 +107,17 @@ async def _converse(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetr
         # CancelledError must surface, not one re-raised from a child (anyio's cancel scopes,
         # as in Starlette's TestClient, only swallow their own).
         await asyncio.wait(tasks)
-    failures = {
-        task: task.exception() for task in done if not task.cancelled() and task is not too_slow
-    }
+    failures = {task: task.exception() for task in done if not task.cancelled()}
     if receiver in done:
         return  # the client went away (or vanished mid-pong): nothing left to tell it
-    if too_slow in done:
-        await _close(websocket, CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON)
-        return
     error = failures.get(sender)
     if error is None or isinstance(error, WebSocketDisconnect):
+        return
+    if isinstance(error, _StuckError):
+        metrics.viewers_disconnected_slow.inc()
+        log.info("closing a viewer of team %s: its socket took nothing for %ss",
+                 viewer.team, stuck_after_s)
+        await _close(websocket, CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON)
         return
     # The only backend call after the handshake is the fresh snapshot after a gap.
     log.warning(
@@ -116,10 +132,16 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
         await asyncio.wait_for(websocket.close(code, reason), CLOSE_TIMEOUT_S)
 
 
-async def _send_frames(websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics) -> None:
+async def _send_frames(
+    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, stuck_after_s: float
+) -> None:
     while True:
         frame = await viewer.next_frame()
-        await websocket.send_text(frame)
+        try:
+            # Cancelling is clean: uvicorn writes nothing of a frame until the buffer has room.
+            await asyncio.wait_for(websocket.send_text(frame), stuck_after_s)
+        except TimeoutError:
+            raise _StuckError from None
         metrics.frames_sent.inc()
 
 

@@ -38,7 +38,33 @@ class DashboardMetrics:
         )
         self.viewers_disconnected_slow = Counter(
             f"{PREFIX}_viewers_disconnected_slow",
-            "Viewers disconnected because their queue was full",
+            "Viewers closed with 4008 because their socket accepted nothing for too long",
+            registry=registry,
+        )
+        self.viewer_conflations = Counter(
+            f"{PREFIX}_viewer_conflations",
+            "Times a viewer's queue overflowed and it was switched to state-sync",
+            registry=registry,
+        )
+        self.events_conflated = Counter(
+            f"{PREFIX}_events_conflated",
+            "Events a slow viewer never got because a newer one of the same worker replaced them",
+            registry=registry,
+        )
+        self.sync_frames = Counter(
+            f"{PREFIX}_sync_frames",
+            "State-sync frames sent to viewers that had fallen behind",
+            registry=registry,
+        )
+        self.resumes = Counter(
+            f"{PREFIX}_resumes",
+            "Reconnections that asked to resume after a cursor, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        self.replayed_batches = Counter(
+            f"{PREFIX}_replayed_batches",
+            "Batches read again from the backend's history for resuming viewers",
             registry=registry,
         )
         self.ws_denied = Counter(

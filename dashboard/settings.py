@@ -6,8 +6,9 @@ import socket
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
+from dashboard.page import DEFAULT_TILE_ATTRIBUTION, DEFAULT_TILE_URL, tile_origin
 from teamtrack.settings import ServiceSettings
 
 
@@ -27,9 +28,36 @@ class DashboardSettings(ServiceSettings):
     )
     session_max_age_s: int = Field(43_200, gt=0, description="how long a login lasts")
     viewer_queue_batches: int = Field(
-        256, ge=1, description="batches queued per viewer before it is dropped as too slow"
+        256, ge=1, description="batches queued per viewer before it is switched to state-sync"
+    )
+    viewer_queue_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="bytes of batches queued per viewer before it is switched to state-sync",
+    )
+    viewer_stuck_after_s: float = Field(
+        20.0,
+        gt=0,
+        description="a viewer whose socket accepts nothing for this long is closed (4008)",
+    )
+    stale_after_s: float = Field(
+        30.0, gt=0, description="the page shows a worker as stale after this long without a fix"
+    )
+    trail_points: int = Field(20, ge=0, le=500, description="positions in each worker's trail")
+    tile_url: str = Field(
+        DEFAULT_TILE_URL,
+        description="map tile URL template with {z}, {x}, {y} (and optionally {s}); '' for none",
+    )
+    tile_attribution: str = Field(
+        DEFAULT_TILE_ATTRIBUTION, max_length=300, description="credit shown under the tiles"
     )
     instance_id: str = Field("", description="name in /healthz and logs; empty: host:port")
+
+    @field_validator("tile_url")
+    @classmethod
+    def _check_tile_url(cls, value: str) -> str:
+        tile_origin(value)  # raises ValueError with the reason
+        return value
 
     @model_validator(mode="after")
     def _name_the_instance(self) -> Self:

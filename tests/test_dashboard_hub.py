@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import tracemalloc
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 from backend_contract import position, status
 from prometheus_client import CollectorRegistry
 
-from dashboard.hub import TeamHub, Viewer
+from dashboard.hub import TeamHub, Viewer, ViewerLimits
 from dashboard.metrics import DashboardMetrics
 from teamtrack.backends import Backend, BackendError, Batch, Cursor, Gap, TeamSubscription, from_url
 from teamtrack.backends.memory import MemoryBackend
@@ -59,8 +61,8 @@ async def open_backend(backend_url: str) -> AsyncIterator[OpenBackend]:
 async def open_hub() -> AsyncIterator[OpenHub]:
     hubs: list[TeamHub] = []
 
-    async def open_one(backend: Backend, queue_batches: int = 256) -> TeamHub:
-        hub = TeamHub(backend, DashboardMetrics(CollectorRegistry()), queue_batches=queue_batches)
+    async def open_one(backend: Backend, limits: ViewerLimits | None = None) -> TeamHub:
+        hub = TeamHub(backend, DashboardMetrics(CollectorRegistry()), limits=limits)
         await hub.start()
         hubs.append(hub)
         return hub
@@ -224,33 +226,252 @@ async def test_two_instances_both_deliver(open_backend: OpenBackend, open_hub: O
         assert seqs_by_worker(events) == {"w1": [0, 1, 2]}
 
 
-async def test_slow_viewer_is_dropped_and_others_get_everything(
+async def test_slow_viewer_gets_latest_state_per_worker_and_others_get_everything(
     open_backend: OpenBackend, open_hub: OpenHub
 ) -> None:
     backend = await open_backend()
-    hub = await open_hub(backend, queue_batches=4)
-    slow = await hub.join("alpha")
+    hub = await open_hub(backend, ViewerLimits(queue_batches=4))
+    slow = await hub.join("alpha")  # reads nothing until the burst is over
     normal = await hub.join("alpha")
     await next_frame(normal)
+    workers = {"w1", "w2", "w3"}
     last_seq = 30
 
-    async def read_everything() -> list[dict[str, Any]]:
-        return await collect_until(normal, last_seq, {"w1"})
-
-    reader = asyncio.create_task(read_everything())
+    reader = asyncio.create_task(collect_until(normal, last_seq, workers))
     for seq in range(last_seq + 1):
-        await backend.publish([position("alpha", "w1", seq)])
+        await backend.publish([position("alpha", w, seq) for w in sorted(workers)])
         await asyncio.sleep(0.001)
+    await backend.publish([status("alpha", "w2", "offline")])
     events = await asyncio.wait_for(reader, WAIT)
+    assert seqs_by_worker(events) == {w: list(range(last_seq + 1)) for w in workers}
 
-    assert seqs_by_worker(events) == {"w1": list(range(last_seq + 1))}
-    await asyncio.wait_for(slow.too_slow.wait(), WAIT)
-    assert hub.viewer_count("alpha") == 1
+    while hub.metrics.registry.get_sample_value("teamtrack_dashboard_backend_batches_total",
+                                                {"team": "alpha"}) != last_seq + 2:
+        await asyncio.sleep(0.01)
+    assert slow.syncing and slow.queued_batches == 0
+    assert (await next_frame(slow))["type"] == "snapshot"
+    sync = await next_frame(slow)
+    assert sync["type"] == "sync" and sync["team"] == "alpha"
+    newest = (await backend.snapshot("alpha")).cursor
+    assert backend.cursor_key(sync["cursor"]) == backend.cursor_key(newest)
+    # One position per worker, the newest, then the presence that changed.
+    assert [(e["w"], e["k"], e["p"]["seq"]) for e in sync["events"] if e["k"] == "p"] == [
+        (w, "p", last_seq) for w in sorted(workers)
+    ]
+    assert [(e["w"], e["p"]) for e in sync["events"] if e["k"] == "s"] == [("w2", "offline")]
+    assert not slow.syncing
+
+    # Caught up: back to plain event frames, in order, nothing repeated.
+    await backend.publish([position("alpha", "w1", last_seq + 1)])
+    frame = await next_frame(slow)
+    assert frame["type"] == "events" and seqs_by_worker(frame["events"]) == {"w1": [last_seq + 1]}
     registry = hub.metrics.registry
-    assert registry.get_sample_value("teamtrack_dashboard_viewers_disconnected_slow_total") == 1
-    await hub.leave(slow)
-    await hub.leave(normal)
-    assert hub.subscription.teams == frozenset()
+    assert registry.get_sample_value("teamtrack_dashboard_viewer_conflations_total") == 1
+    assert registry.get_sample_value("teamtrack_dashboard_sync_frames_total") == 1
+    conflated = registry.get_sample_value("teamtrack_dashboard_events_conflated_total")
+    assert conflated is not None and conflated >= 3 * (last_seq - 4)
+    assert hub.viewer_count("alpha") == 2  # nobody was dropped
+
+
+async def test_viewer_that_never_reads_holds_bounded_memory(open_hub: OpenHub) -> None:
+    workers = [f"w{index:03d}" for index in range(200)]
+    # The backend keeps little history, so what grows (if anything) is the viewer's.
+    backend = MemoryBackend(history=50)
+    hub = await open_hub(backend, ViewerLimits(queue_batches=64, queue_bytes=256 * 1024))
+    stuck = await hub.join("alpha")
+    reading = await hub.join("alpha")
+    await next_frame(reading)
+    batches = 400
+    delays_ms: list[float] = []
+
+    async def read_everything() -> None:
+        received = 0
+        while received < batches * len(workers):
+            frame = await next_frame(reading)
+            now = time.time() * 1000
+            delays_ms.extend(now - event["rx"] for event in frame["events"])
+            received += len(frame["events"])
+
+    tracemalloc.start()
+    try:
+        reader = asyncio.create_task(read_everything())
+        largest_held = 0
+        for seq in range(batches):
+            await backend.publish([position("alpha", w, seq) for w in workers])
+            await asyncio.sleep(0)
+            largest_held = max(largest_held, stuck.held_bytes)
+        await asyncio.wait_for(reader, WAIT * 4)
+        # What the dashboard's own code allocated and still holds: the viewers' state.
+        held_by_dashboard = sum(
+            statistic.size
+            for statistic in tracemalloc.take_snapshot()
+            .filter_traces([tracemalloc.Filter(True, "*/dashboard/*")])
+            .statistics("filename")
+        )
+    finally:
+        tracemalloc.stop()
+
+    event_bytes = len(position("alpha", "w000", batches).to_json())
+    published = batches * len(workers) * event_bytes
+    # About one entry per worker, however much was published (here ~9 MB of events).
+    assert stuck.syncing and stuck.queued_batches == 0
+    assert largest_held <= 256 * 1024 + len(workers) * (event_bytes + 64) + 4096
+    assert held_by_dashboard < published / 20, (held_by_dashboard, published)
+    delays_ms.sort()
+    assert delays_ms[int(len(delays_ms) * 0.99)] < 1000
+
+
+async def test_resume_on_another_instance_replays_the_missed_batches_once(
+    open_backend: OpenBackend, open_hub: OpenHub
+) -> None:
+    publisher_backend = await open_backend()
+    first_hub = await open_hub(await open_backend())
+    second_hub = await open_hub(await open_backend())
+    workers = {"w1", "w2"}
+    last_seq = 150
+
+    async def publish_continuously() -> None:
+        for seq in range(last_seq + 1):
+            await publisher_backend.publish([position("alpha", w, seq) for w in sorted(workers)])
+            await asyncio.sleep(0.003)
+
+    viewer = await first_hub.join("alpha")
+    publisher = asyncio.create_task(publish_continuously())
+    snapshot = await next_frame(viewer)
+    start = snapshot_seqs(snapshot)
+    events = await collect_until(viewer, 20, workers)
+    resumed_frames = 0
+    cursor = ""
+    # Drop and resume a few times, alternating instances, while positions keep flowing.
+    for round_number in range(4):
+        frame = await next_frame(viewer)
+        events += frame["events"]
+        cursor = frame["cursor"]
+        await (first_hub if round_number % 2 == 0 else second_hub).leave(viewer)
+        await asyncio.sleep(0.05)  # batches are published meanwhile
+        hub = second_hub if round_number % 2 == 0 else first_hub
+        viewer = await hub.join("alpha", after=cursor)
+        first = await next_frame(viewer)
+        assert first == {"type": "resume", "team": "alpha", "cursor": cursor, "now": first["now"]}
+        resumed_frames += 1
+    await publisher
+    events += await collect_until(viewer, last_seq, workers)
+
+    received = seqs_by_worker(events)
+    for worker in workers:
+        assert received[worker] == list(range(start.get(worker, -1) + 1, last_seq + 1))
+    replays = first_hub.metrics.registry.get_sample_value(
+        "teamtrack_dashboard_resumes_total", {"outcome": "replayed"}
+    ) or 0
+    replays += second_hub.metrics.registry.get_sample_value(
+        "teamtrack_dashboard_resumes_total", {"outcome": "replayed"}
+    ) or 0
+    assert replays == resumed_frames == 4
+
+
+async def test_resume_with_the_newest_cursor_sends_only_new_batches(
+    open_backend: OpenBackend, open_hub: OpenHub
+) -> None:
+    backend = await open_backend()
+    hub = await open_hub(backend)
+    await backend.publish([position("alpha", "w1", 0)])
+    cursor = (await backend.snapshot("alpha")).cursor
+    viewer = await hub.join("alpha", after=cursor)
+    assert (await next_frame(viewer))["type"] == "resume"
+    await backend.publish([position("alpha", "w1", 1)])
+    assert seqs_by_worker((await next_frame(viewer))["events"]) == {"w1": [1]}
+    assert hub.metrics.registry.get_sample_value(
+        "teamtrack_dashboard_resumes_total", {"outcome": "current"}
+    ) == 1
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "99999999999999-0", "x" * 300])
+async def test_resume_from_an_unusable_cursor_starts_over(
+    open_backend: OpenBackend, open_hub: OpenHub, cursor: str
+) -> None:
+    backend = await open_backend()
+    hub = await open_hub(backend)
+    await backend.publish([position("alpha", "w1", 0)])
+    viewer = await hub.join("alpha", after=cursor)
+    gap, snapshot = await next_frame(viewer), await next_frame(viewer)
+    assert gap["type"] == "gap" and snapshot["type"] == "snapshot"
+    assert snapshot_seqs(snapshot) == {"w1": 0}
+    await backend.publish([position("alpha", "w1", 1)])
+    assert seqs_by_worker((await next_frame(viewer))["events"]) == {"w1": [1]}
+
+
+async def test_resume_after_the_history_was_trimmed_sends_gap_then_snapshot(
+    backend_url: str, open_hub: OpenHub
+) -> None:
+    separator = "&" if "?" in backend_url else "?"
+    backend = from_url(f"{backend_url}{separator}history=5")
+    await backend.start()
+    try:
+        hub = await open_hub(backend)
+        await backend.publish([position("alpha", "w1", 0)])
+        cursor = (await backend.snapshot("alpha")).cursor
+        for seq in range(1, 20):
+            await backend.publish([position("alpha", "w1", seq)])
+        viewer = await hub.join("alpha", after=cursor)
+        gap, snapshot = await next_frame(viewer), await next_frame(viewer)
+        assert gap == {"type": "gap", "team": "alpha", "cursor": cursor}
+        assert snapshot["type"] == "snapshot" and snapshot_seqs(snapshot) == {"w1": 19}
+        await backend.publish([position("alpha", "w1", 20)])
+        assert seqs_by_worker((await next_frame(viewer))["events"]) == {"w1": [20]}
+        assert hub.metrics.registry.get_sample_value(
+            "teamtrack_dashboard_resumes_total", {"outcome": "gap"}
+        ) == 1
+        await hub.stop()
+    finally:
+        await backend.close()
+
+
+async def test_instance_reads_a_tenth_when_its_viewers_watch_one_team_of_ten(
+    redis_url: str, open_hub: OpenHub
+) -> None:
+    teams = [f"team{index}" for index in range(10)]
+    bridge = from_url(redis_url)
+    watching_one, watching_all = from_url(redis_url), from_url(redis_url)
+    for backend in (bridge, watching_one, watching_all):
+        await backend.start()
+    try:
+        one_hub = await open_hub(watching_one)
+        all_hub = await open_hub(watching_all)
+        viewer = await one_hub.join("team3")
+        await next_frame(viewer)
+        for team in teams:
+            await next_frame(await all_hub.join(team))
+        rounds, workers = 30, 5
+        for seq in range(rounds):
+            # One bridge batch holds every team, as a busy bridge's does.
+            await bridge.publish(
+                [position(team, f"w{w}", seq) for team in teams for w in range(workers)]
+            )
+        await collect_until(viewer, rounds - 1, {f"w{w}" for w in range(workers)})
+
+        def received(hub: TeamHub) -> dict[str, float]:
+            counts = {}
+            for team in teams:
+                value = hub.metrics.registry.get_sample_value(
+                    "teamtrack_dashboard_backend_events_total", {"team": team}
+                )
+                if value:
+                    counts[team] = value
+            return counts
+
+        deadline = time.monotonic() + WAIT
+        while sum(received(all_hub).values()) < rounds * workers * len(teams):
+            assert time.monotonic() < deadline, received(all_hub)
+            await asyncio.sleep(0.02)
+        one, everything = received(one_hub), received(all_hub)
+        assert one == {"team3": rounds * workers}
+        assert everything == {team: rounds * workers for team in teams}
+        assert sum(one.values()) / sum(everything.values()) == pytest.approx(0.1)
+        await one_hub.stop()
+        await all_hub.stop()
+    finally:
+        for backend in (bridge, watching_one, watching_all):
+            await backend.close()
 
 
 class _FlakySubscription(TeamSubscription):

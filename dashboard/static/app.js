@@ -1,5 +1,6 @@
-// The live team table: a snapshot, then event frames over /ws/teams/{team} (docs/protocol.md).
-// Plain script, no build step. Data is only ever written with textContent, never as HTML.
+// The manager's live map: a snapshot (or a resume), then frames over /ws/teams/{team}
+// (docs/protocol.md). Plain script, no build step; Leaflet is loaded before it when installed.
+// Data is only ever written with textContent, never as HTML.
 "use strict";
 
 (function () {
@@ -8,162 +9,196 @@
   const PING_EVERY_MS = 20000;
   // No frame and no pong for this long: the connection is dead even if the browser hasn't noticed.
   const SILENCE_LIMIT_MS = 45000;
+  const CLOSE_TOO_SLOW = 4008;
+  const COLOURS = { online: "#1f8a4c", stale: "#d08c1a", offline: "#7b8594", unknown: "#3867d6" };
+  const FOCUS_ZOOM = 16;
+  const RENDER_SAMPLES = 240;
 
   const elements = {
     team: document.getElementById("team"),
     connection: document.getElementById("connection"),
     delay: document.getElementById("delay"),
-    count: document.getElementById("count"),
     notice: document.getElementById("notice"),
-    rows: document.getElementById("workers"),
+    map: document.getElementById("map"),
+    search: document.getElementById("search"),
+    list: document.getElementById("workers"),
+    following: document.getElementById("following"),
+    followingName: document.getElementById("following-name"),
+    stopFollowing: document.getElementById("stop-following"),
+    total: document.getElementById("count"),
+    counts: {
+      online: document.getElementById("count-online"),
+      stale: document.getElementById("count-stale"),
+      offline: document.getElementById("count-offline"),
+    },
   };
 
-  // worker -> {position, receivedMs, status, row}
+  let config = { stale_after_s: 30, trail_points: 20, tile_url: "", tile_attribution: "" };
+  // worker id -> record; see newRecord().
   const workers = new Map();
+  const sortedIds = [];
   const changed = new Set();
   let renderScheduled = false;
   let team = null;
   let socket = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
   let lastHeard = 0;
+  // Where to resume from after a drop: the cursor of the last frame applied.
+  let cursor = null;
+  let serverOffsetMs = 0; // server clock minus this browser's, from the frames' "now"
+  let followed = null;
+  let fitPending = true;
+  let map = null;
+  let trailRenderer = null;
+  let markerRenderer = null;
+  const stats = {
+    frames: { snapshot: 0, resume: 0, events: 0, sync: 0, gap: 0 },
+    duplicates: 0,
+    seqGaps: 0,
+    connections: 0,
+    lastClose: null,
+    renderMs: [],
+  };
 
+  // --- Connection and notices -----------------------------------------------------------
   function setConnection(state) {
     elements.connection.textContent = state;
     elements.connection.dataset.state = state;
   }
 
-  function showNotice(text) {
+  // A notice with `holdMs` stays that long even if the connection recovers meanwhile (a gap
+  // is followed by a snapshot at once, and the manager must still get to read about it).
+  let noticeHeldUntil = 0;
+  function showNotice(text, holdMs) {
+    if (!text && Date.now() < noticeHeldUntil) return;
+    noticeHeldUntil = holdMs ? Date.now() + holdMs : 0;
     elements.notice.textContent = text;
     elements.notice.hidden = !text;
+    if (holdMs) window.setTimeout(() => showNotice(""), holdMs + 50);
   }
 
-  function toLogin() {
-    window.location.assign("/login");
+  function serverNow() {
+    return Date.now() + serverOffsetMs;
   }
 
-  function worker(name) {
-    let entry = workers.get(name);
+  function setServerClock(nowMs) {
+    if (typeof nowMs === "number") serverOffsetMs = nowMs - Date.now();
+  }
+
+  // --- Workers --------------------------------------------------------------------------
+  function newRecord(id) {
+    return {
+      id: id,
+      position: null, // the device payload of the newest fix
+      rxMs: null, // when a bridge received that fix (server clock)
+      status: null, // "online" | "offline" | null
+      statusMs: null,
+      trail: [],
+      seqGaps: 0, // messages the device never sent (its seq skipped), not ones we lost
+      duplicates: 0,
+      state: "unknown",
+      marker: null,
+      trailLine: null,
+      row: null,
+    };
+  }
+
+  function record(id) {
+    let entry = workers.get(id);
     if (!entry) {
-      entry = { position: null, receivedMs: null, status: null, row: null };
-      workers.set(name, entry);
+      entry = newRecord(id);
+      workers.set(id, entry);
+      sortedIds.splice(insertionIndex(id), 0, id);
     }
     return entry;
   }
 
-  function markChanged(name) {
-    changed.add(name);
-    if (!renderScheduled) {
-      renderScheduled = true;
-      window.requestAnimationFrame(render);
+  function insertionIndex(id) {
+    let low = 0;
+    let high = sortedIds.length;
+    while (low < high) {
+      const middle = (low + high) >> 1;
+      if (sortedIds[middle] < id) low = middle + 1;
+      else high = middle;
     }
+    return low;
   }
 
-  function applySnapshot(frame) {
+  function stateOf(entry, now) {
+    if (entry.status === "offline" && (entry.rxMs === null || entry.statusMs >= entry.rxMs)) {
+      return "offline";
+    }
+    if (entry.position === null) return entry.status === "online" ? "online" : "unknown";
+    if (now - entry.rxMs > config.stale_after_s * 1000) return "stale";
+    return "online";
+  }
+
+  // `continuous`: nothing between the previous fix and this one was skipped by the platform,
+  // so a jump in seq means the device itself skipped (shown, never hidden).
+  function applyPosition(entry, position, rxMs, continuous) {
+    const previous = entry.position;
+    if (previous && typeof position.seq === "number" && typeof previous.seq === "number") {
+      if (position.seq <= previous.seq && position.ts <= previous.ts) {
+        entry.duplicates += 1; // already shown (or older than what is shown)
+        stats.duplicates += 1;
+        return false;
+      }
+      if (continuous && position.seq > previous.seq + 1) {
+        const missed = position.seq - previous.seq - 1;
+        entry.seqGaps += missed;
+        stats.seqGaps += missed;
+      }
+    }
+    entry.position = position;
+    entry.rxMs = rxMs;
+    entry.trail.push([position.lat, position.lon]);
+    const excess = entry.trail.length - Math.max(config.trail_points, 1);
+    if (excess > 0) entry.trail.splice(0, excess);
+    return true;
+  }
+
+  function clearWorkers() {
     for (const entry of workers.values()) {
-      if (entry.row) entry.row.remove();
+      if (entry.marker) entry.marker.remove();
+      if (entry.trailLine) entry.trailLine.remove();
     }
     workers.clear();
+    sortedIds.length = 0;
     changed.clear();
-    for (const item of frame.workers) {
-      const entry = worker(item.worker);
-      entry.position = item.position;
-      entry.receivedMs = item.received_ms;
-      entry.status = item.status;
-      markChanged(item.worker);
-    }
-    showDelay(frame.workers.map((item) => item.position));
+    elements.list.replaceChildren();
   }
 
-  function applyEvents(frame) {
+  // --- Frames ---------------------------------------------------------------------------
+  function applySnapshot(frame) {
+    clearWorkers();
+    setServerClock(frame.now);
+    for (const item of frame.workers) {
+      const entry = record(item.worker);
+      if (item.position) applyPosition(entry, item.position, item.received_ms, false);
+      entry.status = item.status;
+      entry.statusMs = item.status_ms;
+      changed.add(item.worker);
+    }
+    fitPending = true;
+    showDelay(frame.workers.map((item) => item.position));
+    buildList();
+    scheduleRender();
+  }
+
+  function applyEvents(events, continuous) {
     const positions = [];
-    for (const event of frame.events) {
-      const entry = worker(event.w);
+    for (const event of events) {
+      const entry = record(event.w);
       if (event.k === "p") {
-        // Several fixes of one worker can share a frame; the table shows the newest.
-        if (!entry.position || entry.position.ts <= event.p.ts) {
-          entry.position = event.p;
-          entry.receivedMs = event.rx;
-        }
-        positions.push(event.p);
+        if (applyPosition(entry, event.p, event.rx, continuous)) positions.push(event.p);
       } else if (event.k === "s") {
         entry.status = event.p;
+        entry.statusMs = event.rx;
       }
-      markChanged(event.w);
+      changed.add(event.w);
     }
     showDelay(positions);
-  }
-
-  function showDelay(positions) {
-    let newest = null;
-    for (const position of positions) {
-      if (position && (newest === null || position.ts > newest)) newest = position.ts;
-    }
-    if (newest !== null) {
-      elements.delay.textContent = formatDuration(Date.now() - newest);
-    }
-  }
-
-  function formatDuration(ms) {
-    if (ms < 0) ms = 0;
-    if (ms < 10000) return ms + " ms";
-    if (ms < 120000) return Math.round(ms / 1000) + " s";
-    if (ms < 7200000) return Math.round(ms / 60000) + " min";
-    return Math.round(ms / 3600000) + " h";
-  }
-
-  function number(value, digits) {
-    return typeof value === "number" ? value.toFixed(digits) : "";
-  }
-
-  function newRow(name) {
-    const row = document.createElement("tr");
-    for (let i = 0; i < 8; i++) row.appendChild(document.createElement("td"));
-    row.cells[0].textContent = name;
-    // Keep the table sorted by worker: insert before the first row with a larger name.
-    let before = null;
-    for (const candidate of elements.rows.rows) {
-      if (candidate.cells[0].textContent > name) {
-        before = candidate;
-        break;
-      }
-    }
-    elements.rows.insertBefore(row, before);
-    return row;
-  }
-
-  function fillRow(name, entry) {
-    if (!entry.row) entry.row = newRow(name);
-    const cells = entry.row.cells;
-    const position = entry.position || {};
-    cells[1].textContent = number(position.lat, 5);
-    cells[2].textContent = number(position.lon, 5);
-    cells[3].textContent = number(position.speed, 1);
-    cells[4].textContent = number(position.battery, 0);
-    cells[5].textContent = typeof position.seq === "number" ? String(position.seq) : "";
-    cells[7].textContent = entry.status || "";
-    entry.row.dataset.status = entry.status || "unknown";
-    fillAge(entry);
-  }
-
-  function fillAge(entry) {
-    const ts = entry.position && entry.position.ts;
-    entry.row.cells[6].textContent = typeof ts === "number" ? formatDuration(Date.now() - ts) : "";
-  }
-
-  function render() {
-    renderScheduled = false;
-    for (const name of changed) {
-      const entry = workers.get(name);
-      if (entry) fillRow(name, entry);
-    }
-    changed.clear();
-    elements.count.textContent = String(workers.size);
-  }
-
-  function refreshAges() {
-    for (const entry of workers.values()) {
-      if (entry.row) fillAge(entry);
-    }
+    scheduleRender();
   }
 
   function onFrame(message) {
@@ -174,18 +209,309 @@
     } catch (error) {
       return;
     }
+    if (frame.type in stats.frames) stats.frames[frame.type] += 1;
     if (frame.type === "snapshot") {
       applySnapshot(frame);
-      setConnection("live");
-      showNotice("");
-      reconnectDelay = RECONNECT_FIRST_MS;
+      becameLive();
+    } else if (frame.type === "resume") {
+      setServerClock(frame.now);
+      becameLive();
     } else if (frame.type === "events") {
-      applyEvents(frame);
+      applyEvents(frame.events, true);
+    } else if (frame.type === "sync") {
+      // The server skipped what this browser was too slow for: latest state, no seq gaps.
+      setServerClock(frame.now);
+      applyEvents(frame.events, false);
+      showNotice("This connection fell behind; it skipped to the latest positions.", 8000);
     } else if (frame.type === "gap") {
-      showNotice("Some updates were lost; the table was reloaded.");
+      showNotice("Some updates were lost for good; the map was reloaded.", 15000);
+    }
+    if (typeof frame.cursor === "string") cursor = frame.cursor;
+  }
+
+  function becameLive() {
+    setConnection("live");
+    showNotice("");
+    reconnectDelay = RECONNECT_FIRST_MS;
+  }
+
+  function showDelay(positions) {
+    let newest = null;
+    for (const position of positions) {
+      if (position && (newest === null || position.ts > newest)) newest = position.ts;
+    }
+    if (newest !== null) elements.delay.textContent = formatDuration(Date.now() - newest);
+  }
+
+  function formatAge(ms) {
+    if (ms < 1000) return "now";
+    if (ms < 120000) return Math.round(ms / 1000) + " s";
+    return formatDuration(ms);
+  }
+
+  function formatDuration(ms) {
+    if (ms < 0) ms = 0;
+    if (ms < 10000) return ms + " ms";
+    if (ms < 120000) return Math.round(ms / 1000) + " s";
+    if (ms < 7200000) return Math.round(ms / 60000) + " min";
+    return Math.round(ms / 3600000) + " h";
+  }
+
+  // --- Map ------------------------------------------------------------------------------
+  function createMap() {
+    if (!window.L) {
+      elements.map.hidden = true;
+      document.body.classList.add("no-map");
+      showNotice("The map library is not installed (run `make assets`); showing the list only.");
+      return;
+    }
+    map = L.map(elements.map, { preferCanvas: true, worldCopyJump: true, zoomControl: true });
+    // Two canvases: trails under markers, whatever order workers appear in.
+    map.createPane("trails").style.zIndex = 390;
+    map.createPane("workers").style.zIndex = 410;
+    trailRenderer = L.canvas({ pane: "trails", padding: 0.2 });
+    markerRenderer = L.canvas({ pane: "workers", padding: 0.2, tolerance: 4 });
+    if (config.tile_url) {
+      L.tileLayer(config.tile_url, {
+        maxZoom: 19,
+        attribution: config.tile_attribution,
+        crossOrigin: false,
+      }).addTo(map);
+    } else {
+      // No tiles: a faint grid that pans and zooms with the map, so that movement still reads.
+      elements.map.classList.add("no-tiles");
+      new (L.GridLayer.extend({ createTile: gridTile }))().addTo(map);
+    }
+    map.setView([20, 0], 2);
+    map.on("dragstart", stopFollowing);
+  }
+
+  function gridTile() {
+    const tile = document.createElement("canvas");
+    const size = this.getTileSize();
+    tile.width = size.x;
+    tile.height = size.y;
+    const context = tile.getContext("2d");
+    context.strokeStyle = "#d5dce5";
+    context.strokeRect(0.5, 0.5, size.x, size.y);
+    return tile;
+  }
+
+  function markerStyle(entry) {
+    const selected = entry.id === followed;
+    return {
+      radius: selected ? 9 : 6,
+      color: selected ? "#111" : "#fff",
+      weight: selected ? 2.5 : 1.5,
+      fillColor: COLOURS[entry.state],
+      fillOpacity: entry.state === "offline" ? 0.6 : 0.95,
+    };
+  }
+
+  function tooltipText(entry) {
+    const age = entry.position ? ", " + formatAge(serverNow() - entry.rxMs) : "";
+    return entry.id + " · " + entry.state + age;
+  }
+
+  function drawOnMap(entry, styleChanged) {
+    if (!map || !entry.position) return;
+    const latLng = [entry.position.lat, entry.position.lon];
+    if (!entry.marker) {
+      entry.trailLine = L.polyline(entry.trail.slice(), {
+        renderer: trailRenderer,
+        pane: "trails",
+        interactive: false,
+        color: COLOURS[entry.state],
+        weight: 2,
+        opacity: 0.45,
+      }).addTo(map);
+      entry.marker = L.circleMarker(latLng, Object.assign({ renderer: markerRenderer,
+        pane: "workers" }, markerStyle(entry))).addTo(map);
+      entry.marker.bindTooltip(() => tooltipText(entry), { direction: "top", offset: [0, -6] });
+      entry.marker.on("click", () => follow(entry.id));
+      return;
+    }
+    entry.marker.setLatLng(latLng);
+    entry.trailLine.setLatLngs(entry.trail);
+    if (styleChanged) {
+      entry.marker.setStyle(markerStyle(entry));
+      entry.trailLine.setStyle({ color: COLOURS[entry.state] });
     }
   }
 
+  function fitToWorkers() {
+    if (!map) return;
+    const points = [];
+    for (const entry of workers.values()) {
+      if (entry.position) points.push([entry.position.lat, entry.position.lon]);
+    }
+    if (points.length === 0) return;
+    fitPending = false;
+    map.fitBounds(L.latLngBounds(points), { padding: [30, 30], maxZoom: FOCUS_ZOOM });
+  }
+
+  function follow(id) {
+    const previous = followed;
+    followed = id;
+    for (const name of [previous, id]) {
+      const entry = name && workers.get(name);
+      if (entry) {
+        if (entry.marker) entry.marker.setStyle(markerStyle(entry));
+        if (entry.row) entry.row.classList.toggle("selected", name === followed);
+      }
+    }
+    elements.following.hidden = false;
+    elements.followingName.textContent = id;
+    const entry = workers.get(id);
+    if (map && entry && entry.position) {
+      map.setView([entry.position.lat, entry.position.lon], Math.max(map.getZoom(), FOCUS_ZOOM));
+      entry.marker.bringToFront();
+    }
+  }
+
+  function stopFollowing() {
+    if (followed === null) return;
+    const entry = workers.get(followed);
+    followed = null;
+    elements.following.hidden = true;
+    if (entry) {
+      if (entry.marker) entry.marker.setStyle(markerStyle(entry));
+      if (entry.row) entry.row.classList.remove("selected");
+    }
+  }
+
+  // --- Side list ------------------------------------------------------------------------
+  function newRow(entry) {
+    const row = document.createElement("li");
+    row.dataset.worker = entry.id;
+    const button = document.createElement("button");
+    button.type = "button";
+    const dot = document.createElement("span");
+    dot.className = "dot";
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = entry.id;
+    const age = document.createElement("span");
+    age.className = "age";
+    const gaps = document.createElement("span");
+    gaps.className = "gaps";
+    gaps.hidden = true;
+    button.append(dot, name, gaps, age);
+    button.addEventListener("click", () => follow(entry.id));
+    row.appendChild(button);
+    row.hidden = !matchesSearch(entry.id);
+    entry.row = row;
+    return row;
+  }
+
+  function buildList() {
+    const fragment = document.createDocumentFragment();
+    for (const id of sortedIds) fragment.appendChild(newRow(workers.get(id)));
+    elements.list.replaceChildren(fragment);
+  }
+
+  function placeRow(entry) {
+    const row = newRow(entry);
+    // Before the first later worker already listed (several may be new in one render).
+    let next = null;
+    for (let index = sortedIds.indexOf(entry.id) + 1; index < sortedIds.length; index++) {
+      const candidate = workers.get(sortedIds[index]).row;
+      if (candidate && candidate.parentNode) {
+        next = candidate;
+        break;
+      }
+    }
+    elements.list.insertBefore(row, next);
+  }
+
+  function fillRow(entry, now) {
+    const row = entry.row;
+    row.dataset.state = entry.state;
+    row.dataset.seq = entry.position && typeof entry.position.seq === "number"
+      ? String(entry.position.seq) : "";
+    row.dataset.seqGaps = String(entry.seqGaps);
+    const [, , gaps, age] = row.firstChild.children;
+    fillAge(entry, age, now);
+    if (entry.seqGaps > 0) {
+      gaps.hidden = false;
+      gaps.textContent = "⚠ " + entry.seqGaps + " skipped";
+      gaps.title = "the device skipped " + entry.seqGaps + " sequence number(s)";
+    }
+    const position = entry.position;
+    row.title = position
+      ? `${entry.id}: ${entry.state}, seq ${position.seq}` +
+        (typeof position.speed === "number" ? `, ${position.speed.toFixed(1)} m/s` : "") +
+        (typeof position.battery === "number" ? `, battery ${Math.round(position.battery)}%` : "")
+      : `${entry.id}: ${entry.state}`;
+  }
+
+  function fillAge(entry, age, now) {
+    age.textContent = entry.position ? formatAge(now - entry.rxMs) : entry.status || "";
+  }
+
+  function matchesSearch(id) {
+    const query = elements.search.value.trim().toLowerCase();
+    return !query || id.toLowerCase().includes(query);
+  }
+
+  function applySearch() {
+    for (const entry of workers.values()) {
+      if (entry.row) entry.row.hidden = !matchesSearch(entry.id);
+    }
+  }
+
+  function updateCounts() {
+    const counts = { online: 0, stale: 0, offline: 0, unknown: 0 };
+    for (const entry of workers.values()) counts[entry.state] += 1;
+    for (const state of ["online", "stale", "offline"]) {
+      elements.counts[state].textContent = String(counts[state]);
+    }
+    elements.total.textContent = String(workers.size);
+  }
+
+  // --- Rendering ------------------------------------------------------------------------
+  function scheduleRender() {
+    if (!renderScheduled) {
+      renderScheduled = true;
+      window.requestAnimationFrame(render);
+    }
+  }
+
+  function render() {
+    const started = performance.now();
+    renderScheduled = false;
+    const now = serverNow();
+    for (const id of changed) {
+      const entry = workers.get(id);
+      if (!entry) continue;
+      const state = stateOf(entry, now);
+      const styleChanged = state !== entry.state || !entry.marker;
+      entry.state = state;
+      drawOnMap(entry, styleChanged);
+      if (!entry.row) placeRow(entry);
+      fillRow(entry, now);
+      if (id === followed && map && entry.position) {
+        map.panTo([entry.position.lat, entry.position.lon], { animate: false });
+      }
+    }
+    changed.clear();
+    if (fitPending) fitToWorkers();
+    updateCounts();
+    stats.renderMs.push(performance.now() - started);
+    if (stats.renderMs.length > RENDER_SAMPLES) stats.renderMs.shift();
+  }
+
+  // Staleness comes from the passing of time, not from frames: look at every worker each second.
+  function refreshStates() {
+    const now = serverNow();
+    for (const entry of workers.values()) {
+      if (stateOf(entry, now) !== entry.state) changed.add(entry.id);
+      else if (entry.row) fillAge(entry, entry.row.firstChild.lastChild, now);
+    }
+    if (changed.size) scheduleRender();
+  }
+
+  // --- Socket ---------------------------------------------------------------------------
   async function stillLoggedIn() {
     try {
       const response = await fetch("/api/me", { credentials: "same-origin" });
@@ -202,7 +528,7 @@
     window.setTimeout(async () => {
       // A refused handshake looks like any other failure to a browser: ask the API why.
       if (!(await stillLoggedIn())) {
-        toLogin();
+        window.location.assign("/login");
         return;
       }
       connect();
@@ -211,16 +537,21 @@
 
   function connect() {
     const scheme = window.location.protocol === "https:" ? "wss" : "ws";
-    const url = `${scheme}://${window.location.host}/ws/teams/${encodeURIComponent(team)}`;
+    let url = `${scheme}://${window.location.host}/ws/teams/${encodeURIComponent(team)}`;
+    if (cursor !== null) url += `?after=${encodeURIComponent(cursor)}`;
     setConnection(socket ? "reconnecting" : "connecting");
     const current = new WebSocket(url);
     socket = current;
+    stats.connections += 1;
     lastHeard = Date.now();
     current.onmessage = onFrame;
     current.onclose = (event) => {
       if (socket !== current) return;
-      if (event.code === 4008) {
-        showNotice("This browser fell behind; reloading the team.");
+      stats.lastClose = event.code;
+      if (event.code === CLOSE_TOO_SLOW) {
+        // Resuming would replay the very backlog this browser could not take: start over.
+        cursor = null;
+        showNotice("This connection fell too far behind; reloading the team.");
         reconnectDelay = RECONNECT_FIRST_MS;
       }
       scheduleReconnect();
@@ -236,25 +567,79 @@
     socket.send(JSON.stringify({ type: "ping" }));
   }
 
-  async function start() {
-    const response = await fetch("/api/me", { credentials: "same-origin" });
+  // --- Start ----------------------------------------------------------------------------
+  async function getJson(path) {
+    const response = await fetch(path, { credentials: "same-origin" });
     if (response.status === 401) {
-      toLogin();
-      return;
+      window.location.assign("/login");
+      throw new Error("signed out");
     }
-    const me = await response.json();
+    if (!response.ok) throw new Error(`${path}: ${response.status}`);
+    return response.json();
+  }
+
+  async function start() {
+    const [me, settings] = await Promise.all([getJson("/api/me"), getJson("/api/config")]);
     team = me.team;
+    config = settings;
     elements.team.textContent = team;
     document.title = `teamtrack — ${team}`;
+    createMap();
+    elements.search.addEventListener("input", applySearch);
+    elements.search.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter") return;
+      const visible = sortedIds.filter((id) => matchesSearch(id));
+      if (visible.length === 1) follow(visible[0]);
+    });
+    elements.stopFollowing.addEventListener("click", stopFollowing);
     connect();
-    window.setInterval(refreshAges, 1000);
+    window.setInterval(refreshStates, 1000);
     window.setInterval(keepAlive, PING_EVERY_MS);
   }
 
-  start().catch(() => scheduleReconnectStart());
-
-  function scheduleReconnectStart() {
+  function retryStart() {
     setConnection("reconnecting");
-    window.setTimeout(() => start().catch(scheduleReconnectStart), RECONNECT_MAX_MS / 10);
+    window.setTimeout(() => start().catch(retryStart), RECONNECT_MAX_MS / 10);
   }
+
+  // For tests and for operators at the console: what the page believes, without reading pixels.
+  window.teamtrack = {
+    state() {
+      return {
+        team: team,
+        connection: elements.connection.dataset.state,
+        cursor: cursor,
+        frames: Object.assign({}, stats.frames),
+        duplicates: stats.duplicates,
+        seqGaps: stats.seqGaps,
+        connections: stats.connections,
+        lastClose: stats.lastClose,
+        markersOnMap: map ? sortedIds.filter((id) => {
+          const entry = workers.get(id);
+          return entry.marker && map.hasLayer(entry.marker);
+        }).length : 0,
+        workers: sortedIds.map((id) => {
+          const entry = workers.get(id);
+          return {
+            id: id,
+            state: entry.state,
+            lat: entry.position ? entry.position.lat : null,
+            lon: entry.position ? entry.position.lon : null,
+            seq: entry.position ? entry.position.seq : null,
+            seqGaps: entry.seqGaps,
+            duplicates: entry.duplicates,
+            trail: entry.trail.length,
+            onMap: Boolean(map && entry.marker && map.hasLayer(entry.marker)),
+          };
+        }),
+      };
+    },
+    renderStats() {
+      const samples = stats.renderMs.slice().sort((a, b) => a - b);
+      const pick = (q) => (samples.length ? samples[Math.floor(q * (samples.length - 1))] : null);
+      return { count: samples.length, medianMs: pick(0.5), p95Ms: pick(0.95), maxMs: pick(1) };
+    },
+  };
+
+  start().catch(retryStart);
 })();
