@@ -9,10 +9,11 @@ up to the snapshot's cursor is dropped when frames are built, because the snapsh
 everything after it is sent once, because the viewer remembers the newest cursor it sent.
 
 Resuming on any instance: a viewer that comes back with the cursor of the last frame it got is
-registered and snapshotted the same way, but instead of the snapshot it is sent the batches
-between its cursor and the snapshot's, read again from the backend's history by a subscription
-of its own that ends there; everything later comes from the shared subscription. The cursor is
-the only thing a viewer brings, so the instance it lands on does not matter.
+registered the same way, but instead of a snapshot it is sent the batches between its cursor
+and the newest one the shared subscription had routed when it was registered, read again from
+the backend's history by a subscription of its own that ends there; everything later comes from
+the shared subscription, and cursor order drops what both deliver. The cursor is the only thing
+a viewer brings, so the instance it lands on does not matter.
 
 Slow viewers: the hub fills each viewer's bounded queue without waiting. A viewer whose queue
 overflows is switched to state-sync: from then on it keeps only the newest position and the
@@ -52,9 +53,11 @@ MAX_FRAME_BYTES: Final = 512 * 1024
 DEFAULT_QUEUE_BATCHES: Final = 256
 DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
 MAX_CURSOR_CHARS: Final = 256
-# Batches up to a resume's end point are in the backend's log already; a replay that gets
-# none for this long has lost its backend, and the viewer is resynced instead of waiting.
-REPLAY_READ_TIMEOUT_S: Final = 10.0
+# How long a resume waits for the replay's first item before answering: a `Gap` (trimmed
+# history) is known at once, and is better sent instead of a `resume` than right after it.
+REPLAY_FIRST_ITEM_WAIT_S: Final = 0.5
+# Replayed batches that arrive within this long of each other share a frame.
+REPLAY_GATHER_WAIT_S: Final = 0.005
 
 CursorKey = tuple[int, ...]
 
@@ -123,33 +126,43 @@ class _LatestPerWorker:
 
 
 class _Replay:
-    """A resuming viewer's own subscription, read from its cursor up to `until`, then closed."""
+    """A resuming viewer's own subscription, read from its cursor until it meets the shared one.
 
-    def __init__(
-        self, subscription: TeamSubscription, after: Cursor, first: Batch, until: CursorKey
-    ) -> None:
-        self.team = first.team
+    `until` is the newest cursor the shared subscription had routed when the viewer was
+    registered: everything after it reaches the viewer's queue anyway. The replay ends at the
+    first batch at or after it. Until that batch exists (a quiet team), the replay simply has
+    nothing to send, and waits like a live subscription would.
+
+    Reads run as a task that outlives a caller's timeout, so no read is ever abandoned halfway.
+    """
+
+    def __init__(self, subscription: TeamSubscription, until: CursorKey) -> None:
         self.subscription = subscription
-        self.last_cursor = after
-        self.pending: Batch | None = first
         self.until = until
+        self._read: asyncio.Task[Batch | Gap] | None = None
+
+    def _reading(self) -> asyncio.Task[Batch | Gap]:
+        if self._read is None:
+            self._read = asyncio.ensure_future(anext(self.subscription))
+        return self._read
+
+    async def peek(self, wait_s: float | None) -> Batch | Gap | None:
+        """The next item if it comes within `wait_s` (None: no limit); it stays next."""
+        reading = self._reading()
+        await asyncio.wait({reading}, timeout=wait_s)
+        return reading.result() if reading.done() else None
 
     async def next(self) -> Batch | Gap:
-        """The next batch, or a `Gap` if the history was trimmed or the backend went quiet."""
-        if self.pending is not None:
-            item: Batch | Gap = self.pending
-            self.pending = None
-        else:
-            try:
-                item = await asyncio.wait_for(anext(self.subscription), REPLAY_READ_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("replay after %s stalled; resyncing the viewer", self.last_cursor)
-                item = Gap(self.team, self.last_cursor)
-        if isinstance(item, Batch):
-            self.last_cursor = item.cursor
+        item = await self._reading()
+        self._read = None
         return item
 
     async def close(self) -> None:
+        if self._read is not None:
+            self._read.cancel()
+            with contextlib.suppress(BaseException):
+                await self._read
+            self._read = None
         with contextlib.suppress(Exception):
             await self.subscription.close()
 
@@ -224,42 +237,38 @@ class Viewer:
         self._ready_frames.append(snapshot_frame(snapshot, now_ms()))
         self._sent_key = self._hub.backend.cursor_key(snapshot.cursor)
 
-    async def start_resuming(self, after: Cursor, snapshot: Snapshot) -> str:
-        """Continue after `after` up to `snapshot`'s cursor; returns the outcome for metrics.
+    async def start_resuming(self, after: Cursor, snapshot: Snapshot, routed: Cursor) -> str:
+        """Continue after `after`; returns the outcome, for metrics.
 
-        The snapshot marks where the shared subscription takes over: everything after its
-        cursor reaches this viewer's queue, since the viewer was registered before it was taken.
+        `routed` is where the shared subscription stood when this viewer was registered:
+        batches after it reach the viewer's queue, the ones before it are replayed here.
         """
         backend = self._hub.backend
-        until = backend.cursor_key(snapshot.cursor)
         requested = self._hub.parse_cursor(after)
-        if requested is None or requested > until:
+        if requested is None or requested > backend.cursor_key(snapshot.cursor):
             # Not a cursor of this team's log as it is now (a reset backend, another team's,
             # or not a cursor at all): nothing can be proven about what was missed.
             self._start_over(Gap(self.team, after), snapshot)
             return "unusable"
-        if requested == until:
+        self._sent_key = requested
+        until = backend.cursor_key(routed)
+        if requested >= until:
             self._ready_frames.append(resume_frame(self.team, after, now_ms()))
-            self._sent_key = until
             return "current"
         subscription = backend.subscribe()
+        replay = _Replay(subscription, until)
         try:
             await subscription.add(self.team, after)
-            first = await asyncio.wait_for(anext(subscription), REPLAY_READ_TIMEOUT_S)
-        except TimeoutError:
-            first = Gap(self.team, after)
+            first = await replay.peek(REPLAY_FIRST_ITEM_WAIT_S)
         except BaseException:
-            with contextlib.suppress(Exception):
-                await subscription.close()
+            await replay.close()
             raise
         if isinstance(first, Gap):
-            with contextlib.suppress(Exception):
-                await subscription.close()
+            await replay.close()
             self._start_over(first, snapshot)
             return "gap"
         self._ready_frames.append(resume_frame(self.team, after, now_ms()))
-        self._sent_key = requested
-        self._replay = _Replay(subscription, after, first, until)
+        self._replay = replay
         return "replayed"
 
     def _start_over(self, gap: Gap, snapshot: Snapshot) -> None:
@@ -314,8 +323,9 @@ class Viewer:
     async def _build_replay_frames(self, replay: _Replay) -> None:
         batches: list[Batch] = []
         size = 0
-        while len(batches) < MAX_BATCHES_PER_FRAME and size < MAX_FRAME_BYTES:
-            item = await replay.next()
+        item: Batch | Gap | None = await replay.peek(None)
+        while item is not None:
+            await replay.next()  # the item peeked at
             if isinstance(item, Gap):
                 # Trimmed while being read: send what was read, then start over.
                 await self.close()
@@ -330,6 +340,9 @@ class Viewer:
             if self._hub.backend.cursor_key(item.cursor) >= replay.until:
                 await self.close()  # the shared subscription's batches take over from here
                 break
+            if len(batches) >= MAX_BATCHES_PER_FRAME or size >= MAX_FRAME_BYTES:
+                break
+            item = await replay.peek(REPLAY_GATHER_WAIT_S)
         if batches:
             self._ready_frames.append(events_frame(self.team, batches))
 
@@ -365,6 +378,8 @@ class _TeamState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Where the subscription reads this team from; None while the team is not subscribed.
     cursor: str | None = None
+    # Where the current subscription of the team started.
+    subscribed_at: str = ""
 
 
 class TeamHub:
@@ -430,6 +445,9 @@ class TeamHub:
         viewer = Viewer(self, team, self._limits)
         # Registered first: batches delivered while the snapshot is taken are already queued.
         state.viewers.add(viewer)
+        # Every batch after this reaches the viewer's queue. (None: the team is not read yet;
+        # then it is every batch after where the team's reading starts, `subscribed_at`.)
+        routed = state.cursor
         self._count_viewers(team, state)
         try:
             # Under the team's lock the snapshot is never older than the cursor the team was
@@ -438,10 +456,13 @@ class TeamHub:
                 snapshot = await self.backend.snapshot(team)
                 if state.cursor is None:
                     await self._subscribe(team, state, snapshot.cursor)
+                # The team cannot be dropped while this viewer is registered, so this is
+                # still the subscription that started after the viewer was registered.
+                routed = routed if routed is not None else state.subscribed_at
             if after is None:
                 viewer.start_with_snapshot(snapshot)
             else:
-                outcome = await viewer.start_resuming(after, snapshot)
+                outcome = await viewer.start_resuming(after, snapshot, routed)
                 self.metrics.resumes.labels(outcome).inc()
         except BaseException:
             await self.leave(viewer)
@@ -451,7 +472,7 @@ class TeamHub:
     async def _subscribe(self, team: str, state: _TeamState, cursor: str) -> None:
         # Set before `add` returns: a backend may deliver the team's first batches while `add`
         # is still awaiting, and `_route` drops batches of teams without a cursor.
-        state.cursor = cursor
+        state.cursor = state.subscribed_at = cursor
         try:
             await self.subscription.add(team, cursor)
         except BaseException:
