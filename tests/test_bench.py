@@ -11,14 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 from typer.testing import CliRunner
 
-from teamtrack.bench import BenchConfig, FaultInjection, Shape, run_benchmark
+from teamtrack.bench import BenchConfig, BenchError, FaultInjection, Shape, run_benchmark
 from teamtrack.bench.accounting import account, percentile
 from teamtrack.bench.command import build_config, parse_rates
+from teamtrack.bench.deployments import Deployment, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
 from teamtrack.bench.report import write_report
+from teamtrack.bench.runner import select_devices
+from teamtrack.bench.scenarios import REDIS_CLUSTER, DeploymentKind, DeploymentSpec
 from teamtrack.cli import app
+from teamtrack.provision import ProvisionResult
 
 MS = 1_000_000
 
@@ -52,9 +57,25 @@ def test_accounting_counts_delivered_lost_and_duplicated() -> None:
     assert (delivery.sent, delivery.delivered, delivery.lost, delivery.duplicated) == (
         10, 8, 2, 1,
     )
+    assert delivery.shed == 0
     assert delivery.latency is not None
     # Latency is that of the first copy: every delivered message took exactly 2 ms.
     assert delivery.latency.p50_ms == delivery.latency.max_ms == 2.0
+
+
+def test_positions_replaced_by_a_sync_frame_count_as_shed_not_lost() -> None:
+    sent = [(message_key(worker, seq), seq * MS) for worker in (0, 1) for seq in range(6)]
+    received = [
+        # worker 0: seq 0, 1 in events frames; 2, 3, 4 conflated; seq 5 in a sync frame
+        (message_key(0, 0), 1 * MS), (message_key(0, 1), 2 * MS),
+        # worker 1: seq 0..3 in events frames; 4 and 5 never arrive
+        *((message_key(1, seq), seq * MS + MS) for seq in range(4)),
+    ]
+    synced = [(message_key(0, 5), 9 * MS)]
+    delivery = account(sent, received, synced)
+    assert (delivery.delivered, delivery.shed, delivery.lost, delivery.duplicated) == (7, 3, 2, 0)
+    assert delivery.latency is not None
+    assert delivery.latency.max_ms == 4.0  # worker 0's seq 5: sent at 5 ms, synced at 9 ms
 
 
 def test_accounting_of_nothing_received() -> None:
@@ -83,6 +104,38 @@ def test_rates_and_options_are_parsed() -> None:
     assert config.scenarios == ("baseline", "redis")
     assert config.shapes == (Shape.FEW,)
     assert config.step_rates() == [(1000, False)]
+
+
+def test_devices_are_taken_from_every_team_in_turn(provisioned: ProvisionResult) -> None:
+    chosen = select_devices(provisioned.credentials, 3)
+    assert [(device.team, device.worker) for device in chosen] == [
+        ("alpha", "w001"), ("bravo", "w001"), ("alpha", "w002"),
+    ]
+    with pytest.raises(BenchError, match="needs 7"):
+        select_devices(provisioned.credentials, 7)
+
+
+def test_a_running_cluster_is_read_from_its_state_folder(
+    tmp_path: Path, provisioned: ProvisionResult
+) -> None:
+    state = provisioned.out_dir
+    endpoints = tmp_path / "endpoints.json"
+    endpoints.write_bytes(orjson.dumps({
+        "brokers": [{"mqtt": "mqtt://127.0.0.1:1", "ws": "ws://127.0.0.1:2"},
+                    {"mqtt": "mqtt://127.0.0.1:3", "ws": "ws://127.0.0.1:4"}],
+        "dashboards": ["http://127.0.0.1:5"],
+        "backend": "redis://127.0.0.1:6/0",
+    }))
+    deployment = running_cluster(REDIS_CLUSTER, endpoints, state)
+    assert deployment.broker_url(1) == "mqtt://127.0.0.1:3"
+    # One dashboard only: the far side falls back to it.
+    assert deployment.dashboard_url(1) == "http://127.0.0.1:5"
+    assert deployment.credentials.observer is not None
+    with pytest.raises(BenchError, match="'redis' backend, not 'kafka'"):
+        running_cluster(DeploymentSpec(DeploymentKind.CLUSTER, "kafka"), endpoints, state)
+    lone = Deployment("lone broker", ["mqtt://127.0.0.1:1"], [], deployment.credentials, {})
+    with pytest.raises(BenchError, match="no dashboard"):
+        lone.dashboard_url(0)
 
 
 def test_cli_refuses_an_unknown_scenario_and_shape() -> None:
@@ -126,6 +179,7 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         # Every message of the window is accounted for, and only the injected faults differ.
         assert delivery.sent == generator["measured_sent"] > 0
         assert delivery.lost == generator["injected_drops"]
+        assert delivery.shed == 0
         assert delivery.duplicated == generator["injected_duplicates"]
         assert delivery.delivered == delivery.sent - generator["injected_drops"]
         assert step.latency is not None

@@ -3,16 +3,22 @@
 Only messages sent inside a step's measurement window count. A message received that was not
 sent in the window (a warm-up message, a late one from an earlier step) is ignored, so it can
 be neither delivered nor duplicated. A message sent in the window and not received by the end
-of the step's drain is lost. A message received more than once counts once as delivered, and
-each further copy as duplicated; its latency is that of the first copy.
+of the step's drain is lost, unless a dashboard shed it by policy: a viewer that falls behind
+is sent only the newest position of each worker (a `sync` frame), and the positions that one
+replaced count as shed. A message received more than once counts once as delivered, and each
+further copy as duplicated; its latency is that of the first copy.
 """
 
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from teamtrack.bench.records import split_key
 
 NS_PER_MS: Final = 1_000_000
 PERCENTILES: Final = (50.0, 90.0, 99.0)
@@ -47,7 +53,8 @@ class LatencySummary:
 class Delivery:
     sent: int
     delivered: int
-    lost: int
+    lost: int  # missing, with no conflation to explain it
+    shed: int  # missing, replaced by a newer position in a dashboard's sync frame
     duplicated: int
     latency: LatencySummary | None
 
@@ -63,28 +70,57 @@ def percentile(ordered: Sequence[int], rank: float) -> int:
     return ordered[max(position, 1) - 1]
 
 
-def account(sent: Iterable[tuple[int, int]], received: Iterable[tuple[int, int]]) -> Delivery:
-    """Join (key, send time) records with (key, receive time) records of one step."""
-    send_times: dict[int, int] = {}
-    for key, time_ns in sent:
-        send_times[key] = time_ns
-    first_seen: set[int] = set()
-    latencies: list[int] = []
+def account(
+    sent: Iterable[tuple[int, int]],
+    received: Iterable[tuple[int, int]],
+    synced: Iterable[tuple[int, int]] = (),
+) -> Delivery:
+    """Join (key, send time) records with (key, receive time) records of one step.
+
+    `synced` are the positions a dashboard sent in `sync` frames (viewer conflation): they are
+    delivered like the others, and a message missing for a worker whose next delivered message
+    came in a sync frame was replaced by it, so it counts as shed, not lost.
+    """
+    send_times: dict[int, int] = dict(sent)
+    # key -> (receive time of its earliest copy, whether that copy came in a sync frame)
+    arrivals: dict[int, tuple[int, bool]] = {}
     duplicated = 0
-    for key, time_ns in received:
-        send_time = send_times.get(key)
-        if send_time is None:
-            continue
-        if key in first_seen:
+    for via_sync, records in ((False, received), (True, synced)):
+        for key, time_ns in records:
+            if key not in send_times:
+                continue
+            earlier = arrivals.get(key)
+            if earlier is None:
+                arrivals[key] = (time_ns, via_sync)
+                continue
             duplicated += 1
-            continue
-        first_seen.add(key)
-        latencies.append(time_ns - send_time)
-    delivered = len(first_seen)
+            if time_ns < earlier[0]:
+                arrivals[key] = (time_ns, via_sync)
+    latencies = [time_ns - send_times[key] for key, (time_ns, _) in arrivals.items()]
+    delivered = len(arrivals)
+    shed = _count_shed(send_times.keys() - arrivals.keys(), arrivals)
     return Delivery(
         sent=len(send_times),
         delivered=delivered,
-        lost=len(send_times) - delivered,
+        lost=len(send_times) - delivered - shed,
+        shed=shed,
         duplicated=duplicated,
         latency=LatencySummary.of(latencies),
     )
+
+
+def _count_shed(missing: Iterable[int], arrivals: dict[int, tuple[int, bool]]) -> int:
+    delivered_by_worker: dict[int, list[tuple[int, bool]]] = defaultdict(list)
+    for key, (_, via_sync) in arrivals.items():
+        worker, seq = split_key(key)
+        delivered_by_worker[worker].append((seq, via_sync))
+    for seqs in delivered_by_worker.values():
+        seqs.sort()
+    shed = 0
+    for key in missing:
+        worker, seq = split_key(key)
+        delivered = delivered_by_worker.get(worker, [])
+        following = bisect_right(delivered, (seq, True))
+        if following < len(delivered) and delivered[following][1]:
+            shed += 1
+    return shed

@@ -5,9 +5,11 @@ Two kinds, both recording (worker, seq) and the receive time of every position t
 * `mqtt`: one gmqtt subscriber (the observer login) on a broker, `teams/+/workers/+/position`,
   the way `mosquitto_sub` watches a team;
 * `websocket`: one WebSocket per team to a dashboard instance with the team manager's bearer
-  token, reading `events` frames as a manager's browser does. A viewer the dashboard drops
-  (close code 4008, too slow) or that loses its connection reconnects at once and starts over
-  with a snapshot; what it missed meanwhile is lost, and the disconnect is counted.
+  token, reading `events` frames as a manager's browser does. Positions in `sync` frames (the
+  newest of each worker, sent to a viewer that fell behind) are recorded apart, so that the
+  positions they replaced count as shed by policy, not lost. A viewer the dashboard drops
+  (close code 4008) or that loses its connection reconnects at once and starts over with a
+  snapshot; what it missed meanwhile is lost, and the disconnect is counted.
 
 Driven over stdin/stdout (see `teamtrack.bench.control`):
 
@@ -15,7 +17,8 @@ Driven over stdin/stdout (see `teamtrack.bench.control`):
              {"kind": "websocket", "viewers": [[team, url, token], ...], "workers"}
              where "workers" is [[team, worker], ...] in worker-index order
     (ready is sent once subscribed, or once every viewer has its snapshot)
-    collect  {"records"} -> collected {"received", "disconnects", "gaps"}
+    collect  {"records", "synced"} -> collected {"recorded", "synced", "received", "disconnects",
+                                                "gaps", "sync_frames", "unknown"}
     stop     -> stopped
 """
 
@@ -58,9 +61,11 @@ class Receiver(ABC):
             (team, worker): index for index, (team, worker) in enumerate(workers)
         }
         self.records = RecordLog()
+        self.synced = RecordLog()  # positions that came in sync frames
         self.received = 0  # since start, for the harness's drain check
         self.disconnects = 0
         self.gaps = 0
+        self.sync_frames = 0
         self.unknown = 0
 
     @abstractmethod
@@ -71,13 +76,14 @@ class Receiver(ABC):
     async def close(self) -> None:
         """Disconnect."""
 
-    def collect(self, path: Path) -> dict[str, Any]:
-        recorded = self.records.write(path)
+    def collect(self, records: Path, synced: Path) -> dict[str, Any]:
         return {
-            "recorded": recorded,
+            "recorded": self.records.write(records),
+            "synced": self.synced.write(synced),
             "received": self.received,
             "disconnects": self.disconnects,
             "gaps": self.gaps,
+            "sync_frames": self.sync_frames,
             "unknown": self.unknown,
         }
 
@@ -153,7 +159,6 @@ class WebSocketReceiver(Receiver):
 
     async def _watch(self, team: str, url: str, token: str) -> None:
         headers = {"Authorization": f"Bearer {token}"}
-        index_of = self.index_of
         while not self._closing:
             try:
                 async with websockets.connect(
@@ -164,17 +169,10 @@ class WebSocketReceiver(Receiver):
                         message = orjson.loads(frame)
                         kind = message.get("type")
                         if kind == "events":
-                            for event in message["events"]:
-                                if event["k"] != "p":
-                                    continue
-                                self.received += 1
-                                index = index_of.get((team, event["w"]))
-                                if index is None:
-                                    self.unknown += 1
-                                    continue
-                                self.records.add(
-                                    message_key(index, event["p"]["seq"]), received_ns
-                                )
+                            self._record(team, message["events"], self.records, received_ns)
+                        elif kind == "sync":
+                            self.sync_frames += 1
+                            self._record(team, message["events"], self.synced, received_ns)
                         elif kind == "snapshot":
                             self._snapshot_arrived(team)
                         elif kind == "gap":
@@ -186,6 +184,20 @@ class WebSocketReceiver(Receiver):
             if not self._closing:
                 self.disconnects += 1
                 await asyncio.sleep(RECONNECT_DELAY_S)
+
+    def _record(
+        self, team: str, events: list[dict[str, Any]], records: RecordLog, received_ns: int
+    ) -> None:
+        index_of = self.index_of
+        for event in events:
+            if event["k"] != "p":
+                continue
+            self.received += 1
+            index = index_of.get((team, event["w"]))
+            if index is None:
+                self.unknown += 1
+                continue
+            records.add(message_key(index, event["p"]["seq"]), received_ns)
 
     def _snapshot_arrived(self, team: str) -> None:
         self._snapshots_pending.discard(team)
@@ -220,7 +232,10 @@ async def serve() -> None:
         async for command in commands:
             match command["cmd"]:
                 case "collect":
-                    emit("collected", **receiver.collect(Path(command["records"])))
+                    emit(
+                        "collected",
+                        **receiver.collect(Path(command["records"]), Path(command["synced"])),
+                    )
                 case "stop":
                     break
                 case other:

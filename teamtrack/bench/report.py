@@ -43,6 +43,7 @@ def _step_row(run: RunResult, step: StepResult) -> list[str]:
         _rate(step.achieved_rate),
         _rate(step.delivered_rate),
         f"{step.delivery.lost:,}",
+        f"{step.delivery.shed:,}",
         f"{step.delivery.duplicated:,}",
         _ms(latency.p50_ms if latency else None),
         _ms(latency.p90_ms if latency else None),
@@ -84,8 +85,8 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
         f"- each step: {config.warmup_seconds:g} s warm-up (not measured), "
         f"{config.step_seconds:g} s measured, drain up to {config.drain_seconds:g} s",
         f"- ladder: {', '.join(f'{rate:,}' for rate in sorted(config.rates))} msg/s, stopped at "
-        f"the first step with a loss, a duplicate, p99 >= {config.max_p99_ms:,.0f} ms or a "
-        "generator that could not offer the rate",
+        f"the first step with a loss, a position shed by viewer conflation, a duplicate, "
+        f"p99 >= {config.max_p99_ms:,.0f} ms or a generator that could not offer the rate",
         "- fixed rates, always run: "
         + (", ".join(f"{rate:,}" for rate in sorted(config.fixed_rates)) or "none"),
     ]
@@ -138,8 +139,9 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             f"## Steps, {shape.value} connections ({config.workers_for(shape):,})",
             "",
             *_table(
-                ["scenario", "offered/s", "achieved/s", "delivered/s", "lost", "dup", "p50 ms",
-                 "p90 ms", "p99 ms", "max ms", "generators CPU %", "machine busy %", "result"],
+                ["scenario", "offered/s", "achieved/s", "delivered/s", "lost", "shed", "dup",
+                 "p50 ms", "p90 ms", "p99 ms", "max ms", "generators CPU %", "machine busy %",
+                 "result"],
                 [_step_row(run, step) for run in runs for step in run.steps],
             ),
             "",

@@ -59,6 +59,7 @@ class StepResult:
             "sent": self.delivery.sent,
             "delivered": self.delivery.delivered,
             "lost": self.delivery.lost,
+            "shed": self.delivery.shed,
             "duplicated": self.delivery.duplicated,
             "latency_ms": (
                 {key: round(value, 3) for key, value in asdict(latency).items()}

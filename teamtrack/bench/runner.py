@@ -5,9 +5,9 @@ processes and connect every worker, then step through the offered rates, lowest 
 is: warm-up (not measured), the measurement window (CPU and RSS of every process sampled from
 /proc), the drain (until the receiver has everything that was published, goes quiet, or the
 drain time is up), then the join of the generators' send records with the receiver's receive
-records. The ladder stops at the first step that loses a message, duplicates one, has a p99 of
-`max_p99_ms` or more, or whose generators could not offer the rate; the fixed rates are run
-regardless, so the report always has them.
+records. The ladder stops at the first step that loses a message, sheds one (viewer
+conflation), duplicates one, has a p99 of `max_p99_ms` or more, or whose generators could not
+offer the rate; the fixed rates are run regardless, so the report always has them.
 
 Deployments are started when a scenario first needs them and stopped after the last scenario
 that needs them, so `redis` and `mqtt-mirror` share one cluster and nothing idles during the
@@ -111,7 +111,7 @@ class _Progress:
     def _new_table() -> Table:
         table = Table(title="teamtrack bench", title_justify="left")
         for column in ("scenario", "shape", "offered/s", "achieved/s", "delivered", "lost",
-                       "dup", "p50 ms", "p99 ms", "max ms", "gen CPU %", "result"):
+                       "shed", "dup", "p50 ms", "p99 ms", "max ms", "gen CPU %", "result"):
             table.add_column(column, justify="left" if column in ("scenario", "shape") else "right")
         return table
 
@@ -142,6 +142,7 @@ class _Progress:
             f"{step.achieved_rate:,.0f}",
             f"{step.delivery.delivered:,}",
             f"{step.delivery.lost:,}",
+            f"{step.delivery.shed:,}",
             f"{step.delivery.duplicated:,}",
             f"{latency.p50_ms:.1f}" if latency else "-",
             f"{latency.p99_ms:.1f}" if latency else "-",
@@ -425,13 +426,17 @@ class BenchRunner:
         drain_started = time.monotonic()
         await self._drain(receiver, received_before + _sum_counts(done, "published"))
         drain_seconds = time.monotonic() - drain_started
-        received_file = step_dir / "received.bin"
+        received_file, synced_file = step_dir / "received.bin", step_dir / "synced.bin"
         collected = await receiver.request(
-            "collect", "collected", COLLECT_TIMEOUT_S, records=str(received_file)
+            "collect", "collected", COLLECT_TIMEOUT_S,
+            records=str(received_file), synced=str(synced_file),
         )
         self._progress.note(f"{label} {rate:,} msg/s: accounting")
         delivery = await asyncio.to_thread(
-            account, iter_records(sent_files), iter_records([received_file])
+            account,
+            iter_records(sent_files),
+            iter_records([received_file]),
+            iter_records([synced_file]),
         )
         achieved = sum(float(reply["achieved_rate"]) for reply in done)
         generator_counts = {
@@ -447,6 +452,8 @@ class BenchRunner:
             failures.append("nothing sent")
         if delivery.lost:
             failures.append(f"lost {delivery.lost:,}")
+        if delivery.shed:
+            failures.append(f"shed {delivery.shed:,} (viewer conflation)")
         if delivery.duplicated:
             failures.append(f"duplicated {delivery.duplicated:,}")
         if delivery.latency is not None and delivery.latency.p99_ms >= config.max_p99_ms:
@@ -462,7 +469,8 @@ class BenchRunner:
             failures=tuple(failures),
             generator=generator_counts,
             receiver={
-                key: int(collected.get(key, 0)) for key in ("disconnects", "gaps", "unknown")
+                key: int(collected.get(key, 0))
+                for key in ("disconnects", "gaps", "sync_frames", "unknown")
             },
             usage=usage,
             drain_seconds=drain_seconds,
