@@ -271,16 +271,15 @@
     map.createPane("workers").style.zIndex = 410;
     trailRenderer = L.canvas({ pane: "trails", padding: 0.2 });
     markerRenderer = L.canvas({ pane: "workers", padding: 0.2, tolerance: 4 });
+    // Under the tiles, or instead of them (none configured, or unreachable): a faint grid that
+    // pans and zooms with the map, so that movement still reads on a plain background.
+    new (L.GridLayer.extend({ createTile: gridTile }))({ zIndex: 0 }).addTo(map);
     if (config.tile_url) {
       L.tileLayer(config.tile_url, {
         maxZoom: 19,
         attribution: config.tile_attribution,
         crossOrigin: false,
       }).addTo(map);
-    } else {
-      // No tiles: a faint grid that pans and zooms with the map, so that movement still reads.
-      elements.map.classList.add("no-tiles");
-      new (L.GridLayer.extend({ createTile: gridTile }))().addTo(map);
     }
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
