@@ -369,6 +369,41 @@ async def test_resume_on_another_instance_replays_the_missed_batches_once(
     assert replays == resumed_frames == 4
 
 
+async def test_resume_where_the_team_is_read_already_hands_over_without_duplicates(
+    open_backend: OpenBackend, open_hub: OpenHub
+) -> None:
+    publisher_backend = await open_backend()
+    hub = await open_hub(await open_backend())
+    steady = await hub.join("alpha")  # keeps the team subscribed on this instance
+    await next_frame(steady)
+    last_seq = 120
+
+    async def publish_continuously() -> None:
+        for seq in range(last_seq + 1):
+            await publisher_backend.publish([position("alpha", "w1", seq)])
+            await asyncio.sleep(0.003)
+
+    publisher = asyncio.create_task(publish_continuously())
+    viewer = await hub.join("alpha")
+    start = snapshot_seqs(await next_frame(viewer)).get("w1", -1)
+    events = await collect_until(viewer, 30, {"w1"})
+    for _ in range(3):
+        frame = await next_frame(viewer)
+        events += frame["events"]
+        await hub.leave(viewer)
+        await asyncio.sleep(0.05)
+        viewer = await hub.join("alpha", after=frame["cursor"])
+        assert (await next_frame(viewer))["type"] == "resume"
+    await publisher
+    events += await collect_until(viewer, last_seq, {"w1"})
+    assert seqs_by_worker(events)["w1"] == list(range(start + 1, last_seq + 1))
+    assert seqs_by_worker(await collect_until(steady, last_seq, {"w1"}))["w1"][-1] == last_seq
+    replayed = hub.metrics.registry.get_sample_value(
+        "teamtrack_dashboard_resumes_total", {"outcome": "replayed"}
+    )
+    assert replayed is not None and replayed >= 1
+
+
 async def test_resume_with_the_newest_cursor_sends_only_new_batches(
     open_backend: OpenBackend, open_hub: OpenHub
 ) -> None:
