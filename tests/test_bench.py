@@ -8,6 +8,7 @@ exactly those.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import orjson
@@ -22,6 +23,7 @@ from teamtrack.bench.records import RecordLog, iter_records, message_key, split_
 from teamtrack.bench.report import write_report
 from teamtrack.bench.runner import select_devices
 from teamtrack.bench.scenarios import REDIS_CLUSTER, DeploymentKind, DeploymentSpec
+from teamtrack.bench.system import UsageSampler
 from teamtrack.cli import app
 from teamtrack.provision import ProvisionResult
 
@@ -89,6 +91,17 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 99) == 99
     assert percentile(values, 100) == 100
     assert percentile([7], 99) == 7
+
+
+def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
+    sampler = UsageSampler({"this": os.getpid(), "gone": 2**22 + 1})
+    sampler.start()
+    sampler.sample()
+    report = sampler.finish()
+    assert set(report.processes) == {"this"}  # a process that does not exist is left out
+    usage = report.processes["this"]
+    assert usage.cpu_percent >= 0
+    assert usage.rss_peak_mib >= max(usage.rss_start_mib, usage.rss_end_mib) > 0
 
 
 def test_rates_and_options_are_parsed() -> None:

@@ -146,7 +146,10 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             ),
             "",
         ]
-    lines += ["## CPU (% of one core) and peak RSS (MiB) of every process at the fixed rates", ""]
+    lines += [
+        "## CPU (% of one core), peak RSS (MiB) and RSS growth over the window, at the fixed rates",
+        "",
+    ]
     for run in result.runs:
         fixed_steps = [step for step in run.steps if step.fixed]
         if not fixed_steps:
@@ -161,6 +164,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
                     [f"{step.offered_rate:,}"]
                     + [
                         f"{usage.cpu_percent:.0f} % / {usage.rss_peak_mib:.0f}"
+                        f" ({usage.rss_growth_mib:+.1f})"
                         if (usage := step.usage.processes.get(role)) is not None
                         else "-"
                         for role in roles

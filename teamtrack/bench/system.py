@@ -70,11 +70,21 @@ def machine_busy_ticks() -> tuple[int, int]:
 class ProcessUsage:
     cpu_percent: float  # of one core
     rss_peak_mib: float
+    # The first and last samples of the window: memory that only grows under a steady load
+    # shows here (something queues without bound).
+    rss_start_mib: float
+    rss_end_mib: float
+
+    @property
+    def rss_growth_mib(self) -> float:
+        return self.rss_end_mib - self.rss_start_mib
 
     def document(self) -> dict[str, float]:
         return {
             "cpu_percent": round(self.cpu_percent, 1),
             "rss_peak_mib": round(self.rss_peak_mib, 1),
+            "rss_start_mib": round(self.rss_start_mib, 1),
+            "rss_end_mib": round(self.rss_end_mib, 1),
         }
 
 
@@ -92,6 +102,8 @@ class UsageSampler:
         self.processes = dict(processes)
         self._start_ticks: dict[str, int] = {}
         self._peak_rss: dict[str, int] = {}
+        self._first_rss: dict[str, int] = {}
+        self._last_rss: dict[str, int] = {}
         self._started_at = 0.0
         self._machine_start = (0, 0)
 
@@ -100,6 +112,8 @@ class UsageSampler:
         self._machine_start = machine_busy_ticks()
         self._start_ticks = {}
         self._peak_rss = {}
+        self._first_rss = {}
+        self._last_rss = {}
         for role, pid in self.processes.items():
             ticks = cpu_ticks(pid)
             if ticks is not None:
@@ -109,7 +123,11 @@ class UsageSampler:
     def sample(self) -> None:
         for role, pid in self.processes.items():
             rss = rss_bytes(pid)
-            if rss is not None and rss > self._peak_rss.get(role, 0):
+            if rss is None:
+                continue
+            self._first_rss.setdefault(role, rss)
+            self._last_rss[role] = rss
+            if rss > self._peak_rss.get(role, 0):
                 self._peak_rss[role] = rss
 
     def finish(self) -> UsageReport:
@@ -126,6 +144,8 @@ class UsageSampler:
             usage[role] = ProcessUsage(
                 cpu_percent=100.0 * (ended - started) / CLOCK_TICKS_PER_S / seconds,
                 rss_peak_mib=self._peak_rss.get(role, 0) / MIB,
+                rss_start_mib=self._first_rss.get(role, 0) / MIB,
+                rss_end_mib=self._last_rss.get(role, 0) / MIB,
             )
         machine = 100.0 * (busy_end - busy_start) / max(total_end - total_start, 1)
         return UsageReport(seconds, usage, machine)
