@@ -1,0 +1,1 @@
+"""`python -m ingest`: every accepted position and presence change into the SQL history."""

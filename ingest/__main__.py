@@ -1,0 +1,80 @@
+"""`python -m ingest`: positions and presence changes from the backend into the SQL history."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import SQLAlchemyError
+
+from ingest.service import IngestConfig, IngestService
+from ingest.settings import IngestSettings
+from teamtrack.backends import BackendError, from_url
+from teamtrack.history import HistoryStore
+from teamtrack.logs import configure_logging
+from teamtrack.metrics import MetricsServer
+from teamtrack.settings import load_settings
+
+log = logging.getLogger("ingest")
+
+
+async def serve(settings: IngestSettings) -> None:
+    config = IngestConfig(
+        group=settings.group,
+        consumer=settings.consumer,
+        max_batch_positions=settings.max_batch_positions,
+        max_pending_batches=settings.max_pending_batches,
+        retention_days=settings.retention_days,
+        retention_interval_s=settings.retention_interval_s,
+    )
+    registry = CollectorRegistry()
+    store = HistoryStore.from_url(settings.history_url())
+    service = IngestService(config, from_url(settings.backend_url), store, registry)
+    metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
+    metrics.start()
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics.port)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await service.start()
+        log.info("ingest %s (group %s) writing to %s database",
+                 config.consumer, config.group, store.dialect)
+        stop_requested = asyncio.create_task(stopping.wait())
+        failure = asyncio.create_task(service.wait())
+        done, _ = await asyncio.wait(
+            {stop_requested, failure}, return_when=asyncio.FIRST_COMPLETED
+        )
+        log.info("stopping")
+        stop_requested.cancel()
+        if failure not in done:
+            failure.cancel()
+        await service.stop()
+        if failure in done:
+            failure.result()  # a task of the service failed: exit with its error
+    finally:
+        metrics.stop()
+
+
+def main() -> None:
+    settings = load_settings(IngestSettings, "python -m ingest")
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except BackendError as error:
+        print(f"python -m ingest: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (SQLAlchemyError, OSError) as error:
+        print(f"python -m ingest: history database: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:
+        print(f"python -m ingest: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The ingest: the backend's all-teams feed into the SQL history, each position stored once.
+
+At-least-once in, exactly-once stored. The ingest reads the backend through a consumer group
+with acknowledgement (`Backend.consume(..., acknowledge=True)`): Redis Streams XREADGROUP, with
+pending entries re-read or reclaimed after a crash; Kafka, offsets committed on acknowledgement.
+It acknowledges a batch only after the database transaction holding its rows has committed, so
+a crash at any point makes the backend deliver the batch again, and the insert-or-ignore on
+each position's key (`teamtrack.history`) turns the second delivery into nothing.
+
+Two tasks and a bounded queue between them: the reader takes batches off the backend and
+decodes them while the writer writes the previous ones, and the writer merges whatever is
+queued (up to `max_batch_positions` rows) into one transaction. A third task applies retention.
+Odd events (that a bridge should never have let through) are counted and skipped; a database
+that fails is retried with backoff, holding the batches unacknowledged, never skipping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
+
+from teamtrack.backends import Backend, GroupBatch
+from teamtrack.history import DecodedBatch, HistoryStore, WriteResult, decode_batch
+from teamtrack.logs import RateLimitedLog
+from teamtrack.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    group: str = "ingest"
+    consumer: str = "ingest-1"
+    max_batch_positions: int = 5000
+    max_pending_batches: int = 1000
+    retention_days: float = 0.0
+    retention_interval_s: float = 3600.0
+    retention_chunk: int = 5000
+
+
+@dataclass
+class IngestCounters:
+    """Plain integers bumped per write (cheap); turned into Prometheus metrics on scrape."""
+
+    batches: int = 0
+    writes: int = 0
+    positions_stored: int = 0
+    positions_duplicate: int = 0
+    presence_stored: int = 0
+    presence_duplicate: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    database_errors: int = 0
+    ack_errors: int = 0
+    retention_deleted: int = 0
+    queued_batches: int = 0
+
+    def add(self, result: WriteResult) -> None:
+        self.writes += 1
+        self.positions_stored += result.positions_stored
+        self.positions_duplicate += result.positions_duplicate
+        self.presence_stored += result.presence_stored
+        self.presence_duplicate += result.presence_duplicate
+
+
+class _CountersCollector(Collector):
+    def __init__(self, counters: IngestCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Any]:
+        counters = self._counters
+        for name, help_text, value in (
+            ("batches", "Backend batches written and acknowledged", counters.batches),
+            ("writes", "Database transactions committed", counters.writes),
+            ("positions_stored", "Positions inserted", counters.positions_stored),
+            ("positions_duplicate", "Positions delivered again and ignored",
+             counters.positions_duplicate),
+            ("presence_stored", "Presence changes inserted", counters.presence_stored),
+            ("presence_duplicate", "Presence changes delivered again and ignored",
+             counters.presence_duplicate),
+            ("database_errors", "Failed database writes (retried)", counters.database_errors),
+            ("ack_errors", "Failed acknowledgements (the batch comes again)",
+             counters.ack_errors),
+            ("retention_deleted", "Rows deleted by retention", counters.retention_deleted),
+        ):
+            family = CounterMetricFamily(f"teamtrack_ingest_{name}", help_text)
+            family.add_metric([], value)
+            yield family
+        skipped = CounterMetricFamily(
+            "teamtrack_ingest_skipped", "Odd events counted and skipped", labels=["reason"]
+        )
+        for reason, count in counters.skipped.items():
+            skipped.add_metric([reason], count)
+        yield skipped
+        queued = GaugeMetricFamily(
+            "teamtrack_ingest_queued_batches", "Batches read and not yet written"
+        )
+        queued.add_metric([], counters.queued_batches)
+        yield queued
+
+
+_Queued = tuple[GroupBatch, DecodedBatch]
+
+
+class IngestService:
+    def __init__(
+        self,
+        config: IngestConfig,
+        backend: Backend,
+        store: HistoryStore,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.store = store
+        self.counters = IngestCounters()
+        registry.register(_CountersCollector(self.counters))
+        self._write_seconds = Histogram(
+            "teamtrack_ingest_write_seconds", "Database transaction of one write",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0),
+            registry=registry,
+        )
+        self._write_rows = Histogram(
+            "teamtrack_ingest_write_rows", "Rows per database transaction",
+            buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000),
+            registry=registry,
+        )
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._odd_log = RateLimitedLog(log)
+        self._database_log = RateLimitedLog(log)
+
+    # Lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to the backend, bring the schema to the newest revision, start reading."""
+        await self.backend.start()
+        await self.store.migrate()
+        self._tasks.append(asyncio.create_task(self._read(), name="ingest-reader"))
+        self._tasks.append(asyncio.create_task(self._write(), name="ingest-writer"))
+        if self.config.retention_days > 0:
+            self._tasks.append(asyncio.create_task(self._retain(), name="ingest-retention"))
+
+    async def wait(self) -> None:
+        """Return when a task of the service ended; raise its error if it failed."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Stop reading, write and acknowledge what was read (for up to `flush_timeout`),
+        then close. What is still unwritten is unacknowledged: the backend delivers it again."""
+        reader = self._tasks[0] if self._tasks else None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._queue.join(), flush_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.backend.close()
+        await self.store.close()
+
+    # Reading -------------------------------------------------------------------------------
+    async def _read(self) -> None:
+        consumer = self.backend.consume(
+            self.config.group, self.config.consumer, start="earliest", acknowledge=True
+        )
+        async with consumer:
+            async for item in consumer:
+                decoded = decode_batch(item.batch.team, item.batch.raw)
+                if decoded.skipped:
+                    self._count_skipped(item, decoded)
+                await self._queue.put((item, decoded))
+                self.counters.queued_batches = self._queue.qsize()
+
+    def _count_skipped(self, item: GroupBatch, decoded: DecodedBatch) -> None:
+        self.counters.skipped.update(decoded.skipped)
+        for reason, count in decoded.skipped.items():
+            self._odd_log.warning(
+                reason, "skipped %d odd event(s) (%s) in a batch of team %r at %s",
+                count, reason, item.batch.team[:64], item.batch.cursor,
+            )
+
+    # Writing -------------------------------------------------------------------------------
+    async def _write(self) -> None:
+        while True:
+            items = [await self._queue.get()]
+            rows = DecodedBatch()
+            rows.extend(items[0][1])
+            while not self._queue.empty() and len(rows.positions) < self.config.max_batch_positions:
+                item = self._queue.get_nowait()
+                items.append(item)
+                rows.extend(item[1])
+            self.counters.queued_batches = self._queue.qsize()
+            if rows.positions or rows.presence:
+                self.counters.add(await self._write_until_done(rows))
+            for group_batch, _rows in items:
+                await self._acknowledge(group_batch)
+                self._queue.task_done()
+            self.counters.batches += len(items)
+
+    async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
+        backoff = Backoff(initial=0.2, maximum=10.0)
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await self.store.write(rows.positions, rows.presence)
+            except (SQLAlchemyError, OSError) as error:
+                self.counters.database_errors += 1
+                delay = backoff.next_delay()
+                self._database_log.warning(
+                    "write", "history write failed (%s: %s); retrying in %.1fs",
+                    type(error).__name__, str(error).splitlines()[0][:200], delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self._write_seconds.observe(time.perf_counter() - started)
+            self._write_rows.observe(len(rows.positions) + len(rows.presence))
+            return result
+
+    async def _acknowledge(self, item: GroupBatch) -> None:
+        try:
+            await item.ack()
+        except Exception as error:
+            # Any driver's error: the rows are committed, so a batch that comes again because
+            # its acknowledgement was lost is stored as nothing. Count it and go on.
+            self.counters.ack_errors += 1
+            self._database_log.warning(
+                "ack", "acknowledging a batch failed (%s: %s); it will come again",
+                type(error).__name__, error,
+            )
+
+    # Retention -----------------------------------------------------------------------------
+    async def _retain(self) -> None:
+        keep_ms = int(self.config.retention_days * DAY_MS)
+        while True:
+            cutoff = int(time.time() * 1000) - keep_ms
+            try:
+                deleted = await self.store.delete_older_than(cutoff, self.config.retention_chunk)
+            except (SQLAlchemyError, OSError) as error:
+                self.counters.database_errors += 1
+                log.warning("retention failed (%s); next try in %.0fs",
+                            error, self.config.retention_interval_s)
+            else:
+                self.counters.retention_deleted += deleted
+                if deleted:
+                    log.info("retention: deleted %d rows older than %.1f days",
+                             deleted, self.config.retention_days)
+            await asyncio.sleep(self.config.retention_interval_s)

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from teamtrack.history import default_database_url
+from teamtrack.settings import ServiceSettings
+
+
+class IngestSettings(ServiceSettings):
+    database_url: str = Field(
+        "",
+        description="history database: sqlite+aiosqlite:///path or "
+        "postgresql+asyncpg://user:password@host:port/db (default: history.sqlite3 in "
+        "--state-dir)",
+    )
+    state_dir: Path = Field(Path("state"), description="folder of the default SQLite file")
+    group: str = Field("ingest", description="consumer group on the backend; one per database")
+    consumer: str = Field(
+        "ingest-1",
+        description="this process's name in the group; keep it across restarts (a restart "
+        "re-reads what it left unacknowledged) and give each parallel ingest its own",
+    )
+    max_batch_positions: int = Field(
+        5000, ge=1, description="most rows written in one database transaction"
+    )
+    max_pending_batches: int = Field(
+        1000, ge=1, description="backend batches read ahead while the database writes"
+    )
+    retention_days: float = Field(
+        30.0, ge=0, description="delete positions and presence older than this (0: keep all)"
+    )
+    retention_interval_s: float = Field(3600.0, gt=0, description="how often retention runs")
+    metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
+    metrics_port: int = Field(9102, ge=0, description="port of /metrics (0: any free port)")
+
+    def history_url(self) -> str:
+        return self.database_url or default_database_url(self.state_dir)
