@@ -28,7 +28,7 @@ VENDOR := dashboard/static/vendor
 ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv assets test demo bench lint clean
+.PHONY: bootstrap system-deps venv assets kafka-jars test demo bench lint clean
 
 bootstrap: system-deps venv
 
@@ -72,12 +72,24 @@ $(ASSETS_STAMP): $(FRONTEND)/package-lock.json | system-deps
 	cp -r $(addprefix $(FRONTEND)/node_modules/leaflet/dist/,leaflet.js leaflet.css images) $(VENDOR)/leaflet/
 	touch $@
 
-test: bootstrap assets
+# The Apache Kafka broker of the tests and of `teamtrack up --backend kafka`: its jars come from
+# Maven Central into the git-ignored var/kafka-libs, once (teamtrack/kafka_server.py).
+kafka-jars: venv
+	@if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then \
+		echo "kafka-jars: java and mvn are needed to fetch and run the Kafka broker;" \
+			"installing maven and a Java runtime"; \
+		$(SUDO) apt-get update; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y --no-install-recommends maven default-jre-headless; \
+	fi
+	$(VENV)/bin/python -m teamtrack.kafka_server
+
+test: bootstrap assets kafka-jars
 	mkdir -p $(TEST_OUTPUT)
 	$(VENV)/bin/pytest -q -p no:cacheprovider --junitxml=$(TEST_OUTPUT)/junit.xml \
 		2>&1 | tee $(TEST_OUTPUT)/pytest.log
 
-demo: bootstrap assets
+demo: bootstrap assets kafka-jars
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 # The reference run: every scenario, both load shapes, the default ladder and fixed rates.

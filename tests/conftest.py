@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,3 +114,43 @@ def cluster(tmp_path: Path, provisioned: ProvisionResult) -> Iterator[Cluster]:
     finally:
         for broker in brokers:
             broker.process.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_server_url(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """One real Kafka broker (KRaft, one node) for the session; its log is kept on failures."""
+    import shutil
+
+    from teamtrack.kafka_server import start_kafka
+
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("kafka")
+    server = start_kafka(port, free_port(), data_dir)
+    try:
+        yield f"kafka://{LOOPBACK}:{port}"
+    finally:
+        server.stop()
+        if request.session.testsfailed:
+            kept = Path(__file__).resolve().parents[1] / "test-output" / "kafka-broker.log"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(server.log_path, kept)
+
+
+@pytest.fixture
+async def kafka_url(kafka_server_url: str) -> AsyncIterator[str]:
+    """The shared test Kafka, with topics of this test's own (deleted afterwards)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield f"{kafka_server_url}?topic_prefix={prefix}"
+    # Deleted so that the session's broker does not carry hundreds of idle partitions.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_server_url.removeprefix("kafka://"))
+    await admin.start()
+    try:
+        await admin.delete_topics([f"{prefix}.positions", f"{prefix}.last"])
+    except Exception:  # noqa: S110 (a test that never started a backend created no topics)
+        pass
+    finally:
+        await admin.close()

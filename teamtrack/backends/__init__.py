@@ -2,6 +2,7 @@
 
     memory://                 one process (single-process mode, demos)
     redis://host:port/db      Redis Streams
+    kafka://host:port         Apache Kafka (a partitioned positions topic, a compacted store)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from teamtrack.backends.base import (
     TeamSubscription,
 )
 
-SCHEMES = ("memory", "redis", "rediss")
+SCHEMES = ("memory", "redis", "rediss", "kafka")
 
 
 def from_url(url: str) -> Backend:
@@ -35,6 +36,10 @@ def from_url(url: str) -> Backend:
         from teamtrack.backends.redis import RedisBackend
 
         return RedisBackend.from_url(url)
+    if scheme == "kafka":
+        from teamtrack.backends.kafka import KafkaBackend
+
+        return KafkaBackend.from_url(url)
     raise ValueError(
         f"unknown backend URL scheme {scheme!r} in backend URL; use one of: "
         + ", ".join(f"{name}://" for name in SCHEMES)

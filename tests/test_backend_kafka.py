@@ -1,0 +1,195 @@
+"""The Kafka backend against a real Apache Kafka broker: the shared contract, then Kafka's own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import orjson
+import pytest
+from backend_contract import WAIT, BackendContract, position
+
+from teamtrack.backends import Backend, BackendError, Batch, from_url
+from teamtrack.backends.kafka import KafkaBackend, KafkaSubscription, parse_cursor
+
+
+class TestKafkaBackend(BackendContract):
+    @pytest.fixture(autouse=True)
+    def _server(self, kafka_url: str) -> None:
+        self.url = kafka_url
+
+    def make_backend(self, history: int) -> Backend:
+        return from_url(f"{self.url}&history={history}")
+
+
+async def test_unreachable_kafka_is_a_clear_error() -> None:
+    from teamtrack.servers import free_port
+
+    backend = from_url(f"kafka://127.0.0.1:{free_port()}")
+    with pytest.raises(BackendError, match="unreachable"):
+        await backend.start()
+    await backend.close()
+
+
+def test_url_options_are_checked() -> None:
+    backend = from_url("kafka://a:9092,b:9092?partitions=6&topic_prefix=fleet&history_ms=60000")
+    assert isinstance(backend, KafkaBackend)
+    assert backend.options.bootstrap == "a:9092,b:9092"
+    assert backend.positions_topic == "fleet.positions"
+    assert backend.last_topic == "fleet.last"
+    assert backend.options.partitions == 6
+    with pytest.raises(ValueError, match="unknown kafka:// option"):
+        from_url("kafka://a:9092?partition=6")
+    with pytest.raises(ValueError, match="at least one broker"):
+        from_url("kafka://?partitions=6")
+
+
+async def test_topics_are_created_with_explicit_settings(kafka_url: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    backend = from_url(f"{kafka_url}&history_ms=120000")
+    assert isinstance(backend, KafkaBackend)
+    await backend.start()
+    await backend.close()
+    # Started twice: creating what exists is not an error.
+    await backend.start()
+    await backend.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=backend.options.bootstrap)
+    await admin.start()
+    try:
+        topics = {
+            topic["topic"]: len(topic["partitions"])
+            for topic in await admin.describe_topics([backend.positions_topic, backend.last_topic])
+        }
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, backend.positions_topic),
+                ConfigResource(ConfigResourceType.TOPIC, backend.last_topic),
+            ]
+        )
+    finally:
+        await admin.close()
+    assert topics == {backend.positions_topic: 12, backend.last_topic: 12}
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for resource in response.resources:
+            configs[resource[3]] = {entry[0]: entry[1] for entry in resource[4]}
+    assert configs[backend.positions_topic]["cleanup.policy"] == "delete"
+    assert configs[backend.positions_topic]["retention.ms"] == "120000"
+    assert configs[backend.last_topic]["cleanup.policy"] == "compact"
+    assert configs[backend.last_topic]["min.insync.replicas"] == "1"
+
+
+async def test_a_team_lives_in_one_partition_and_cursors_name_it(kafka_url: str) -> None:
+    backend = from_url(kafka_url)
+    assert isinstance(backend, KafkaBackend)
+    await backend.start()
+    try:
+        subscription = backend.subscribe()
+        await subscription.add("alpha", (await backend.snapshot("alpha")).cursor)
+        for seq in range(3):
+            await backend.publish([position("alpha", "w1", seq)])
+        partitions = set()
+        offsets = []
+        for _ in range(3):
+            batch = await asyncio.wait_for(anext(subscription), WAIT)
+            assert isinstance(batch, Batch)
+            partition, offset = parse_cursor(batch.cursor)
+            partitions.add(partition)
+            offsets.append(offset)
+        assert partitions == {backend.partition_of("alpha")}
+        assert offsets == sorted(offsets)
+        await subscription.close()
+    finally:
+        await backend.close()
+
+
+async def test_each_worker_keeps_its_order_with_concurrent_publishers(kafka_url: str) -> None:
+    """Two bridges publishing one team's workers at once: each worker's fixes stay in order."""
+    reader, *bridges = [from_url(kafka_url) for _ in range(3)]
+    for backend in (reader, *bridges):
+        await backend.start()
+    try:
+        subscription = reader.subscribe()
+        await subscription.add("alpha", (await reader.snapshot("alpha")).cursor)
+
+        async def publish_worker(bridge: Backend, worker: str) -> None:
+            for seq in range(0, 150, 3):
+                await bridge.publish(
+                    [position("alpha", worker, s) for s in range(seq, seq + 3)]
+                )
+
+        await asyncio.gather(
+            publish_worker(bridges[0], "w1"),
+            publish_worker(bridges[1], "w2"),
+            publish_worker(bridges[0], "w3"),
+        )
+        seqs: dict[str, list[int]] = defaultdict(list)
+        while sum(len(values) for values in seqs.values()) < 450:
+            batch = await asyncio.wait_for(anext(subscription), WAIT)
+            assert isinstance(batch, Batch)
+            for event in batch.events():
+                seqs[event.worker].append(orjson.loads(event.body)["seq"])
+        assert seqs == {worker: list(range(150)) for worker in ("w1", "w2", "w3")}
+        await subscription.close()
+    finally:
+        for backend in (reader, *bridges):
+            await backend.close()
+
+
+async def test_a_subscription_reads_only_the_partitions_of_its_teams(kafka_url: str) -> None:
+    backend = from_url(kafka_url)
+    assert isinstance(backend, KafkaBackend)
+    await backend.start()
+    try:
+        teams = [f"team-{index:02d}" for index in range(24)]
+        watched = "team-00"
+        watched_partition = backend.partition_of(watched)
+        neighbours = [
+            team for team in teams[1:] if backend.partition_of(team) == watched_partition
+        ]
+        subscription = backend.subscribe()
+        assert isinstance(subscription, KafkaSubscription)
+        await subscription.add(watched, (await backend.snapshot(watched)).cursor)
+        for seq in range(5):
+            await backend.publish([position(team, "w1", seq) for team in teams])
+        seqs = []
+        while len(seqs) < 5:
+            batch = await asyncio.wait_for(anext(subscription), WAIT)
+            assert isinstance(batch, Batch) and batch.team == watched
+            seqs += [orjson.loads(event.body)["seq"] for event in batch.events()]
+        assert seqs == list(range(5))
+        assert subscription.partitions == {watched_partition}
+        assert set(subscription.records_read) == {watched_partition}
+        # The other teams of that partition were read and skipped by key; nobody else's were.
+        assert subscription.records_read[watched_partition] == 5 * (1 + len(neighbours))
+        assert subscription.records_skipped == 5 * len(neighbours)
+        await subscription.close()
+    finally:
+        await backend.close()
+
+
+async def test_removing_the_last_team_of_a_partition_unassigns_it(kafka_url: str) -> None:
+    backend = from_url(kafka_url)
+    assert isinstance(backend, KafkaBackend)
+    await backend.start()
+    try:
+        subscription = backend.subscribe()
+        assert isinstance(subscription, KafkaSubscription)
+        for team in ("alpha", "bravo"):
+            await subscription.add(team, (await backend.snapshot(team)).cursor)
+        await backend.publish([position("alpha", "w1", 0), position("bravo", "w1", 0)])
+        for _ in range(2):
+            await asyncio.wait_for(anext(subscription), WAIT)
+        assert subscription.partitions == {
+            backend.partition_of("alpha"), backend.partition_of("bravo")
+        }
+        await subscription.remove("bravo")
+        await backend.publish([position("alpha", "w1", 1), position("bravo", "w1", 1)])
+        batch = await asyncio.wait_for(anext(subscription), WAIT)
+        assert isinstance(batch, Batch) and batch.team == "alpha"
+        assert subscription.partitions == {backend.partition_of("alpha")}
+        await subscription.close()
+    finally:
+        await backend.close()
