@@ -45,6 +45,9 @@ system-deps:
 	for command in chromium npm; do \
 		command -v "$$command" >/dev/null 2>&1 || { missing="$$missing $$command"; packages="$$packages $$command"; }; \
 	done; \
+	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		missing="$$missing initdb"; packages="$$packages postgresql"; \
+	fi; \
 	if [ -z "$$missing" ]; then \
 		echo "system-deps: all present, nothing to install"; \
 	else \

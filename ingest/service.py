@@ -139,6 +139,7 @@ class IngestService:
         )
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
+        self._written = asyncio.Condition()
         self._odd_log = RateLimitedLog(log)
         self._database_log = RateLimitedLog(log)
 
@@ -157,6 +158,11 @@ class IngestService:
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             task.result()
+
+    async def wait_stored(self, positions: int) -> None:
+        """Return once this service has stored (not counting duplicates) `positions`."""
+        async with self._written:
+            await self._written.wait_for(lambda: self.counters.positions_stored >= positions)
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Stop reading, write and acknowledge what was read (for up to `flush_timeout`),
@@ -212,6 +218,8 @@ class IngestService:
                 await self._acknowledge(group_batch)
                 self._queue.task_done()
             self.counters.batches += len(items)
+            async with self._written:
+                self._written.notify_all()
 
     async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
         backoff = Backoff(initial=0.2, maximum=10.0)

@@ -1,7 +1,8 @@
 """`teamtrack up`: a whole local cluster as child processes, supervised, stopped cleanly.
 
-Order of start: identities, Redis, brokers, bridges, dashboards, simulator. Order of stop: the
-reverse, so devices say `offline` while bridges still forward it and nothing is left behind.
+Order of start: identities, Redis, brokers, bridges, dashboards, ingest, simulator. Order of
+stop: the reverse, so devices say `offline` while bridges still forward it and nothing is left
+behind.
 A child that dies is restarted with backoff and counted.
 """
 
@@ -161,6 +162,7 @@ class LocalCluster:
             self._start_bridge(index)
         for index in range(self.options.dashboards):
             self._start_dashboard(index)
+        self._start_ingest()
         for child in self.children:
             if child.ready_port is not None:
                 child.process.wait_for_port(LOOPBACK, child.ready_port, timeout=30)
@@ -221,6 +223,15 @@ class LocalCluster:
         ]
         env = self._service_env(TEAMTRACK_SESSION_SECRET=self._session_secret)
         self._add(f"dashboard-{index + 1}", argv, env, self.ports.dashboards[index])
+
+    def _start_ingest(self) -> None:
+        """One ingest: positions and presence into the SQLite history in the state folder."""
+        argv = [
+            *_python("ingest"),
+            "--database-url", f"sqlite+aiosqlite:///{self.state_dir / 'history.sqlite3'}",
+            "--metrics-port", "0",
+        ]
+        self._add("ingest", argv, self._service_env(), None)
 
     def _start_simulator(self) -> None:
         assert self.provisioned is not None
