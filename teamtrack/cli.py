@@ -57,8 +57,18 @@ def up(
     ] = Path("state"),
     backend_url: Annotated[
         str | None,
-        typer.Option(envvar=_env("backend_url"), help="use this Redis instead of starting one"),
+        typer.Option(
+            envvar=_env("backend_url"),
+            help="use this Redis or Kafka (redis://..., kafka://host:9092) instead of starting one",
+        ),
     ] = None,
+    backend: Annotated[
+        str,
+        typer.Option(
+            envvar=_env("backend"),
+            help="the server to start when no --backend-url is given: redis or kafka",
+        ),
+    ] = "redis",
     simulate: Annotated[
         bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
     ] = True,
@@ -84,7 +94,7 @@ def up(
     options = ClusterOptions(
         state_dir=state_dir, brokers=brokers, dashboards=dashboards, teams=teams,
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
-        interval=interval, qos=qos, duration=duration,
+        interval=interval, qos=qos, duration=duration, backend=backend,
     )
     cluster = LocalCluster(options, console)
     try:
@@ -101,7 +111,8 @@ def up(
     finally:
         with console.status("stopping..."):
             results = cluster.stop()
-    unclean = [(role, code) for role, code in results if code not in (0, -15, None)]
+    # 143 (128 + SIGTERM) is how the JVM of Kafka reports a clean stop on SIGTERM.
+    unclean = [(role, code) for role, code in results if code not in (0, -15, 143, None)]
     console.print(
         f"stopped {len(results)} processes"
         + (f"; unclean exits: {unclean}" if unclean else ", all cleanly")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from teamtrack.kafka_server import start_kafka
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
@@ -50,6 +52,8 @@ class ClusterOptions:
     workers: int = 50
     base_port: int = 18830
     backend_url: str | None = None
+    # The server started when no backend_url is given: "redis" or "kafka".
+    backend: str = "redis"
     simulate: bool = True
     interval: float = 1.0
     qos: int = 0
@@ -58,13 +62,20 @@ class ClusterOptions:
 
 @dataclass(frozen=True)
 class PortPlan:
-    """Where everything listens; `base_port=0` takes free ports instead."""
+    """Where everything listens; `base_port=0` takes free ports instead.
+
+    From the base port: broker i at base + 10 (i-1) (+1 for WebSockets), Redis at base + 100,
+    Kafka at base + 101 with its KRaft controller at base + 102 (only the server of the chosen
+    backend is started), bridge metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1).
+    """
 
     broker_mqtt: list[int]
     broker_ws: list[int]
     redis: int
     bridge_metrics: list[int]
     dashboards: list[int]
+    kafka: int = 0
+    kafka_controller: int = 0
 
     @classmethod
     def build(cls, base: int, brokers: int, dashboards: int) -> PortPlan:
@@ -75,6 +86,8 @@ class PortPlan:
                 redis=free_port(),
                 bridge_metrics=[free_port() for _ in range(brokers)],
                 dashboards=[free_port() for _ in range(dashboards)],
+                kafka=free_port(),
+                kafka_controller=free_port(),
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -82,12 +95,16 @@ class PortPlan:
             redis=base + 100,
             bridge_metrics=[base + 200 + index for index in range(brokers)],
             dashboards=[base + 300 + index for index in range(dashboards)],
+            kafka=base + 101,
+            kafka_controller=base + 102,
         )
 
     def all_ports(self) -> Iterator[int]:
         yield from self.broker_mqtt
         yield from self.broker_ws
         yield self.redis
+        yield self.kafka
+        yield self.kafka_controller
         yield from self.bridge_metrics
         yield from self.dashboards
 
@@ -121,7 +138,13 @@ class LocalCluster:
         self.ports = PortPlan.build(options.base_port, options.brokers, options.dashboards)
         self.children: list[Child] = []
         self.redis: ManagedProcess | None = None
-        self.backend_url = options.backend_url or f"redis://{LOOPBACK}:{self.ports.redis}/0"
+        self.kafka: ManagedProcess | None = None
+        started_url = (
+            f"kafka://{LOOPBACK}:{self.ports.kafka}"
+            if options.backend == "kafka"
+            else f"redis://{LOOPBACK}:{self.ports.redis}/0"
+        )
+        self.backend_url = options.backend_url or started_url
         self._session_secret = generate_secret(32)
         self._stop_requested = threading.Event()
         self.provisioned: ProvisionResult | None = None
@@ -131,16 +154,21 @@ class LocalCluster:
         options = self.options
         if options.brokers < 1 or options.dashboards < 1:
             raise ClusterError("--brokers and --dashboards must be at least 1")
+        if options.backend not in ("redis", "kafka"):
+            raise ClusterError("--backend must be redis or kafka")
         if options.backend_url is not None and not options.backend_url.startswith(
-            ("redis://", "rediss://")
+            ("redis://", "rediss://", "kafka://")
         ):
             raise ClusterError(
-                "--backend-url must be a redis:// URL: the cluster's processes share the backend"
-                " (memory:// lives inside one process)"
+                "--backend-url must be a redis:// or kafka:// URL: the cluster's processes share"
+                " the backend (memory:// lives inside one process)"
             )
         planned = list(self.ports.all_ports())
-        if options.backend_url is not None:
+        if options.backend_url is not None or options.backend != "redis":
             planned.remove(self.ports.redis)
+        if options.backend_url is not None or options.backend != "kafka":
+            planned.remove(self.ports.kafka)
+            planned.remove(self.ports.kafka_controller)
         busy = [port for port in planned if port_is_open(LOOPBACK, port)]
         if busy:
             raise ClusterError(
@@ -154,7 +182,9 @@ class LocalCluster:
         registry = demo_registry(self.options.teams, self.options.workers)
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
-        if self.options.backend_url is None:
+        if self.options.backend_url is None and self.options.backend == "kafka":
+            self.kafka = self._start_kafka()
+        elif self.options.backend_url is None:
             self.redis = start_redis(self.ports.redis, self.state_dir / "redis")
         for index in range(self.options.brokers):
             self._start_broker(index)
@@ -170,6 +200,12 @@ class LocalCluster:
             self._start_simulator()
         self._write_endpoints()
         self._write_processes()
+
+    def _start_kafka(self) -> ManagedProcess:
+        """A fresh one-node Kafka: like the cluster's Redis, it keeps nothing from a last run."""
+        data_dir = self.state_dir / "kafka"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
@@ -272,6 +308,8 @@ class LocalCluster:
         processes = {child.role: child.process.pid for child in self.children}
         if self.redis is not None:
             processes["redis"] = self.redis.pid
+        if self.kafka is not None:
+            processes["kafka"] = self.kafka.pid
         (self.state_dir / "processes.json").write_text(json.dumps(processes, indent=2) + "\n")
 
     # Run ---------------------------------------------------------------------------------
@@ -324,6 +362,8 @@ class LocalCluster:
             results.append((child.role, child.process.stop()))
         if self.redis is not None:
             results.append(("redis", self.redis.stop()))
+        if self.kafka is not None:
+            results.append(("kafka", self.kafka.stop()))
         return results
 
     # Status ------------------------------------------------------------------------------
