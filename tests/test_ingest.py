@@ -1,4 +1,5 @@
-"""The ingest against real backends and databases: exactly once through crashes and restarts.
+"""The ingest against real backends (Redis, Kafka, memory) and databases (SQLite, PostgreSQL):
+exactly once through crashes and restarts.
 
 A crash is the ingest's writer dying at its Nth write, either before the transaction or right
 after its commit (before any acknowledgement), and the process going away without flushing;
@@ -122,12 +123,15 @@ async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 20
 BackendFactory = Callable[[], Backend]
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "kafka", "memory"])
 def make_backend(request: pytest.FixtureRequest) -> BackendFactory:
-    """A new backend object per process for Redis; the same one for memory (one process)."""
+    """A new backend object per process for Redis and Kafka; the same one for memory."""
     if request.param == "memory":
         shared = from_url("memory://")
         return lambda: shared
+    if request.param == "kafka":
+        kafka_url = request.getfixturevalue("kafka_url")
+        return lambda: from_url(kafka_url)
     url = request.getfixturevalue("redis_url")
     return lambda: from_url(f"{url}&claim_idle_ms=300")
 
