@@ -25,11 +25,11 @@ OpenBackend = Callable[..., Awaitable[Backend]]
 OpenHub = Callable[..., Awaitable[TeamHub]]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "kafka"])
 def backend_url(request: pytest.FixtureRequest) -> str:
     if request.param == "memory":
         return "memory://"
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue(f"{request.param}_url")
     return url
 
 

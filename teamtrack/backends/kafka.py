@@ -61,6 +61,7 @@ from teamtrack.backends.base import (
     Snapshot,
     TeamSubscription,
     decode_event,
+    decode_events,
     encode_events,
 )
 from teamtrack.contract import Kind
@@ -84,6 +85,10 @@ SESSION_TIMEOUT_MS = 10_000
 START_TIMEOUT_S = 15.0
 CONFIRM_WARNING_S = 10.0
 STORE_READ_TIMEOUT_S = 15.0
+# How far back a snapshot reads the team's batches from the log, to include those whose
+# last-known records are not written yet. Those follow their batch within milliseconds,
+# unless the bridge died in between (then the worker's next fix repairs the store).
+SNAPSHOT_REPLAY_MS = 5_000
 TOPIC_EXISTS = TopicAlreadyExistsError.errno
 KIND_LETTER = {Kind.POSITION: "p", Kind.STATUS: "s"}
 
@@ -320,7 +325,11 @@ class KafkaBackend(Backend):
 
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
-        """Last-known records first, then the batches: see docs/kafka.md, "Snapshots"."""
+        """The batches first, then the last-known records naming the offset of their batch.
+
+        Viewers see a batch after one round trip; the store record that follows says which
+        batch it comes from, which is what lets `snapshot` give an exact cursor.
+        """
         if not events:
             return
         by_team: dict[str, list[Event]] = defaultdict(list)
@@ -333,17 +342,6 @@ class KafkaBackend(Backend):
                 newest[key] = event
         producer, _store = self._started()
         try:
-            stored = [
-                await producer.send(
-                    self.last_topic,
-                    event.to_json(),
-                    key=key,
-                    partition=self.partition_of(event.team),
-                    headers=[("ts", str(event.ts).encode())],
-                )
-                for key, event in newest.items()
-            ]
-            await _confirmed(stored)
             appended = [
                 await producer.send(
                     self.positions_topic,
@@ -354,6 +352,24 @@ class KafkaBackend(Backend):
                 for team, team_events in by_team.items()
             ]
             written = await _confirmed(appended)
+            batch_offsets = {
+                team: int(metadata.offset)
+                for team, metadata in zip(by_team, written, strict=True)
+            }
+            stored = [
+                await producer.send(
+                    self.last_topic,
+                    event.to_json(),
+                    key=key,
+                    partition=self.partition_of(event.team),
+                    headers=[
+                        ("ts", str(event.ts).encode()),
+                        ("batch", str(batch_offsets[event.team]).encode()),
+                    ],
+                )
+                for key, event in newest.items()
+            ]
+            await _confirmed(stored)
         except KafkaError as error:
             await self._replace_producer(producer)
             raise _failure("publish to kafka", error) from error
@@ -406,14 +422,10 @@ class KafkaBackend(Backend):
         _producer, store = self._started()
         partition = self.partition_of(team)
         try:
-            # The end of the log first, the store after it: every batch before that end had
-            # its last-known records written before it (see publish), so the store read
-            # afterwards includes them all.
-            end = await store.end_offset(TopicPartition(self.positions_topic, partition))
-            positions, presence = await store.team_state(partition, team)
+            cursor, positions, presence = await store.snapshot_state(partition, team)
         except KafkaError as error:
             raise _failure(f"snapshot of {team} from kafka", error) from error
-        return Snapshot(team, f"{partition}:{end - 1}", positions, presence)
+        return Snapshot(team, f"{partition}:{cursor}", positions, presence)
 
     def subscribe(self) -> KafkaSubscription:
         return KafkaSubscription(self)
@@ -460,18 +472,29 @@ async def _stop_consumer(consumer: Any) -> None:
         log.warning("kafka consumer did not stop cleanly: %s", error or type(error).__name__)
 
 
-@dataclass
-class _TeamState:
-    """A team's last-known records: worker -> (ts, `Event.to_json()`), per kind."""
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One last-known record: its event's `ts`, the offset of the batch it came in, the event."""
 
-    positions: dict[str, tuple[int, bytes]] = field(default_factory=dict)
-    presence: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    ts: int
+    batch: int
+    raw: bytes
+
+
+StoreEntries = dict[tuple[str, str], _Stored]
+"""(kind letter, worker) -> newest record, for one team."""
 
 
 @dataclass
 class _PartitionView:
     next_offset: int = 0
-    teams: dict[str, _TeamState] = field(default_factory=lambda: defaultdict(_TeamState))
+    teams: dict[str, StoreEntries] = field(default_factory=lambda: defaultdict(dict))
+
+
+def _keep_newest(entries: StoreEntries, key: tuple[str, str], stored: _Stored) -> None:
+    current = entries.get(key)
+    if current is None or current.ts <= stored.ts:
+        entries[key] = stored
 
 
 class _LastKnownStore:
@@ -480,6 +503,13 @@ class _LastKnownStore:
     The first snapshot of a team reads its partition of the compacted topic from the start;
     later ones read only what was appended since. Records are compared on their `ts` header,
     so an older fix written after a newer one (a QoS 1 redelivery) never moves a worker back.
+
+    A snapshot's cursor must be exact: the snapshot holds every batch up to it and none after
+    it, or a joining viewer misses or repeats positions. Each record names the offset of its
+    batch, so the cursor is the newest batch the records include (or the end of the log, if
+    later); the team's batches of the last `SNAPSHOT_REPLAY_MS` up to that cursor are then
+    read from the log itself, which adds those whose last-known records are still on their
+    way (they are written right after their batch).
     """
 
     def __init__(self, backend: KafkaBackend) -> None:
@@ -528,18 +558,57 @@ class _LastKnownStore:
         offsets = await self._offsets.end_offsets(partitions)
         return {partition: int(offset) for partition, offset in offsets.items()}
 
-    async def team_state(
+    async def snapshot_state(
         self, partition: int, team: str
-    ) -> tuple[dict[str, Event], dict[str, Event]]:
+    ) -> tuple[int, dict[str, Event], dict[str, Event]]:
+        """The team's cursor (an offset of its partition), positions and presence."""
+        log_partition = TopicPartition(self._backend.positions_topic, partition)
         async with self._lock:
+            newest_batch = await self.end_offset(log_partition) - 1
             view = await self._caught_up(partition)
-            state = view.teams.get(team) or _TeamState()
-            return (
-                {worker: decode_event(team, _loads(raw)) for worker, (_, raw) in
-                 state.positions.items()},
-                {worker: decode_event(team, _loads(raw)) for worker, (_, raw) in
-                 state.presence.items()},
-            )
+            entries = dict(view.teams.get(team, {}))
+            cursor = max([newest_batch, *(stored.batch for stored in entries.values())])
+            replay_from = await self._replay_start(log_partition, newest_batch)
+            if replay_from <= cursor:
+                await self._replay(log_partition, team, replay_from, cursor, entries)
+        positions: dict[str, Event] = {}
+        presence: dict[str, Event] = {}
+        for (kind, worker), stored in entries.items():
+            target = positions if kind == KIND_LETTER[Kind.POSITION] else presence
+            target[worker] = decode_event(team, _loads(stored.raw))
+        return cursor, positions, presence
+
+    async def _replay_start(self, log_partition: Any, newest_batch: int) -> int:
+        since_ms = int(time.time() * 1000) - SNAPSHOT_REPLAY_MS
+        found = await self._offsets.offsets_for_times({log_partition: since_ms})
+        at = found.get(log_partition)
+        # None: nothing that recent; only batches written during this snapshot, if any.
+        return int(at.offset) if at is not None else newest_batch + 1
+
+    async def _replay(
+        self, log_partition: Any, team: str, start: int, cursor: int, entries: StoreEntries
+    ) -> None:
+        key = team.encode()
+        self._consumer.assign([log_partition])
+        self._consumer.seek(log_partition, start)
+        deadline = time.monotonic() + STORE_READ_TIMEOUT_S
+        position = start
+        while position <= cursor:
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"reading {self._backend.positions_topic} partition "
+                    f"{log_partition.partition} up to {cursor} took longer than "
+                    f"{STORE_READ_TIMEOUT_S:.0f}s"
+                )
+            fetched = await self._consumer.getmany(log_partition, timeout_ms=500)
+            for record in fetched.get(log_partition, ()):
+                if record.offset > cursor:
+                    break
+                if record.key == key:
+                    for event in decode_events(team, record.value):
+                        stored = _Stored(event.ts, record.offset, event.to_json())
+                        _keep_newest(entries, (KIND_LETTER[event.kind], event.worker), stored)
+            position = int(await self._consumer.position(log_partition))
 
     async def _caught_up(self, partition: int) -> _PartitionView:
         view = self._views.setdefault(partition, _PartitionView())
@@ -571,12 +640,9 @@ def _apply_store_record(view: _PartitionView, record: Any) -> None:
         return
     team, _, rest = record.key.decode().partition("/")
     worker, _, kind = rest.rpartition("/")
-    ts = next((int(value) for name, value in record.headers if name == "ts"), 0)
-    state = view.teams[team]
-    store = state.positions if kind == "p" else state.presence
-    current = store.get(worker)
-    if current is None or current[0] <= ts:
-        store[worker] = (ts, record.value)
+    headers = dict(record.headers)
+    stored = _Stored(int(headers.get("ts", b"0")), int(headers.get("batch", b"-1")), record.value)
+    _keep_newest(view.teams[team], (kind, worker), stored)
 
 
 def _loads(raw: bytes) -> dict[str, Any]:
