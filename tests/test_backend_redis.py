@@ -59,3 +59,23 @@ async def test_unreachable_redis_is_a_clear_error() -> None:
 def test_unknown_scheme_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"memory://, redis://"):
         from_url("mongodb://localhost")
+
+
+async def test_a_slow_member_is_not_handed_its_own_batches_again(redis_url: str) -> None:
+    backend = from_url(f"{redis_url}&claim_idle_ms=200")
+    await backend.start()
+    await backend.publish([position("alpha", "w1", 0)])
+    consumer = backend.consume("ingest", "slow", start="earliest")
+    held = await asyncio.wait_for(anext(consumer), 5)
+    # Held unacknowledged for longer than the claim time: its own sweeps claim it (keeping
+    # other members off it) without delivering it a second time.
+    await asyncio.sleep(0.6)
+    await backend.publish([position("alpha", "w1", 1)])
+    following = await asyncio.wait_for(anext(consumer), 5)
+    assert [e.body for e in following.batch.events()] != [e.body for e in held.batch.events()]
+    await held.ack()
+    await following.ack()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(consumer), 0.6)
+    await consumer.close()
+    await backend.close()

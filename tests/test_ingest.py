@@ -144,6 +144,14 @@ def make_backend(request: pytest.FixtureRequest) -> BackendFactory:
 async def test_exactly_once_through_a_crash_and_a_restart(
     make_backend: BackendFactory, history_url: str, after_commit: bool, same_name: bool
 ) -> None:
+    # Bounded, so that anything stuck fails with a traceback of where it waited.
+    scenario = crash_and_restart(make_backend, history_url, after_commit, same_name)
+    await asyncio.wait_for(scenario, 60)
+
+
+async def crash_and_restart(
+    make_backend: BackendFactory, history_url: str, after_commit: bool, same_name: bool
+) -> None:
     publishes, sent, repeated_positions = device_traffic(int(time.time() * 1000))
     publisher = make_backend()
     await publisher.start()

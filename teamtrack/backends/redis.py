@@ -454,6 +454,9 @@ class _RedisGroupConsumer(GroupConsumer):
         self._next_claim_at = 0.0
         # None once this member's own pending entries have all been read again.
         self._own_pending_after: str | None = "0" if acknowledge else None
+        # Handed out and not yet acknowledged: a sweep that claims one of these (a slow write
+        # let it idle) only refreshes its idle time; it is not handed out a second time.
+        self._in_flight: set[bytes] = set()
 
     async def _ensure_group(self, reader: aioredis.Redis) -> None:
         try:
@@ -465,6 +468,7 @@ class _RedisGroupConsumer(GroupConsumer):
                 raise
 
     async def ack(self, entry_id: bytes) -> None:
+        self._in_flight.discard(entry_id)
         await self._backend.client.xack(self._backend.all_key, self._group, entry_id)
 
     async def close(self) -> None:
@@ -529,7 +533,7 @@ class _RedisGroupConsumer(GroupConsumer):
             )
         if self._claim_cursor == "0-0":
             self._next_claim_at = time.monotonic() + self._claim_idle_ms / 2000
-        await self._deliver(reply[1])
+        await self._deliver([entry for entry in reply[1] if entry[0] not in self._in_flight])
 
     async def _deliver(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         for entry_id, fields in entries:
@@ -539,11 +543,10 @@ class _RedisGroupConsumer(GroupConsumer):
                             self._group, entry_id.decode())
                 await self.ack(entry_id)
                 continue
-            acknowledger: Acknowledgeable = (
-                _EntryAcknowledger(self, entry_id, len(fields))
-                if self._acknowledge
-                else _NoAck()
-            )
+            acknowledger: Acknowledgeable = _NoAck()
+            if self._acknowledge:
+                acknowledger = _EntryAcknowledger(self, entry_id, len(fields))
+                self._in_flight.add(entry_id)
             for team, raw in fields.items():
                 batch = Batch(team.decode(), entry_id.decode(), raw)
                 self._ready.append(GroupBatch(batch, acknowledger))
