@@ -156,9 +156,10 @@ def decode_event_row(team: str, item: object) -> tuple[str, dict[str, Any]]:
     if kind == "s":
         if payload not in _STATUS_WORDS:
             raise OddEvent("bad_status")
-        row = {"team": team, "worker": worker, "ts": received_ms, "status": payload}
-        row["origin"] = origin
-        return "s", row
+        status = {
+            "team": team, "worker": worker, "ts": received_ms, "status": payload, "origin": origin
+        }
+        return "s", status
     if kind != "p":
         raise OddEvent("bad_event")
     if not isinstance(payload, dict):
