@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory
@@ -21,6 +22,7 @@ from dashboard.hub import ViewerLimits
 from dashboard.page import PageConfig
 from dashboard.settings import DashboardSettings
 from teamtrack.backends import BackendError, from_url
+from teamtrack.history import HistoryStore
 from teamtrack.logs import configure_logging
 from teamtrack.metrics import CollectorRegistry
 from teamtrack.passwords import generate_secret
@@ -54,6 +56,20 @@ async def _check_backend(url: str) -> None:
         await probe.close()
 
 
+def _history_store(database_url: str) -> HistoryStore | None:
+    """The read-only history, or None without a URL. No I/O: a database that is down or not
+    migrated yet makes the history API answer 503 until it is there, while live works."""
+    if not database_url:
+        return None
+    try:
+        return HistoryStore.from_url(database_url)
+    except (SQLAlchemyError, ImportError) as error:
+        # An unparsable URL, a driver that is not async or not installed.
+        raise ValueError(f"--database-url: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"--database-url: {error}") from None
+
+
 def _session_secret(settings: DashboardSettings) -> str:
     secret = settings.session_secret.get_secret_value()
     if secret:
@@ -72,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory = ManagerDirectory.load(settings.auth_file)
         backend = from_url(settings.backend_url)
         asyncio.run(_check_backend(settings.backend_url))
+        history_store = _history_store(settings.database_url)
     except (AuthFileError, BackendError, ValueError) as error:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
         return 1
@@ -91,10 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile_url=settings.tile_url,
             tile_attribution=settings.tile_attribution,
         ),
+        history_store=history_store,
     )
     log.info(
-        "instance %s: %d manager(s), backend %s://",
+        "instance %s: %d manager(s), backend %s://, history %s",
         settings.instance_id, len(directory), settings.backend_url.partition("://")[0],
+        history_store.dialect if history_store is not None else "not configured",
     )
     config = uvicorn.Config(
         app,

@@ -5,6 +5,7 @@
     GET  /api/me                                 {"username", "team"}
     GET  /api/config                             what the map page needs (tiles, stale time)
     GET  /api/teams/{team}/positions             the team's snapshot
+    GET  /api/teams/{team}/history, .../track... the SQL history (dashboard/history_api.py)
     WS   /ws/teams/{team}[?after=cursor]         snapshot or resume, then live (docs/protocol.md)
     GET  /healthz  GET /metrics                  for operators, no credentials needed
 
@@ -28,11 +29,13 @@ from starlette.responses import Response
 
 from dashboard.auth import SESSION_COOKIE, Authenticator, Manager, current_manager, require_team
 from dashboard.frames import snapshot_json
+from dashboard.history_api import history_router, unconfigured_history_router
 from dashboard.hub import TeamHub, ViewerLimits
 from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
 from dashboard.metrics import DashboardMetrics
 from dashboard.page import PageConfig
 from teamtrack.backends import Backend
+from teamtrack.history import HistoryStore
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,10 @@ def create_app(
     viewer_limits: ViewerLimits | None = None,
     stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
     page_config: PageConfig | None = None,
+    history_store: HistoryStore | None = None,
 ) -> FastAPI:
-    """The app for one instance; its lifespan starts and stops the backend and the hub."""
+    """The app for one instance; its lifespan starts and stops the backend and the hub, and
+    closes `history_store` (read only, never migrated here; None: no history configured)."""
     metrics = DashboardMetrics(registry)
     hub = TeamHub(backend, metrics, limits=viewer_limits)
     config = page_config if page_config is not None else PageConfig()
@@ -70,7 +75,11 @@ def create_app(
             finally:
                 await hub.stop()
         finally:
-            await backend.close()
+            try:
+                await backend.close()
+            finally:
+                if history_store is not None:
+                    await history_store.close()
 
     app = FastAPI(
         title="teamtrack dashboard",
@@ -83,6 +92,10 @@ def create_app(
     app.state.hub = hub
     app.state.metrics = metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    if history_store is not None:
+        app.include_router(history_router(history_store))
+    else:
+        app.include_router(unconfigured_history_router())
 
     def login_form(error: str | None = None, status_code: int = 200) -> HTMLResponse:
         notice = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
@@ -148,7 +161,7 @@ def create_app(
     async def page_settings(
         _: Annotated[Manager, Depends(current_manager)],
     ) -> dict[str, object]:
-        return config.document()
+        return {**config.document(), "history": history_store is not None}
 
     @app.get("/api/teams/{team}/positions")
     async def positions(

@@ -12,11 +12,9 @@
 
 `since` and `until` are ISO-8601 times (a time without zone is UTC) or epoch milliseconds; the
 window is [since, until), by default the hour before now. A manager gets 403 for any team but
-their own, exactly as on the snapshot API. Wiring, in `create_app`:
-
-    app.include_router(history_router(HistoryStore.from_url(database_url)))
-
-and `await store.close()` when the app stops.
+their own, exactly as on the snapshot API. `create_app` includes `history_router(store)` when
+the dashboard has a database URL (and closes the store when the app stops), and
+`unconfigured_history_router()` when it has none: the same paths, answering 503.
 """
 
 # No `from __future__ import annotations`: the routes' parameter types are built inside
@@ -247,4 +245,39 @@ def history_router(
     return router
 
 
-__all__ = ["DEFAULT_MAX_EXPORT_POINTS", "history_router", "parse_time", "time_window"]
+HISTORY_PATHS: Final = (
+    "/api/teams/{team}/workers/{worker}/track",
+    "/api/teams/{team}/workers/{worker}/track/summary",
+    "/api/teams/{team}/history",
+    "/api/teams/{team}/presence",
+)
+
+
+def unconfigured_history_router(
+    manager_dependency: Callable[..., Manager] = current_manager,
+) -> APIRouter:
+    """The history paths of a dashboard without a history database: 503 "history not
+    configured", after the same credential and team checks (401, 403) as everywhere else."""
+    router = APIRouter()
+
+    async def not_configured(
+        team: str, manager: Annotated[Manager, Depends(manager_dependency)]
+    ) -> JSONResponse:
+        require_team(manager, team)
+        return JSONResponse(
+            {"detail": "history not configured"}, status_code=503, headers=NO_STORE
+        )
+
+    for path in HISTORY_PATHS:
+        router.add_api_route(path, not_configured, methods=["GET"], response_model=None)
+    return router
+
+
+__all__ = [
+    "DEFAULT_MAX_EXPORT_POINTS",
+    "HISTORY_PATHS",
+    "history_router",
+    "parse_time",
+    "time_window",
+    "unconfigured_history_router",
+]

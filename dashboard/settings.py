@@ -52,6 +52,14 @@ class DashboardSettings(ServiceSettings):
         DEFAULT_TILE_ATTRIBUTION, max_length=300, description="credit shown under the tiles"
     )
     instance_id: str = Field("", description="name in /healthz and logs; empty: host:port")
+    database_url: str = Field(
+        "",
+        description=(
+            "the history database the ingest writes (sqlite+aiosqlite:///path or "
+            "postgresql+asyncpg://...), read only; empty: no history, its API answers 503 "
+            "and the map offers no replay"
+        ),
+    )
 
     @field_validator("tile_url")
     @classmethod

@@ -25,6 +25,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from teamtrack.history import default_database_url
 from teamtrack.kafka_server import start_kafka
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
@@ -146,6 +147,8 @@ class LocalCluster:
         )
         self.backend_url = options.backend_url or started_url
         self._session_secret = generate_secret(32)
+        # What the ingest writes and the dashboards read (their history API and replay).
+        self.database_url = default_database_url(self.state_dir)
         self._stop_requested = threading.Event()
         self.provisioned: ProvisionResult | None = None
 
@@ -256,6 +259,7 @@ class LocalCluster:
             "--port", str(self.ports.dashboards[index]),
             "--auth-file", str(self.provisioned.dashboard_auth_path),
             "--instance-id", f"dashboard-{index + 1}",
+            "--database-url", self.database_url,
         ]
         env = self._service_env(TEAMTRACK_SESSION_SECRET=self._session_secret)
         self._add(f"dashboard-{index + 1}", argv, env, self.ports.dashboards[index])
@@ -264,7 +268,7 @@ class LocalCluster:
         """One ingest: positions and presence into the SQLite history in the state folder."""
         argv = [
             *_python("ingest"),
-            "--database-url", f"sqlite+aiosqlite:///{self.state_dir / 'history.sqlite3'}",
+            "--database-url", self.database_url,
             "--metrics-port", "0",
         ]
         self._add("ingest", argv, self._service_env(), None)

@@ -259,6 +259,7 @@ def test_page_settings_need_credentials(dashboard: Dashboard) -> None:
         "trail_points": 20,
         "tile_url": "https://tile.openstreetmap.org/{z}/{x}/{y}.png",
         "tile_attribution": "© OpenStreetMap contributors",
+        "history": False,
     }
 
 

@@ -230,6 +230,19 @@ def test_up_starts_simulated_teams_and_stops_without_orphans(tmp_path: Path) -> 
                 with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
                     workers = json.loads(response.read())["workers"]
         assert {worker["worker"] for worker in workers} == {"w001", "w002", "w003"}
+        # The dashboards read the history the cluster's ingest writes.
+        history: list[Any] = []
+        while time.monotonic() < deadline + WAIT and not history:
+            time.sleep(0.3)
+            with contextlib.suppress(OSError):
+                request = urllib.request.Request(  # noqa: S310 (loopback URL)
+                    endpoints["dashboards"][0] + "/api/teams/alpha/history",
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+                    history = json.loads(response.read())["positions"]
+        assert {position["worker"] for position in history} <= {"w001", "w002", "w003"}
+        assert history, "no position of alpha in the history API of the cluster's dashboard"
         pids = json.loads((tmp_path / "processes.json").read_text())
         assert set(pids) >= {
             "broker-1",
