@@ -3,10 +3,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 import pytest
 from backend_contract import BackendContract, position
 
-from teamtrack.backends import Backend, BackendError, from_url
+from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
+from teamtrack.backends.redis import RedisBackend
 
 
 class TestRedisBackend(BackendContract):
@@ -78,4 +80,42 @@ async def test_a_slow_member_is_not_handed_its_own_batches_again(redis_url: str)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(anext(consumer), 0.6)
     await consumer.close()
+    await backend.close()
+
+
+async def test_publish_reloads_its_script_after_redis_forgot_it(redis_url: str) -> None:
+    """A restarted Redis (or SCRIPT FLUSH) has no scripts: the publish loads it again."""
+    backend = from_url(redis_url)
+    await backend.start()
+    assert isinstance(backend, RedisBackend)
+    await backend.publish([position("alpha", "w1", 0)])
+    await backend.client.script_flush()
+    await backend.publish([position("alpha", "w1", 1)])
+    subscription = backend.subscribe()
+    await subscription.add("alpha", START_OF_LOG)
+    seqs = []
+    for _ in range(2):
+        batch = await asyncio.wait_for(anext(subscription), 5)
+        assert isinstance(batch, Batch)
+        seqs += [orjson.loads(event.body)["seq"] for event in batch.events()]
+    assert seqs == [0, 1]
+    await subscription.close()
+    await backend.close()
+
+
+async def test_a_log_without_a_recorded_newest_id_still_chains_its_entries(
+    redis_url: str,
+) -> None:
+    """Logs written before the newest-id hash existed: the next entry names its real predecessor,
+    so a cursor into the older part of the log still detects trimming exactly."""
+    backend = from_url(f"{redis_url}&history=3")
+    await backend.start()
+    assert isinstance(backend, RedisBackend)
+    await backend.publish([position("alpha", "w1", 0)])
+    first = (await backend.snapshot("alpha")).cursor
+    await backend.client.delete(f"{backend.prefix}:log-newest")
+    await backend.publish([position("alpha", "w1", 1)])
+    entries = await backend.client.xrange(backend.log_key("alpha"))
+    assert entries[-1][1][b"p"].decode() == first
+    assert not await backend.trimmed_after("alpha", first)
     await backend.close()

@@ -6,7 +6,7 @@ inside a team's log are identified by an opaque `Cursor` that only ever grows.
 
 Delivery guarantees (every backend passes `tests/backend_contract.py`):
 
-* `publish` returns once the backend holds the events (Redis: the MULTI/EXEC reply; Kafka: the
+* `publish` returns once the backend holds the events (Redis: the publish script's reply; Kafka: the
   produce acknowledgement with acks=all). Until it returns, the caller must not acknowledge the
   source messages: that is what makes the bridge at-least-once.
 * A `TeamSubscription` delivers, for each team it was given, every batch appended after the

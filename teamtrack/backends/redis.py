@@ -8,10 +8,14 @@ Keys (prefix `tt`, change with `?prefix=`):
   `?group_history=`; consumer groups (bridge mirrors, ingest) read it.
 * `tt:last:{team}` / `tt:last-ts:{team}`          last-known position per worker, and its ts.
 * `tt:presence:{team}` / `tt:presence-ts:{team}`  last presence per worker, and its time.
+* `tt:log-newest`   hash, team -> id of the newest entry of its log (each entry names the one
+  before it).
 
-A publish is one MULTI/EXEC round trip whatever the batch size. The last-known hashes are
-updated by a Lua script that keeps the newest `ts` per worker, so a redelivered old message
-never moves a worker back.
+A publish is one EVALSHA of one Lua script (`_PUBLISH`), whatever the batch size and the number
+of teams in it: one command, one round trip, atomic without MULTI/EXEC. The script keeps the
+newest `ts` per worker in the last-known hashes, so a redelivered old message never moves a
+worker back. The script is loaded at `start()`; after a Redis restart (NOSCRIPT) it is loaded
+again and the publish retried once.
 
 Why streams and not PUBLISH: a stream entry stays readable after it is written, which gives
 cursors (stream ids) that a reconnecting viewer resumes from on any instance, and consumer
@@ -27,17 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from teamtrack.backends.base import (
     START_OF_LOG,
@@ -54,7 +59,6 @@ from teamtrack.backends.base import (
     Snapshot,
     TeamSubscription,
     decode_event,
-    encode_events,
 )
 from teamtrack.contract import Kind
 from teamtrack.retry import Backoff
@@ -65,32 +69,98 @@ DEFAULT_HISTORY = 10_000
 DEFAULT_GROUP_HISTORY = 100_000
 DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
+KEY_CACHE_SIZE = 10_000
 BLOCK_MS = 5_000
 
-# KEYS: team log. ARGV: max length, batch, "1" for approximate trimming.
-# Each entry records the id of the entry before it (`p`), so that a reader resuming from a cursor
-# can tell whether the entry right after its cursor was trimmed (a gap) or is still there.
-_APPEND = """
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local previous = '0-0'
-if #newest > 0 then previous = newest[1][1] end
-if ARGV[3] == '1' then
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'b', ARGV[2], 'p', previous)
+# The whole publish, in one script: one command, one round trip, atomic without MULTI/EXEC.
+#
+# KEYS: the all-teams stream, the hash of each log's newest entry id, then five keys per team:
+# its log, last-known positions and their ts, last presence and its time.
+# ARGV: log length cap, "1" for approximate trimming, all-teams length cap, the number of teams
+# T, the T teams, then per team: its batch (the events' JSON array), then for positions and for
+# presence: an update count u and u triples (worker, ts, event JSON), at most one per worker.
+#
+# Each log entry records the id of the entry before it (`p`), so that a reader resuming from a
+# cursor can tell whether the entry right after its cursor was trimmed (a gap) or is still there;
+# the newest id of each log is kept in a hash, which saves reading the newest entry back.
+# A last-known value is replaced only by one with the same or a newer `ts`, so a redelivered old
+# fix never moves a worker back.
+_PUBLISH = """
+local CHUNK = 1000
+local approximate = ARGV[2] == '1'
+local team_count = tonumber(ARGV[4])
+local a = 5 + team_count
+local function keep_newest(values_key, stamps_key, u)
+  for from = 0, u - 1, CHUNK do
+    local to = math.min(u, from + CHUNK) - 1
+    local workers = {}
+    for j = from, to do workers[#workers + 1] = ARGV[a + 3 * j] end
+    local stored = redis.call('HMGET', stamps_key, unpack(workers))
+    local values, stamps = {}, {}
+    for j = from, to do
+      local worker, ts = ARGV[a + 3 * j], ARGV[a + 3 * j + 1]
+      local current = stored[j - from + 1]
+      if (not current) or tonumber(current) <= tonumber(ts) then
+        values[#values + 1] = worker
+        values[#values + 1] = ARGV[a + 3 * j + 2]
+        stamps[#stamps + 1] = worker
+        stamps[#stamps + 1] = ts
+      end
+    end
+    if #values > 0 then
+      redis.call('HSET', values_key, unpack(values))
+      redis.call('HSET', stamps_key, unpack(stamps))
+    end
+  end
+  a = a + 3 * u
 end
-return redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], '*', 'b', ARGV[2], 'p', previous)
-"""
-
-# KEYS: value hash, order hash. ARGV: worker, order, value, worker, order, value, ...
-_KEEP_NEWEST = """
-for i = 1, #ARGV, 3 do
-  local current = redis.call('HGET', KEYS[2], ARGV[i])
-  if (not current) or tonumber(current) <= tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+local previous_ids = redis.call('HMGET', KEYS[2], unpack(ARGV, 5, 4 + team_count))
+local all_fields, newest_ids = {}, {}
+for t = 1, team_count do
+  local log_key, team, batch = KEYS[3 + 5 * (t - 1)], ARGV[4 + t], ARGV[a]
+  a = a + 1
+  local previous = previous_ids[t]
+  if not previous then
+    -- A log written before the newest-id hash existed (or none at all).
+    local newest = redis.call('XREVRANGE', log_key, '+', '-', 'COUNT', 1)
+    previous = '0-0'
+    if #newest > 0 then previous = newest[1][1] end
+  end
+  local id
+  if approximate then
+    id = redis.call('XADD', log_key, 'MAXLEN', '~', ARGV[1], '*', 'b', batch, 'p', previous)
+  else
+    id = redis.call('XADD', log_key, 'MAXLEN', ARGV[1], '*', 'b', batch, 'p', previous)
+  end
+  newest_ids[#newest_ids + 1] = team
+  newest_ids[#newest_ids + 1] = id
+  all_fields[#all_fields + 1] = team
+  all_fields[#all_fields + 1] = batch
+  for kind = 0, 1 do
+    local u = tonumber(ARGV[a])
+    a = a + 1
+    if u > 0 then
+      keep_newest(KEYS[4 + 5 * (t - 1) + 2 * kind], KEYS[5 + 5 * (t - 1) + 2 * kind], u)
+    end
   end
 end
-return 0
+redis.call('HSET', KEYS[2], unpack(newest_ids))
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(all_fields))
+return team_count
 """
+# Redis names a script by its SHA-1 (EVALSHA); nothing here depends on SHA-1 being secure.
+_PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode(), usedforsecurity=False).hexdigest().encode()
+# Teams per script call: `unpack` of the all-teams entry's fields stays far below Lua's stack
+# limit (8,000). A publish of more teams than this (a batch of over a thousand teams) is written
+# as several all-teams entries; each team still gets one log entry.
+MAX_TEAMS_PER_CALL = 1000
+
+
+def _command(args: list[bytes]) -> bytes:
+    """One Redis command in RESP, ready for the socket."""
+    parts = [b"*%d\r\n" % len(args)]
+    parts += [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
+    return b"".join(parts)
 
 
 def _stream_id(cursor: Cursor) -> tuple[int, int]:
@@ -117,11 +187,15 @@ class RedisBackend(Backend):
         # a member may hold a batch (its slowest write), or live members lose batches to others.
         self.claim_idle_ms = claim_idle_ms
         self._client: aioredis.Redis | None = None
-        self._keep_newest: Any = None
-        self._append: Any = None
         # Approximate trimming removes whole radix-tree nodes (~100 entries): cheap, but it
         # would ignore a small history altogether, so small histories are trimmed exactly.
         self._approximate = history >= 1000
+        self._history_bytes = b"%d" % history
+        self._group_history_bytes = b"%d" % group_history
+        self._approximate_bytes = b"1" if self._approximate else b"0"
+        self._all_key_bytes = self.all_key.encode()
+        self._newest_key_bytes = f"{prefix}:log-newest".encode()
+        self._key_cache: dict[str, tuple[bytes, ...]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
@@ -170,12 +244,15 @@ class RedisBackend(Backend):
 
     async def start(self) -> None:
         self._client = self.new_client()
-        self._keep_newest = self._client.register_script(_KEEP_NEWEST)
-        self._append = self._client.register_script(_APPEND)
         try:
-            await self._client.ping()
+            await self._load_script()
         except RedisError as error:
             raise BackendError(f"redis at {_safe(self.url)} is unreachable: {error}") from error
+
+    async def _load_script(self) -> None:
+        loaded: Any = await self.client.script_load(_PUBLISH)
+        if str(loaded) != _PUBLISH_SHA.decode():
+            raise BackendError(f"redis loaded the publish script as {loaded!r}")
 
     async def close(self) -> None:
         if self._client is not None:
@@ -193,34 +270,89 @@ class RedisBackend(Backend):
 
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
+        """One EVALSHA of the publish script for the whole batch (see `_PUBLISH`)."""
         if not events:
             return
-        by_team: dict[str, list[Event]] = defaultdict(list)
+        by_team: dict[str, list[Event]] = {}
         for event in events:
-            by_team[event.team].append(event)
-        pipe = self.client.pipeline(transaction=True)
-        all_fields: dict[Any, Any] = {}
-        for team, team_events in by_team.items():
-            raw = encode_events(team_events)
-            all_fields[team] = raw
-            await self._append(
-                keys=[self.log_key(team)],
-                args=[self.history, raw, "1" if self._approximate else "0"],
-                client=pipe,
-            )
-            for kind in Kind:
-                arguments: list[Any] = []
-                for event in team_events:
-                    if event.kind is kind:
-                        arguments += (event.worker, event.ts, event.to_json())
-                if arguments:
-                    keys = self._store_keys(kind, team)
-                    await self._keep_newest(keys=keys, args=arguments, client=pipe)
-        pipe.xadd(self.all_key, all_fields, maxlen=self.group_history, approximate=True)
+            team_events = by_team.get(event.team)
+            if team_events is None:
+                by_team[event.team] = [event]
+            else:
+                team_events.append(event)
+        teams = list(by_team.items())
+        for start in range(0, len(teams), MAX_TEAMS_PER_CALL):
+            await self._run_publish(self._publish_command(teams[start:start + MAX_TEAMS_PER_CALL]))
+
+    def _publish_command(self, teams: list[tuple[str, list[Event]]]) -> bytes:
+        keys = [self._all_key_bytes, self._newest_key_bytes]
+        args = [self._history_bytes, self._approximate_bytes, self._group_history_bytes,
+                b"%d" % len(teams)]
+        args += [team.encode() for team, _events in teams]
+        for team, team_events in teams:
+            keys += self._team_keys(team)
+            encoded = [event.to_json() for event in team_events]
+            args.append(b"[" + b",".join(encoded) + b"]")
+            # Each worker's newest position and presence in the batch (of equal ts the later,
+            # as appending them one by one would keep); the script compares them with Redis'.
+            positions: dict[str, int] = {}
+            presence: dict[str, int] = {}
+            for number, event in enumerate(team_events):
+                newest = positions if event.kind is Kind.POSITION else presence
+                current = newest.get(event.worker)
+                if current is None or team_events[current].ts <= event.ts:
+                    newest[event.worker] = number
+            for newest in (positions, presence):
+                args.append(b"%d" % len(newest))
+                for worker, number in newest.items():
+                    args += (worker.encode(), b"%d" % team_events[number].ts, encoded[number])
+        return _command([b"EVALSHA", _PUBLISH_SHA, b"%d" % len(keys), *keys, *args])
+
+    async def _run_publish(self, command: bytes) -> None:
         try:
-            await pipe.execute()
+            try:
+                await self._execute_packed(command)
+            except NoScriptError:
+                # Redis restarted, or SCRIPT FLUSH: load the script again and retry once.
+                await self._load_script()
+                await self._execute_packed(command)
         except RedisError as error:
             raise BackendError(f"publish to redis failed: {error}") from error
+
+    async def _execute_packed(self, command: bytes) -> Any:
+        """Send one packed command on a pooled connection and read its reply.
+
+        Cheaper than `execute_command` for a command of thousands of arguments: the packing is
+        one join, and there is no per-argument encoding by the client.
+        """
+        pool: Any = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
+        except ResponseError:
+            raise  # an error reply: the connection is in a clean state
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+
+    def _team_keys(self, team: str) -> tuple[bytes, ...]:
+        keys = self._key_cache.get(team)
+        if keys is None:
+            if len(self._key_cache) >= KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            positions, position_stamps = self._store_keys(Kind.POSITION, team)
+            presence, presence_stamps = self._store_keys(Kind.STATUS, team)
+            keys = tuple(
+                key.encode()
+                for key in (
+                    self.log_key(team), positions, position_stamps, presence, presence_stamps
+                )
+            )
+            self._key_cache[team] = keys
+        return keys
 
     # Reading -----------------------------------------------------------------------------
     async def snapshot(self, team: str) -> Snapshot:
