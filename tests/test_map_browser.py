@@ -3,8 +3,9 @@
 Two `python -m dashboard` instances sit behind a small fail-over TCP proxy, as they would
 behind a load balancer: the page talks to the proxy, and when the instance it was on is killed,
 its next connection lands on the other one. Positions are published into Redis the way a bridge
-does. The page exposes `window.teamtrack.state()`, what it believes, so that the test reads
-worker states instead of pixels; screenshots are saved for people to look at.
+does; for the replay, a real ingest (`IngestService`, in-process) stores them into the SQLite
+history the dashboards read. The page exposes `window.teamtrack.state()`, what it believes, so
+that the test reads worker states instead of pixels; screenshots are saved for people to look at.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import orjson
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
+from ingest.service import IngestConfig, IngestService
 from teamtrack.backends import Backend, Event, from_url
 from teamtrack.contract import Kind
+from teamtrack.history import HistoryStore
+from teamtrack.metrics import CollectorRegistry
 from teamtrack.passwords import hash_password, token_digest
 from teamtrack.servers import LOOPBACK, free_port, port_is_open
 
@@ -66,12 +70,16 @@ def chromium() -> str:
     return path
 
 
-def fix(team: str, worker: str, seq: int, lat: float, lon: float) -> Event:
+def fix(
+    team: str, worker: str, seq: int, lat: float, lon: float, at_ms: int | None = None
+) -> Event:
+    """A position received now; its fix time is `at_ms` (a device's backlog) or now."""
     now = int(time.time() * 1000)
+    ts = now if at_ms is None else at_ms
     body = orjson.dumps(
-        {"lat": round(lat, 6), "lon": round(lon, 6), "ts": now, "seq": seq, "battery": 80}
+        {"lat": round(lat, 6), "lon": round(lon, 6), "ts": ts, "seq": seq, "battery": 80}
     )
-    return Event(team, worker, Kind.POSITION, body, "b1", now, now, qos=0)
+    return Event(team, worker, Kind.POSITION, body, "b1", now, ts, qos=0)
 
 
 def presence(team: str, worker: str, word: str) -> Event:
@@ -88,8 +96,11 @@ class Fleet:
         self.radius = radius
         self.seqs = dict.fromkeys(workers, -1)
 
-    def step(self, workers: Iterable[str] | None = None, skip: int = 0) -> list[Event]:
-        """The next fix of each of `workers` (all by default); `skip` seqs the device never sent."""
+    def step(
+        self, workers: Iterable[str] | None = None, skip: int = 0, at_ms: int | None = None
+    ) -> list[Event]:
+        """The next fix of each of `workers` (all by default); `skip` seqs the device never sent;
+        `at_ms` a fix time in the past."""
         events = []
         for worker in self.workers if workers is None else workers:
             seq = self.seqs[worker] = self.seqs[worker] + 1 + skip
@@ -98,7 +109,7 @@ class Fleet:
             distance = self.radius * (0.3 + 0.7 * ((index * 7919) % 100) / 100)
             lat = CENTRE[0] + distance * math.sin(angle)
             lon = CENTRE[1] + 1.6 * distance * math.cos(angle)
-            events.append(fix(self.team, worker, seq, lat, lon))
+            events.append(fix(self.team, worker, seq, lat, lon, at_ms))
         return events
 
 
@@ -161,6 +172,8 @@ class Site:
     instances: list[subprocess.Popen[bytes]]
     logs: list[Path]
     proxy: FailoverProxy
+    backend_url: str
+    database_url: str
     publishers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def publish(self, events: Iterable[Event]) -> None:
@@ -189,6 +202,8 @@ def write_auth_file(path: Path) -> Path:
 async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
     backend_url = f"{redis_server_url}?prefix=map-{uuid.uuid4().hex[:12]}"
     auth_file = write_auth_file(tmp_path / "dashboard-auth.json")
+    # Empty until a test runs an ingest; the history API answers 503 meanwhile.
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
     ports = [free_port(), free_port()]
     instances: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
@@ -205,6 +220,7 @@ async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
             "TEAMTRACK_TRAIL_POINTS": "15",
             # The tests run offline: a plain background instead of tiles that never come.
             "TEAMTRACK_TILE_URL": "",
+            "TEAMTRACK_DATABASE_URL": database_url,
         }
         with log_path.open("wb") as log_file:
             instances.append(
@@ -221,7 +237,10 @@ async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
     await bridge.start()
     proxy = FailoverProxy(ports)
     await proxy.start()
-    site = Site(f"http://{LOOPBACK}:{proxy.port}", bridge, instances, logs, proxy)
+    site = Site(
+        f"http://{LOOPBACK}:{proxy.port}", bridge, instances, logs, proxy,
+        backend_url=backend_url, database_url=database_url,
+    )
     try:
         deadline = time.monotonic() + WAIT_S
         for instance, port, log_path in zip(instances, ports, logs, strict=True):
@@ -454,3 +473,109 @@ async def test_two_thousand_moving_workers_stay_smooth(
     # Headless Chromium rasterises in software here: ask for a usable map, not for 60 fps.
     assert measured["frames_per_second"] >= 10, measured
     assert measured["page_update_p95_ms"] < 100, measured
+
+
+async def start_ingest(site: Site) -> IngestService:
+    """A real ingest into the site's history, as `python -m ingest` runs it (same consumer name
+    each time, so a restarted one carries on where the last one acknowledged)."""
+    ingest = IngestService(
+        IngestConfig(consumer="ingest-1"),
+        from_url(site.backend_url),
+        HistoryStore.from_url(site.database_url),
+        CollectorRegistry(),
+    )
+    await ingest.start()
+    return ingest
+
+
+async def test_replay_plays_the_history_and_joins_live_without_a_gap(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", [f"w{index:02d}" for index in range(1, 7)])
+    ingest = await start_ingest(site)
+    try:
+        # The last four minutes as the devices reported them, a fix every 2 s, then live.
+        earlier_from = int(time.time() * 1000) - 240_000
+        for step in range(120):
+            await site.publish(alpha.step(at_ms=earlier_from + step * 2000))
+        await asyncio.wait_for(ingest.wait_stored(120 * len(alpha.workers)), WAIT_S)
+        stop_publishing = keep_publishing(site, alpha, alpha.workers, 0.1)
+        page = await signed_in_page(browser, site, "alice")
+        await wait_for_state(page, lambda s: len(s["workers"]) == 6, "the team, live")
+
+        # The ingest stops for a while: the history falls behind the live stream, as it does
+        # (less) all the time. The seam has to wait for it.
+        await ingest.stop()
+        await asyncio.sleep(1.0)
+        await page.click("#replay-toggle")
+        await page.select_option("#replay-speed", "60")
+        await page.select_option("#replay-range", "300000")  # the last 5 minutes, from the start
+        state = await wait_for_state(
+            page,
+            lambda s: s["mode"] == "replay" and s["replay"]["played"] >= 300,
+            "the replay playing the history",
+        )
+        assert state["replay"]["speed"] == 60
+        replayed = by_id(state)
+        assert all(replayed[w]["seq"] < 120 for w in alpha.workers), "not from the history"
+        await page.screenshot(path=output_dir / "1-replaying.png")
+
+        # Past the stored history, the page waits for it at the seam instead of jumping.
+        await wait_for_state(page, lambda s: s["replay"]["phase"] == "waiting", "the seam")
+        await asyncio.sleep(1.0)
+        state = await page_state(page)
+        assert state["mode"] == "replay" and state["replay"]["phase"] == "waiting"
+        await page.screenshot(path=output_dir / "2-waiting-for-the-history.png")
+        ingest = await start_ingest(site)
+        state = await wait_for_state(page, lambda s: s["mode"] == "live", "live again")
+        assert state["replay"]["joins"] == 1
+        assert state["replay"]["seamPolls"] > 0 and state["replay"]["seamUncovered"] == 0
+        assert state["replay"]["played"] >= 120 * len(alpha.workers)
+
+        # Live frames go straight to the map again; every worker got every seq exactly once,
+        # from its first fix in the history through the seam into the live stream.
+        await asyncio.sleep(0.5)
+        await stop_publishing()
+        state = await wait_for_state(
+            page,
+            lambda s: all(w["seq"] == alpha.seqs[w["id"]] for w in s["workers"]),
+            "the last positions, live",
+        )
+        assert state["seqGaps"] == 0, "a position was lost across the seam"
+        assert state["duplicates"] == 0, "a position was shown twice across the seam"
+        assert all(w["seqGaps"] == 0 and w["state"] == "online" for w in state["workers"])
+        assert state["frames"]["gap"] == 0 and state["connection"] == "live"
+        await page.screenshot(path=output_dir / "3-live-again.png")
+
+        # A manager may leave a replay at any moment: a fresh snapshot replaces it.
+        await page.click("#replay-toggle")
+        await wait_for_state(page, lambda s: s["mode"] == "replay", "a second replay")
+        await page.click("#replay-live")
+        state = await wait_for_state(
+            page,
+            lambda s: s["mode"] == "live" and s["frames"]["snapshot"] == 2
+            and all(w["seq"] == alpha.seqs[w["id"]] for w in s["workers"]),
+            "live again at once, from a new snapshot",
+        )
+        assert state["replay"]["joins"] == 1 and state["replay"]["phase"] == "idle"
+    finally:
+        await ingest.stop()
+
+
+async def test_replay_without_a_stored_history_says_so_and_stays_live(
+    site: Site, browser: Browser
+) -> None:
+    # No ingest ever ran: the dashboards' database has no tables, the history API answers 503.
+    alpha = Fleet("alpha", [f"w{index:02d}" for index in range(1, 4)])
+    await site.publish(alpha.step())
+    page = await signed_in_page(browser, site, "alice")
+    await wait_for_state(page, lambda s: len(s["workers"]) == 3, "the team, live")
+    await page.click("#replay-toggle")
+    state = await wait_for_state(
+        page,
+        lambda s: s["mode"] == "live" and s["frames"]["snapshot"] == 2,
+        "the page back to live after the history failed",
+    )
+    assert [w["seq"] for w in state["workers"]] == [0, 0, 0]
+    notice = await page.locator("#notice").text_content()
+    assert notice == "The history is unavailable (HTTP 503); back to live."

@@ -1,5 +1,6 @@
 // The manager's live map: a snapshot (or a resume), then frames over /ws/teams/{team}
-// (docs/protocol.md). Plain script, no build step; Leaflet is loaded before it when installed.
+// (docs/protocol.md), and the replay of the team's history (replay.js, docs/history.md).
+// Plain script, no build step; Leaflet and replay.js are loaded before it.
 // Data is only ever written with textContent, never as HTML.
 "use strict";
 
@@ -31,6 +32,17 @@
       stale: document.getElementById("count-stale"),
       offline: document.getElementById("count-offline"),
     },
+    replay: {
+      toggle: document.getElementById("replay-toggle"),
+      bar: document.getElementById("replay"),
+      range: document.getElementById("replay-range"),
+      start: document.getElementById("replay-start"),
+      play: document.getElementById("replay-play"),
+      speed: document.getElementById("replay-speed"),
+      scrubber: document.getElementById("replay-scrubber"),
+      clock: document.getElementById("replay-clock"),
+      live: document.getElementById("replay-live"),
+    },
   };
 
   let config = { stale_after_s: 30, trail_points: 20, tile_url: "", tile_attribution: "" };
@@ -51,6 +63,10 @@
   let map = null;
   let trailRenderer = null;
   let markerRenderer = null;
+  // The replay (replay.js): while it plays, the map shows the history and live frames go to it.
+  let player = null;
+  let replayRangeStart = 0; // the scrubber's left end
+  let scrubbing = false;
   const stats = {
     frames: { snapshot: 0, resume: 0, events: 0, sync: 0, gap: 0 },
     duplicates: 0,
@@ -83,6 +99,15 @@
 
   function setServerClock(nowMs) {
     if (typeof nowMs === "number") serverOffsetMs = nowMs - Date.now();
+  }
+
+  function replaying() {
+    return player !== null && player.active();
+  }
+
+  // The time the map shows: now, or the play head while replaying (ages and staleness).
+  function viewNow() {
+    return replaying() ? player.now() : serverNow();
   }
 
   // --- Workers --------------------------------------------------------------------------
@@ -211,17 +236,21 @@
     }
     if (frame.type in stats.frames) stats.frames[frame.type] += 1;
     if (frame.type === "snapshot") {
-      applySnapshot(frame);
+      setServerClock(frame.now);
+      // While replaying, the live state is held by the player until the play head reaches now.
+      if (!(replaying() && player.liveSnapshot(liveWorkersOf(frame)))) applySnapshot(frame);
       becameLive();
     } else if (frame.type === "resume") {
       setServerClock(frame.now);
       becameLive();
     } else if (frame.type === "events") {
-      applyEvents(frame.events, true);
+      if (replaying()) player.liveEvents(frame.events, true);
+      else applyEvents(frame.events, true);
     } else if (frame.type === "sync") {
       // The server skipped what this browser was too slow for: latest state, no seq gaps.
       setServerClock(frame.now);
-      applyEvents(frame.events, false);
+      if (replaying()) player.liveEvents(frame.events, false);
+      else applyEvents(frame.events, false);
       showNotice("This connection fell behind; it skipped to the latest positions.", 8000);
     } else if (frame.type === "gap") {
       showNotice("Some updates were lost for good; the map was reloaded.", 15000);
@@ -236,6 +265,7 @@
   }
 
   function showDelay(positions) {
+    if (replaying()) return;
     let newest = null;
     for (const position of positions) {
       if (position && (newest === null || position.ts > newest)) newest = position.ts;
@@ -308,7 +338,7 @@
   }
 
   function tooltipText(entry) {
-    const age = entry.position ? ", " + formatAge(serverNow() - entry.rxMs) : "";
+    const age = entry.position ? ", " + formatAge(viewNow() - entry.rxMs) : "";
     return entry.id + " · " + entry.state + age;
   }
 
@@ -479,7 +509,7 @@
   function render() {
     const started = performance.now();
     renderScheduled = false;
-    const now = serverNow();
+    const now = viewNow();
     for (const id of changed) {
       const entry = workers.get(id);
       if (!entry) continue;
@@ -502,12 +532,170 @@
 
   // Staleness comes from the passing of time, not from frames: look at every worker each second.
   function refreshStates() {
-    const now = serverNow();
+    const now = viewNow();
     for (const entry of workers.values()) {
       if (stateOf(entry, now) !== entry.state) changed.add(entry.id);
       else if (entry.row) fillAge(entry, entry.row.firstChild.lastChild, now);
     }
     if (changed.size) scheduleRender();
+  }
+
+  // --- Replay ---------------------------------------------------------------------------
+  function liveWorkersOf(snapshot) {
+    return snapshot.workers.map((item) => ({
+      worker: item.worker,
+      position: item.position,
+      rxMs: item.received_ms,
+      status: item.status,
+      statusMs: item.status_ms,
+    }));
+  }
+
+  // What replay.js may do to the map.
+  const replayHost = {
+    team: () => team,
+    serverNow: serverNow,
+    fetchJson: getJson,
+    liveWorkers() {
+      return sortedIds.map((id) => {
+        const entry = workers.get(id);
+        return { worker: id, position: entry.position, rxMs: entry.rxMs,
+          status: entry.status, statusMs: entry.statusMs };
+      });
+    },
+    begin() {
+      clearWorkers();
+      fitPending = true;
+      elements.delay.textContent = "–"; // of live frames: back with the first one after
+      showReplayControls(true);
+    },
+    applyPosition(worker, position, rxMs, continuous) {
+      changed.add(worker);
+      return applyPosition(record(worker), position, rxMs, continuous);
+    },
+    applyStatus(worker, word, ms) {
+      const entry = record(worker);
+      entry.status = word;
+      entry.statusMs = ms;
+      changed.add(worker);
+    },
+    lastPosition(worker) {
+      const entry = workers.get(worker);
+      return entry ? entry.position : null;
+    },
+    changed() {
+      if (changed.size) scheduleRender();
+    },
+    progress: showReplayProgress,
+    notice(text) {
+      showNotice(text, 15000);
+    },
+    // The play head reached now and the live stream took over.
+    finished() {
+      showReplayControls(false);
+      for (const id of sortedIds) changed.add(id);
+      scheduleRender();
+      showNotice("The replay reached now: live again.", 4000);
+    },
+    failed() {
+      showReplayControls(false);
+      reloadLive();
+    },
+  };
+
+  function showReplayControls(on) {
+    const controls = elements.replay;
+    document.body.dataset.mode = on ? "replay" : "live";
+    controls.bar.hidden = !on;
+    controls.toggle.setAttribute("aria-pressed", String(on));
+    if (on) showReplayProgress();
+  }
+
+  function chosenStart() {
+    const controls = elements.replay;
+    if (controls.range.value === "custom") {
+      const chosen = new Date(controls.start.value).getTime();
+      return Number.isFinite(chosen) ? chosen : null;
+    }
+    return serverNow() - Number(controls.range.value);
+  }
+
+  function startReplay() {
+    const since = chosenStart();
+    if (since === null) return;
+    replayRangeStart = since;
+    player.setSpeed(Number(elements.replay.speed.value));
+    player.start(since);
+  }
+
+  // The Live button: leave the replay where it is; a fresh snapshot replaces the view.
+  function leaveReplay() {
+    player.leave();
+    showReplayControls(false);
+    reloadLive();
+  }
+
+  function showReplayProgress() {
+    const controls = elements.replay;
+    const state = player.state();
+    const now = serverNow();
+    controls.play.textContent = state.playing ? "Pause" : "Play";
+    if (!scrubbing) {
+      controls.scrubber.min = String(Math.floor(replayRangeStart));
+      controls.scrubber.max = String(Math.ceil(now));
+      controls.scrubber.value = String(state.head);
+    }
+    const shown = scrubbing ? Number(controls.scrubber.value) : state.head;
+    const behind = now - shown;
+    let text = new Date(shown).toLocaleTimeString([], { hour12: false });
+    if (state.phase === "waiting") text += " · joining live: waiting for the history";
+    else if (state.phase === "seam") text += " · joining live";
+    else text += " · " + formatDuration(behind) + " ago";
+    controls.clock.textContent = text;
+  }
+
+  function setUpReplay() {
+    const controls = elements.replay;
+    if (!config.history || !window.TeamtrackReplay) {
+      controls.toggle.disabled = true;
+      controls.toggle.title = config.history
+        ? "The replay script did not load."
+        : "This dashboard has no history database (--database-url).";
+      return;
+    }
+    player = window.TeamtrackReplay.createPlayer(replayHost);
+    controls.toggle.addEventListener("click", () => {
+      if (replaying()) leaveReplay();
+      else startReplay();
+    });
+    controls.live.addEventListener("click", leaveReplay);
+    controls.play.addEventListener("click", () => {
+      if (player.state().playing) player.pause();
+      else player.play();
+      showReplayProgress();
+    });
+    controls.speed.addEventListener("change", () => {
+      player.setSpeed(Number(controls.speed.value));
+    });
+    controls.range.addEventListener("change", () => {
+      const custom = controls.range.value === "custom";
+      controls.start.hidden = !custom;
+      if (custom && !controls.start.value) {
+        const hourAgo = new Date(serverNow() - 3600000);
+        hourAgo.setMinutes(hourAgo.getMinutes() - hourAgo.getTimezoneOffset());
+        controls.start.value = hourAgo.toISOString().slice(0, 19);
+      }
+      startReplay();
+    });
+    controls.start.addEventListener("change", startReplay);
+    controls.scrubber.addEventListener("input", () => {
+      scrubbing = true;
+      showReplayProgress();
+    });
+    controls.scrubber.addEventListener("change", () => {
+      scrubbing = false;
+      player.start(Number(controls.scrubber.value));
+    });
   }
 
   // --- Socket ---------------------------------------------------------------------------
@@ -557,6 +745,15 @@
     };
   }
 
+  // A new connection without cursor: its snapshot replaces the view.
+  function reloadLive() {
+    const previous = socket;
+    socket = null;
+    cursor = null;
+    if (previous) previous.close();
+    connect();
+  }
+
   function keepAlive() {
     if (!socket || socket.readyState !== WebSocket.OPEN) return;
     if (Date.now() - lastHeard > SILENCE_LIMIT_MS) {
@@ -573,7 +770,11 @@
       window.location.assign("/login");
       throw new Error("signed out");
     }
-    if (!response.ok) throw new Error(`${path}: ${response.status}`);
+    if (!response.ok) {
+      const error = new Error(`${path}: ${response.status}`);
+      error.status = response.status;
+      throw error;
+    }
     return response.json();
   }
 
@@ -591,6 +792,7 @@
       if (visible.length === 1) follow(visible[0]);
     });
     elements.stopFollowing.addEventListener("click", stopFollowing);
+    setUpReplay();
     connect();
     window.setInterval(refreshStates, 1000);
     window.setInterval(keepAlive, PING_EVERY_MS);
@@ -607,6 +809,8 @@
       return {
         team: team,
         connection: elements.connection.dataset.state,
+        mode: replaying() ? "replay" : "live",
+        replay: player ? player.state() : null,
         cursor: cursor,
         frames: Object.assign({}, stats.frames),
         duplicates: stats.duplicates,
