@@ -3,7 +3,11 @@
     TEAMTRACK_BACKEND_URL=redis://127.0.0.1:6379/0 \
     TEAMTRACK_AUTH_FILE=run/dashboard-auth.json \
     TEAMTRACK_SESSION_SECRET=... \
+    TEAMTRACK_DATABASE_URL=sqlite+aiosqlite:///state/history.sqlite3 \
     python -m dashboard --port 8001
+
+Without TEAMTRACK_DATABASE_URL (the ingest's database) the history API answers 503 "history
+not configured" and the map offers no replay.
 """
 
 from __future__ import annotations
