@@ -133,9 +133,11 @@ async def read_positions(
     return snapshot, seqs
 
 
-async def test_worker_on_one_broker_reaches_manager_and_observer_on_the_others(
-    running: RunningCluster,
+async def assert_delivered_across_instances_once_in_order(
+    running: RunningCluster, count: int
 ) -> None:
+    """A worker publishes on broker 1; the manager on dashboard 2 and an observer on broker 2
+    each get every position once, in order."""
     observer = running.credentials.observer
     assert observer is not None
     watcher = await MosquittoSub.start(
@@ -145,7 +147,7 @@ async def test_worker_on_one_broker_reaches_manager_and_observer_on_the_others(
     async with websockets.connect(
         running.dashboard_ws(1, "alpha"), additional_headers=headers, open_timeout=WAIT
     ) as socket:
-        reading = asyncio.create_task(read_positions(socket, "w001", 20))
+        reading = asyncio.create_task(read_positions(socket, "w001", count))
         await asyncio.sleep(0.3)
         device = running.credentials.device("alpha", "w001")
         result = await publish_lines(
@@ -153,20 +155,26 @@ async def test_worker_on_one_broker_reaches_manager_and_observer_on_the_others(
             device.username,
             device.password,
             position_topic("alpha", "w001"),
-            [payload(seq) for seq in range(20)],
+            [payload(seq) for seq in range(count)],
         )
         assert result.returncode == 0, result.stderr
         _, seqs = await reading
-    await watcher.wait_for(20)
+    await watcher.wait_for(count)
     await asyncio.sleep(0.5)  # a duplicate or a mirror loop would show up now
     watcher.stop()
-    assert seqs == list(range(20))  # on dashboard 2, in order, exactly once
+    assert seqs == list(range(count))  # on dashboard 2, in order, exactly once
     observed = [
         orjson.loads(body)["seq"]
         for topic, body in watcher.messages
         if topic == position_topic("alpha", "w001")
     ]
-    assert observed == list(range(20))  # on broker 2, exactly once
+    assert observed == list(range(count))  # mirrored into broker 2, exactly once
+
+
+async def test_worker_on_one_broker_reaches_manager_and_observer_on_the_others(
+    running: RunningCluster,
+) -> None:
+    await assert_delivered_across_instances_once_in_order(running, 20)
 
 
 async def test_managers_see_only_their_own_team(running: RunningCluster) -> None:
