@@ -11,6 +11,7 @@ or the database.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -95,6 +96,15 @@ def team_topic_filter(team: str) -> str:
 
 
 def parse_topic(topic: str) -> TopicAddress:
+    """The team, worker and kind of a device topic; `ContractError` (bad_topic) otherwise.
+
+    Valid topics are remembered (a worker's topics recur with every message); invalid ones are
+    not, so junk never fills the cache.
+    """
+    return _parse_topic_cached(topic)
+
+
+def _parse_topic(topic: str) -> TopicAddress:
     parts = topic.split("/")
     if len(parts) != 5 or parts[0] != TOPIC_ROOT or parts[2] != "workers":
         raise ContractError(Reason.BAD_TOPIC, f"unexpected topic {topic[:200]!r}")
@@ -105,6 +115,10 @@ def parse_topic(topic: str) -> TopicAddress:
         return TopicAddress(team, worker, Kind(kind))
     except ValueError:
         raise ContractError(Reason.BAD_TOPIC, f"unknown message kind {kind[:40]!r}") from None
+
+
+# Two topics per worker: room for 32,768 workers per process before entries are evicted.
+_parse_topic_cached = functools.lru_cache(maxsize=65_536)(_parse_topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +164,21 @@ _OPTIONAL_RANGES: Final[dict[str, tuple[float, float | None]]] = {
     "battery": (0.0, 100.0),
 }
 _OPTIONAL_NAMES: Final = tuple(_OPTIONAL_RANGES)
-_KNOWN_FIELDS: Final = frozenset({"lat", "lon", "ts", "seq", *_OPTIONAL_NAMES})
+_OPTIONAL_CHECKS: Final = tuple((name, low, high) for name, (low, high) in _OPTIONAL_RANGES.items())
+_REQUIRED_NAMES: Final = ("lat", "lon", "ts", "seq")
+_REQUIRED_FIELDS: Final = frozenset(_REQUIRED_NAMES)
+_KNOWN_FIELDS: Final = frozenset({*_REQUIRED_NAMES, *_OPTIONAL_NAMES})
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float | None) -> float:
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _number(value: Any, name: str, low: float, high: float | None) -> float:
+    # orjson returns exact types: a bool is never taken for a number.
+    kind = type(value)
+    if kind is float:
+        number: float = value
+    elif kind is int:
+        number = float(value)
+    else:
         raise ContractError(Reason.BAD_TYPE, f"{name} must be a number")
-    number = float(value)
     if not math.isfinite(number):
         raise ContractError(Reason.NOT_FINITE, f"{name} must be finite")
     if number < low or (high is not None and number > high):
@@ -165,46 +186,70 @@ def _number(body: dict[str, Any], name: str, low: float, high: float | None) -> 
     return number
 
 
-def _integer(body: dict[str, Any], name: str) -> int:
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int):
+def _integer(value: Any, name: str) -> int:
+    if type(value) is not int:
         raise ContractError(Reason.BAD_TYPE, f"{name} must be an integer")
     return value
 
 
-def decode_position(
-    team: str, worker: str, payload: bytes, now_ms: int | None = None
-) -> Position:
-    """Validate a device's position payload; raise `ContractError` with the first broken rule."""
+def _checked_position(payload: bytes, now_ms: int | None) -> dict[str, Any]:
+    """The payload's JSON object once every rule holds; `ContractError` with the first broken."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError:
         raise ContractError(Reason.NOT_JSON, "payload is not JSON") from None
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise ContractError(Reason.NOT_OBJECT, "payload is not a JSON object")
-    missing = [name for name in ("lat", "lon", "ts", "seq") if name not in body]
-    if missing:
+    names = body.keys()
+    if not names >= _REQUIRED_FIELDS:
+        missing = [name for name in _REQUIRED_NAMES if name not in body]
         raise ContractError(Reason.MISSING_FIELD, f"missing {', '.join(missing)}")
-    unknown = body.keys() - _KNOWN_FIELDS
-    if unknown:
+    if not names <= _KNOWN_FIELDS:
+        unknown = names - _KNOWN_FIELDS
         raise ContractError(Reason.UNKNOWN_FIELD, f"unknown {', '.join(sorted(unknown))[:100]}")
-    lat, lon = (_number(body, name, low, high) for name, low, high in _REQUIRED_NUMBERS)
-    ts = _integer(body, "ts")
-    seq = _integer(body, "seq")
-    if seq < 0:
+    for name, low, high in _REQUIRED_NUMBERS:
+        _number(body[name], name, low, high)
+    ts = _integer(body["ts"], "ts")
+    if _integer(body["seq"], "seq") < 0:
         raise ContractError(Reason.OUT_OF_RANGE, "seq must not be negative")
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     if ts > now + MAX_FUTURE_MS:
         raise ContractError(Reason.TS_IN_FUTURE, f"ts is {(ts - now) // 1000} s in the future")
     if ts < now - MAX_AGE_MS:
         raise ContractError(Reason.TS_TOO_OLD, f"ts is {(now - ts) // 86_400_000} days old")
-    optional = {
-        name: _number(body, name, low, high) if body.get(name) is not None else None
-        for name, (low, high) in _OPTIONAL_RANGES.items()
-    }
-    return Position(team, worker, lat, lon, ts, seq, **optional)
+    for name, least, most in _OPTIONAL_CHECKS:
+        value = body.get(name)
+        if value is not None:
+            _number(value, name, least, most)
+    return body
+
+
+def validate_position(payload: bytes, now_ms: int | None = None) -> int:
+    """Check a position payload against every rule of `decode_position`; its `ts`.
+
+    For whoever forwards the payload as it is (the bridge): no `Position` is built.
+    """
+    ts: int = _checked_position(payload, now_ms)["ts"]
+    return ts
+
+
+def decode_position(
+    team: str, worker: str, payload: bytes, now_ms: int | None = None
+) -> Position:
+    """Validate a device's position payload; raise `ContractError` with the first broken rule."""
+    body = _checked_position(payload, now_ms)
+    optional = {name: body.get(name) for name in _OPTIONAL_NAMES}
+    return Position(
+        team,
+        worker,
+        float(body["lat"]),
+        float(body["lon"]),
+        body["ts"],
+        body["seq"],
+        **{name: float(value) if value is not None else None for name, value in optional.items()},
+    )
 
 
 def decode_status(team: str, worker: str, payload: bytes) -> Status:
