@@ -32,6 +32,7 @@ async def serve(settings: BridgeSettings) -> None:
         mirror=settings.mirror,
         mirror_teams=settings.mirrored_teams(),
         batch_max_events=settings.batch_max_events,
+        batch_interval_s=settings.batch_interval_ms / 1000,
         max_pending_events=settings.max_pending_events,
     )
     registry = CollectorRegistry()

@@ -3,12 +3,20 @@
 While a publish is in flight, new events gather into the next batch, so the batch size follows
 the load: one event when idle (lowest latency), thousands under a burst (fewest round trips).
 One publish at a time also keeps the backend's order equal to the order of arrival.
+
+Publishes start at most once per `min_interval`: when the round trip is shorter than that
+(a fast backend under a steady load), the next batch waits for the rest of the interval and
+takes in what arrives meanwhile, so the per-batch cost (a round trip, the backend's work per
+entry, one wake-up of every reader) stays bounded whatever the rate. An event that arrives after
+a quiet spell is sent at once: the wait only ever applies within `min_interval` of the previous
+publish's start, and never to a full batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -30,9 +38,11 @@ class Batcher:
         max_pending: int,
         on_batch: BatchObserver | None = None,
         on_backend_error: Callable[[], None] | None = None,
+        min_interval: float = 0.0,
     ) -> None:
         self._publish = publish
         self._max_batch = max_batch
+        self._min_interval = min_interval
         self._max_pending = max_pending
         self._on_batch = on_batch
         self._on_backend_error = on_backend_error
@@ -44,6 +54,8 @@ class Batcher:
         self._has_room.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Resolved early when a full batch is waiting out the interval.
+        self._full: asyncio.Future[None] | None = None
 
     @property
     def pending(self) -> int:
@@ -61,26 +73,43 @@ class Batcher:
         while len(self._events) >= self._max_pending:
             self._has_room.clear()
             await self._has_room.wait()
+        await self.submit_nowait(event)
+
+    def submit_nowait(self, event: Event) -> asyncio.Future[None]:
+        """Queue an event whatever the bound; the future is done once the backend holds it.
+
+        For messages whose sender holds them until then (QoS 1 awaiting its PUBACK): the
+        sender's window (the MQTT receive maximum) bounds how many of these there are.
+        """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._append(event, done)
-        await done
+        return done
 
     def _append(self, event: Event, waiter: asyncio.Future[None] | None) -> None:
         self._events.append(event)
         self._waiters.append(waiter)
         self._idle.clear()
         self._has_events.set()
+        full = self._full
+        if full is not None and len(self._events) >= self._max_batch and not full.done():
+            full.set_result(None)
 
     async def wait_idle(self) -> None:
         """Until everything queued so far has reached the backend."""
         await self._idle.wait()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_start = -math.inf
         while True:
             await self._has_events.wait()
             # Let the messages of the same socket read queue up behind the first one.
             await asyncio.sleep(0)
             while self._events:
+                wait = last_start + self._min_interval - loop.time()
+                if wait > 0 and len(self._events) < self._max_batch:
+                    await self._gather_for(wait)
+                last_start = loop.time()
                 events = self._events[: self._max_batch]
                 waiters = self._waiters[: self._max_batch]
                 del self._events[: self._max_batch]
@@ -92,6 +121,18 @@ class Batcher:
                         waiter.set_result(None)
             self._has_events.clear()
             self._idle.set()
+
+    async def _gather_for(self, seconds: float) -> None:
+        """Let events gather for `seconds`, or until a full batch is waiting."""
+        loop = asyncio.get_running_loop()
+        full: asyncio.Future[None] = loop.create_future()
+        self._full = full
+        timer = loop.call_later(seconds, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
 
     async def _publish_until_accepted(self, events: list[Event]) -> None:
         backoff = Backoff(maximum=5.0)
@@ -112,3 +153,8 @@ class Batcher:
             if self._on_batch is not None:
                 self._on_batch(len(events), time.perf_counter() - started)
             return
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

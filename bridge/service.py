@@ -34,20 +34,24 @@ from teamtrack.contract import (
     WORKER_TOPIC_FILTER,
     ContractError,
     Kind,
-    Status,
-    decode_message,
+    decode_status,
+    parse_topic,
     position_topic,
     status_topic,
+    validate_position,
 )
 from teamtrack.logs import RateLimitedLog
 from teamtrack.mqtt import ORIGIN_PROPERTY, BrokerAddress
 from teamtrack.retry import Backoff
 
 from .batcher import Batcher
+from .mqtt_fast import PublishWriter, install_inbound
 
 log = logging.getLogger(__name__)
 
 SUCCESS = 0
+# Mirrored QoS 0 messages are written at the latest once this many are gathered.
+MIRROR_FLUSH_PACKETS = 1000
 
 
 @dataclass
@@ -123,6 +127,7 @@ class BridgeConfig:
     mirror_teams: frozenset[str] | None = None
     batch_max_events: int = 2000
     max_pending_events: int = 20000
+    batch_interval_s: float = 0.0
 
 
 class BridgeService:
@@ -149,6 +154,7 @@ class BridgeService:
             max_pending=config.max_pending_events,
             on_batch=self._observe_batch,
             on_backend_error=self._count_backend_error,
+            min_interval=config.batch_interval_s,
         )
         self._client = MQTTClient(
             config.client_id,
@@ -158,7 +164,13 @@ class BridgeService:
             receive_maximum=1000,
         )
         self._client.set_auth_credentials(config.username, config.password)
-        self._client.on_message = self._on_message
+        self.fast_inbound = install_inbound(self._client, self._accept)
+        if not self.fast_inbound:
+            self._client.on_message = self._on_message
+        self._mirror_writer: PublishWriter | None = (
+            PublishWriter(self._client) if PublishWriter.supported(self._client) else None
+        )
+        self._flush_scheduled = False
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
@@ -234,39 +246,50 @@ class BridgeService:
         log.warning("disconnected from %s; reconnecting in %.1fs", self.config.broker, delay)
 
     # Inbound -------------------------------------------------------------------------------
-    async def _on_message(
-        self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any
-    ) -> int:
-        """Return the PUBACK reason code; gmqtt sends the PUBACK only once this returns."""
-        for name, _origin in properties.get("user_property", ()):
-            if name == ORIGIN_PROPERTY:
-                self.counters.mirror_echoes += 1
-                return SUCCESS
+    def _accept(
+        self, topic: str, payload: bytes, qos: int, properties: dict[str, Any]
+    ) -> asyncio.Future[None] | None:
+        """Take one inbound message: None when done with it, or a future resolved once the
+        backend holds it (QoS 1: its PUBACK waits for that)."""
+        user_properties = properties.get("user_property")
+        if user_properties:
+            for name, _origin in user_properties:
+                if name == ORIGIN_PROPERTY:
+                    self.counters.mirror_echoes += 1
+                    return None
+        now = int(time.time() * 1000)
         try:
-            message = decode_message(topic, payload)
+            address = parse_topic(topic)
+            if address.kind is Kind.POSITION:
+                kind, body, ts = Kind.POSITION, payload, validate_position(payload, now)
+            else:
+                status = decode_status(address.team, address.worker, payload)
+                kind, body, ts = Kind.STATUS, status.presence.value.encode(), now
         except ContractError as error:
             self.counters.rejected[error.reason.value] += 1
             self._rejections_log.warning(
                 error.reason.value, "rejected message on %s: %s", topic[:200], error.detail
             )
-            return SUCCESS
-        now = int(time.time() * 1000)
-        if isinstance(message, Status):
-            kind, body, ts = Kind.STATUS, message.presence.value.encode(), now
-        else:
-            kind, body, ts = Kind.POSITION, payload, message.ts
+            return None
         self.counters.received[kind.value] += 1
-        event = Event(
-            message.team, message.worker, kind, body, self.config.broker_id, now, ts, qos=qos
-        )
+        event = Event(address.team, address.worker, kind, body, self.config.broker_id, now, ts, qos)
         if qos == 0:
             if not self.batcher.offer(event):
                 self.counters.dropped_overflow += 1
                 self._rejections_log.warning(
                     "overflow", "backend lagging: dropped a QoS 0 message on %s", topic
                 )
-            return SUCCESS
-        await self.batcher.submit(event)
+            return None
+        return self.batcher.submit_nowait(event)
+
+    async def _on_message(
+        self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any
+    ) -> int:
+        """The public-API path (a task per message), for a gmqtt without `install_inbound`'s
+        hooks. Returns the PUBACK reason code; gmqtt sends the PUBACK only once this returns."""
+        held = self._accept(topic, payload, qos, properties)
+        if held is not None:
+            await held
         return SUCCESS
 
     async def _publish(self, events: Any) -> None:
@@ -305,11 +328,30 @@ class BridgeService:
             return
         is_status = event.kind is Kind.STATUS
         topic = (status_topic if is_status else position_topic)(event.team, event.worker)
+        origin = (ORIGIN_PROPERTY, event.origin)
+        writer = self._mirror_writer
+        if event.qos == 0 and writer is not None:
+            # Gathered, and written in one go once the batches at hand are done.
+            writer.add(topic, event.body, retain=is_status, user_property=origin)
+            if writer.pending >= MIRROR_FLUSH_PACKETS:
+                self._flush_mirrored()
+            elif not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush_mirrored)
+            return
+        self._flush_mirrored()  # what was gathered goes first: the broker keeps the order
         self._client.publish(
-            topic,
-            event.body,
-            qos=event.qos,
-            retain=is_status,
-            user_property=(ORIGIN_PROPERTY, event.origin),
+            topic, event.body, qos=event.qos, retain=is_status, user_property=origin
         )
         self.counters.mirrored += 1
+
+    def _flush_mirrored(self) -> None:
+        self._flush_scheduled = False
+        writer = self._mirror_writer
+        if writer is None or not writer.pending:
+            return
+        count = writer.pending
+        if writer.flush():
+            self.counters.mirrored += count
+        else:
+            self.counters.mirror_skipped_offline += count

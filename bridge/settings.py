@@ -25,6 +25,12 @@ class BridgeSettings(ServiceSettings):
     mirror: bool = Field(True, description="mirror other brokers' traffic into this broker")
     mirror_teams: str = Field("", description="comma-separated teams to mirror (empty: all)")
     batch_max_events: int = Field(2000, ge=1, description="largest batch sent to the backend")
+    batch_interval_ms: float = Field(
+        2.0,
+        ge=0,
+        description="shortest time between the starts of two backend publishes; what arrives "
+        "meanwhile joins the next batch (0: publish as soon as the previous one returned)",
+    )
     max_pending_events: int = Field(
         20000, ge=1, description="events held while the backend is slow (QoS 0 beyond is dropped)"
     )
