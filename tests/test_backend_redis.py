@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 import pytest
 from backend_contract import BackendContract, position
+from redis.asyncio import Connection
 
 from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
 from teamtrack.backends.redis import RedisBackend
@@ -118,4 +120,40 @@ async def test_a_log_without_a_recorded_newest_id_still_chains_its_entries(
     entries = await backend.client.xrange(backend.log_key("alpha"))
     assert entries[-1][1][b"p"].decode() == first
     assert not await backend.trimmed_after("alpha", first)
+    await backend.close()
+
+
+async def test_a_reader_stops_when_a_send_loses_its_cancellation(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.wait_for, through which redis-py sends, can swallow a cancellation
+    that arrives as the send completes; the reader must stop all the same (a dashboard that
+    stops waits for its reader)."""
+    backend = from_url(redis_url)
+    await backend.start()
+    subscription = backend.subscribe()
+    await subscription.add("alpha", START_OF_LOG)
+    original = Connection.send_packed_command
+    swallowed = asyncio.Event()
+
+    async def send_losing_a_cancellation(self: Connection, *args: Any, **kwargs: Any) -> None:
+        await original(self, *args, **kwargs)
+        if swallowed.is_set():
+            return
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # lost, as wait_for loses it when the send completes meanwhile
+
+    monkeypatch.setattr(Connection, "send_packed_command", send_losing_a_cancellation)
+    reading = asyncio.create_task(anext(subscription))
+    while not reading.done() and not swallowed.is_set():
+        await asyncio.sleep(0.01)
+        if not reading.done() and not swallowed.is_set():
+            reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reading, 5)
+    assert swallowed.is_set()
+    monkeypatch.undo()
+    await subscription.close()
     await backend.close()

@@ -163,6 +163,73 @@ def _command(args: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+async def _execute(client: aioredis.Redis, command: bytes) -> Any:
+    """Send one packed command (`_command`) on a pooled connection; the parser's raw reply.
+
+    The hot paths (publish, blocking reads) use this instead of redis-py's `execute_command`:
+    the packing is one join, without per-argument encoding in Python, and the reply is not run
+    through redis-py's per-command conversions. Replies come as the connection's protocol
+    gives them (RESP3 maps with redis-py 8, arrays with RESP2); readers accept both.
+    """
+    raise_if_cancelled()
+    pool: Any = client.connection_pool
+    connection = await pool.get_connection()
+    try:
+        await connection.send_packed_command(command, check_health=False)
+        raise_if_cancelled()
+        reply = await connection.read_response()
+        raise_if_cancelled()
+        return reply
+    except ResponseError:
+        raise  # an error reply: the connection is in a clean state
+    except BaseException:
+        await connection.disconnect()
+        raise
+    finally:
+        await pool.release(connection)
+
+
+def raise_if_cancelled() -> None:
+    """Raise the cancellation that Python 3.11's `asyncio.wait_for` can lose.
+
+    redis-py sends every command through `asyncio.wait_for` when a socket timeout is set; on
+    Python 3.11 a cancellation that arrives just as the send completes is swallowed (the task
+    still counts it: `cancelling()`), and a reader loop would then go on reading forever, so
+    whoever cancelled it and waits for it (a dashboard's shutdown) waits forever too.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+StreamEntries = list[tuple[bytes, list[Any]]]
+"""(stream key, [[entry id, [field, value, field, value, ...] or None], ...])"""
+
+
+def _streams(reply: Any) -> StreamEntries:
+    """The streams of a raw XREAD / XREADGROUP reply, RESP3 (a map) or RESP2 (pairs)."""
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return [(key, entries) for key, entries in pairs]
+
+
+def _field(flat: list[Any] | None, name: bytes) -> Any:
+    """The value of `name` in an entry's flat field list."""
+    if flat:
+        for index in range(0, len(flat) - 1, 2):
+            if flat[index] == name:
+                return flat[index + 1]
+    return None
+
+
+def _pairs(flat: list[Any] | None) -> dict[bytes, bytes]:
+    """An entry's flat field list as a dict (empty for an entry deleted meanwhile)."""
+    if not flat:
+        return {}
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def _stream_id(cursor: Cursor) -> tuple[int, int]:
     millis, _, sequence = cursor.partition("-")
     return int(millis), int(sequence or 0)
@@ -320,23 +387,10 @@ class RedisBackend(Backend):
             raise BackendError(f"publish to redis failed: {error}") from error
 
     async def _execute_packed(self, command: bytes) -> Any:
-        """Send one packed command on a pooled connection and read its reply.
+        return await _execute(self.client, command)
 
-        Cheaper than `execute_command` for a command of thousands of arguments: the packing is
-        one join, and there is no per-argument encoding by the client.
-        """
-        pool: Any = self.client.connection_pool
-        connection = await pool.get_connection()
-        try:
-            await connection.send_packed_command(command, check_health=False)
-            return await connection.read_response()
-        except ResponseError:
-            raise  # an error reply: the connection is in a clean state
-        except BaseException:
-            await connection.disconnect()
-            raise
-        finally:
-            await pool.release(connection)
+    def log_key_bytes(self, team: str) -> bytes:
+        return self._team_keys(team)[0]
 
     def _team_keys(self, team: str) -> tuple[bytes, ...]:
         keys = self._key_cache.get(team)
@@ -441,6 +495,7 @@ class _BlockingReader:
         while not has_items():
             if closed():
                 raise StopAsyncIteration
+            raise_if_cancelled()
             try:
                 await read()
                 self._backoff.reset()
@@ -510,16 +565,22 @@ class _RedisSubscription(TeamSubscription):
             # Resolve '$' once so that a wake-up written between two reads is not missed.
             newest: Any = await connection.xrevrange(self._wake_key, count=1)
             self._wake_cursor = newest[0][0].decode() if newest else "0-0"
-        streams: dict[Any, Any] = {self._wake_key: self._wake_cursor}
+        wake_key = self._wake_key.encode()
+        keys = [wake_key]
+        cursors = [self._wake_cursor.encode()]
         keys_to_team: dict[bytes, str] = {}
         for team, cursor in self._cursors.items():
-            key = self._backend.log_key(team)
-            streams[key] = cursor
-            keys_to_team[key.encode()] = team
-        # redis-py types replies loosely; with decode_responses=False every string is bytes.
-        reply: Any = await connection.xread(streams, count=READ_COUNT, block=BLOCK_MS)
-        for key, entries in reply or []:
-            if key == self._wake_key.encode():
+            key = self._backend.log_key_bytes(team)
+            keys.append(key)
+            cursors.append(cursor.encode())
+            keys_to_team[key] = team
+        reply = await _execute(
+            connection,
+            _command([b"XREAD", b"COUNT", b"%d" % READ_COUNT, b"BLOCK", b"%d" % BLOCK_MS,
+                      b"STREAMS", *keys, *cursors]),
+        )
+        for key, entries in _streams(reply):
+            if key == wake_key:
                 self._wake_cursor = entries[-1][0].decode()
                 continue
             team = keys_to_team[key]
@@ -528,7 +589,9 @@ class _RedisSubscription(TeamSubscription):
             for entry_id, fields in entries:
                 cursor = entry_id.decode()
                 self._cursors[team] = cursor
-                self._ready.append(Batch(team, cursor, fields[b"b"]))
+                raw = _field(fields, b"b")
+                if raw is not None:
+                    self._ready.append(Batch(team, cursor, raw))
 
     async def __anext__(self) -> Batch | Gap:
         await self._reader.read_until(self._read, lambda: bool(self._ready), lambda: self._closed)
@@ -618,16 +681,14 @@ class _RedisGroupConsumer(GroupConsumer):
             await self._claim_abandoned(connection)
             if self._ready:
                 return
-        reply: Any = await connection.xreadgroup(
-            self._group,
-            self._consumer,
-            {self._backend.all_key: ">"},
-            count=READ_COUNT,
-            block=self._block_ms(),
-            noack=not self._acknowledge,
-        )
-        for _key, entries in reply or []:
-            await self._deliver(entries)
+        command = [b"XREADGROUP", b"GROUP", self._group.encode(), self._consumer.encode(),
+                   b"COUNT", b"%d" % READ_COUNT, b"BLOCK", b"%d" % self._block_ms()]
+        if not self._acknowledge:
+            command.append(b"NOACK")
+        command += [b"STREAMS", self._backend.all_key.encode(), b">"]
+        reply = await _execute(connection, _command(command))
+        for _key, entries in _streams(reply):
+            await self._deliver([(entry_id, _pairs(fields)) for entry_id, fields in entries])
 
     def _block_ms(self) -> int:
         if not self._claim_idle_ms:
