@@ -96,9 +96,9 @@ demo: bootstrap assets kafka-jars
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 # The reference run: every scenario, both load shapes, the default ladder and fixed rates.
-# It takes 10 to 20 minutes and needs a quiet machine; the report goes to reports/.
+# It takes 15 to 30 minutes and needs a quiet machine; the report goes to reports/.
 BENCH_ARGS ?=
-bench: bootstrap
+bench: bootstrap kafka-jars
 	$(VENV)/bin/teamtrack bench $(BENCH_ARGS)
 
 lint: venv

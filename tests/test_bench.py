@@ -212,3 +212,34 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         redis_step.delivery.duplicated,
     )
     assert "redis" in (config.out_dir / "summary.md").read_text()
+
+
+async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> None:
+    """The `kafka` path end to end at a tiny rate, faults injected: every message accounted."""
+    config = BenchConfig(
+        out_dir=tmp_path / "report",
+        scenarios=("kafka",),
+        rates=(200,),
+        fixed_rates=(),
+        shapes=(Shape.FEW,),
+        few_workers=4,
+        teams=2,
+        step_seconds=2.0,
+        warmup_seconds=0.5,
+        drain_seconds=3.0,
+        generator_processes=1,
+        faults=FaultInjection(drop_every=40, duplicate_every=25),
+        show_progress=False,
+    )
+    result = await run_benchmark(config)
+
+    [run] = result.runs
+    assert (run.scenario, run.error) == ("kafka", None)
+    assert "kafka" in run.deployment
+    [step] = run.steps
+    delivery, generator = step.delivery, step.generator
+    assert delivery.sent == generator["measured_sent"] > 0
+    assert delivery.lost == generator["injected_drops"] > 0
+    assert delivery.duplicated == generator["injected_duplicates"] > 0
+    assert delivery.shed == 0
+    assert {"bridge-1", "dashboard-2", "kafka"} <= set(step.usage.processes)

@@ -32,6 +32,8 @@ from teamtrack.servers import LOOPBACK, ServerError, free_port, start_mosquitto
 
 CLUSTER_BROKERS = 2
 CLUSTER_DASHBOARDS = 2
+# The backends a local cluster (`teamtrack up --backend ...`) starts by itself.
+LOCAL_BACKENDS = ("redis", "kafka")
 
 
 @dataclass
@@ -91,13 +93,14 @@ def cluster_options(
     spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int
 ) -> ClusterOptions:
     """The `teamtrack up` options of a cluster deployment (free ports, no simulator)."""
-    if spec.backend != "redis":
+    if spec.backend not in LOCAL_BACKENDS:
         raise BenchError(
             f"the local cluster cannot start a {spec.backend!r} backend; "
             "run that cluster yourself and pass its --endpoints"
         )
     return ClusterOptions(
         state_dir=state_dir,
+        backend=spec.backend,
         brokers=CLUSTER_BROKERS,
         dashboards=CLUSTER_DASHBOARDS,
         teams=teams,
@@ -126,6 +129,8 @@ def start_local_cluster(
 
     if cluster.redis is not None:
         processes["redis"] = cluster.redis.pid
+    if cluster.kafka is not None:
+        processes["kafka"] = cluster.kafka.pid
     return Deployment(
         label=f"local {spec.label}",
         broker_urls=[f"mqtt://{LOOPBACK}:{port}" for port in cluster.ports.broker_mqtt],

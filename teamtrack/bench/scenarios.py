@@ -26,7 +26,7 @@ class DeploymentKind(StrEnum):
 @dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     kind: DeploymentKind
-    backend: str | None = None  # the cluster's broadcast backend: "redis", later "kafka"
+    backend: str | None = None  # the cluster's broadcast backend: "redis" or "kafka"
 
     @property
     def label(self) -> str:
@@ -35,6 +35,7 @@ class DeploymentSpec:
 
 LONE_BROKER: Final = DeploymentSpec(DeploymentKind.LONE_BROKER)
 REDIS_CLUSTER: Final = DeploymentSpec(DeploymentKind.CLUSTER, "redis")
+KAFKA_CLUSTER: Final = DeploymentSpec(DeploymentKind.CLUSTER, "kafka")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,12 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             "mosquitto_sub-style subscriber",
             REDIS_CLUSTER,
             ReceiverKind.MQTT,
+        ),
+        Scenario(
+            "kafka",
+            "worker -> broker A -> bridge -> Kafka -> dashboard instance B -> manager WebSocket",
+            KAFKA_CLUSTER,
+            ReceiverKind.WEBSOCKET,
         ),
     )
 }
