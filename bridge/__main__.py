@@ -28,6 +28,7 @@ async def serve(settings: BridgeSettings) -> None:
         username=settings.mqtt_username,
         password=settings.mqtt_password.get_secret_value(),
         share_group=settings.share_group,
+        shared_subscription=settings.shared_subscription,
         session_expiry_s=settings.session_expiry_s,
         mirror=settings.mirror,
         mirror_teams=settings.mirrored_teams(),

@@ -122,6 +122,9 @@ class BridgeConfig:
     username: str
     password: str
     share_group: str = "teamtrack"
+    # False for the only bridge of its broker: a plain subscription with No Local (MQTT 5), so
+    # the messages it mirrors into its broker never come back to it.
+    shared_subscription: bool = True
     session_expiry_s: int = 3600
     mirror: bool = True
     mirror_teams: frozenset[str] | None = None
@@ -226,9 +229,16 @@ class BridgeService:
         log.info("connected to %s as %s (session present: %s)",
                  self.config.broker, self.config.client_id, bool(flags))
         # Subscribe on every connect: harmless when the session kept the subscription, needed
-        # when it expired while the bridge was away.
-        topic = f"$share/{self.config.share_group}/{WORKER_TOPIC_FILTER}"
-        client.subscribe(Subscription(topic, qos=1))
+        # when it expired while the bridge was away. The persistent session may still hold the
+        # other kind of subscription (the bridge ran with the other setting): it would deliver
+        # every message twice, so it goes.
+        shared = f"$share/{self.config.share_group}/{WORKER_TOPIC_FILTER}"
+        if self.config.shared_subscription:
+            client.unsubscribe(WORKER_TOPIC_FILTER)
+            client.subscribe(Subscription(shared, qos=1))
+        else:
+            client.unsubscribe(shared)
+            client.subscribe(Subscription(WORKER_TOPIC_FILTER, qos=1, no_local=True))
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         self._subscribed.set()
@@ -316,9 +326,12 @@ class BridgeService:
         wanted = self.config.mirror_teams
         async with consumer:
             async for item in consumer:
-                if wanted is not None and item.batch.team not in wanted:
+                batch = item.batch
+                if wanted is not None and batch.team not in wanted:
                     continue
-                for event in item.batch.events():
+                if batch.all_from(self.config.broker_id):
+                    continue  # this broker's own traffic (most of what it reads): not decoded
+                for event in batch.events():
                     if event.origin != self.config.broker_id:
                         self._republish(event)
 

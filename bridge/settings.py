@@ -19,6 +19,11 @@ class BridgeSettings(ServiceSettings):
     share_group: str = Field(
         "teamtrack", description="shared-subscription group that splits a broker among bridges"
     )
+    shared_subscription: bool = Field(
+        True,
+        description="subscribe in the share group (off: this is its broker's only bridge; a "
+        "plain subscription with No Local keeps its mirrored messages from coming back to it)",
+    )
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps QoS 1 messages for a stopped bridge"
     )

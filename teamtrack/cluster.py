@@ -247,6 +247,9 @@ class LocalCluster:
             "--broker-id", f"b{index + 1}",
             "--mqtt-username", bridge.username,
             "--metrics-port", str(self.ports.bridge_metrics[index]),
+            # The broker's only bridge: no share group, and its mirrored messages (No Local)
+            # never come back to it.
+            "--no-shared-subscription",
         ]
         env = self._service_env(TEAMTRACK_MQTT_PASSWORD=bridge.password)
         self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])

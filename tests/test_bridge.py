@@ -377,3 +377,43 @@ async def test_unacknowledged_messages_survive_a_backend_outage_and_a_bridge_res
         redis.stop()
     seqs = sorted(orjson.loads(e["body"])["seq"] for e in events)  # type: ignore[arg-type]
     assert seqs == list(range(5))
+
+
+async def test_the_only_bridge_of_a_broker_gets_none_of_its_mirrored_messages_back(
+    cluster: Cluster, start_bridge: StartBridge, backend: Backend
+) -> None:
+    """--no-shared-subscription: a plain subscription with No Local; switching either way
+    keeps one subscription in the persistent session, so nothing arrives twice."""
+    await start_bridge(0, mirror=False)
+    only = await start_bridge(1, shared_subscription=False)
+    observer = cluster.credentials.observer
+    assert observer is not None
+    watcher = await MosquittoSub.start(
+        cluster.brokers[1].mqtt_port, observer.username, observer.password, "teams/alpha/#"
+    )
+    device = cluster.device("alpha", "w001")
+    await publish_lines(
+        cluster.brokers[0].mqtt_port, device.username, device.password,
+        position_topic("alpha", "w001"), [payload(seq) for seq in range(20)],
+    )
+    await watcher.wait_for(20, timeout=5)
+    await asyncio.sleep(0.3)
+    watcher.stop()
+    assert len(watcher.messages) == 20
+    assert only.counters.mirrored == 20
+    assert only.counters.mirror_echoes == 0  # never delivered back, so never even parsed
+
+    # The same bridge again, now in the share group: its session's plain subscription goes.
+    await only.stop()
+    again = await start_bridge(1, mirror=False)
+    collecting = asyncio.create_task(collect_events(backend, "alpha", 10))
+    await asyncio.sleep(0.2)
+    other = cluster.device("alpha", "w002")
+    await publish_lines(
+        cluster.brokers[1].mqtt_port, other.username, other.password,
+        position_topic("alpha", "w002"), [payload(seq) for seq in range(10)],
+    )
+    events = await collecting
+    await asyncio.sleep(0.3)
+    assert [orjson.loads(e["body"])["seq"] for e in events] == list(range(10))  # type: ignore[arg-type]
+    assert again.counters.forwarded == 10
