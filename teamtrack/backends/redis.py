@@ -171,15 +171,14 @@ async def _execute(client: aioredis.Redis, command: bytes) -> Any:
     through redis-py's per-command conversions. Replies come as the connection's protocol
     gives them (RESP3 maps with redis-py 8, arrays with RESP2); readers accept both.
     """
-    raise_if_cancelled()
     pool: Any = client.connection_pool
     connection = await pool.get_connection()
     try:
         await connection.send_packed_command(command, check_health=False)
+        # The send is where redis-py's wait_for may have lost a cancellation: this one, or one
+        # of an earlier redis-py command of the same task.
         raise_if_cancelled()
-        reply = await connection.read_response()
-        raise_if_cancelled()
-        return reply
+        return await connection.read_response()
     except ResponseError:
         raise  # an error reply: the connection is in a clean state
     except BaseException:
