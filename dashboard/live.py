@@ -54,8 +54,49 @@ def handshake_refusal(
     return None
 
 
-class _StuckError(Exception):
-    """The viewer's socket accepted nothing for too long."""
+class _Watchdog:
+    """Cancels a viewer's sender once one frame has waited `stuck_after_s` for the socket.
+
+    One timer per viewer rather than a timeout around every send: `asyncio.wait_for` costs a
+    task, a loop iteration and a `getpid` per frame (Python 3.11), and nearly every frame is
+    written without waiting at all. The sender only notes when a send began and ended.
+    """
+
+    def __init__(self, stuck_after_s: float) -> None:
+        self.stuck_after_s = stuck_after_s
+        self.clock = asyncio.get_running_loop().time
+        # When the send in progress began; None between sends.
+        self.sending_since: float | None = None
+        self.fired = False
+        self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, sender: asyncio.Task[None]) -> None:
+        self._sender = sender
+        self._check_in(self.stuck_after_s)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check_in(self, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self.sending_since
+        if since is None:
+            self._check_in(self.stuck_after_s)
+            return
+        waited = self.clock() - since
+        if waited < self.stuck_after_s:
+            self._check_in(self.stuck_after_s - waited)
+            return
+        self.fired = True
+        assert self._sender is not None
+        # Cancelling is clean: uvicorn writes nothing of a frame until the buffer has room.
+        self._sender.cancel()
 
 
 async def serve_viewer(
@@ -95,12 +136,15 @@ async def _refuse(websocket: WebSocket, status: int, metrics: DashboardMetrics) 
 async def _converse(
     websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, stuck_after_s: float
 ) -> None:
-    sender = asyncio.create_task(_send_frames(websocket, viewer, metrics, stuck_after_s))
+    watchdog = _Watchdog(stuck_after_s)
+    sender = asyncio.create_task(_send_frames(websocket, viewer, metrics, watchdog))
+    watchdog.watch(sender)
     receiver = asyncio.create_task(_answer_client(websocket))
     tasks = {sender, receiver}
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        watchdog.stop()
         for task in tasks:
             task.cancel()
         # `wait`, not `gather`: if this handler is itself cancelled meanwhile, its own
@@ -110,14 +154,14 @@ async def _converse(
     failures = {task: task.exception() for task in done if not task.cancelled()}
     if receiver in done:
         return  # the client went away (or vanished mid-pong): nothing left to tell it
-    error = failures.get(sender)
-    if error is None or isinstance(error, WebSocketDisconnect):
-        return
-    if isinstance(error, _StuckError):
+    if watchdog.fired:
         metrics.viewers_disconnected_slow.inc()
         log.info("closing a viewer of team %s: its socket took nothing for %ss",
                  viewer.team, stuck_after_s)
         await _close(websocket, CLOSE_TOO_SLOW, CLOSE_TOO_SLOW_REASON)
+        return
+    error = failures.get(sender)
+    if error is None or isinstance(error, WebSocketDisconnect):
         return
     # The only backend call after the handshake is the fresh snapshot after a gap.
     log.warning(
@@ -133,15 +177,14 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def _send_frames(
-    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, stuck_after_s: float
+    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, watchdog: _Watchdog
 ) -> None:
+    clock = watchdog.clock
     while True:
         frame = await viewer.next_frame()
-        try:
-            # Cancelling is clean: uvicorn writes nothing of a frame until the buffer has room.
-            await asyncio.wait_for(websocket.send_text(frame), stuck_after_s)
-        except TimeoutError:
-            raise _StuckError from None
+        watchdog.sending_since = clock()
+        await websocket.send_text(frame)
+        watchdog.sending_since = None
         metrics.frames_sent.inc()
 
 

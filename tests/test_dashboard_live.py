@@ -26,6 +26,7 @@ from test_dashboard_api import bearer, write_auth_file
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory
 from dashboard.hub import TeamHub, ViewerLimits
+from dashboard.live import _Watchdog
 from teamtrack.backends import Backend, from_url
 from teamtrack.servers import LOOPBACK, free_port
 
@@ -159,3 +160,36 @@ async def test_slow_reader_is_conflated_then_closed_while_others_keep_their_late
     finally:
         stuck.close()
         await bridge.close()
+
+
+async def test_watchdog_times_each_send_not_the_connection() -> None:
+    """Many quick sends never trip it; one send that waits `stuck_after_s` does."""
+    watchdog = _Watchdog(0.2)
+    clock = watchdog.clock
+
+    async def slow_but_moving() -> None:
+        for _ in range(6):
+            watchdog.sending_since = clock()
+            await asyncio.sleep(0.1)
+            watchdog.sending_since = None
+            await asyncio.sleep(0.05)
+
+    sender = asyncio.create_task(slow_but_moving())
+    watchdog.watch(sender)
+    await asyncio.wait_for(sender, WAIT)
+    watchdog.stop()
+    assert not watchdog.fired
+
+    watchdog = _Watchdog(0.2)
+    stuck = asyncio.get_running_loop().create_future()
+
+    async def never_accepted() -> None:
+        watchdog.sending_since = watchdog.clock()
+        await stuck
+
+    started = time.monotonic()
+    sender = asyncio.create_task(never_accepted())
+    watchdog.watch(sender)
+    await asyncio.wait({sender}, timeout=WAIT)
+    assert sender.cancelled() and watchdog.fired
+    assert 0.2 <= time.monotonic() - started < 1.0
