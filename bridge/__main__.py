@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import sys
 
 from prometheus_client import CollectorRegistry
@@ -13,8 +11,8 @@ from bridge.service import BridgeConfig, BridgeService
 from bridge.settings import BridgeSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.logs import configure_logging
-from teamtrack.metrics import MetricsServer
 from teamtrack.mqtt import BrokerAddress
+from teamtrack.runtime import run, serving
 from teamtrack.settings import load_settings
 
 log = logging.getLogger("bridge")
@@ -38,26 +36,19 @@ async def serve(settings: BridgeSettings) -> None:
     )
     registry = CollectorRegistry()
     service = BridgeService(config, from_url(settings.backend_url), registry)
-    metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
-    metrics.start()
-    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics.port)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    await service.start()
-    log.info("bridge %s ready on %s", config.client_id, config.broker)
-    await stopping.wait()
-    log.info("stopping")
-    await service.stop()
-    metrics.stop()
+    async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
+        await service.start()
+        log.info("bridge %s ready on %s", config.client_id, config.broker)
+        await stopping.wait()
+        log.info("stopping")
+        await service.stop()
 
 
 def main() -> None:
     settings = load_settings(BridgeSettings, "python -m bridge")
     configure_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except BackendError as error:
         print(f"python -m bridge: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -28,6 +28,7 @@ from devices.simulator import (
     SimulationSummary,
     run_simulation,
 )
+from teamtrack.runtime import run
 
 _Parsed = TypeVar("_Parsed")
 
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m devices") -> 
     if arguments.log_level != "DEBUG":
         logging.getLogger("gmqtt").setLevel(logging.ERROR)
     try:
-        summary = asyncio.run(_run_until_signalled(config, arguments))
+        summary = run(_run_until_signalled(config, arguments))
     except (OSError, ValueError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from prometheus_client import CollectorRegistry
@@ -15,7 +14,7 @@ from ingest.settings import IngestSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.history import HistoryStore
 from teamtrack.logs import configure_logging
-from teamtrack.metrics import MetricsServer
+from teamtrack.runtime import run, serving
 from teamtrack.settings import load_settings
 
 log = logging.getLogger("ingest")
@@ -27,20 +26,14 @@ async def serve(settings: IngestSettings) -> None:
         consumer=settings.consumer,
         max_batch_positions=settings.max_batch_positions,
         max_pending_batches=settings.max_pending_batches,
+        write_interval_s=settings.write_interval_ms / 1000,
         retention_days=settings.retention_days,
         retention_interval_s=settings.retention_interval_s,
     )
     registry = CollectorRegistry()
     store = HistoryStore.from_url(settings.history_url())
     service = IngestService(config, from_url(settings.backend_url), store, registry)
-    metrics = MetricsServer(registry, settings.metrics_host, settings.metrics_port)
-    metrics.start()
-    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics.port)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
+    async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
         await service.start()
         log.info("ingest %s (group %s) writing to %s database",
                  config.consumer, config.group, store.dialect)
@@ -56,15 +49,13 @@ async def serve(settings: IngestSettings) -> None:
         await service.stop()
         if failure in done:
             failure.result()  # a task of the service failed: exit with its error
-    finally:
-        metrics.stop()
 
 
 def main() -> None:
     settings = load_settings(IngestSettings, "python -m ingest")
     configure_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except BackendError as error:
         print(f"python -m ingest: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from teamtrack.backends import Backend, GroupBatch
+from teamtrack.backends import Backend, GroupBatch, GroupConsumer
 from teamtrack.history import DecodedBatch, HistoryStore, WriteResult, decode_batch
 from teamtrack.logs import RateLimitedLog
 from teamtrack.retry import Backoff
@@ -46,6 +46,9 @@ class IngestConfig:
     consumer: str = "ingest-1"
     max_batch_positions: int = 5000
     max_pending_batches: int = 1000
+    # Rows gathered this long make one transaction: a commit per backend batch (every few
+    # milliseconds at any rate) would cost more than the rows themselves.
+    write_interval_s: float = 0.2
     retention_days: float = 0.0
     retention_interval_s: float = 3600.0
     retention_chunk: int = 5000
@@ -138,6 +141,7 @@ class IngestService:
             registry=registry,
         )
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
+        self._consumer: GroupConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._written = asyncio.Condition()
         self._odd_log = RateLimitedLog(log)
@@ -183,8 +187,10 @@ class IngestService:
     # Reading -------------------------------------------------------------------------------
     async def _read(self) -> None:
         consumer = self.backend.consume(
-            self.config.group, self.config.consumer, start="earliest", acknowledge=True
+            self.config.group, self.config.consumer, start="earliest", acknowledge=True,
+            pace_s=self.config.write_interval_s,
         )
+        self._consumer = consumer
         async with consumer:
             async for item in consumer:
                 decoded = decode_batch(item.batch.team, item.batch.raw)
@@ -203,8 +209,10 @@ class IngestService:
 
     # Writing -------------------------------------------------------------------------------
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             items = [await self._queue.get()]
+            started = loop.time()
             rows = DecodedBatch()
             rows.extend(items[0][1])
             while not self._queue.empty() and len(rows.positions) < self.config.max_batch_positions:
@@ -214,12 +222,16 @@ class IngestService:
             self.counters.queued_batches = self._queue.qsize()
             if rows.positions or rows.presence:
                 self.counters.add(await self._write_until_done(rows))
-            for group_batch, _rows in items:
-                await self._acknowledge(group_batch)
+            await self._acknowledge([group_batch for group_batch, _rows in items])
+            for _item in items:
                 self._queue.task_done()
             self.counters.batches += len(items)
             async with self._written:
                 self._written.notify_all()
+            if len(rows.positions) < self.config.max_batch_positions:
+                # This write took all there was: let the next rows gather. A full one means
+                # the ingest is behind, and writes again at once.
+                await asyncio.sleep(self.config.write_interval_s - (loop.time() - started))
 
     async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
         backoff = Backoff(initial=0.2, maximum=10.0)
@@ -240,15 +252,16 @@ class IngestService:
             self._write_rows.observe(len(rows.positions) + len(rows.presence))
             return result
 
-    async def _acknowledge(self, item: GroupBatch) -> None:
+    async def _acknowledge(self, items: list[GroupBatch]) -> None:
+        assert self._consumer is not None, "batches come from the consumer"
         try:
-            await item.ack()
+            await self._consumer.acknowledge(items)
         except Exception as error:
             # Any driver's error: the rows are committed, so a batch that comes again because
             # its acknowledgement was lost is stored as nothing. Count it and go on.
             self.counters.ack_errors += 1
             self._database_log.warning(
-                "ack", "acknowledging a batch failed (%s: %s); it will come again",
+                "ack", "acknowledging batches failed (%s: %s); they will come again",
                 type(error).__name__, error,
             )
 

@@ -28,6 +28,10 @@ class IngestSettings(ServiceSettings):
     max_pending_batches: int = Field(
         1000, ge=1, description="backend batches read ahead while the database writes"
     )
+    write_interval_ms: float = Field(
+        200.0, ge=0, description="how long rows gather before a transaction, unless the "
+        "ingest is behind (then it writes at once)"
+    )
     retention_days: float = Field(
         30.0, ge=0, description="delete positions and presence older than this (0: keep all)"
     )

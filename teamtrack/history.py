@@ -364,27 +364,35 @@ def _postgresql_type(column_type: sa.types.TypeEngine[Any]) -> str:
     raise TypeError(f"no array type for {column_type!r}")
 
 
-def _insert_or_ignore(dialect: str, table: sa.Table) -> sa.Executable:
+def _insert_or_ignore(dialect: str, table: sa.Table) -> sa.Executable | str:
     """The statement `HistoryStore.write` runs with a batch of rows of `table`.
 
-    SQLite: `INSERT ... ON CONFLICT DO NOTHING` run for many rows (executemany) in one
-    transaction. PostgreSQL: one statement for the whole batch, its columns sent as arrays
-    (`INSERT ... SELECT * FROM unnest(...) ON CONFLICT DO NOTHING`): one round trip, and a row
-    count of what was really inserted, which asyncpg's executemany does not report.
+    SQLite: `INSERT ... ON CONFLICT DO NOTHING` as the driver's own SQL, run with tuples for
+    many rows (executemany) in one transaction: SQLAlchemy's compiled statements build each
+    row's parameters in Python, which cost more than SQLite's insert itself. PostgreSQL: one
+    statement for the whole batch, its columns sent as arrays (`INSERT ... SELECT * FROM
+    unnest(...) ON CONFLICT DO NOTHING`): one round trip, and a row count of what was really
+    inserted, which asyncpg's executemany does not report.
     """
+    columns = _inserted_columns(table)
+    names = ", ".join(column.name for column in columns)
     if dialect == "postgresql":
-        columns = [column for column in table.columns if column.name != "id"]
         arrays = ", ".join(
             f"CAST(:{column.name} AS {_postgresql_type(column.type)}[])" for column in columns
         )
-        names = ", ".join(column.name for column in columns)
         return sa.text(
             f"INSERT INTO {table.name} ({names}) SELECT * FROM unnest({arrays}) "  # noqa: S608
             "ON CONFLICT DO NOTHING"
         )
-    from sqlalchemy.dialects.sqlite import insert
+    marks = ", ".join("?" for _ in columns)
+    return (
+        f"INSERT INTO {table.name} ({names}) VALUES ({marks}) "  # noqa: S608
+        "ON CONFLICT DO NOTHING"
+    )
 
-    return insert(table).on_conflict_do_nothing()
+
+def _inserted_columns(table: sa.Table) -> list[sa.Column[Any]]:
+    return [column for column in table.columns if column.name != "id"]
 
 
 class HistoryStore:
@@ -393,7 +401,6 @@ class HistoryStore:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._columnar = engine.dialect.name == "postgresql"
         self._insert_positions = _insert_or_ignore(engine.dialect.name, positions)
         self._insert_presence = _insert_or_ignore(engine.dialect.name, presence_changes)
 
@@ -446,19 +453,18 @@ class HistoryStore:
     async def _insert(
         self,
         connection: AsyncConnection,
-        statement: sa.Executable,
+        statement: sa.Executable | str,
         table: sa.Table,
         rows: Sequence[Mapping[str, Any]],
     ) -> int:
-        if self._columnar:
-            arrays = {
-                column.name: [row[column.name] for row in rows]
-                for column in table.columns
-                if column.name != "id"
-            }
-            result = await connection.execute(statement, arrays)
+        names = [column.name for column in _inserted_columns(table)]
+        if isinstance(statement, str):
+            # Tuples straight to the driver's executemany (see `_insert_or_ignore`).
+            parameters = [tuple(row[name] for name in names) for row in rows]
+            result = await connection.exec_driver_sql(statement, parameters)
         else:
-            result = await connection.execute(statement, list(rows))
+            arrays = {name: [row[name] for row in rows] for name in names}
+            result = await connection.execute(statement, arrays)
         return max(result.rowcount, 0)
 
     async def track(

@@ -24,6 +24,8 @@ Delivery guarantees (every backend passes `tests/backend_contract.py`):
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
@@ -204,6 +206,12 @@ class GroupConsumer(abc.ABC):
     @abc.abstractmethod
     async def __anext__(self) -> GroupBatch: ...
 
+    async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
+        """`ack` each of these batches of this consumer; backends that can do it in one call
+        (Redis: one XACK for every settled entry) override this."""
+        for item in items:
+            await item.ack()
+
     def __aiter__(self) -> Self:
         return self
 
@@ -215,6 +223,25 @@ class GroupConsumer(abc.ABC):
 
 
 GroupStart = Literal["latest", "earliest"]
+
+
+class ReadPace:
+    """`Backend.consume(pace_s=...)` for a backend's group consumer: call `wait` before a
+    read and `read` after it."""
+
+    def __init__(self, pace_s: float) -> None:
+        self._pace_s = pace_s
+        self._hold_until = 0.0
+
+    async def wait(self) -> None:
+        if self._pace_s > 0:
+            delay = self._hold_until - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    def read(self, *, caught_up: bool) -> None:
+        """A read came back: with less than it may take (`caught_up`), the next one waits."""
+        self._hold_until = time.monotonic() + self._pace_s if caught_up else 0.0
 
 
 class Backend(abc.ABC):
@@ -245,7 +272,13 @@ class Backend(abc.ABC):
         *,
         start: GroupStart = "latest",
         acknowledge: bool = True,
-    ) -> GroupConsumer: ...
+        pace_s: float = 0.0,
+    ) -> GroupConsumer:
+        """A member `consumer` of `group`. `pace_s`: once a read found the member caught up,
+        the next read waits until `pace_s` after it, so that batches gather and a consumer
+        that favours throughput over latency (the ingest) pays its per-read costs (a round
+        trip, a commit) a few times a second instead of once per publish. A backend without
+        per-read costs may ignore it."""
 
     @abc.abstractmethod
     def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:

@@ -58,6 +58,7 @@ from teamtrack.backends.base import (
     GroupBatch,
     GroupConsumer,
     GroupStart,
+    ReadPace,
     Snapshot,
     TeamSubscription,
     decode_event,
@@ -437,8 +438,11 @@ class KafkaBackend(Backend):
         *,
         start: GroupStart = "latest",
         acknowledge: bool = True,
+        pace_s: float = 0.0,
     ) -> GroupConsumer:
-        return _KafkaGroupConsumer(self, group, consumer, start=start, acknowledge=acknowledge)
+        return _KafkaGroupConsumer(
+            self, group, consumer, start=start, acknowledge=acknowledge, pace_s=pace_s
+        )
 
 
 async def _confirmed(futures: list[asyncio.Future[Any]]) -> list[Any]:
@@ -892,9 +896,11 @@ class _KafkaGroupConsumer(GroupConsumer):
         *,
         start: GroupStart,
         acknowledge: bool,
+        pace_s: float = 0.0,
     ) -> None:
         self._backend = backend
         self._group_id = f"{backend.options.topic_prefix}.{group}"
+        self._pace = ReadPace(pace_s)
         self._member_name = consumer
         self._start = start
         self._acknowledge = acknowledge
@@ -998,10 +1004,14 @@ class _KafkaGroupConsumer(GroupConsumer):
             if self._closed:
                 raise StopAsyncIteration
             try:
+                await self._pace.wait()
                 if self._acknowledge:
                     await self._commit_processed()
                 fetched = await self._consumer.getmany(
                     timeout_ms=READ_TIMEOUT_MS, max_records=READ_MAX_RECORDS
+                )
+                self._pace.read(
+                    caught_up=sum(map(len, fetched.values())) < READ_MAX_RECORDS
                 )
             except ConsumerStoppedError:
                 raise StopAsyncIteration from None

@@ -126,7 +126,9 @@ class MemoryBackend(Backend):
         *,
         start: GroupStart = "latest",
         acknowledge: bool = True,
+        pace_s: float = 0.0,
     ) -> GroupConsumer:
+        # `pace_s` is ignored: a read here is a look at a list in the same process.
         if group not in self._group_positions:
             self._group_positions[group] = (
                 self._group_log.last_number

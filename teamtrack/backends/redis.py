@@ -56,6 +56,7 @@ from teamtrack.backends.base import (
     GroupBatch,
     GroupConsumer,
     GroupStart,
+    ReadPace,
     Snapshot,
     TeamSubscription,
     decode_event,
@@ -450,8 +451,11 @@ class RedisBackend(Backend):
         *,
         start: GroupStart = "latest",
         acknowledge: bool = True,
+        pace_s: float = 0.0,
     ) -> GroupConsumer:
-        return _RedisGroupConsumer(self, group, consumer, start=start, acknowledge=acknowledge)
+        return _RedisGroupConsumer(
+            self, group, consumer, start=start, acknowledge=acknowledge, pace_s=pace_s
+        )
 
 
 def _decode_stored(team: str, raw: bytes) -> Event:
@@ -606,9 +610,14 @@ class _EntryAcknowledger(Acknowledgeable):
         self._remaining = parts
 
     async def ack(self) -> None:
+        entry_id = self.settle()
+        if entry_id is not None:
+            await self._consumer.ack(entry_id)
+
+    def settle(self) -> bytes | None:
+        """Count one team batch as done; the entry's id once all of them are."""
         self._remaining -= 1
-        if self._remaining == 0:
-            await self._consumer.ack(self._entry_id)
+        return self._entry_id if self._remaining == 0 else None
 
 
 class _NoAck(Acknowledgeable):
@@ -634,9 +643,11 @@ class _RedisGroupConsumer(GroupConsumer):
         *,
         start: GroupStart,
         acknowledge: bool,
+        pace_s: float = 0.0,
     ) -> None:
         self._backend = backend
         self._group = group
+        self._pace = ReadPace(pace_s)
         self._consumer = consumer
         self._start_id = "$" if start == "latest" else "0"
         self._acknowledge = acknowledge
@@ -665,6 +676,18 @@ class _RedisGroupConsumer(GroupConsumer):
         self._in_flight.discard(entry_id)
         await self._backend.client.xack(self._backend.all_key, self._group, entry_id)
 
+    async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
+        settled = []
+        for item in items:
+            acknowledger = item.acknowledger
+            if isinstance(acknowledger, _EntryAcknowledger):
+                entry_id = acknowledger.settle()
+                if entry_id is not None:
+                    settled.append(entry_id)
+                    self._in_flight.discard(entry_id)
+        if settled:
+            await self._backend.client.xack(self._backend.all_key, self._group, *settled)
+
     async def close(self) -> None:
         self._closed = True
         await self._reader.close()
@@ -680,14 +703,18 @@ class _RedisGroupConsumer(GroupConsumer):
             await self._claim_abandoned(connection)
             if self._ready:
                 return
+        await self._pace.wait()
         command = [b"XREADGROUP", b"GROUP", self._group.encode(), self._consumer.encode(),
                    b"COUNT", b"%d" % READ_COUNT, b"BLOCK", b"%d" % self._block_ms()]
         if not self._acknowledge:
             command.append(b"NOACK")
         command += [b"STREAMS", self._backend.all_key.encode(), b">"]
         reply = await _execute(connection, _command(command))
+        read = 0
         for _key, entries in _streams(reply):
+            read += len(entries)
             await self._deliver([(entry_id, _pairs(fields)) for entry_id, fields in entries])
+        self._pace.read(caught_up=read < READ_COUNT)
 
     def _block_ms(self) -> int:
         if not self._claim_idle_ms:

@@ -39,6 +39,7 @@ from teamtrack.bench.records import RecordLog, message_key
 from teamtrack.bench.system import raise_open_file_limit, rss_bytes
 from teamtrack.contract import position_topic
 from teamtrack.mqtt import BrokerAddress
+from teamtrack.runtime import run
 
 log = logging.getLogger("teamtrack.bench.generator")
 
@@ -317,7 +318,7 @@ def main() -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
     )
     raise_open_file_limit()
-    asyncio.run(serve())
+    run(serve())
     return 0
 
 

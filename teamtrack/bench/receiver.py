@@ -42,6 +42,7 @@ from teamtrack.bench.records import RecordLog, message_key
 from teamtrack.bench.system import raise_open_file_limit
 from teamtrack.contract import position_topic
 from teamtrack.mqtt import BrokerAddress
+from teamtrack.runtime import run
 
 log = logging.getLogger("teamtrack.bench.receiver")
 
@@ -255,7 +256,7 @@ def main() -> int:
         level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
     )
     raise_open_file_limit()
-    asyncio.run(serve())
+    run(serve())
     return 0
 
 
