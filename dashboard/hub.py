@@ -42,7 +42,7 @@ from dashboard.frames import (
     snapshot_frame,
     sync_frame,
 )
-from dashboard.metrics import DashboardMetrics
+from dashboard.metrics import DashboardMetrics, TeamCounts
 from teamtrack.backends import Backend, Batch, Cursor, Gap, Snapshot, TeamSubscription
 from teamtrack.retry import Backoff
 
@@ -373,6 +373,7 @@ class Viewer:
 
 @dataclass(eq=False)
 class _TeamState:
+    counts: TeamCounts
     viewers: set[Viewer] = field(default_factory=set)
     # Serialises subscribe/unsubscribe decisions and snapshots of one team (see `join`).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -441,7 +442,9 @@ class TeamHub:
 
     async def join(self, team: str, after: Cursor | None = None) -> Viewer:
         """A viewer of `team`: from a snapshot, or resuming after `after`; raises `BackendError`."""
-        state = self._teams.setdefault(team, _TeamState())
+        state = self._teams.get(team)
+        if state is None:
+            state = self._teams[team] = _TeamState(self.metrics.team_counts(team))
         viewer = Viewer(self, team, self._limits)
         # Registered first: batches delivered while the snapshot is taken are already queued.
         state.viewers.add(viewer)
@@ -545,8 +548,8 @@ class TeamHub:
             self.metrics.backend_gaps.labels(item.team).inc()
             log.warning("history of team %s was trimmed after %s", item.team, item.requested)
         else:
-            self.metrics.backend_batches.labels(item.team).inc()
-            self.metrics.backend_events.labels(item.team).inc(count_events(item.raw))
+            state.counts.batches += 1
+            state.counts.events += count_events(item.raw)
             # Batches queued before an unsubscribe may come out after a resubscribe: never
             # move the resume point back.
             if self.backend.cursor_key(item.cursor) > self.backend.cursor_key(state.cursor):

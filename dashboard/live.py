@@ -185,7 +185,7 @@ async def _send_frames(
         watchdog.sending_since = clock()
         await websocket.send_text(frame)
         watchdog.sending_since = None
-        metrics.frames_sent.inc()
+        metrics.frames_sent += 1
 
 
 async def _answer_client(websocket: WebSocket) -> None:

@@ -2,39 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 PREFIX = "teamtrack_dashboard"
 
 
+@dataclass(slots=True)
+class TeamCounts:
+    """What was read from the backend for one team, counted on the per-batch path."""
+
+    batches: int = 0
+    events: int = 0
+
+
 class DashboardMetrics:
-    """Labels are team slugs and status codes only: nothing secret, nothing personal."""
+    """Labels are team slugs and status codes only: nothing secret, nothing personal.
+
+    The counters of the per-batch and per-frame paths (`frames_sent`, `team_counts`) are plain
+    ints, exported when scraped: a prometheus_client `labels()` and `inc()` take a lock and a
+    few microseconds each, thousands of times a second. Everything runs on the event loop, so
+    the ints need no lock.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.frames_sent = 0
+        self._teams: dict[str, TeamCounts] = {}
+        registry.register(_PlainCounters(self))
         self.viewers = Gauge(
             f"{PREFIX}_viewers", "Viewers connected to this instance", ["team"], registry=registry
-        )
-        self.backend_batches = Counter(
-            f"{PREFIX}_backend_batches",
-            "Batches read from the backend for teams with viewers here",
-            ["team"],
-            registry=registry,
-        )
-        self.backend_events = Counter(
-            f"{PREFIX}_backend_events",
-            "Events inside those batches",
-            ["team"],
-            registry=registry,
         )
         self.backend_gaps = Counter(
             f"{PREFIX}_backend_gaps",
             "Times the backend's history no longer held what a team's reader needed",
             ["team"],
             registry=registry,
-        )
-        self.frames_sent = Counter(
-            f"{PREFIX}_frames_sent", "WebSocket frames sent to viewers", registry=registry
         )
         self.viewers_disconnected_slow = Counter(
             f"{PREFIX}_viewers_disconnected_slow",
@@ -84,3 +92,33 @@ class DashboardMetrics:
             ["outcome"],
             registry=registry,
         )
+
+    def team_counts(self, team: str) -> TeamCounts:
+        """The counts of `team`, to keep and add to (exported from the first call on)."""
+        counts = self._teams.get(team)
+        if counts is None:
+            counts = self._teams[team] = TeamCounts()
+        return counts
+
+
+class _PlainCounters(Collector):
+    def __init__(self, metrics: DashboardMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        batches = CounterMetricFamily(
+            f"{PREFIX}_backend_batches",
+            "Batches read from the backend for teams with viewers here",
+            labels=["team"],
+        )
+        events = CounterMetricFamily(
+            f"{PREFIX}_backend_events", "Events inside those batches", labels=["team"]
+        )
+        for team, counts in sorted(self._metrics._teams.items()):
+            batches.add_metric([team], counts.batches)
+            events.add_metric([team], counts.events)
+        yield batches
+        yield events
+        frames = CounterMetricFamily(f"{PREFIX}_frames_sent", "WebSocket frames sent to viewers")
+        frames.add_metric([], self._metrics.frames_sent)
+        yield frames
