@@ -180,7 +180,10 @@ class Viewer:
         self._limits = limits
         self._queue: deque[Batch | Gap] = deque()
         self._queued_bytes = 0
-        self._wakeup = asyncio.Event()
+        # A bare future rather than an `asyncio.Event`: one wait per frame, and `Event.wait`
+        # looks the loop up (a getpid in Python 3.11) and keeps a waiter list each time.
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
         self._latest: _LatestPerWorker | None = None
         self._replay: _Replay | None = None
         self._ready_frames: deque[str] = deque()
@@ -215,7 +218,11 @@ class Viewer:
         else:
             self._queue.append(item)
             self._queued_bytes += size
-        self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # cancelled with its frame's sender
+                waiter.set_result(None)
 
     def _start_syncing(self) -> None:
         self._hub.metrics.viewer_conflations.inc()
@@ -296,8 +303,8 @@ class Viewer:
         elif self._latest is not None:
             await self._build_sync_frame()
         elif not self._queue:
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            self._waiter = self._loop.create_future()
+            await self._waiter
         elif isinstance(self._queue[0], Gap):
             gap = self._queue.popleft()
             assert isinstance(gap, Gap)
