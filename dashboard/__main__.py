@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # 401/403 handshake refusals rely on (the legacy "websockets" one is deprecated).
         ws="websockets-sansio",
         ws_max_size=MAX_CLIENT_MESSAGE_BYTES,
+        ws_per_message_deflate=settings.ws_compression,
     )
     server = uvicorn.Server(config)
     # After Server(): the config has installed uvicorn's own logging set-up by now.

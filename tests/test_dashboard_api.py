@@ -22,10 +22,12 @@ from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory
 from dashboard.hub import ViewerLimits
 from dashboard.page import PageConfig
+from dashboard.settings import DashboardSettings
 from teamtrack.backends import Backend, BackendError, Event, Snapshot, from_url
 from teamtrack.backends.memory import MemoryBackend
 from teamtrack.passwords import hash_password, token_digest
 from teamtrack.servers import LOOPBACK, free_port, port_is_open
+from teamtrack.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "alice-password-1"
@@ -393,3 +395,13 @@ def test_unreachable_backend_is_a_one_line_error(auth_file: Path) -> None:
     assert server.returncode != 0
     assert output.count("\n") == 1, output
     assert "unreachable" in output
+
+
+def test_compression_is_offered_unless_turned_off(auth_file: Path) -> None:
+    def load(*flags: str) -> DashboardSettings:
+        return load_settings(
+            DashboardSettings, "python -m dashboard", ["--auth-file", str(auth_file), *flags]
+        )
+
+    assert load().ws_compression
+    assert not load("--no-ws-compression").ws_compression
