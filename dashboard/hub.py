@@ -178,7 +178,8 @@ class Viewer:
         self.team = team
         self._hub = hub
         self._limits = limits
-        self._queue: deque[Batch | Gap] = deque()
+        # Each batch with its cursor's sort key, parsed once by the hub for all its viewers.
+        self._queue: deque[tuple[Batch, CursorKey] | Gap] = deque()
         self._queued_bytes = 0
         # A bare future rather than an `asyncio.Event`: one wait per frame, and `Event.wait`
         # looks the loop up (a getpid in Python 3.11) and keeps a waiter list each time.
@@ -205,18 +206,27 @@ class Viewer:
     def queued_batches(self) -> int:
         return len(self._queue)
 
-    def offer(self, item: Batch | Gap) -> None:
-        """Queue without waiting; past the limits, switch to keeping the latest per worker."""
-        size = len(item.raw) if isinstance(item, Batch) else 0
+    def offer(self, item: Batch | Gap, key: CursorKey | None = None) -> None:
+        """Queue without waiting; past the limits, switch to keeping the latest per worker.
+
+        `key`: the batch's `cursor_key`, if the caller has it already.
+        """
+        entry: tuple[Batch, CursorKey] | Gap
+        if isinstance(item, Batch):
+            size = len(item.raw)
+            entry = (item, key if key is not None else self._hub.backend.cursor_key(item.cursor))
+        else:
+            size = 0
+            entry = item
         if self._latest is not None:
-            self._absorb(item)
+            self._absorb(entry)
         elif len(self._queue) >= self._limits.queue_batches or (
             self._queue and self._queued_bytes + size > self._limits.queue_bytes
         ):
             self._start_syncing()
-            self._absorb(item)
+            self._absorb(entry)
         else:
-            self._queue.append(item)
+            self._queue.append(entry)
             self._queued_bytes += size
         waiter = self._waiter
         if waiter is not None:
@@ -230,13 +240,15 @@ class Viewer:
         self._latest = _LatestPerWorker()
         queued, self._queue = self._queue, deque()
         self._queued_bytes = 0
-        for item in queued:
-            self._absorb(item)
+        for entry in queued:
+            self._absorb(entry)
 
-    def _absorb(self, item: Batch | Gap) -> None:
+    def _absorb(self, entry: tuple[Batch, CursorKey] | Gap) -> None:
         assert self._latest is not None
-        key = self._hub.backend.cursor_key(item.cursor) if isinstance(item, Batch) else None
-        superseded = self._latest.absorb(item, key)
+        if isinstance(entry, Gap):
+            superseded = self._latest.absorb(entry, None)
+        else:
+            superseded = self._latest.absorb(*entry)
         if superseded:
             self._hub.metrics.events_conflated.inc(superseded)
 
@@ -316,12 +328,13 @@ class Viewer:
         batches: list[Batch] = []
         size = 0
         while self._queue and len(batches) < MAX_BATCHES_PER_FRAME and size < MAX_FRAME_BYTES:
-            item = self._queue[0]
-            if isinstance(item, Gap):
+            entry = self._queue[0]
+            if isinstance(entry, Gap):
                 break  # its own frames come after this batch's
             self._queue.popleft()
+            item, key = entry
             self._queued_bytes -= len(item.raw)
-            if self._is_new(item):
+            if self._is_new(key):
                 batches.append(item)
                 size += len(item.raw)
         if batches:
@@ -341,10 +354,11 @@ class Viewer:
                 await self._resync(item)
                 return
             self._hub.metrics.replayed_batches.inc()
-            if self._is_new(item):
+            key = self._hub.backend.cursor_key(item.cursor)
+            if self._is_new(key):
                 batches.append(item)
                 size += len(item.raw)
-            if self._hub.backend.cursor_key(item.cursor) >= replay.until:
+            if key >= replay.until:
                 await self.close()  # the shared subscription's batches take over from here
                 break
             if len(batches) >= MAX_BATCHES_PER_FRAME or size >= MAX_FRAME_BYTES:
@@ -365,8 +379,7 @@ class Viewer:
             self._hub.metrics.sync_frames.inc()
             self._sent_key = max(self._sent_key, latest.key)
 
-    def _is_new(self, batch: Batch) -> bool:
-        key = self._hub.backend.cursor_key(batch.cursor)
+    def _is_new(self, key: CursorKey) -> bool:
         if self._sent_key is None or key <= self._sent_key:
             return False
         self._sent_key = key
@@ -386,6 +399,8 @@ class _TeamState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Where the subscription reads this team from; None while the team is not subscribed.
     cursor: str | None = None
+    # `cursor`'s sort key, so that each batch's cursor is parsed once.
+    key: CursorKey = ()
     # Where the current subscription of the team started.
     subscribed_at: str = ""
 
@@ -483,6 +498,7 @@ class TeamHub:
         # Set before `add` returns: a backend may deliver the team's first batches while `add`
         # is still awaiting, and `_route` drops batches of teams without a cursor.
         state.cursor = state.subscribed_at = cursor
+        state.key = self.backend.cursor_key(cursor)
         try:
             await self.subscription.add(team, cursor)
         except BaseException:
@@ -551,15 +567,17 @@ class TeamHub:
         state = self._teams.get(item.team)
         if state is None or state.cursor is None:
             return  # unsubscribed meanwhile: "batches already queued may still come out"
+        key: CursorKey | None = None
         if isinstance(item, Gap):
             self.metrics.backend_gaps.labels(item.team).inc()
             log.warning("history of team %s was trimmed after %s", item.team, item.requested)
         else:
             state.counts.batches += 1
             state.counts.events += count_events(item.raw)
+            key = self.backend.cursor_key(item.cursor)
             # Batches queued before an unsubscribe may come out after a resubscribe: never
             # move the resume point back.
-            if self.backend.cursor_key(item.cursor) > self.backend.cursor_key(state.cursor):
-                state.cursor = item.cursor
+            if key > state.key:
+                state.cursor, state.key = item.cursor, key
         for viewer in state.viewers:
-            viewer.offer(item)
+            viewer.offer(item, key)
