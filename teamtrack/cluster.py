@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.request import urlopen
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -27,6 +26,7 @@ from rich.table import Table
 
 from teamtrack.history import default_database_url
 from teamtrack.kafka_server import start_kafka
+from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
@@ -389,31 +389,11 @@ class LocalCluster:
             forwarded = rejected = ""
             port = metrics_by_role.get(child.role)
             if port is not None and child.process.running():
-                counters = _scrape_counters(port)
+                counters = scrape_totals(f"http://{LOOPBACK}:{port}/metrics")
                 forwarded = _count(counters, "teamtrack_bridge_forwarded_total")
                 rejected = _count(counters, "teamtrack_bridge_rejected_total")
             table.add_row(child.role, state, str(child.restarts), forwarded, rejected)
         return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
-
-
-def _scrape_counters(port: int) -> dict[str, float]:
-    """Sum of each metric over its labels, from a bridge's /metrics page."""
-    totals: dict[str, float] = {}
-    try:
-        with urlopen(f"http://{LOOPBACK}:{port}/metrics", timeout=0.5) as response:
-            text = response.read().decode()
-    except OSError:
-        return totals
-    for line in text.splitlines():
-        if line.startswith("#") or not line:
-            continue
-        name_and_labels, _, value = line.rpartition(" ")
-        name = name_and_labels.split("{", 1)[0]
-        try:
-            totals[name] = totals.get(name, 0.0) + float(value)
-        except ValueError:
-            continue
-    return totals
 
 
 def _count(counters: dict[str, float], name: str) -> str:

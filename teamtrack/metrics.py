@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from urllib.request import urlopen
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "CollectorRegistry", "MetricsServer", "render"]
+__all__ = ["CONTENT_TYPE_LATEST", "CollectorRegistry", "MetricsServer", "render", "scrape_totals"]
 
 
 def render(registry: CollectorRegistry) -> bytes:
@@ -40,3 +41,23 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def scrape_totals(url: str, timeout: float = 0.5) -> dict[str, float]:
+    """Each metric of a `/metrics` page summed over its labels; empty when it cannot be read."""
+    totals: dict[str, float] = {}
+    try:
+        with urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own loopback pages
+            text = response.read().decode()
+    except OSError:
+        return totals
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        name_and_labels, _, value = line.rpartition(" ")
+        name = name_and_labels.split("{", 1)[0]
+        try:
+            totals[name] = totals.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return totals

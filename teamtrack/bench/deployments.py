@@ -43,6 +43,8 @@ class Deployment:
     dashboard_urls: list[str]
     credentials: Credentials
     processes: dict[str, int]
+    # The bridges' /metrics pages: what they dropped on purpose (a bounded queue) is counted there.
+    bridge_metrics_urls: list[str] = field(default_factory=list)
     _stop: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def broker_url(self, index: int) -> str:
@@ -137,6 +139,9 @@ def start_local_cluster(
         dashboard_urls=[f"http://{LOOPBACK}:{port}" for port in cluster.ports.dashboards],
         credentials=cluster.provisioned.credentials,
         processes=processes,
+        bridge_metrics_urls=[
+            f"http://{LOOPBACK}:{port}/metrics" for port in cluster.ports.bridge_metrics
+        ],
         _stop=stop,
     )
 
@@ -177,11 +182,14 @@ def running_cluster(spec: DeploymentSpec, endpoints_path: Path, state_dir: Path)
         }
     brokers = endpoints["brokers"]
     dashboards = endpoints.get("dashboards") or []
+    bridge_metrics = endpoints.get("bridge_metrics") or []
     assert isinstance(brokers, list) and isinstance(dashboards, list)
+    assert isinstance(bridge_metrics, list)
     return Deployment(
         label=f"running cluster ({backend}) of {endpoints_path}",
         broker_urls=[str(broker["mqtt"]) for broker in brokers],
         dashboard_urls=[str(url) for url in dashboards],
         credentials=credentials,
         processes={role: pid for role, pid in processes.items() if role != "simulator"},
+        bridge_metrics_urls=[str(url) for url in bridge_metrics],
     )

@@ -44,6 +44,7 @@ def _step_row(run: RunResult, step: StepResult) -> list[str]:
         _rate(step.delivered_rate),
         f"{step.delivery.lost:,}",
         f"{step.delivery.shed:,}",
+        f"{step.bridge_drops:,}",
         f"{step.delivery.duplicated:,}",
         _ms(latency.p50_ms if latency else None),
         _ms(latency.p90_ms if latency else None),
@@ -139,7 +140,8 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             f"## Steps, {shape.value} connections ({config.workers_for(shape):,})",
             "",
             *_table(
-                ["scenario", "offered/s", "achieved/s", "delivered/s", "lost", "shed", "dup",
+                ["scenario", "offered/s", "achieved/s", "delivered/s", "lost", "shed",
+                 "bridge drops", "dup",
                  "p50 ms", "p90 ms", "p99 ms", "max ms", "generators CPU %", "machine busy %",
                  "result"],
                 [_step_row(run, step) for run in runs for step in run.steps],

@@ -27,6 +27,9 @@ class StepResult:
     receiver: dict[str, int]
     usage: UsageReport
     drain_seconds: float
+    # Dropped by the bridges' bounded queues, and counted there, from warm-up to drain end: not
+    # silent, but not delivered either, so also in `lost` when it falls in the window.
+    bridge_drops: int = 0
 
     @property
     def passed(self) -> bool:
@@ -60,6 +63,7 @@ class StepResult:
             "delivered": self.delivery.delivered,
             "lost": self.delivery.lost,
             "shed": self.delivery.shed,
+            "bridge_drops": self.bridge_drops,
             "duplicated": self.delivery.duplicated,
             "latency_ms": (
                 {key: round(value, 3) for key, value in asdict(latency).items()}

@@ -54,6 +54,7 @@ from teamtrack.bench.system import (
     raise_open_file_limit,
     rss_bytes,
 )
+from teamtrack.metrics import scrape_totals
 from teamtrack.provision import Credentials, DeviceCredential, provision
 from teamtrack.registry import demo_registry
 
@@ -90,6 +91,13 @@ def select_devices(credentials: Credentials, count: int) -> list[DeviceCredentia
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _bridge_drops(urls: list[str]) -> int:
+    """QoS 0 messages the bridges dropped so far because their backend lagged (bounded queue)."""
+    return sum(
+        int(scrape_totals(url).get("teamtrack_bridge_dropped_overflow_total", 0)) for url in urls
+    )
 
 
 def _sum_counts(replies: list[dict[str, Any]], key: str) -> int:
@@ -287,7 +295,7 @@ class BenchRunner:
                     continue
                 step = await self._step(
                     label, run_dir / f"step-{number + 1:02d}-{rate}", rate, fixed,
-                    generators, shares, receiver, processes,
+                    generators, shares, receiver, processes, deployment.bridge_metrics_urls,
                 )
                 run.steps.append(step)
                 self._progress.step_done(run, step)
@@ -380,8 +388,10 @@ class BenchRunner:
         shares: list[float],
         receiver: ChildProcess,
         processes: dict[str, int],
+        bridge_metrics_urls: list[str],
     ) -> StepResult:
         config = self.config
+        dropped_before = await asyncio.to_thread(_bridge_drops, bridge_metrics_urls)
         # The record files' folder is made by whoever writes into it first.
         received_before = int(receiver.progress.get("received", 0))
         sent_files = [step_dir / f"sent-{generator.role}.bin" for generator in generators]
@@ -426,6 +436,9 @@ class BenchRunner:
         drain_started = time.monotonic()
         await self._drain(receiver, received_before + _sum_counts(done, "published"))
         drain_seconds = time.monotonic() - drain_started
+        bridge_drops = (
+            await asyncio.to_thread(_bridge_drops, bridge_metrics_urls) - dropped_before
+        )
         received_file, synced_file = step_dir / "received.bin", step_dir / "synced.bin"
         collected = await receiver.request(
             "collect", "collected", COLLECT_TIMEOUT_S,
@@ -451,7 +464,8 @@ class BenchRunner:
         if delivery.sent == 0:
             failures.append("nothing sent")
         if delivery.lost:
-            failures.append(f"lost {delivery.lost:,}")
+            counted = f" ({bridge_drops:,} counted by bridges)" if bridge_drops else ""
+            failures.append(f"lost {delivery.lost:,}{counted}")
         if delivery.shed:
             failures.append(f"shed {delivery.shed:,} (viewer conflation)")
         if delivery.duplicated:
@@ -474,6 +488,7 @@ class BenchRunner:
             },
             usage=usage,
             drain_seconds=drain_seconds,
+            bridge_drops=bridge_drops,
         )
 
     async def _drain(self, receiver: ChildProcess, expected_total: int) -> None:
