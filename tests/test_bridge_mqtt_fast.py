@@ -17,6 +17,7 @@ from conftest import Cluster
 from gmqtt import Client
 from gmqtt.client import Message
 from gmqtt.mqtt.constants import MQTTv50
+from gmqtt.mqtt.handler import MqttPackageHandler
 from gmqtt.mqtt.package import PublishPacket
 from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
@@ -216,3 +217,63 @@ async def test_mirrored_positions_are_written_in_batches_and_arrive_once_in_orde
         watcher.stop()
         for service in services:
             await service.stop()
+
+
+def _inbound(message: Message) -> tuple[int, bytes]:
+    """(first header byte, the rest after the remaining-length) of the PUBLISH gmqtt builds."""
+    protocol = SimpleNamespace(proto_ver=MQTTv50, id_generator=SimpleNamespace(next_id=lambda: 7))
+    _mid, packet = PublishPacket.build_package(message, protocol)
+    packet = bytes(packet)
+    at = 1
+    while packet[at] & 0x80:
+        at += 1
+    return packet[0], packet[at + 1:]
+
+
+@pytest.mark.parametrize(
+    ("message", "expected", "by_gmqtt"),
+    [
+        (Message("teams/a/workers/w1/position", b'{"x":1}', qos=0),
+         ("teams/a/workers/w1/position", b'{"x":1}', 0, 0, None), 0),
+        (Message("teams/a/workers/w1/status", b"online", qos=0, retain=True),
+         ("teams/a/workers/w1/status", b"online", 0, 1, None), 0),
+        (Message("teams/a/workers/w1/position", b"", qos=0),
+         ("teams/a/workers/w1/position", b"", 0, 0, None), 0),
+        # Properties, QoS 1: through gmqtt's own step, same result.
+        (Message("teams/a/workers/w1/position", b"p", qos=0, user_property=("k", "v")),
+         ("teams/a/workers/w1/position", b"p", 0, 0, [("k", "v")]), 1),
+        (Message("teams/a/workers/w1/position", b"q", qos=1),
+         ("teams/a/workers/w1/position", b"q", 1, 0, None), 1),
+    ],
+)
+def test_inbound_publishes_reach_accept_as_gmqtt_parses_them(
+    message: Message, expected: tuple[str, bytes, int, int, object], by_gmqtt: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gmqtt_steps: list[int] = []
+    gmqtt_step = MqttPackageHandler._handle_publish_packet
+
+    def counted(self: MqttPackageHandler, cmd: int, raw_packet: bytes) -> None:
+        gmqtt_steps.append(cmd)
+        gmqtt_step(self, cmd, raw_packet)
+
+    monkeypatch.setattr(MqttPackageHandler, "_handle_publish_packet", counted)
+    client = Client("fast-inbound", optimistic_acknowledgement=False)
+    seen: list[tuple[str, bytes, int, int, object]] = []
+
+    def accept(topic: str, payload: bytes, qos: int, properties: dict[str, object]) -> None:
+        seen.append((topic, payload, qos, properties["retain"],
+                     properties.get("user_property")))
+
+    assert install_inbound(client, accept)
+    handler = client._package_handler
+    handler._connection_state.protocol_version = MQTTv50
+    pubacks: list[object] = []
+    # The QoS 1 message is acknowledged at once (accept returned None): no socket here.
+    client._connection = SimpleNamespace(
+        send_command_with_mid=lambda *args, **kw: pubacks.append(args)
+    )
+    cmd, raw = _inbound(message)
+    handler._handle_packet(cmd, raw)
+    assert seen == [expected]
+    assert len(gmqtt_steps) == by_gmqtt
