@@ -157,3 +157,18 @@ async def test_a_reader_stops_when_a_send_loses_its_cancellation(
     monkeypatch.undo()
     await subscription.close()
     await backend.close()
+
+
+async def test_more_concurrent_commands_than_the_pool_holds_wait_for_a_connection(
+    redis_url: str,
+) -> None:
+    """200 managers opening the map at once: 200 snapshots in flight, none refused."""
+    from teamtrack.backends.redis import POOL_CONNECTIONS
+
+    backend = from_url(redis_url)
+    await backend.start()
+    teams = [f"team-{number}" for number in range(3 * POOL_CONNECTIONS)]
+    await backend.publish([position(team, "w1", 1) for team in teams])
+    snapshots = await asyncio.gather(*(backend.snapshot(team) for team in teams))
+    assert [set(snapshot.positions) for snapshot in snapshots] == [{"w1"}] * len(teams)
+    await backend.close()

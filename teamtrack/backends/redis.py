@@ -67,6 +67,10 @@ from teamtrack.retry import Backoff
 log = logging.getLogger(__name__)
 
 DEFAULT_HISTORY = 10_000
+# The shared client's pool: commands beyond this many at once wait (up to POOL_WAIT_S) for a
+# connection instead of failing.
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 10.0
 DEFAULT_GROUP_HISTORY = 100_000
 DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
@@ -293,15 +297,24 @@ class RedisBackend(Backend):
         return f"{self.prefix}:{name}:{team}", f"{self.prefix}:{name}-ts:{team}"
 
     # Lifecycle ---------------------------------------------------------------------------
-    def new_client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
-            self.url,
-            decode_responses=False,
-            health_check_interval=30,
-            socket_connect_timeout=5,
+    def new_client(self, *, shared: bool = False) -> aioredis.Redis:
+        """A client of its own (one connection, for a blocking reader), or with `shared` the
+        backend's client for everything else: a bounded pool where a command waits for a free
+        connection. redis-py's default pool refuses the 101st concurrent command instead
+        ("Too many connections"), which 200 managers opening the map at once reach."""
+        options: dict[str, Any] = {
+            "decode_responses": False,
+            "health_check_interval": 30,
+            "socket_connect_timeout": 5,
             # A blocked XREAD must outlast its BLOCK time before the socket read gives up.
-            socket_timeout=BLOCK_MS / 1000 + 10,
+            "socket_timeout": BLOCK_MS / 1000 + 10,
+        }
+        if not shared:
+            return aioredis.Redis.from_url(self.url, **options)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_S, **options
         )
+        return aioredis.Redis(connection_pool=pool)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -310,7 +323,7 @@ class RedisBackend(Backend):
         return self._client
 
     async def start(self) -> None:
-        self._client = self.new_client()
+        self._client = self.new_client(shared=True)
         try:
             await self._load_script()
         except RedisError as error:
