@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from teamtrack.bench import BenchConfig, BenchError, FaultInjection, Shape, run_benchmark
-from teamtrack.bench.accounting import account, percentile
+from teamtrack.bench.accounting import account, latency_timeline, percentile
 from teamtrack.bench.command import build_config, parse_rates
 from teamtrack.bench.deployments import Deployment, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
@@ -93,6 +93,20 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([7], 99) == 7
 
 
+def test_latency_timeline_slices_by_send_time() -> None:
+    second = 1_000_000_000
+    # 10 s of sends, 100 per second; latency 1 ms in the first half, 9 ms in the second.
+    records = [
+        (number * second // 100, (1 if number < 500 else 9) * 1_000_000)
+        for number in range(1000)
+    ]
+    timeline = latency_timeline(records, points=10)
+    assert [point.delivered for point in timeline] == [100] * 10
+    assert [point.p50_ms for point in timeline] == [1.0] * 5 + [9.0] * 5
+    assert timeline[-1].start_s == pytest.approx(9.0, abs=0.01)
+    assert latency_timeline([]) == ()
+
+
 def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
     sampler = UsageSampler({"this": os.getpid(), "gone": 2**22 + 1})
     sampler.start()
@@ -102,6 +116,8 @@ def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
     usage = report.processes["this"]
     assert usage.cpu_percent >= 0
     assert usage.rss_peak_mib >= max(usage.rss_start_mib, usage.rss_end_mib) > 0
+    assert len(usage.rss_timeline) == 3  # start, sample, finish
+    assert [mib for _, mib in usage.rss_timeline][0] == usage.rss_start_mib
 
 
 def test_rates_and_options_are_parsed() -> None:

@@ -22,6 +22,7 @@ from teamtrack.bench.records import split_key
 
 NS_PER_MS: Final = 1_000_000
 PERCENTILES: Final = (50.0, 90.0, 99.0)
+TIMELINE_POINTS: Final = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,16 @@ class LatencySummary:
 
 
 @dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    """The messages sent in [start_s, start_s + width) of a step, from its first send."""
+
+    start_s: float
+    delivered: int
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     sent: int
     delivered: int
@@ -57,6 +68,8 @@ class Delivery:
     shed: int  # missing, replaced by a newer position in a dashboard's sync frame
     duplicated: int
     latency: LatencySummary | None
+    # Latency over the step, in up to TIMELINE_POINTS slices by send time.
+    timeline: tuple[TimelinePoint, ...] = ()
 
 
 def percentile(ordered: Sequence[int], rank: float) -> int:
@@ -96,7 +109,10 @@ def account(
             duplicated += 1
             if time_ns < earlier[0]:
                 arrivals[key] = (time_ns, via_sync)
-    latencies = [time_ns - send_times[key] for key, (time_ns, _) in arrivals.items()]
+    sends_and_latencies = [
+        (send_times[key], time_ns - send_times[key]) for key, (time_ns, _) in arrivals.items()
+    ]
+    latencies = [latency for _, latency in sends_and_latencies]
     delivered = len(arrivals)
     shed = _count_shed(send_times.keys() - arrivals.keys(), arrivals)
     return Delivery(
@@ -106,7 +122,33 @@ def account(
         shed=shed,
         duplicated=duplicated,
         latency=LatencySummary.of(latencies),
+        timeline=latency_timeline(sends_and_latencies),
     )
+
+
+def latency_timeline(
+    sends_and_latencies: Sequence[tuple[int, int]], points: int = TIMELINE_POINTS
+) -> tuple[TimelinePoint, ...]:
+    """p50 and p99 latency of the messages sent in each of `points` equal slices of the step
+    (whether latency creeps up over a long run: a queue that only grows)."""
+    if not sends_and_latencies:
+        return ()
+    first = min(send for send, _ in sends_and_latencies)
+    last = max(send for send, _ in sends_and_latencies)
+    width = max((last - first) / points, 1.0)
+    slices: dict[int, list[int]] = defaultdict(list)
+    for send, latency in sends_and_latencies:
+        slices[min(int((send - first) / width), points - 1)].append(latency)
+    timeline = []
+    for index in sorted(slices):
+        ordered = sorted(slices[index])
+        timeline.append(TimelinePoint(
+            start_s=index * width / 1e9,
+            delivered=len(ordered),
+            p50_ms=percentile(ordered, 50.0) / NS_PER_MS,
+            p99_ms=percentile(ordered, 99.0) / NS_PER_MS,
+        ))
+    return tuple(timeline)
 
 
 def _count_shed(missing: Iterable[int], arrivals: dict[int, tuple[int, bool]]) -> int:

@@ -2,7 +2,9 @@
 
 * `latency-{shape}.png`: one panel per scenario, p50/p90/p99/max latency against offered rate;
 * `throughput-{shape}.png`: delivered rate against offered rate, every scenario on one panel,
-  with the line where everything offered is delivered.
+  with the line where everything offered is delivered;
+* `timeline-{scenario}-{shape}-{rate}.png`, for steps measured `LONG_STEP_S` or longer (a soak,
+  an overload): latency p50/p99 and every process's RSS over the step.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from teamtrack.bench.config import Shape
-from teamtrack.bench.results import BenchResult, RunResult
+from teamtrack.bench.results import BenchResult, RunResult, StepResult
 
+LONG_STEP_S = 60.0
 PERCENTILE_LINES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"))
 
 
@@ -91,11 +94,48 @@ def throughput_plot(result: BenchResult, shape: Shape, path: Path) -> Path | Non
     return path
 
 
+def timeline_plot(run: RunResult, step: StepResult, path: Path) -> Path | None:
+    if not step.delivery.timeline:
+        return None
+    figure, (latency_axis, memory_axis) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    starts = [point.start_s for point in step.delivery.timeline]
+    latency_axis.plot(starts, [point.p50_ms for point in step.delivery.timeline], label="p50")
+    latency_axis.plot(starts, [point.p99_ms for point in step.delivery.timeline], label="p99")
+    latency_axis.set_ylabel("latency (ms), by send time")
+    latency_axis.set_yscale("log")
+    latency_axis.grid(True, which="both", alpha=0.3)
+    latency_axis.legend(loc="best")
+    for role, usage in sorted(step.usage.processes.items()):
+        if usage.rss_timeline:
+            memory_axis.plot([at for at, _ in usage.rss_timeline],
+                             [mib for _, mib in usage.rss_timeline], label=role)
+    memory_axis.set_ylabel("RSS (MiB)")
+    memory_axis.set_xlabel("seconds into the measured window")
+    memory_axis.grid(True, alpha=0.3)
+    memory_axis.legend(loc="upper left", fontsize="small", ncol=3)
+    figure.suptitle(
+        f"{run.scenario}, {run.shape.value} connections ({run.workers:,}), "
+        f"{step.offered_rate:,} msg/s offered for {step.measure_seconds:.0f} s"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
     written = []
     for shape in result.config.shapes:
         for plot, name in ((latency_plot, "latency"), (throughput_plot, "throughput")):
             path = plot(result, shape, out_dir / f"{name}-{shape.value}.png")
+            if path is not None:
+                written.append(path)
+    for run in result.runs:
+        for step in run.steps:
+            if step.measure_seconds < LONG_STEP_S:
+                continue
+            name = f"timeline-{run.scenario}-{run.shape.value}-{step.offered_rate}.png"
+            path = timeline_plot(run, step, out_dir / name)
             if path is not None:
                 written.append(path)
     return written

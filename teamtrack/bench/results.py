@@ -70,6 +70,11 @@ class StepResult:
                 if latency is not None
                 else None
             ),
+            "latency_timeline": [
+                {"start_s": round(point.start_s, 2), "delivered": point.delivered,
+                 "p50_ms": round(point.p50_ms, 3), "p99_ms": round(point.p99_ms, 3)}
+                for point in self.delivery.timeline
+            ],
             "passed": self.passed,
             "failures": list(self.failures),
             "generator": self.generator,

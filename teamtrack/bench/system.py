@@ -7,6 +7,7 @@ the resident set from `/proc/PID/statm`, sampled during a step, and its peak rep
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -16,13 +17,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE")
 # Ceiling when the hard limit is "unlimited" (the kernel refuses an infinite soft limit).
 FILE_LIMIT_CEILING: Final = 1 << 20
 PROC: Final = Path("/proc")
+TIMELINE_SAMPLES: Final = 240
 MIB: Final = 1024 * 1024
 
 
@@ -74,17 +76,20 @@ class ProcessUsage:
     # shows here (something queues without bound).
     rss_start_mib: float
     rss_end_mib: float
+    # (seconds into the window, MiB), at most TIMELINE_SAMPLES of the samples.
+    rss_timeline: tuple[tuple[float, float], ...] = ()
 
     @property
     def rss_growth_mib(self) -> float:
         return self.rss_end_mib - self.rss_start_mib
 
-    def document(self) -> dict[str, float]:
+    def document(self) -> dict[str, Any]:
         return {
             "cpu_percent": round(self.cpu_percent, 1),
             "rss_peak_mib": round(self.rss_peak_mib, 1),
             "rss_start_mib": round(self.rss_start_mib, 1),
             "rss_end_mib": round(self.rss_end_mib, 1),
+            "rss_timeline": [[round(at, 1), round(mib, 1)] for at, mib in self.rss_timeline],
         }
 
 
@@ -104,6 +109,7 @@ class UsageSampler:
         self._peak_rss: dict[str, int] = {}
         self._first_rss: dict[str, int] = {}
         self._last_rss: dict[str, int] = {}
+        self._timeline: dict[str, list[tuple[float, int]]] = {}
         self._started_at = 0.0
         self._machine_start = (0, 0)
 
@@ -114,6 +120,7 @@ class UsageSampler:
         self._peak_rss = {}
         self._first_rss = {}
         self._last_rss = {}
+        self._timeline = {}
         for role, pid in self.processes.items():
             ticks = cpu_ticks(pid)
             if ticks is not None:
@@ -121,10 +128,12 @@ class UsageSampler:
         self.sample()
 
     def sample(self) -> None:
+        elapsed = time.monotonic() - self._started_at
         for role, pid in self.processes.items():
             rss = rss_bytes(pid)
             if rss is None:
                 continue
+            self._timeline.setdefault(role, []).append((elapsed, rss))
             self._first_rss.setdefault(role, rss)
             self._last_rss[role] = rss
             if rss > self._peak_rss.get(role, 0):
@@ -146,9 +155,18 @@ class UsageSampler:
                 rss_peak_mib=self._peak_rss.get(role, 0) / MIB,
                 rss_start_mib=self._first_rss.get(role, 0) / MIB,
                 rss_end_mib=self._last_rss.get(role, 0) / MIB,
+                rss_timeline=_thinned(self._timeline.get(role, [])),
             )
         machine = 100.0 * (busy_end - busy_start) / max(total_end - total_start, 1)
         return UsageReport(seconds, usage, machine)
+
+
+def _thinned(samples: list[tuple[float, int]]) -> tuple[tuple[float, float], ...]:
+    step = max(1, math.ceil(len(samples) / TIMELINE_SAMPLES))
+    kept = samples[::step]
+    if samples and kept[-1] is not samples[-1]:
+        kept.append(samples[-1])
+    return tuple((at, rss / MIB) for at, rss in kept)
 
 
 def _first_line(argv: list[str]) -> str | None:
