@@ -8,6 +8,7 @@ exactly those.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
     assert usage.cpu_percent >= 0
     assert usage.rss_peak_mib >= max(usage.rss_start_mib, usage.rss_end_mib) > 0
     assert len(usage.rss_timeline) == 3  # start, sample, finish
-    assert [mib for _, mib in usage.rss_timeline][0] == usage.rss_start_mib
+    assert usage.rss_timeline[0][1] == usage.rss_start_mib
 
 
 def test_rates_and_options_are_parsed() -> None:
@@ -228,6 +229,16 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         redis_step.delivery.duplicated,
     )
     assert "redis" in (config.out_dir / "summary.md").read_text()
+    assert reported["bridge_drops"] == 0
+    assert sum(point["delivered"] for point in reported["latency_timeline"]) == (
+        redis_step.delivery.delivered
+    )
+
+    # A long step (a soak) also gets a timeline plot and the memory table.
+    result.runs[1].steps[0] = dataclasses.replace(redis_step, measure_seconds=600.0)
+    long_written = write_report(result, tmp_path / "long")
+    assert "timeline-redis-few-200.png" in {path.name for path in long_written}
+    assert "RSS halfway MiB" in (tmp_path / "long" / "summary.md").read_text()
 
 
 async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> None:

@@ -16,12 +16,20 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 from teamtrack.bench.config import Shape
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
 
 LONG_STEP_S = 60.0
 PERCENTILE_LINES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"))
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def _measured(run: RunResult) -> list[tuple[int, float, dict[str, float]]]:
@@ -62,10 +70,7 @@ def latency_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
         f"device-to-receiver latency, {shape.value} connections "
         f"({result.config.workers_for(shape):,}); red: failing steps"
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def throughput_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
@@ -88,10 +93,7 @@ def throughput_plot(result: BenchResult, shape: Shape, path: Path) -> Path | Non
     )
     axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def timeline_plot(run: RunResult, step: StepResult, path: Path) -> Path | None:
@@ -117,10 +119,7 @@ def timeline_plot(run: RunResult, step: StepResult, path: Path) -> Path | None:
         f"{run.scenario}, {run.shape.value} connections ({run.workers:,}), "
         f"{step.offered_rate:,} msg/s offered for {step.measure_seconds:.0f} s"
     )
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
