@@ -188,7 +188,7 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         teams=2,
         step_seconds=2.0,
         warmup_seconds=0.5,
-        drain_seconds=3.0,
+        drain_seconds=10.0,  # ends as soon as everything published has arrived
         generator_processes=2,
         faults=FaultInjection(drop_every=40, duplicate_every=25),
         show_progress=False,
@@ -253,7 +253,7 @@ async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> N
         teams=2,
         step_seconds=2.0,
         warmup_seconds=0.5,
-        drain_seconds=3.0,
+        drain_seconds=10.0,  # ends as soon as everything published has arrived
         generator_processes=1,
         faults=FaultInjection(drop_every=40, duplicate_every=25),
         show_progress=False,
