@@ -46,8 +46,9 @@ class IngestConfig:
     consumer: str = "ingest-1"
     max_batch_positions: int = 5000
     max_pending_batches: int = 1000
-    # Rows gathered this long make one transaction: a commit per backend batch (every few
-    # milliseconds at any rate) would cost more than the rows themselves.
+    # The backend is read with this pace (`Backend.consume(pace_s=...)`), so that what a
+    # transaction writes gathers this long: a read, a commit and an acknowledgement per backend
+    # batch (every few milliseconds at any rate) would cost more than the rows themselves.
     write_interval_s: float = 0.2
     retention_days: float = 0.0
     retention_interval_s: float = 3600.0
@@ -141,7 +142,6 @@ class IngestService:
             registry=registry,
         )
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
-        self._consumer: GroupConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._written = asyncio.Condition()
         self._odd_log = RateLimitedLog(log)
@@ -152,8 +152,12 @@ class IngestService:
         """Connect to the backend, bring the schema to the newest revision, start reading."""
         await self.backend.start()
         await self.store.migrate()
-        self._tasks.append(asyncio.create_task(self._read(), name="ingest-reader"))
-        self._tasks.append(asyncio.create_task(self._write(), name="ingest-writer"))
+        consumer = self.backend.consume(
+            self.config.group, self.config.consumer, start="earliest", acknowledge=True,
+            pace_s=self.config.write_interval_s,
+        )
+        self._tasks.append(asyncio.create_task(self._read(consumer), name="ingest-reader"))
+        self._tasks.append(asyncio.create_task(self._write(consumer), name="ingest-writer"))
         if self.config.retention_days > 0:
             self._tasks.append(asyncio.create_task(self._retain(), name="ingest-retention"))
 
@@ -185,12 +189,7 @@ class IngestService:
         await self.store.close()
 
     # Reading -------------------------------------------------------------------------------
-    async def _read(self) -> None:
-        consumer = self.backend.consume(
-            self.config.group, self.config.consumer, start="earliest", acknowledge=True,
-            pace_s=self.config.write_interval_s,
-        )
-        self._consumer = consumer
+    async def _read(self, consumer: GroupConsumer) -> None:
         async with consumer:
             async for item in consumer:
                 decoded = decode_batch(item.batch.team, item.batch.raw)
@@ -208,11 +207,9 @@ class IngestService:
             )
 
     # Writing -------------------------------------------------------------------------------
-    async def _write(self) -> None:
-        loop = asyncio.get_running_loop()
+    async def _write(self, consumer: GroupConsumer) -> None:
         while True:
             items = [await self._queue.get()]
-            started = loop.time()
             rows = DecodedBatch()
             rows.extend(items[0][1])
             while not self._queue.empty() and len(rows.positions) < self.config.max_batch_positions:
@@ -222,16 +219,12 @@ class IngestService:
             self.counters.queued_batches = self._queue.qsize()
             if rows.positions or rows.presence:
                 self.counters.add(await self._write_until_done(rows))
-            await self._acknowledge([group_batch for group_batch, _rows in items])
+            await self._acknowledge(consumer, [group_batch for group_batch, _rows in items])
             for _item in items:
                 self._queue.task_done()
             self.counters.batches += len(items)
             async with self._written:
                 self._written.notify_all()
-            if len(rows.positions) < self.config.max_batch_positions:
-                # This write took all there was: let the next rows gather. A full one means
-                # the ingest is behind, and writes again at once.
-                await asyncio.sleep(self.config.write_interval_s - (loop.time() - started))
 
     async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
         backoff = Backoff(initial=0.2, maximum=10.0)
@@ -252,10 +245,9 @@ class IngestService:
             self._write_rows.observe(len(rows.positions) + len(rows.presence))
             return result
 
-    async def _acknowledge(self, items: list[GroupBatch]) -> None:
-        assert self._consumer is not None, "batches come from the consumer"
+    async def _acknowledge(self, consumer: GroupConsumer, items: list[GroupBatch]) -> None:
         try:
-            await self._consumer.acknowledge(items)
+            await consumer.acknowledge(items)
         except Exception as error:
             # Any driver's error: the rows are committed, so a batch that comes again because
             # its acknowledgement was lost is stored as nothing. Count it and go on.

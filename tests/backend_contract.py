@@ -53,9 +53,6 @@ async def nothing_within(subscription: TeamSubscription, seconds: float) -> bool
 
 
 class BackendContract(abc.ABC):
-    # Whether `consume(pace_s=...)` holds reads back (a backend may ignore it).
-    paces_reads = True
-
     @abc.abstractmethod
     def make_backend(self, history: int) -> Backend: ...
 
@@ -309,9 +306,8 @@ class BackendContract(abc.ABC):
         await member.close()
         seqs = [orjson.loads(item.batch.events()[0].body)["seq"] for item in [first, *rest]]
         assert seqs == [0, 1, 2, 3]
-        if self.paces_reads:
-            # The three were published right after the first read: they wait out the pace.
-            assert waited >= pace * 0.9
+        # The three were published right after the first read: they wait out the pace.
+        assert waited >= pace * 0.9
 
 
 async def _drain(consumer: AsyncIterator[GroupBatch], quiet: float) -> list[tuple[str, int]]:

@@ -6,7 +6,5 @@ from teamtrack.backends import Backend, from_url
 
 
 class TestMemoryBackend(BackendContract):
-    paces_reads = False
-
     def make_backend(self, history: int) -> Backend:
         return from_url(f"memory://?history={history}")

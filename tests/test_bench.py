@@ -177,10 +177,11 @@ def test_cli_refuses_an_unknown_scenario_and_shape() -> None:
     assert shape.exit_code == 2
 
 
-async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: Path) -> None:
-    config = BenchConfig(
-        out_dir=tmp_path / "report",
-        scenarios=("baseline", "redis"),
+def _smoke_config(out_dir: Path, scenarios: tuple[str, ...], generators: int) -> BenchConfig:
+    """One short step at 200 msg/s over 4 workers, with drops and duplicates injected."""
+    return BenchConfig(
+        out_dir=out_dir,
+        scenarios=scenarios,
         rates=(200,),
         fixed_rates=(),
         shapes=(Shape.FEW,),
@@ -189,10 +190,14 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         step_seconds=2.0,
         warmup_seconds=0.5,
         drain_seconds=10.0,  # ends as soon as everything published has arrived
-        generator_processes=2,
+        generator_processes=generators,
         faults=FaultInjection(drop_every=40, duplicate_every=25),
         show_progress=False,
     )
+
+
+async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: Path) -> None:
+    config = _smoke_config(tmp_path / "report", ("baseline", "redis"), generators=2)
     result = await run_benchmark(config)
 
     assert [(run.scenario, run.error) for run in result.runs] == [
@@ -243,21 +248,7 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
 
 async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> None:
     """The `kafka` path end to end at a tiny rate, faults injected: every message accounted."""
-    config = BenchConfig(
-        out_dir=tmp_path / "report",
-        scenarios=("kafka",),
-        rates=(200,),
-        fixed_rates=(),
-        shapes=(Shape.FEW,),
-        few_workers=4,
-        teams=2,
-        step_seconds=2.0,
-        warmup_seconds=0.5,
-        drain_seconds=10.0,  # ends as soon as everything published has arrived
-        generator_processes=1,
-        faults=FaultInjection(drop_every=40, duplicate_every=25),
-        show_progress=False,
-    )
+    config = _smoke_config(tmp_path / "report", ("kafka",), generators=1)
     result = await run_benchmark(config)
 
     [run] = result.runs

@@ -277,8 +277,7 @@ class Backend(abc.ABC):
         """A member `consumer` of `group`. `pace_s`: once a read found the member caught up,
         the next read waits until `pace_s` after it, so that batches gather and a consumer
         that favours throughput over latency (the ingest) pays its per-read costs (a round
-        trip, a commit) a few times a second instead of once per publish. A backend without
-        per-read costs may ignore it."""
+        trip, a commit) a few times a second instead of once per publish."""
 
     @abc.abstractmethod
     def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ from teamtrack.backends.base import (
     GroupBatch,
     GroupConsumer,
     GroupStart,
+    ReadPace,
     Snapshot,
     TeamSubscription,
     encode_events,
@@ -128,14 +129,13 @@ class MemoryBackend(Backend):
         acknowledge: bool = True,
         pace_s: float = 0.0,
     ) -> GroupConsumer:
-        # `pace_s` is ignored: a read here is a look at a list in the same process.
         if group not in self._group_positions:
             self._group_positions[group] = (
                 self._group_log.last_number
                 if start == "latest"
                 else self._group_log.oldest_number() - 1
             )
-        return _MemoryGroupConsumer(self, group, acknowledge)
+        return _MemoryGroupConsumer(self, group, acknowledge, pace_s)
 
     async def wait_for_append(self) -> None:
         async with self._appended:
@@ -205,10 +205,14 @@ class _MemberAck(Acknowledgeable):
 class _MemoryGroupConsumer(GroupConsumer):
     """Members of a group share one position, so each batch goes to exactly one of them."""
 
-    def __init__(self, backend: MemoryBackend, group: str, acknowledge: bool) -> None:
+    def __init__(
+        self, backend: MemoryBackend, group: str, acknowledge: bool, pace_s: float
+    ) -> None:
         self._backend = backend
         self._group = group
         self._acknowledge = acknowledge
+        # A "read" here is taking the next batch; the one that empties the log is caught up.
+        self._pace = ReadPace(pace_s)
         self._unacknowledged: dict[int, Batch] = {}
         self._closed = False
 
@@ -236,10 +240,12 @@ class _MemoryGroupConsumer(GroupConsumer):
                 raise StopAsyncIteration
             if returned:
                 return self._hand_out(returned.popleft())
+            await self._pace.wait()
             position = max(self._backend._group_positions[self._group], log.oldest_number() - 1)
             pending = log.after(position)
             if pending:
                 number, batch = pending[0]
                 self._backend._group_positions[self._group] = number
+                self._pace.read(caught_up=len(pending) == 1)
                 return self._hand_out(batch)
             await self._backend.wait_for_append()
