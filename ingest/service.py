@@ -173,9 +173,14 @@ class IngestService:
             await self._written.wait_for(lambda: self.counters.positions_stored >= positions)
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
-        """Stop reading, write and acknowledge what was read (for up to `flush_timeout`),
-        then close. What is still unwritten is unacknowledged: the backend delivers it again."""
+        """Take what the backend holds now, write and acknowledge what was read (for up to
+        `flush_timeout`), then close. What is still unwritten is unacknowledged: the backend
+        delivers it again to the next ingest of the group."""
         reader = self._tasks[0] if self._tasks else None
+        if reader is not None and not reader.done():
+            # The reader reads at most every `write_interval_s`: one more of its reads takes
+            # the tail (the last moments before a cluster stops) instead of leaving it unread.
+            await asyncio.sleep(2 * self.config.write_interval_s)
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)

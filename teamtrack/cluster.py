@@ -363,9 +363,12 @@ class LocalCluster:
                 signal.signal(signum, handler)
 
     def stop(self) -> list[tuple[str, int | None]]:
-        """Stop everything in reverse order of start; returns each child's exit code."""
+        """Stop everything in reverse order of start, except the ingest, which goes last
+        (before the backend) so that it stores what the bridges forwarded until they stopped;
+        returns each child's exit code."""
         results = []
-        for child in reversed(self.children):
+        ordered = sorted(reversed(self.children), key=lambda child: child.role == "ingest")
+        for child in ordered:
             results.append((child.role, child.process.stop()))
         if self.redis is not None:
             results.append(("redis", self.redis.stop()))
