@@ -94,6 +94,7 @@ def bench_backend(url: str, batches: int) -> Backend:
     separator = "&" if "?" in url else "?"
     return from_url(
         f"{url}{separator}prefix=bench-{uuid.uuid4().hex[:8]}&group_history={batches + 1000}"
+        "&group_history_ms=0"
     )
 
 

@@ -123,6 +123,42 @@ async def test_a_log_without_a_recorded_newest_id_still_chains_its_entries(
     await backend.close()
 
 
+async def test_logs_are_trimmed_by_age_as_well_as_by_entries(redis_url: str) -> None:
+    """An entry is a batch whose size follows the load: only an age cap bounds the memory of a
+    steady load. A viewer whose cursor fell out of the window gets a gap, as after any trim."""
+    backend = from_url(f"{redis_url}&history_ms=500&group_history_ms=500")
+    await backend.start()
+    assert isinstance(backend, RedisBackend)
+    # More than one radix-tree node (100 entries at most) of old entries: `~` trims whole nodes.
+    for seq in range(250):
+        await backend.publish([position("alpha", "w1", seq)])
+    oldest_cursor = (await backend.client.xrange(backend.log_key("alpha"), count=1))[0][0]
+    assert await backend.client.xlen(backend.all_key) == 250
+    await asyncio.sleep(0.6)
+    await backend.publish([position("alpha", "w1", 250)])
+    log_length = await backend.client.xlen(backend.log_key("alpha"))
+    all_length = await backend.client.xlen(backend.all_key)
+    assert log_length < 101 and all_length < 101
+    assert await backend.trimmed_after("alpha", oldest_cursor.decode())
+    # The entry cap still applies, the age cap off: nothing young is trimmed.
+    kept_url = redis_url.replace("?prefix=", "?prefix=kept-")
+    kept = from_url(f"{kept_url}&history_ms=0&group_history_ms=0")
+    await kept.start()
+    assert isinstance(kept, RedisBackend)
+    for seq in range(250):
+        await kept.publish([position("alpha", "w1", seq)])
+    await asyncio.sleep(0.6)
+    await kept.publish([position("alpha", "w1", 250)])
+    assert await kept.client.xlen(kept.log_key("alpha")) == 251
+    await kept.close()
+    await backend.close()
+
+
+def test_a_negative_cap_is_refused_with_its_name() -> None:
+    with pytest.raises(ValueError, match="history_ms"):
+        from_url("redis://127.0.0.1:6379/0?history_ms=-1")
+
+
 async def test_a_reader_stops_when_a_send_loses_its_cancellation(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,9 +3,11 @@
 Keys (prefix `tt`, change with `?prefix=`):
 
 * `tt:log:{team}`   stream, one entry per forwarded batch of the team (field `b`), capped at
-  `?history=` entries (approximate trimming). Dashboards XREAD only the teams they serve.
+  `?history=` entries (approximate trimming) and `?history_ms=` of age (default 2 min).
+  Dashboards XREAD only the teams they serve.
 * `tt:all`          stream, one entry per `publish` call (a field per team), capped at
-  `?group_history=`; consumer groups (bridge mirrors, ingest) read it.
+  `?group_history=` entries and `?group_history_ms=` of age (default 5 min); consumer groups
+  (bridge mirrors, ingest) read it.
 * `tt:last:{team}` / `tt:last-ts:{team}`          last-known position per worker, and its ts.
 * `tt:presence:{team}` / `tt:presence-ts:{team}`  last presence per worker, and its time.
 * `tt:log-newest`   hash, team -> id of the newest entry of its log (each entry names the one
@@ -72,6 +74,12 @@ DEFAULT_HISTORY = 10_000
 POOL_CONNECTIONS = 64
 POOL_WAIT_S = 10.0
 DEFAULT_GROUP_HISTORY = 100_000
+# Age caps, on top of the entry caps: an entry is a batch, whose size grows with the load, so only
+# an age bounds the memory of a steady load (about 350 bytes x rate x age for both copies).
+# A team log serves viewers that resume after a reconnect (older: a gap, then the snapshot);
+# `tt:all` is what lets the ingest catch up after an outage of its database.
+DEFAULT_HISTORY_MS = 120_000
+DEFAULT_GROUP_HISTORY_MS = 300_000
 DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
 KEY_CACHE_SIZE = 10_000
@@ -81,9 +89,14 @@ BLOCK_MS = 5_000
 #
 # KEYS: the all-teams stream, the hash of each log's newest entry id, then five keys per team:
 # its log, last-known positions and their ts, last presence and its time.
-# ARGV: log length cap, "1" for approximate trimming, all-teams length cap, the number of teams
-# T, the T teams, then per team: its batch (the events' JSON array), then for positions and for
-# presence: an update count u and u triples (worker, ts, event JSON), at most one per worker.
+# ARGV: log length cap, "1" for approximate trimming, all-teams length cap, log age cap and
+# all-teams age cap in ms (0: none), the number of teams T, the T teams, then per team: its batch
+# (the events' JSON array), then for positions and for presence: an update count u and u triples
+# (worker, ts, event JSON), at most one per worker.
+#
+# The age caps trim with `XTRIM MINID ~`, the cut computed from the id just added (Redis' clock,
+# in ms), so no clock of the caller is trusted; `~` drops whole radix-tree nodes, so an entry may
+# outlive its age by up to one node (about a hundred entries).
 #
 # Each log entry records the id of the entry before it (`p`), so that a reader resuming from a
 # cursor can tell whether the entry right after its cursor was trimmed (a gap) or is still there;
@@ -93,8 +106,15 @@ BLOCK_MS = 5_000
 _PUBLISH = """
 local CHUNK = 1000
 local approximate = ARGV[2] == '1'
-local team_count = tonumber(ARGV[4])
-local a = 5 + team_count
+local log_age, all_age = tonumber(ARGV[4]), tonumber(ARGV[5])
+local team_count = tonumber(ARGV[6])
+local a = 7 + team_count
+local function trim_by_age(key, id, age)
+  if age > 0 then
+    local newest_ms = tonumber(string.match(id, '^%d+'))
+    redis.call('XTRIM', key, 'MINID', '~', string.format('%d', newest_ms - age))
+  end
+end
 local function keep_newest(values_key, stamps_key, u)
   for from = 0, u - 1, CHUNK do
     local to = math.min(u, from + CHUNK) - 1
@@ -119,10 +139,10 @@ local function keep_newest(values_key, stamps_key, u)
   end
   a = a + 3 * u
 end
-local previous_ids = redis.call('HMGET', KEYS[2], unpack(ARGV, 5, 4 + team_count))
+local previous_ids = redis.call('HMGET', KEYS[2], unpack(ARGV, 7, 6 + team_count))
 local all_fields, newest_ids = {}, {}
 for t = 1, team_count do
-  local log_key, team, batch = KEYS[3 + 5 * (t - 1)], ARGV[4 + t], ARGV[a]
+  local log_key, team, batch = KEYS[3 + 5 * (t - 1)], ARGV[6 + t], ARGV[a]
   a = a + 1
   local previous = previous_ids[t]
   if not previous then
@@ -137,6 +157,7 @@ for t = 1, team_count do
   else
     id = redis.call('XADD', log_key, 'MAXLEN', ARGV[1], '*', 'b', batch, 'p', previous)
   end
+  trim_by_age(log_key, id, log_age)
   newest_ids[#newest_ids + 1] = team
   newest_ids[#newest_ids + 1] = id
   all_fields[#all_fields + 1] = team
@@ -150,7 +171,8 @@ for t = 1, team_count do
   end
 end
 redis.call('HSET', KEYS[2], unpack(newest_ids))
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(all_fields))
+local all_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(all_fields))
+trim_by_age(KEYS[1], all_id, all_age)
 return team_count
 """
 # Redis names a script by its SHA-1 (EVALSHA); nothing here depends on SHA-1 being secure.
@@ -247,12 +269,21 @@ class RedisBackend(Backend):
         prefix: str = "tt",
         history: int = DEFAULT_HISTORY,
         group_history: int = DEFAULT_GROUP_HISTORY,
+        history_ms: int = DEFAULT_HISTORY_MS,
+        group_history_ms: int = DEFAULT_GROUP_HISTORY_MS,
         claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
     ) -> None:
+        if min(history, group_history) < 1 or min(history_ms, group_history_ms) < 0:
+            raise ValueError(
+                "redis:// history and group_history must be positive, "
+                "history_ms and group_history_ms zero (no age cap) or positive"
+            )
         self.url = url
         self.prefix = prefix
         self.history = history
         self.group_history = group_history
+        self.history_ms = history_ms
+        self.group_history_ms = group_history_ms
         # An unacknowledged group entry idle this long is taken to be abandoned by a crashed
         # member and claimed by another; 0 turns claiming off. Keep it above the longest time
         # a member may hold a batch (its slowest write), or live members lose batches to others.
@@ -263,6 +294,8 @@ class RedisBackend(Backend):
         self._approximate = history >= 1000
         self._history_bytes = b"%d" % history
         self._group_history_bytes = b"%d" % group_history
+        self._history_ms_bytes = b"%d" % history_ms
+        self._group_history_ms_bytes = b"%d" % group_history_ms
         self._approximate_bytes = b"1" if self._approximate else b"0"
         self._all_key_bytes = self.all_key.encode()
         self._newest_key_bytes = f"{prefix}:log-newest".encode()
@@ -275,12 +308,10 @@ class RedisBackend(Backend):
         options: dict[str, Any] = {}
         if "prefix" in query:
             options["prefix"] = query["prefix"][0]
-        if "history" in query:
-            options["history"] = int(query["history"][0])
-        if "group_history" in query:
-            options["group_history"] = int(query["group_history"][0])
-        if "claim_idle_ms" in query:
-            options["claim_idle_ms"] = int(query["claim_idle_ms"][0])
+        for name in ("history", "group_history", "history_ms", "group_history_ms",
+                     "claim_idle_ms"):
+            if name in query:
+                options[name] = int(query[name][0])
         server_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
         return cls(server_url, **options)
 
@@ -367,7 +398,7 @@ class RedisBackend(Backend):
     def _publish_command(self, teams: list[tuple[str, list[Event]]]) -> bytes:
         keys = [self._all_key_bytes, self._newest_key_bytes]
         args = [self._history_bytes, self._approximate_bytes, self._group_history_bytes,
-                b"%d" % len(teams)]
+                self._history_ms_bytes, self._group_history_ms_bytes, b"%d" % len(teams)]
         args += [team.encode() for team, _events in teams]
         for team, team_events in teams:
             keys += self._team_keys(team)
