@@ -70,6 +70,7 @@ class IngestCounters:
     ack_errors: int = 0
     retention_deleted: int = 0
     queued_batches: int = 0
+    log_entries_missed: int = 0
 
     def add(self, result: WriteResult) -> None:
         self.writes += 1
@@ -98,6 +99,9 @@ class _CountersCollector(Collector):
             ("ack_errors", "Failed acknowledgements (the batch comes again)",
              counters.ack_errors),
             ("retention_deleted", "Rows deleted by retention", counters.retention_deleted),
+            ("log_entries_missed",
+             "Backend log entries trimmed before the ingest read them (lost for the history)",
+             counters.log_entries_missed),
         ):
             family = CounterMetricFamily(f"teamtrack_ingest_{name}", help_text)
             family.add_metric([], value)
@@ -202,6 +206,7 @@ class IngestService:
                     self._count_skipped(item, decoded)
                 await self._queue.put((item, decoded))
                 self.counters.queued_batches = self._queue.qsize()
+                self.counters.log_entries_missed = consumer.missed
 
     def _count_skipped(self, item: GroupBatch, decoded: DecodedBatch) -> None:
         self.counters.skipped.update(decoded.skipped)

@@ -154,6 +154,42 @@ async def test_logs_are_trimmed_by_age_as_well_as_by_entries(redis_url: str) -> 
     await backend.close()
 
 
+async def test_a_group_counts_what_was_trimmed_before_it_read_it(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = from_url(redis_url)
+    await backend.start()
+    assert isinstance(backend, RedisBackend)
+    # Trimmed before the group existed: not the group's loss.
+    for seq in range(5):
+        await backend.publish([position("alpha", "w1", seq)])
+    await backend.client.xtrim(backend.all_key, maxlen=2, approximate=False)
+    consumer = backend.consume("ingest", "ingest-1", start="earliest")
+    for _ in range(2):
+        await (await asyncio.wait_for(anext(consumer), 5)).ack()
+    # A quiet spell: what the group read is trimmed, nothing it had not read.
+    await backend.publish([position("alpha", "w1", 5)])
+    await backend.client.xtrim(backend.all_key, maxlen=1, approximate=False)
+    await asyncio.sleep(1.1)
+    await (await asyncio.wait_for(anext(consumer), 5)).ack()
+    assert consumer.missed == 0
+    # Paused while 10 entries came and 6 of them were trimmed unread.
+    for seq in range(6, 16):
+        await backend.publish([position("alpha", "w1", seq)])
+    await backend.client.xtrim(backend.all_key, maxlen=4, approximate=False)
+    await asyncio.sleep(1.1)
+    seqs = []
+    for _ in range(4):
+        item = await asyncio.wait_for(anext(consumer), 5)
+        seqs += [orjson.loads(event.body)["seq"] for event in item.batch.events()]
+        await item.ack()
+    assert seqs == [12, 13, 14, 15]
+    assert consumer.missed == 6
+    assert "6 entries after" in caplog.text
+    await consumer.close()
+    await backend.close()
+
+
 def test_a_negative_cap_is_refused_with_its_name() -> None:
     with pytest.raises(ValueError, match="history_ms"):
         from_url("redis://127.0.0.1:6379/0?history_ms=-1")

@@ -200,6 +200,11 @@ class TeamSubscription(abc.ABC):
 class GroupConsumer(abc.ABC):
     """Batches of all (or chosen) teams, shared among the members of a named group."""
 
+    # Entries of the group's log that the history trimmed before the group read them: lost for
+    # every member, counted (and logged) by the member that found out. Stays 0 for backends
+    # that cannot tell.
+    missed: int = 0
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

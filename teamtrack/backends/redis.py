@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -84,6 +85,9 @@ DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
 KEY_CACHE_SIZE = 10_000
 BLOCK_MS = 5_000
+# A group member that has not read for this long checks, before reading, whether the history
+# was trimmed past its group (`_RedisGroupConsumer._count_missed`).
+MISSED_CHECK_AFTER_S = 1.0
 
 # The whole publish, in one script: one command, one round trip, atomic without MULTI/EXEC.
 #
@@ -706,11 +710,28 @@ class _RedisGroupConsumer(GroupConsumer):
         # Handed out and not yet acknowledged: a sweep that claims one of these (a slow write
         # let it idle) only refreshes its idle time; it is not handed out a second time.
         self._in_flight: set[bytes] = set()
+        # When the group may have fallen out of the history's window: at the first read, after
+        # a full read (behind), after a pause (a paced or blocked reader).
+        self._last_read_at = -math.inf
+        self._behind = True
+        self.missed = 0
 
     async def _ensure_group(self, reader: aioredis.Redis) -> None:
+        # The group's read count starts at what it skips (everything, or what was trimmed
+        # already), so that `_count_missed` can count what is trimmed from under it later.
+        # "Latest" is the newest id of that same reply rather than `$`, which keeps the two
+        # consistent whatever is published in between.
+        start_id, skipped = self._start_id, None
+        with contextlib.suppress(ResponseError):  # no stream yet: nothing skipped
+            stream: Any = await reader.xinfo_stream(self._backend.all_key)
+            if start_id == "$":
+                start_id, skipped = stream["last-generated-id"], stream["entries-added"]
+            else:
+                skipped = stream["entries-added"] - stream["length"]
         try:
             await reader.xgroup_create(
-                self._backend.all_key, self._group, id=self._start_id, mkstream=True
+                self._backend.all_key, self._group, id=start_id, mkstream=True,
+                entries_read=skipped,
             )
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
@@ -748,6 +769,8 @@ class _RedisGroupConsumer(GroupConsumer):
             if self._ready:
                 return
         await self._pace.wait()
+        if self._behind or time.monotonic() - self._last_read_at > MISSED_CHECK_AFTER_S:
+            await self._count_missed(connection)
         command = [b"XREADGROUP", b"GROUP", self._group.encode(), self._consumer.encode(),
                    b"COUNT", b"%d" % READ_COUNT, b"BLOCK", b"%d" % self._block_ms()]
         if not self._acknowledge:
@@ -759,6 +782,40 @@ class _RedisGroupConsumer(GroupConsumer):
             read += len(entries)
             await self._deliver([(entry_id, _pairs(fields)) for entry_id, fields in entries])
         self._pace.read(caught_up=read < READ_COUNT)
+        self._behind = read >= READ_COUNT
+        self._last_read_at = time.monotonic()
+
+    async def _count_missed(self, connection: aioredis.Redis) -> None:
+        """Count the entries trimmed before the group read them (the next read skips them).
+
+        If the stream's first entry is newer than the last one delivered to the group, the
+        trimming went past the group; how far: entries added, minus read by the group, minus
+        what is still in the stream (all of it unread then). Redis keeps the group's read count
+        (`entries-read`) from its creation (`_ensure_group` sets it) unless it cannot; then the
+        loss cannot be counted. Several members checking at once can each count the same loss.
+        """
+        all_key = self._backend.all_key
+        try:
+            stream: Any = await connection.xinfo_stream(all_key)
+            groups: Any = await connection.xinfo_groups(all_key)
+        except ResponseError:
+            return  # the stream is gone (deleted by hand); the read recreates nothing
+        group = next((g for g in groups if g["name"].decode() == self._group), None)
+        first = stream.get("first-entry")
+        if group is None or not first or group.get("entries-read") is None:
+            return
+        delivered = group["last-delivered-id"].decode()
+        if _stream_id(first[0].decode()) <= _stream_id(delivered):
+            return
+        count = stream["entries-added"] - group["entries-read"] - stream["length"]
+        if count <= 0:
+            return
+        self.missed += count
+        log.warning(
+            "group %s fell out of %s's window: %d entries after %s were trimmed before it read "
+            "them; raise group_history_ms (and maxmemory) to ride out longer pauses",
+            self._group, all_key, count, delivered,
+        )
 
     def _block_ms(self) -> int:
         if not self._claim_idle_ms:
