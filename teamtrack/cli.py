@@ -163,7 +163,9 @@ def provision_command(
         bool, typer.Option(help="replace every existing secret instead of keeping them")
     ] = False,
     compose: Annotated[
-        bool, typer.Option(help="also write OUT/compose/ broker configs for docker-compose.yml")
+        bool,
+        typer.Option(help="also write OUT/compose/ broker configs and OUT/history/ for "
+                     "docker-compose.yml"),
     ] = False,
 ) -> None:
     """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json."""
@@ -186,6 +188,10 @@ def provision_command(
 
         for path in render_compose_broker_configs(out / "compose"):
             console.print(f"wrote {path}")
+        # Made here, owned by whoever provisions: Docker would create a missing one as root.
+        history = out / "history"
+        history.mkdir(mode=0o700, exist_ok=True)
+        console.print(f"made {history}/ for the history database")
     console.print("reload brokers with SIGHUP to apply the new password file and ACL")
 
 
