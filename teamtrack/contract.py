@@ -155,16 +155,17 @@ class Status:
     presence: Presence
 
 
-# (name, low, high) for each numeric field; None bounds are open.
-_REQUIRED_NUMBERS: Final = (("lat", -90.0, 90.0), ("lon", -180.0, 180.0))
-_OPTIONAL_RANGES: Final[dict[str, tuple[float, float | None]]] = {
+# (name, low, high) for each numeric field; None bounds are open. Public: the history's decoder
+# checks stored events against the same ranges.
+REQUIRED_NUMBERS: Final = (("lat", -90.0, 90.0), ("lon", -180.0, 180.0))
+OPTIONAL_RANGES: Final[dict[str, tuple[float, float | None]]] = {
     "acc": (0.0, None),
     "speed": (0.0, None),
     "heading": (0.0, 360.0),
     "battery": (0.0, 100.0),
 }
-_OPTIONAL_NAMES: Final = tuple(_OPTIONAL_RANGES)
-_OPTIONAL_CHECKS: Final = tuple((name, low, high) for name, (low, high) in _OPTIONAL_RANGES.items())
+_OPTIONAL_NAMES: Final = tuple(OPTIONAL_RANGES)
+_OPTIONAL_CHECKS: Final = tuple((name, low, high) for name, (low, high) in OPTIONAL_RANGES.items())
 _REQUIRED_NAMES: Final = ("lat", "lon", "ts", "seq")
 _REQUIRED_FIELDS: Final = frozenset(_REQUIRED_NAMES)
 _KNOWN_FIELDS: Final = frozenset({*_REQUIRED_NAMES, *_OPTIONAL_NAMES})
@@ -209,7 +210,7 @@ def _checked_position(payload: bytes, now_ms: int | None) -> dict[str, Any]:
     if not names <= _KNOWN_FIELDS:
         unknown = names - _KNOWN_FIELDS
         raise ContractError(Reason.UNKNOWN_FIELD, f"unknown {', '.join(sorted(unknown))[:100]}")
-    for name, low, high in _REQUIRED_NUMBERS:
+    for name, low, high in REQUIRED_NUMBERS:
         _number(body[name], name, low, high)
     ts = _integer(body["ts"], "ts")
     if _integer(body["seq"], "seq") < 0:

@@ -196,6 +196,8 @@ def test_odd_events_are_counted_and_skipped_never_raised() -> None:
         {**good, "p": {"lat": "52.5", "lon": 13.4, "ts": T0, "seq": 1}},
         {**good, "p": {"lon": 13.4, "ts": T0, "seq": 1}},
         {**good, "p": {"lat": 52.5, "lon": 13.4, "ts": T0, "seq": 1, "battery": 101}},
+        {**good, "p": {"lat": True, "lon": 13.4, "ts": T0, "seq": 1}},
+        {**good, "p": {"lat": 52.5, "lon": 13.4, "ts": T0, "seq": 1, "heading": 360.5}},
         {**good, "rx": "yesterday"},
         {**status, "p": "asleep"},
         "not an object",
@@ -206,7 +208,7 @@ def test_odd_events_are_counted_and_skipped_never_raised() -> None:
     assert decoded.positions[0]["speed"] == 1.5 and decoded.positions[0]["acc"] is None
     assert [row["status"] for row in decoded.presence] == ["offline"]
     assert sum(decoded.skipped.values()) == len(odd)
-    assert decoded.skipped["bad_position"] == 6
+    assert decoded.skipped["bad_position"] == 8
     assert decode_batch("alpha", b"{not json").skipped == {"not_json": 1}
     assert decode_batch("alpha", b'{"w": 1}').skipped == {"bad_batch": 1}
     assert decode_batch("Bad Team", orjson.dumps([good])).skipped == {"bad_team": 1}
