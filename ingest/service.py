@@ -49,7 +49,7 @@ class IngestConfig:
     # The backend is read with this pace (`Backend.consume(pace_s=...)`), so that what a
     # transaction writes gathers this long: a read, a commit and an acknowledgement per backend
     # batch (every few milliseconds at any rate) would cost more than the rows themselves.
-    write_interval_s: float = 0.2
+    write_interval_s: float = 0.05
     retention_days: float = 0.0
     retention_interval_s: float = 3600.0
     retention_chunk: int = 5000

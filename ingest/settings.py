@@ -29,7 +29,7 @@ class IngestSettings(ServiceSettings):
         1000, ge=1, description="backend batches read ahead while the database writes"
     )
     write_interval_ms: float = Field(
-        200.0, ge=0, description="how long rows gather before a transaction, unless the "
+        50.0, ge=0, description="how long rows gather before a transaction, unless the "
         "ingest is behind (then it writes at once)"
     )
     retention_days: float = Field(
