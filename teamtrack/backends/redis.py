@@ -76,7 +76,8 @@ POOL_CONNECTIONS = 64
 POOL_WAIT_S = 10.0
 DEFAULT_GROUP_HISTORY = 100_000
 # Age caps, on top of the entry caps: an entry is a batch, whose size grows with the load, so only
-# an age bounds the memory of a steady load (about 350 bytes x rate x age for both copies).
+# an age bounds the memory of a steady load: rate x age x (about 180 bytes per position in a
+# team log, 210 in `tt:all`, measured).
 # A team log serves viewers that resume after a reconnect (older: a gap, then the snapshot);
 # `tt:all` is what lets the ingest catch up after an outage of its database.
 DEFAULT_HISTORY_MS = 120_000
@@ -84,8 +85,8 @@ DEFAULT_GROUP_HISTORY_MS = 300_000
 DEFAULT_CLAIM_IDLE_MS = 30_000
 READ_COUNT = 500
 # Entries per group read. A `tt:all` entry is a whole publish (up to 2,000 events under load), and
-# Redis serves nobody else while it builds a reply: a paced member (the ingest, 200 ms of
-# traffic per read) reading 500 entries at once held Redis for 3 to 6 ms at a time, which every
+# Redis serves nobody else while it builds a reply: a paced member (the ingest, a write interval
+# of traffic per read) reading 500 entries at once held Redis for 3 to 6 ms at a time, which every
 # live position behind it waited out. Smaller reads let other commands in between.
 GROUP_READ_COUNT = 50
 KEY_CACHE_SIZE = 10_000
