@@ -17,14 +17,15 @@ import pytest
 from typer.testing import CliRunner
 
 from teamtrack.bench import BenchConfig, BenchError, FaultInjection, Shape, run_benchmark
-from teamtrack.bench.accounting import account, latency_timeline, percentile
+from teamtrack.bench.accounting import Delivery, account, latency_timeline, percentile
 from teamtrack.bench.command import build_config, parse_rates
 from teamtrack.bench.deployments import Deployment, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
 from teamtrack.bench.report import write_report
+from teamtrack.bench.results import BenchResult, RunResult, StepResult
 from teamtrack.bench.runner import select_devices
 from teamtrack.bench.scenarios import REDIS_CLUSTER, DeploymentKind, DeploymentSpec
-from teamtrack.bench.system import UsageSampler
+from teamtrack.bench.system import UsageReport, UsageSampler
 from teamtrack.cli import app
 from teamtrack.provision import ProvisionResult
 
@@ -106,6 +107,50 @@ def test_latency_timeline_slices_by_send_time() -> None:
     assert [point.p50_ms for point in timeline] == [1.0] * 5 + [9.0] * 5
     assert timeline[-1].start_s == pytest.approx(9.0, abs=0.01)
     assert latency_timeline([]) == ()
+
+
+def _ladder(scenario: str, passed: list[int], failed: int | None = None) -> RunResult:
+    def step(rate: int, failures: tuple[str, ...]) -> StepResult:
+        return StepResult(
+            offered_rate=rate, fixed=False, measure_seconds=1.0, achieved_rate=rate,
+            delivery=Delivery(sent=rate, delivered=rate, lost=0, shed=0, duplicated=0,
+                              latency=None),
+            failures=failures, generator={}, receiver={},
+            usage=UsageReport(seconds=1.0, processes={}, machine_busy_percent=0.0),
+            drain_seconds=0.0,
+        )
+
+    steps = [step(rate, ()) for rate in passed]
+    if failed is not None:
+        steps.append(step(failed, ("lost 1",)))
+    return RunResult(scenario, "", Shape.FEW, 20, "", steps=steps)
+
+
+def test_a_ratio_from_a_ladder_passed_to_its_top_is_only_a_bound(tmp_path: Path) -> None:
+    """R0 or the path passing every step says only "at least the top": the ratio then decides
+    the target on one side only, and the report says undecided instead of a yes."""
+    config = BenchConfig(out_dir=tmp_path, scenarios=("baseline", "redis"), shapes=(Shape.FEW,))
+
+    def ratio_check(baseline: RunResult, redis: RunResult) -> dict[str, object]:
+        result = BenchResult(config, {}, "", runs=[baseline, redis])
+        document: dict[str, object] = result.document()["targets"][0]
+        return document
+
+    both_top = ratio_check(_ladder("baseline", [10_000]), _ladder("redis", [10_000]))
+    assert (both_top["value"], both_top["met"]) == (1.0, None)
+    assert "whole ladder" in str(both_top["undecided"])
+    at_most = ratio_check(
+        _ladder("baseline", [10_000, 20_000, 30_000]), _ladder("redis", [10_000, 20_000], 30_000)
+    )
+    assert at_most["met"] is None and "at most 0.67" in str(at_most["undecided"])
+    below = ratio_check(
+        _ladder("baseline", [10_000, 20_000, 30_000]), _ladder("redis", [10_000], 20_000)
+    )
+    assert (below["met"], below["undecided"]) == (False, None)
+    above = ratio_check(
+        _ladder("baseline", [10_000, 20_000], 30_000), _ladder("redis", [10_000, 20_000], 30_000)
+    )
+    assert (above["met"], above["undecided"]) == (True, None)
 
 
 def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:

@@ -10,7 +10,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from teamtrack.bench.results import TARGET_RATE, BenchResult, RunResult, StepResult
+from teamtrack.bench.results import TARGET_RATE, BenchResult, RunResult, StepResult, TargetCheck
 from teamtrack.bench.scenarios import SCENARIOS
 
 RESULT_FILE: Final = "result.json"
@@ -31,8 +31,10 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def _met(value: bool | None) -> str:
-    return {True: "yes", False: "**no**", None: "not measured"}[value]
+def _met(check: TargetCheck) -> str:
+    if check.undecided is not None:
+        return f"undecided ({check.undecided})"
+    return {True: "yes", False: "**no**", None: "not measured"}[check.met]
 
 
 def _step_row(run: RunResult, step: StepResult) -> list[str]:
@@ -171,7 +173,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
                     check.shape.value,
                     "-" if check.value is None else f"{check.value:,.2f} {check.unit}",
                     f"{'>=' if check.at_least else '<='} {check.limit:g} {check.unit}",
-                    _met(check.met),
+                    _met(check),
                 ]
                 for check in result.targets()
             ],
@@ -306,7 +308,12 @@ def _stop_rate(run: RunResult) -> str:
 def print_summary(result: BenchResult, written: list[Path], console: Console) -> None:
     console.print(summary_table(result))
     for check in result.targets():
-        if check.met is not None:
+        if check.undecided is not None:
+            console.print(
+                f"target {check.name} ({check.shape.value}): undecided, {check.undecided}",
+                highlight=False,
+            )
+        elif check.met is not None:
             mark = "[green]met" if check.met else "[red]not met"
             console.print(
                 f"target {check.name} ({check.shape.value}): {check.value:,.2f} {check.unit} "
