@@ -206,15 +206,16 @@ class Viewer:
     def queued_batches(self) -> int:
         return len(self._queue)
 
-    def offer(self, item: Batch | Gap, key: CursorKey | None = None) -> None:
+    def offer(self, item: Batch | Gap, key: CursorKey | None) -> None:
         """Queue without waiting; past the limits, switch to keeping the latest per worker.
 
-        `key`: the batch's `cursor_key`, if the caller has it already.
+        `key`: the batch's `cursor_key`, parsed once by the hub for every viewer (None for a gap).
         """
         entry: tuple[Batch, CursorKey] | Gap
         if isinstance(item, Batch):
+            assert key is not None, "the hub parses each batch's cursor"
             size = len(item.raw)
-            entry = (item, key if key is not None else self._hub.backend.cursor_key(item.cursor))
+            entry = (item, key)
         else:
             size = 0
             entry = item

@@ -787,8 +787,9 @@ class _RedisGroupConsumer(GroupConsumer):
         for _key, entries in _streams(reply):
             read += len(entries)
             await self._deliver([(entry_id, _pairs(fields)) for entry_id, fields in entries])
-        self._pace.read(caught_up=read < GROUP_READ_COUNT)
-        self._behind = read >= GROUP_READ_COUNT
+        caught_up = read < GROUP_READ_COUNT
+        self._pace.read(caught_up=caught_up)
+        self._behind = not caught_up
         self._last_read_at = time.monotonic()
 
     async def _count_missed(self, connection: aioredis.Redis) -> None:
@@ -801,9 +802,11 @@ class _RedisGroupConsumer(GroupConsumer):
         loss cannot be counted. Several members checking at once can each count the same loss.
         """
         all_key = self._backend.all_key
+        pipe = connection.pipeline(transaction=False)
+        pipe.xinfo_stream(all_key)
+        pipe.xinfo_groups(all_key)
         try:
-            stream: Any = await connection.xinfo_stream(all_key)
-            groups: Any = await connection.xinfo_groups(all_key)
+            stream, groups = await pipe.execute()
         except ResponseError:
             return  # the stream is gone (deleted by hand); the read recreates nothing
         group = next((g for g in groups if g["name"].decode() == self._group), None)

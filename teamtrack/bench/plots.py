@@ -3,7 +3,7 @@
 * `latency-{shape}.png`: one panel per scenario, p50/p90/p99/max latency against offered rate;
 * `throughput-{shape}.png`: delivered rate against offered rate, every scenario on one panel,
   with the line where everything offered is delivered;
-* `timeline-{scenario}-{shape}-{rate}.png`, for steps measured `LONG_STEP_S` or longer (a soak,
+* `timeline-{scenario}-{shape}-{rate}.png`, for steps measured a minute or longer (a soak,
   an overload): latency p50/p99 and every process's RSS over the step.
 """
 
@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from teamtrack.bench.config import Shape
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
 
-LONG_STEP_S = 60.0
 PERCENTILE_LINES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"))
 
 
@@ -129,12 +128,9 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
             path = plot(result, shape, out_dir / f"{name}-{shape.value}.png")
             if path is not None:
                 written.append(path)
-    for run in result.runs:
-        for step in run.steps:
-            if step.measure_seconds < LONG_STEP_S:
-                continue
-            name = f"timeline-{run.scenario}-{run.shape.value}-{step.offered_rate}.png"
-            path = timeline_plot(run, step, out_dir / name)
-            if path is not None:
-                written.append(path)
+    for run, step in result.long_steps():
+        name = f"timeline-{run.scenario}-{run.shape.value}-{step.offered_rate}.png"
+        path = timeline_plot(run, step, out_dir / name)
+        if path is not None:
+            written.append(path)
     return written

@@ -58,47 +58,42 @@ def _step_row(run: RunResult, step: StepResult) -> list[str]:
     ]
 
 
-LONG_STEP_S = 60.0
-
 
 def _long_steps(result: BenchResult) -> list[str]:
     """For steps of a minute or more: RSS at the start, halfway and at the end of the window.
     The second half is what tells a bounded memory from a growing one: the first fills caches
     and the backend's bounded history."""
     lines: list[str] = []
-    for run in result.runs:
-        for step in run.steps:
-            if step.measure_seconds < LONG_STEP_S:
+    for run, step in result.long_steps():
+        rows = []
+        for role, usage in sorted(step.usage.processes.items()):
+            timeline = usage.rss_timeline
+            if not timeline:
                 continue
-            rows = []
-            for role, usage in sorted(step.usage.processes.items()):
-                timeline = usage.rss_timeline
-                if not timeline:
-                    continue
-                halfway = min(timeline, key=lambda sample: abs(sample[0] - timeline[-1][0] / 2))
-                rows.append([
-                    role, f"{usage.cpu_percent:.0f}", f"{timeline[0][1]:.1f}",
-                    f"{halfway[1]:.1f}", f"{timeline[-1][1]:.1f}",
-                    f"{timeline[-1][1] - halfway[1]:+.1f}",
-                ])
+            halfway = min(timeline, key=lambda sample: abs(sample[0] - timeline[-1][0] / 2))
+            rows.append([
+                role, f"{usage.cpu_percent:.0f}", f"{timeline[0][1]:.1f}",
+                f"{halfway[1]:.1f}", f"{timeline[-1][1]:.1f}",
+                f"{timeline[-1][1] - halfway[1]:+.1f}",
+            ])
+        lines += [
+            f"## {run.scenario}, {run.shape.value}, {step.offered_rate:,} msg/s for "
+            f"{step.measure_seconds:.0f} s: CPU and memory over the window",
+            "",
+            *_table(["process", "CPU %", "RSS start MiB", "RSS halfway MiB", "RSS end MiB",
+                     "growth, second half"], rows),
+            "",
+        ]
+        slices = step.delivery.timeline
+        if slices:
             lines += [
-                f"## {run.scenario}, {run.shape.value}, {step.offered_rate:,} msg/s for "
-                f"{step.measure_seconds:.0f} s: CPU and memory over the window",
-                "",
-                *_table(["process", "CPU %", "RSS start MiB", "RSS halfway MiB", "RSS end MiB",
-                         "growth, second half"], rows),
+                "Latency by send time, first / middle / last slice of the window: "
+                + " / ".join(
+                    f"p50 {point.p50_ms:,.1f} ms, p99 {point.p99_ms:,.1f} ms"
+                    for point in (slices[0], slices[len(slices) // 2], slices[-1])
+                ),
                 "",
             ]
-            slices = step.delivery.timeline
-            if slices:
-                lines += [
-                    "Latency by send time, first / middle / last slice of the window: "
-                    + " / ".join(
-                        f"p50 {point.p50_ms:,.1f} ms, p99 {point.p99_ms:,.1f} ms"
-                        for point in (slices[0], slices[len(slices) // 2], slices[-1])
-                    ),
-                    "",
-                ]
     return lines
 
 

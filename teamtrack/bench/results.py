@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -173,6 +174,11 @@ class TargetCheck:
         }
 
 
+# Steps measured this long or longer (a soak, an overload) get their latency and memory over
+# the window in the report and a timeline plot.
+LONG_STEP_S: Final = 60.0
+
+
 @dataclass(slots=True)
 class BenchResult:
     config: BenchConfig
@@ -185,6 +191,13 @@ class BenchResult:
         return next(
             (run for run in self.runs if run.scenario == scenario and run.shape is shape), None
         )
+
+    def long_steps(self) -> Iterator[tuple[RunResult, StepResult]]:
+        """The steps of at least `LONG_STEP_S`, with their run."""
+        for run in self.runs:
+            for step in run.steps:
+                if step.measure_seconds >= LONG_STEP_S:
+                    yield run, step
 
     def baseline_rate(self, shape: Shape) -> int | None:
         """R0 of a shape: what Mosquitto alone sustained with the same generator and receiver."""
