@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from prometheus_client import CollectorRegistry
-
 from bridge.service import BridgeConfig, BridgeService
 from bridge.settings import BridgeSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.logs import configure_logging
+from teamtrack.metrics import service_registry
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.runtime import run, serving
+from teamtrack.runtime import run, serving, settle_heap
 from teamtrack.settings import load_settings
 
 log = logging.getLogger("bridge")
@@ -34,10 +33,11 @@ async def serve(settings: BridgeSettings) -> None:
         batch_interval_s=settings.batch_interval_ms / 1000,
         max_pending_events=settings.max_pending_events,
     )
-    registry = CollectorRegistry()
+    registry = service_registry()
     service = BridgeService(config, from_url(settings.backend_url), registry)
     async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
         await service.start()
+        settle_heap()
         log.info("bridge %s ready on %s", config.client_id, config.broker)
         await stopping.wait()
         log.info("stopping")

@@ -28,8 +28,9 @@ from dashboard.settings import DashboardSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.history import HistoryStore
 from teamtrack.logs import configure_logging
-from teamtrack.metrics import CollectorRegistry
+from teamtrack.metrics import service_registry
 from teamtrack.passwords import generate_secret
+from teamtrack.runtime import settle_heap
 from teamtrack.settings import load_settings
 
 PROGRAM = "python -m dashboard"
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend,
         Authenticator(directory, _session_secret(settings), settings.session_max_age_s),
         instance_id=settings.instance_id,
-        registry=CollectorRegistry(),
+        registry=service_registry(),
         viewer_limits=ViewerLimits(
             queue_batches=settings.viewer_queue_batches,
             queue_bytes=settings.viewer_queue_bytes,
@@ -136,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     # After Server(): the config has installed uvicorn's own logging set-up by now.
     logging.getLogger("uvicorn.error").addFilter(_SpuriousHandshakeError())
+    config.load()  # the protocol modules are imported now, so that they are settled too
+    settle_heap()
     server.run()
     return 0 if server.started else 1
 

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sys
 
-from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
 
 from ingest.service import IngestConfig, IngestService
@@ -14,7 +13,8 @@ from ingest.settings import IngestSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.history import HistoryStore
 from teamtrack.logs import configure_logging
-from teamtrack.runtime import run, serving
+from teamtrack.metrics import service_registry
+from teamtrack.runtime import run, serving, settle_heap
 from teamtrack.settings import load_settings
 
 log = logging.getLogger("ingest")
@@ -30,11 +30,12 @@ async def serve(settings: IngestSettings) -> None:
         retention_days=settings.retention_days,
         retention_interval_s=settings.retention_interval_s,
     )
-    registry = CollectorRegistry()
+    registry = service_registry()
     store = HistoryStore.from_url(settings.history_url())
     service = IngestService(config, from_url(settings.backend_url), store, registry)
     async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
         await service.start()
+        settle_heap()
         log.info("ingest %s (group %s) writing to %s database",
                  config.consumer, config.group, store.dialect)
         stop_requested = asyncio.create_task(stopping.wait())

@@ -26,6 +26,7 @@ import websockets
 from mqtt_tools import MosquittoSub, publish_lines
 
 from teamtrack.contract import position_topic
+from teamtrack.metrics import scrape_totals
 from teamtrack.provision import Credentials, load_credentials
 
 START_TIMEOUT = 60.0
@@ -216,6 +217,19 @@ async def test_managers_see_only_their_own_team(running: RunningCluster) -> None
         snapshot, seqs = await reading
     assert seqs == [5]  # bravo's own worker, and nothing of alpha's
     assert all(worker["worker"] != "alpha" for worker in snapshot["workers"])
+
+
+def test_every_service_settles_its_heap_after_start_up(running: RunningCluster) -> None:
+    """What a service holds after start-up is frozen out of the cyclic collector's full
+    collections (teamtrack.runtime.settle_heap), and `/metrics` shows it with the process's
+    own figures."""
+    pages = [*running.endpoints["bridge_metrics"],
+             *(f"{url}/metrics" for url in running.endpoints["dashboards"])]
+    for page in pages:
+        totals = scrape_totals(page, timeout=WAIT)
+        assert totals.get("python_gc_frozen_objects", 0) > 10_000, page
+        assert totals.get("process_resident_memory_bytes", 0) > 0, page
+        assert "python_gc_collections_total" in totals, page
 
 
 def test_up_starts_simulated_teams_and_stops_without_orphans(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from ingest.settings import IngestSettings
 from teamtrack.backends import Backend, Event, from_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, WriteResult, create_engine, positions
+from teamtrack.metrics import scrape_totals
 from teamtrack.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +284,8 @@ async def test_killed_ingest_process_restarts_and_stores_everything_once(
         await wait_for(everything_stored)
         assert killed_with < len(sent)
         assert sorted(await stored_rows(database_url)) == sorted(sent)
+        metrics_url = re.findall(r"metrics on (http://\S+/metrics)", log_path.read_text())[-1]
+        assert scrape_totals(metrics_url, timeout=5).get("python_gc_frozen_objects", 0) > 10_000
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0, log_path.read_text()[-3000:]
     finally:
