@@ -274,6 +274,10 @@ def bench_command(
         Path | None, typer.Option(help="report folder (default reports/bench-<time>)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="live progress table")] = True,
+    rounds: Annotated[
+        int, typer.Option(help="run every scenario this many times, in turn; targets take the "
+                          "median (the host's noise changes from one quarter hour to the next)")
+    ] = 1,
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -285,6 +289,7 @@ def bench_command(
             drain_seconds=drain_seconds, shape=shape, workers=workers,
             few_workers=few_workers, teams=teams, generators=generators, qos=qos,
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
+            rounds=rounds,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

@@ -17,7 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 from teamtrack.bench import BenchConfig, BenchError, FaultInjection, Shape, run_benchmark
-from teamtrack.bench.accounting import Delivery, account, latency_timeline, percentile
+from teamtrack.bench.accounting import (
+    Delivery,
+    LatencySummary,
+    account,
+    latency_timeline,
+    percentile,
+)
 from teamtrack.bench.command import build_config, parse_rates
 from teamtrack.bench.deployments import Deployment, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
@@ -109,12 +115,25 @@ def test_latency_timeline_slices_by_send_time() -> None:
     assert latency_timeline([]) == ()
 
 
-def _ladder(scenario: str, passed: list[int], failed: int | None = None) -> RunResult:
+def _ladder(
+    scenario: str,
+    passed: list[int],
+    failed: int | None = None,
+    *,
+    round_number: int | None = None,
+    p50_p99_ms: tuple[float, float] | None = None,
+) -> RunResult:
+    latency = (
+        LatencySummary(p50_p99_ms[0], p50_p99_ms[0], p50_p99_ms[1], p50_p99_ms[1], p50_p99_ms[0])
+        if p50_p99_ms is not None
+        else None
+    )
+
     def step(rate: int, failures: tuple[str, ...]) -> StepResult:
         return StepResult(
             offered_rate=rate, fixed=False, measure_seconds=1.0, achieved_rate=rate,
             delivery=Delivery(sent=rate, delivered=rate, lost=0, shed=0, duplicated=0,
-                              latency=None),
+                              latency=latency),
             failures=failures, generator={}, receiver={},
             usage=UsageReport(seconds=1.0, processes={}, machine_busy_percent=0.0),
             drain_seconds=0.0,
@@ -123,7 +142,7 @@ def _ladder(scenario: str, passed: list[int], failed: int | None = None) -> RunR
     steps = [step(rate, ()) for rate in passed]
     if failed is not None:
         steps.append(step(failed, ("lost 1",)))
-    return RunResult(scenario, "", Shape.FEW, 20, "", steps=steps)
+    return RunResult(scenario, "", Shape.FEW, 20, "", steps=steps, round=round_number)
 
 
 def test_a_ratio_from_a_ladder_passed_to_its_top_is_only_a_bound(tmp_path: Path) -> None:
@@ -151,6 +170,42 @@ def test_a_ratio_from_a_ladder_passed_to_its_top_is_only_a_bound(tmp_path: Path)
         _ladder("baseline", [10_000, 20_000], 30_000), _ladder("redis", [10_000, 20_000], 30_000)
     )
     assert (above["met"], above["undecided"]) == (True, None)
+
+
+def test_rounds_compare_each_path_with_the_baseline_of_its_own_round(tmp_path: Path) -> None:
+    """With --rounds, each target is judged per round against that round's baseline, and the
+    median of the rounds decides; the report names every round's run."""
+    config = BenchConfig(
+        out_dir=tmp_path, scenarios=("baseline", "redis"), shapes=(Shape.FEW,),
+        rates=(10_000, 20_000, 30_000), fixed_rates=(), rounds=3,
+    )
+    runs = []
+    # round: baseline p99, redis p50 and p99 at 10,000 msg/s, redis' last passed rate
+    for number, (baseline_p99, p50, p99, redis_top) in enumerate(
+        [(0.5, 4.0, 12.0, 10_000), (8.0, 6.0, 16.0, 20_000), (0.7, 4.5, 13.0, 10_000)], start=1
+    ):
+        runs.append(_ladder("baseline", [10_000, 20_000], 30_000, round_number=number,
+                            p50_p99_ms=(0.3, baseline_p99)))
+        runs.append(_ladder("redis", [10_000, 20_000][: redis_top // 10_000], redis_top + 10_000,
+                            round_number=number, p50_p99_ms=(p50, p99)))
+    result = BenchResult(config, {}, "", runs=runs)
+    targets = {check["name"]: check for check in result.document()["targets"]}
+
+    ratio = targets["redis sustains >= 0.6 x R0 with zero loss"]
+    assert (ratio["per_round"], ratio["value"], ratio["met"]) == ([0.5, 1.0, 0.5], 0.5, False)
+    p50 = targets["redis p50 at 10,000 msg/s"]
+    assert (p50["value"], p50["met"]) == (4.5, True)
+    # 12.0 - 0.5, 16.0 - 8.0, 13.0 - 0.7: against round 1's baseline alone the median would
+    # be 12.5.
+    distance = targets["redis p99 minus baseline p99 at 10,000 msg/s"]
+    assert distance["per_round"] == [11.5, 8.0, 12.3]
+    assert (distance["value"], distance["met"]) == (11.5, False)
+    assert result.document()["baseline_rates"] == {"few": [20_000, 20_000, 20_000]}
+
+    write_report(result, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| redis #2 | few |" in summary
+    assert "11.50 ms (median of 3 rounds: 11.50 / 8.00 / 12.30)" in summary
 
 
 def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
@@ -220,6 +275,9 @@ def test_cli_refuses_an_unknown_scenario_and_shape() -> None:
     assert "carrier-pigeon" in unknown.output
     shape = runner.invoke(app, ["bench", "--shape", "sideways"])
     assert shape.exit_code == 2
+    rounds = runner.invoke(app, ["bench", "--rounds", "0"])
+    assert rounds.exit_code == 2
+    assert "rounds must be at least 1" in rounds.output
 
 
 def _smoke_config(out_dir: Path, scenarios: tuple[str, ...], generators: int) -> BenchConfig:

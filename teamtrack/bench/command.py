@@ -72,6 +72,7 @@ def build_config(
     state_dir: Path | None,
     out: Path | None,
     progress: bool,
+    rounds: int = 1,
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -93,6 +94,7 @@ def build_config(
         endpoints=endpoints,
         state_dir=state_dir,
         show_progress=progress,
+        rounds=rounds,
     )
 
 

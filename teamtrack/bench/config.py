@@ -69,6 +69,9 @@ class BenchConfig:
     state_dir: Path | None = None
     faults: FaultInjection = field(default_factory=FaultInjection)
     show_progress: bool = True
+    # The whole plan this many times, scenarios interleaved, so that a path and the baseline it
+    # is compared with are measured minutes apart in every round; targets take the median.
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         if not self.scenarios:
@@ -93,6 +96,8 @@ class BenchConfig:
             raise ValueError("warm-up seconds must be >= 0")
         if self.qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        if self.rounds < 1:
+            raise ValueError("rounds must be at least 1")
 
     def workers_for(self, shape: Shape) -> int:
         return self.many_workers if shape is Shape.MANY else self.few_workers

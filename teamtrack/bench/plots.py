@@ -58,7 +58,7 @@ def latency_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
         for step in run.steps:
             if not step.passed:
                 axis.axvline(step.offered_rate, color="red", alpha=0.2)
-        axis.set_title(f"{run.scenario}")
+        axis.set_title(run.name)
         axis.set_xlabel("offered rate (msg/s)")
         axis.set_xscale("log")
         axis.set_yscale("log")
@@ -83,7 +83,7 @@ def throughput_plot(result: BenchResult, shape: Shape, path: Path) -> Path | Non
         rates = [rate for rate, _, _ in points]
         highest = max(highest, *rates)
         axis.plot(rates, [delivered for _, delivered, _ in points], marker="o",
-                  label=run.scenario)
+                  label=run.name)
     axis.plot([0, highest], [0, highest], color="grey", linestyle="--", label="all delivered")
     axis.set_xlabel("offered rate (msg/s)")
     axis.set_ylabel("delivered rate (msg/s)")
@@ -115,7 +115,7 @@ def timeline_plot(run: RunResult, step: StepResult, path: Path) -> Path | None:
     memory_axis.grid(True, alpha=0.3)
     memory_axis.legend(loc="upper left", fontsize="small", ncol=3)
     figure.suptitle(
-        f"{run.scenario}, {run.shape.value} connections ({run.workers:,}), "
+        f"{run.name}, {run.shape.value} connections ({run.workers:,}), "
         f"{step.offered_rate:,} msg/s offered for {step.measure_seconds:.0f} s"
     )
     return _save(figure, path)
@@ -129,7 +129,7 @@ def write_plots(result: BenchResult, out_dir: Path) -> list[Path]:
             if path is not None:
                 written.append(path)
     for run, step in result.long_steps():
-        name = f"timeline-{run.scenario}-{run.shape.value}-{step.offered_rate}.png"
+        name = f"timeline-{run.slug}-{run.shape.value}-{step.offered_rate}.png"
         path = timeline_plot(run, step, out_dir / name)
         if path is not None:
             written.append(path)

@@ -37,10 +37,20 @@ def _met(check: TargetCheck) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[check.met]
 
 
+def _measured(check: TargetCheck) -> str:
+    if check.value is None:
+        return "-"
+    text = f"{check.value:,.2f} {check.unit}"
+    if len(check.per_round) > 1:
+        rounds = " / ".join(f"{value:,.2f}" for value in check.per_round)
+        text += f" (median of {len(check.per_round)} rounds: {rounds})"
+    return text
+
+
 def _step_row(run: RunResult, step: StepResult) -> list[str]:
     latency = step.latency
     return [
-        run.scenario,
+        run.name,
         f"{step.offered_rate:,}",
         _rate(step.achieved_rate),
         _rate(step.delivered_rate),
@@ -77,7 +87,7 @@ def _long_steps(result: BenchResult) -> list[str]:
                 f"{timeline[-1][1] - halfway[1]:+.1f}",
             ])
         lines += [
-            f"## {run.scenario}, {run.shape.value}, {step.offered_rate:,} msg/s for "
+            f"## {run.name}, {run.shape.value}, {step.offered_rate:,} msg/s for "
             f"{step.measure_seconds:.0f} s: CPU and memory over the window",
             "",
             *_table(["process", "CPU %", "RSS start MiB", "RSS halfway MiB", "RSS end MiB",
@@ -132,6 +142,12 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
         "- fixed rates, always run: "
         + (", ".join(f"{rate:,}" for rate in sorted(config.fixed_rates)) or "none"),
     ]
+    if config.rounds > 1:
+        lines.append(
+            f"- {config.rounds} rounds: every scenario in turn, then again (#1, #2, ...); a path "
+            "is compared with the baseline of its own round and each target takes the median "
+            "over the rounds"
+        )
     if config.endpoints is not None:
         lines.append(f"- against the running cluster of `{config.endpoints}`")
     if config.faults.drop_every or config.faults.duplicate_every:
@@ -147,7 +163,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             ["scenario", "shape", "connections", "sustained msg/s", "x R0", "ladder stopped at"],
             [
                 [
-                    run.scenario,
+                    run.name,
                     run.shape.value,
                     f"{run.connect.get('connected', 0):,}",
                     _rate(run.sustainable_rate),
@@ -166,7 +182,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
                 [
                     check.name,
                     check.shape.value,
-                    "-" if check.value is None else f"{check.value:,.2f} {check.unit}",
+                    _measured(check),
                     f"{'>=' if check.at_least else '<='} {check.limit:g} {check.unit}",
                     _met(check),
                 ]
@@ -199,7 +215,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             continue
         roles = sorted({role for step in fixed_steps for role in step.usage.processes})
         lines += [
-            f"### {run.scenario}, {run.shape.value}",
+            f"### {run.name}, {run.shape.value}",
             "",
             *_table(
                 ["offered/s", *roles],
@@ -224,7 +240,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             ["scenario", "shape", "connected", "failed", "seconds", "memory per connection"],
             [
                 [
-                    run.scenario,
+                    run.name,
                     run.shape.value,
                     f"{run.connect.get('connected', 0):,}",
                     f"{run.connect.get('failed', 0):,}",
@@ -241,7 +257,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
     broken = [run for run in result.runs if run.error]
     if broken:
         lines += ["## Runs that broke", ""]
-        lines += [f"- {run.scenario}/{run.shape.value}: {run.error}" for run in broken]
+        lines += [f"- {run.name}/{run.shape.value}: {run.error}" for run in broken]
         lines.append("")
     if plots:
         lines += ["## Plots", ""]
@@ -281,7 +297,7 @@ def summary_table(result: BenchResult) -> Table:
         step = run.step_at(TARGET_RATE)
         latency = step.latency if step is not None else None
         table.add_row(
-            run.scenario,
+            run.name,
             run.shape.value,
             _rate(run.sustainable_rate),
             "-" if ratio is None else f"{ratio:.2f}",
@@ -311,8 +327,8 @@ def print_summary(result: BenchResult, written: list[Path], console: Console) ->
         elif check.met is not None:
             mark = "[green]met" if check.met else "[red]not met"
             console.print(
-                f"target {check.name} ({check.shape.value}): {check.value:,.2f} {check.unit} "
-                f"{mark}", highlight=False,
+                f"target {check.name} ({check.shape.value}): {_measured(check)} {mark}",
+                highlight=False,
             )
     for path in written:
         console.print(f"wrote {path}", highlight=False)

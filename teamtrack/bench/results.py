@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import statistics
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from teamtrack.bench.accounting import Delivery, LatencySummary
 from teamtrack.bench.config import BenchConfig, Shape
 from teamtrack.bench.system import UsageReport
 
-RESULT_FORMAT_VERSION: Final = 1
+RESULT_FORMAT_VERSION: Final = 2  # 2: rounds; baseline_rates lists one rate per round
 TARGET_RATE: Final = 10_000
 
 
@@ -102,6 +103,17 @@ class RunResult:
     memory_per_connection_kib: dict[str, float] = field(default_factory=dict)
     steps: list[StepResult] = field(default_factory=list)
     error: str | None = None
+    round: int | None = None  # its round when the plan ran more than once (`--rounds`)
+
+    @property
+    def name(self) -> str:
+        """The scenario, and its round when there are several: how people read it."""
+        return self.scenario if self.round is None else f"{self.scenario} #{self.round}"
+
+    @property
+    def slug(self) -> str:
+        """The same for file names."""
+        return self.scenario if self.round is None else f"{self.scenario}-r{self.round}"
 
     @property
     def sustainable_rate(self) -> int | None:
@@ -131,6 +143,7 @@ class RunResult:
     def document(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
+            "round": self.round,
             "path": self.path,
             "shape": self.shape.value,
             "workers": self.workers,
@@ -154,6 +167,8 @@ class TargetCheck:
     unit: str
     # Why the value cannot decide, when it is only a bound on one side of the limit.
     undecided: str | None = None
+    # With several rounds: the value of each (`value` is their median).
+    per_round: tuple[float, ...] = ()
 
     @property
     def met(self) -> bool | None:
@@ -171,7 +186,23 @@ class TargetCheck:
             "unit": self.unit,
             "met": self.met,
             "undecided": self.undecided,
+            "per_round": [round(value, 3) for value in self.per_round],
         }
+
+
+def combine_rounds(checks: Sequence[TargetCheck]) -> TargetCheck:
+    """One target over several rounds: the median of what each measured. A round whose value
+    is only a bound leaves the target undecided."""
+    if len(checks) == 1:
+        return checks[0]
+    values = [check.value for check in checks if check.value is not None]
+    undecided = next((check.undecided for check in checks if check.undecided is not None), None)
+    return replace(
+        checks[0],
+        value=statistics.median(values) if values else None,
+        undecided=undecided,
+        per_round=tuple(values),
+    )
 
 
 # Steps measured this long or longer (a soak, an overload) get their latency and memory over
@@ -187,9 +218,15 @@ class BenchResult:
     finished_at: str = ""
     runs: list[RunResult] = field(default_factory=list)
 
-    def run_of(self, scenario: str, shape: Shape) -> RunResult | None:
+    def runs_of(self, scenario: str, shape: Shape) -> list[RunResult]:
+        """A scenario's runs under a shape, one per round."""
+        return [run for run in self.runs if run.scenario == scenario and run.shape is shape]
+
+    def partner(self, run: RunResult, scenario: str) -> RunResult | None:
+        """`scenario`'s run of the same shape and round as `run` (the one to compare it with)."""
         return next(
-            (run for run in self.runs if run.scenario == scenario and run.shape is shape), None
+            (other for other in self.runs_of(scenario, run.shape) if other.round == run.round),
+            None,
         )
 
     def long_steps(self) -> Iterator[tuple[RunResult, StepResult]]:
@@ -199,13 +236,14 @@ class BenchResult:
                 if step.measure_seconds >= LONG_STEP_S:
                     yield run, step
 
-    def baseline_rate(self, shape: Shape) -> int | None:
-        """R0 of a shape: what Mosquitto alone sustained with the same generator and receiver."""
-        baseline = self.run_of("baseline", shape)
+    def baseline_of(self, run: RunResult) -> int | None:
+        """R0 for a run: what Mosquitto alone sustained with the same generator and receiver,
+        under the same shape, in the same round."""
+        baseline = self.partner(run, "baseline")
         return baseline.sustainable_rate if baseline is not None else None
 
     def ratio_to_baseline(self, run: RunResult) -> float | None:
-        baseline = self.baseline_rate(run.shape)
+        baseline = self.baseline_of(run)
         sustained = run.sustainable_rate
         if not baseline or sustained is None:
             return None
@@ -215,7 +253,7 @@ class BenchResult:
         """A ladder that passed every step only says the rate is at least its top: the ratio
         is then a bound, which decides the target on one side only."""
         ratio = self.ratio_to_baseline(run)
-        baseline = self.run_of("baseline", run.shape)
+        baseline = self.partner(run, "baseline")
         undecided = None
         if ratio is not None and baseline is not None:
             if run.reached_the_top and baseline.reached_the_top:
@@ -224,45 +262,49 @@ class BenchResult:
                 undecided = f"at least {ratio:.2f}: {run.scenario} passed the whole ladder"
             elif baseline.reached_the_top and ratio >= share:
                 undecided = f"at most {ratio:.2f}: the baseline passed the whole ladder"
+            if undecided is not None and run.round is not None:
+                undecided = f"round {run.round}, {undecided}"
         return TargetCheck(
             f"{run.scenario} sustains >= {share} x R0 with zero loss", run.shape, ratio, share,
             True, "x R0", undecided,
         )
 
+    def _latency_checks(self, redis: RunResult) -> list[TargetCheck]:
+        step = redis.step_at(TARGET_RATE)
+        latency = step.latency if step is not None else None
+        baseline_run = self.partner(redis, "baseline")
+        baseline_step = baseline_run.step_at(TARGET_RATE) if baseline_run else None
+        baseline_latency = baseline_step.latency if baseline_step is not None else None
+        return [
+            TargetCheck(
+                "redis p50 at 10,000 msg/s", redis.shape,
+                latency.p50_ms if latency else None, 5.0, False, "ms",
+            ),
+            TargetCheck(
+                "redis p99 at 10,000 msg/s", redis.shape,
+                latency.p99_ms if latency else None, 25.0, False, "ms",
+            ),
+            TargetCheck(
+                "redis p99 minus baseline p99 at 10,000 msg/s", redis.shape,
+                latency.p99_ms - baseline_latency.p99_ms
+                if latency and baseline_latency
+                else None,
+                10.0, False, "ms",
+            ),
+        ]
+
     def targets(self) -> list[TargetCheck]:
-        """The targets of issue 6 that this run can judge, per load shape."""
+        """The targets of issue 6 that this run can judge, per load shape; with several rounds,
+        each is judged in every round (a path against the baseline of its own round) and the
+        median decides."""
         checks = []
         for shape in self.config.shapes:
             for scenario, share in (("redis", 0.6), ("kafka", 0.5)):
-                run = self.run_of(scenario, shape)
-                if run is None:
-                    continue
-                checks.append(self._ratio_check(run, share))
-            redis = self.run_of("redis", shape)
-            if redis is None:
-                continue
-            step = redis.step_at(TARGET_RATE)
-            latency = step.latency if step is not None else None
-            baseline_run = self.run_of("baseline", shape)
-            baseline_step = baseline_run.step_at(TARGET_RATE) if baseline_run else None
-            baseline_latency = baseline_step.latency if baseline_step is not None else None
-            checks += [
-                TargetCheck(
-                    "redis p50 at 10,000 msg/s", shape,
-                    latency.p50_ms if latency else None, 5.0, False, "ms",
-                ),
-                TargetCheck(
-                    "redis p99 at 10,000 msg/s", shape,
-                    latency.p99_ms if latency else None, 25.0, False, "ms",
-                ),
-                TargetCheck(
-                    "redis p99 minus baseline p99 at 10,000 msg/s", shape,
-                    latency.p99_ms - baseline_latency.p99_ms
-                    if latency and baseline_latency
-                    else None,
-                    10.0, False, "ms",
-                ),
-            ]
+                runs = self.runs_of(scenario, shape)
+                if runs:
+                    checks.append(combine_rounds([self._ratio_check(run, share) for run in runs]))
+            per_round = [self._latency_checks(run) for run in self.runs_of("redis", shape)]
+            checks += [combine_rounds(same_target) for same_target in zip(*per_round, strict=True)]
         return checks
 
     def document(self) -> dict[str, Any]:
@@ -285,12 +327,14 @@ class BenchResult:
                 "drain_seconds": config.drain_seconds,
                 "generator_processes": config.generator_processes,
                 "qos": config.qos,
+                "rounds": config.rounds,
                 "max_p99_ms": config.max_p99_ms,
                 "endpoints": str(config.endpoints) if config.endpoints else None,
                 "faults": asdict(config.faults),
             },
             "baseline_rates": {
-                shape.value: self.baseline_rate(shape) for shape in config.shapes
+                shape.value: [run.sustainable_rate for run in self.runs_of("baseline", shape)]
+                for shape in config.shapes
             },
             "runs": [
                 {**run.document(), "ratio_to_baseline": self.ratio_to_baseline(run)}

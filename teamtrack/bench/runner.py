@@ -146,7 +146,7 @@ class _Progress:
     def step_done(self, run: RunResult, step: StepResult) -> None:
         latency = step.latency
         cells = [
-            run.scenario,
+            run.name,
             run.shape.value,
             f"{step.offered_rate:,}",
             f"{step.achieved_rate:,.0f}",
@@ -180,15 +180,20 @@ class BenchRunner:
         raise_open_file_limit()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         result = BenchResult(config, describe_machine(), started_at=_now())
+        # Rounds are numbered only when there are several; deployments stay up until their last
+        # round, so that a round costs its steps, not a cluster start.
         plan = [
-            (SCENARIOS[name], shape) for name in config.scenarios for shape in config.shapes
+            (SCENARIOS[name], shape, number if config.rounds > 1 else None)
+            for number in range(1, config.rounds + 1)
+            for name in config.scenarios
+            for shape in config.shapes
         ]
-        last_use = {scenario.deployment: index for index, (scenario, _) in enumerate(plan)}
+        last_use = {scenario.deployment: index for index, (scenario, _, _) in enumerate(plan)}
         with self._progress:
             try:
                 await self._prepare_identities()
-                for index, (scenario, shape) in enumerate(plan):
-                    result.runs.append(await self._run_safely(scenario, shape))
+                for index, (scenario, shape, number) in enumerate(plan):
+                    result.runs.append(await self._run_safely(scenario, shape, number))
                     if last_use[scenario.deployment] == index:
                         await self._stop_deployment(scenario.deployment)
             finally:
@@ -234,9 +239,12 @@ class BenchRunner:
             self._progress.note(f"stopping the {deployment.label}")
             await asyncio.to_thread(deployment.stop)
 
-    async def _run_safely(self, scenario: Scenario, shape: Shape) -> RunResult:
+    async def _run_safely(
+        self, scenario: Scenario, shape: Shape, number: int | None
+    ) -> RunResult:
         run = RunResult(
-            scenario.name, scenario.path, shape, self.config.workers_for(shape), deployment=""
+            scenario.name, scenario.path, shape, self.config.workers_for(shape), deployment="",
+            round=number,
         )
         try:
             deployment = await self._deployment(scenario.deployment)
@@ -244,7 +252,7 @@ class BenchRunner:
             await self._run(scenario, shape, deployment, run)
         except BenchError as error:
             run.error = str(error)
-            self._progress.note(f"[{scenario.name}/{shape.value}] failed: {error}")
+            self._progress.note(f"[{run.name}/{shape.value}] failed: {error}")
         return run
 
     # One scenario under one load shape -------------------------------------------------------
@@ -253,8 +261,8 @@ class BenchRunner:
     ) -> None:
         config = self.config
         devices = select_devices(deployment.credentials, config.workers_for(shape))
-        run_dir = self.out_dir / "runs" / f"{scenario.name}-{shape.value}"
-        label = f"[{scenario.name}/{shape.value}]"
+        run_dir = self.out_dir / "runs" / f"{run.slug}-{shape.value}"
+        label = f"[{run.name}/{shape.value}]"
         receiver = ChildProcess("receiver", RECEIVER_MODULE, run_dir / "receiver.log")
         generator_count = min(config.generator_processes, len(devices))
         generators = [
@@ -277,7 +285,7 @@ class BenchRunner:
                     "broker_url": deployment.broker_url(scenario.sender_broker),
                     "devices": mine,
                     "qos": config.qos,
-                    "client_id_prefix": f"bench-{scenario.name}-{shape.value}",
+                    "client_id_prefix": f"bench-{run.slug}-{shape.value}",
                     "faults": {
                         "drop_every": config.faults.drop_every,
                         "duplicate_every": config.faults.duplicate_every,
