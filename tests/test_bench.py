@@ -142,7 +142,7 @@ def _ladder(
     steps = [step(rate, ()) for rate in passed]
     if failed is not None:
         steps.append(step(failed, ("lost 1",)))
-    return RunResult(scenario, "", Shape.FEW, 20, "", steps=steps, round=round_number)
+    return RunResult(scenario, "", Shape.FEW, 20, "", steps=steps, round_number=round_number)
 
 
 def test_a_ratio_from_a_ladder_passed_to_its_top_is_only_a_bound(tmp_path: Path) -> None:

@@ -103,17 +103,21 @@ class RunResult:
     memory_per_connection_kib: dict[str, float] = field(default_factory=dict)
     steps: list[StepResult] = field(default_factory=list)
     error: str | None = None
-    round: int | None = None  # its round when the plan ran more than once (`--rounds`)
+    round_number: int | None = None  # its round when the plan ran more than once (`--rounds`)
 
     @property
     def name(self) -> str:
         """The scenario, and its round when there are several: how people read it."""
-        return self.scenario if self.round is None else f"{self.scenario} #{self.round}"
+        if self.round_number is None:
+            return self.scenario
+        return f"{self.scenario} #{self.round_number}"
 
     @property
     def slug(self) -> str:
         """The same for file names."""
-        return self.scenario if self.round is None else f"{self.scenario}-r{self.round}"
+        if self.round_number is None:
+            return self.scenario
+        return f"{self.scenario}-r{self.round_number}"
 
     @property
     def sustainable_rate(self) -> int | None:
@@ -143,7 +147,7 @@ class RunResult:
     def document(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
-            "round": self.round,
+            "round": self.round_number,
             "path": self.path,
             "shape": self.shape.value,
             "workers": self.workers,
@@ -167,7 +171,7 @@ class TargetCheck:
     unit: str
     # Why the value cannot decide, when it is only a bound on one side of the limit.
     undecided: str | None = None
-    # With several rounds: the value of each (`value` is their median).
+    # With several rounds: the value of each round that measured it (`value`: their median).
     per_round: tuple[float, ...] = ()
 
     @property
@@ -225,7 +229,11 @@ class BenchResult:
     def partner(self, run: RunResult, scenario: str) -> RunResult | None:
         """`scenario`'s run of the same shape and round as `run` (the one to compare it with)."""
         return next(
-            (other for other in self.runs_of(scenario, run.shape) if other.round == run.round),
+            (
+                other
+                for other in self.runs_of(scenario, run.shape)
+                if other.round_number == run.round_number
+            ),
             None,
         )
 
@@ -262,8 +270,8 @@ class BenchResult:
                 undecided = f"at least {ratio:.2f}: {run.scenario} passed the whole ladder"
             elif baseline.reached_the_top and ratio >= share:
                 undecided = f"at most {ratio:.2f}: the baseline passed the whole ladder"
-            if undecided is not None and run.round is not None:
-                undecided = f"round {run.round}, {undecided}"
+            if undecided is not None and run.round_number is not None:
+                undecided = f"round {run.round_number}, {undecided}"
         return TargetCheck(
             f"{run.scenario} sustains >= {share} x R0 with zero loss", run.shape, ratio, share,
             True, "x R0", undecided,

@@ -244,7 +244,7 @@ class BenchRunner:
     ) -> RunResult:
         run = RunResult(
             scenario.name, scenario.path, shape, self.config.workers_for(shape), deployment="",
-            round=number,
+            round_number=number,
         )
         try:
             deployment = await self._deployment(scenario.deployment)
