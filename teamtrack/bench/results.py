@@ -194,6 +194,14 @@ class TargetCheck:
         }
 
 
+def _ratio(run: RunResult, baseline: RunResult | None) -> float | None:
+    r0 = baseline.sustainable_rate if baseline is not None else None
+    sustained = run.sustainable_rate
+    if not r0 or sustained is None:
+        return None
+    return sustained / r0
+
+
 def combine_rounds(checks: Sequence[TargetCheck]) -> TargetCheck:
     """One target over several rounds: the median of what each measured. A round whose value
     is only a bound leaves the target undecided."""
@@ -244,24 +252,16 @@ class BenchResult:
                 if step.measure_seconds >= LONG_STEP_S:
                     yield run, step
 
-    def baseline_of(self, run: RunResult) -> int | None:
-        """R0 for a run: what Mosquitto alone sustained with the same generator and receiver,
-        under the same shape, in the same round."""
-        baseline = self.partner(run, "baseline")
-        return baseline.sustainable_rate if baseline is not None else None
-
     def ratio_to_baseline(self, run: RunResult) -> float | None:
-        baseline = self.baseline_of(run)
-        sustained = run.sustainable_rate
-        if not baseline or sustained is None:
-            return None
-        return sustained / baseline
+        """The run's sustained rate over R0: what Mosquitto alone sustained with the same
+        generator and receiver, under the same shape, in the same round."""
+        return _ratio(run, self.partner(run, "baseline"))
 
     def _ratio_check(self, run: RunResult, share: float) -> TargetCheck:
         """A ladder that passed every step only says the rate is at least its top: the ratio
         is then a bound, which decides the target on one side only."""
-        ratio = self.ratio_to_baseline(run)
         baseline = self.partner(run, "baseline")
+        ratio = _ratio(run, baseline)
         undecided = None
         if ratio is not None and baseline is not None:
             if run.reached_the_top and baseline.reached_the_top:
