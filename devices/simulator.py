@@ -43,10 +43,9 @@ from devices.movement import (
     start_near,
     team_base,
 )
-from devices.ratelimit import RateLimitFilter
 from devices.schedule import LoadSchedule, SchedulePoint, parse_schedule
 from teamtrack.contract import Position, Presence, encode_position, position_topic, status_topic
-from teamtrack.logs import RateLimitedLog
+from teamtrack.logs import RateLimitedLog, RateLimitFilter
 from teamtrack.mqtt import BrokerAddress
 from teamtrack.retry import Backoff
 

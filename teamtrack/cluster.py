@@ -1,18 +1,26 @@
 """`teamtrack up`: a whole local cluster as child processes, supervised, stopped cleanly.
 
-Order of start: identities, Redis, brokers, bridges, dashboards, ingest, simulator. Order of
-stop: the reverse, so devices say `offline` while bridges still forward it and nothing is left
-behind.
-A child that dies is restarted with backoff and counted.
+Order of start: identities, Redis (or Kafka), brokers, bridges, dashboards, ingest, simulator.
+Order of stop: the reverse, so devices say `offline` while bridges still forward it and nothing is
+left behind; the ingest goes after the bridges, the backend last.
+
+Every child, the backend server included, is supervised: one that dies is restarted with backoff
+and counted. The backoff starts again from its first step once a child has run for
+`HEALTHY_AFTER_S`, so a process that is killed now and then is back within a second each time,
+while one that cannot start waits longer and longer (up to 10 s) between tries. A backend given
+by URL (`--backend-url`) is not ours to restart: it is probed, and an outage is logged when it
+starts, every `OUTAGE_REMINDER_S` while it lasts, and when it ends.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -25,7 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from teamtrack.history import default_database_url
-from teamtrack.kafka_server import start_kafka
+from teamtrack.kafka_server import broker_answers_metadata, start_kafka
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
@@ -42,6 +50,13 @@ from teamtrack.servers import (
 )
 
 log = logging.getLogger(__name__)
+
+# A child that has run this long is healthy again: its next restart starts the backoff afresh.
+HEALTHY_AFTER_S = 5.0
+# An external backend is probed at most this often, and an outage is logged again this often.
+BACKEND_PROBE_INTERVAL_S = 2.0
+OUTAGE_REMINDER_S = 30.0
+BACKEND_ROLES = ("redis", "kafka")
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,15 @@ class Child:
     restarts: int = 0
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=10.0))
     next_restart_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def stop_rank(self) -> int:
+        """Stopped in reverse order of start, except the ingest after the other services (it
+        stores what the bridges forwarded until they stopped) and the backend after it."""
+        if self.role in BACKEND_ROLES:
+            return 2
+        return 1 if self.role == "ingest" else 0
 
 
 class ClusterError(RuntimeError):
@@ -151,6 +175,11 @@ class LocalCluster:
         self.database_url = default_database_url(self.state_dir)
         self._stop_requested = threading.Event()
         self.provisioned: ProvisionResult | None = None
+        # The external backend's state as last probed (None: not probed yet).
+        self.backend_up: bool | None = None
+        self._backend_probed_at = -math.inf
+        self._backend_down_since = 0.0
+        self._outage_logged_at = 0.0
 
     # Start -------------------------------------------------------------------------------
     def check_options(self) -> None:
@@ -187,8 +216,10 @@ class LocalCluster:
         self.provisioned = provision(registry, self.state_dir)
         if self.options.backend_url is None and self.options.backend == "kafka":
             self.kafka = self._start_kafka()
+            self.children.append(Child("kafka", self.kafka, self.ports.kafka))
         elif self.options.backend_url is None:
-            self.redis = start_redis(self.ports.redis, self.state_dir / "redis")
+            self.redis = self._start_redis()
+            self.children.append(Child("redis", self.redis, self.ports.redis))
         for index in range(self.options.brokers):
             self._start_broker(index)
         for index in range(self.options.brokers):
@@ -203,6 +234,13 @@ class LocalCluster:
             self._start_simulator()
         self._write_endpoints()
         self._write_processes()
+
+    def _start_redis(self) -> ManagedProcess:
+        """A fresh Redis for this run, with an append-only file: restarted after a crash, it
+        comes back with everything it had acknowledged."""
+        data_dir = self.state_dir / "redis"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        return start_redis(self.ports.redis, data_dir)
 
     def _start_kafka(self) -> ManagedProcess:
         """A fresh one-node Kafka: like the cluster's Redis, it keeps nothing from a last run."""
@@ -313,10 +351,6 @@ class LocalCluster:
     def _write_processes(self) -> None:
         """`processes.json`: role -> pid, for operators (and the test that checks for orphans)."""
         processes = {child.role: child.process.pid for child in self.children}
-        if self.redis is not None:
-            processes["redis"] = self.redis.pid
-        if self.kafka is not None:
-            processes["kafka"] = self.kafka.pid
         (self.state_dir / "processes.json").write_text(json.dumps(processes, indent=2) + "\n")
 
     # Run ---------------------------------------------------------------------------------
@@ -329,6 +363,8 @@ class LocalCluster:
         for child in self.children:
             process = child.process
             if process.running():
+                if now - child.started_at >= HEALTHY_AFTER_S:
+                    child.backoff.reset()
                 continue
             finished = process.process is not None and process.process.returncode == 0
             if child.role == "simulator" and finished:
@@ -336,13 +372,37 @@ class LocalCluster:
             if child.next_restart_at == 0.0:
                 delay = child.backoff.next_delay()
                 child.next_restart_at = now + delay
-                log.warning("%s exited; restarting in %.1fs (log: %s)",
-                            child.role, delay, process.log_path)
+                log.warning("%s exited (code %s); restarting in %.1fs (log: %s)",
+                            child.role, _exit_code(process), delay, process.log_path)
             elif now >= child.next_restart_at:
                 child.restarts += 1
                 child.next_restart_at = 0.0
+                child.started_at = now
                 process.start()
                 self._write_processes()
+        if self.options.backend_url is not None:
+            self._watch_backend(now)
+
+    def _watch_backend(self, now: float) -> None:
+        """Probe the external backend; log when an outage starts, while it lasts, and ends."""
+        if now - self._backend_probed_at < BACKEND_PROBE_INTERVAL_S:
+            return
+        self._backend_probed_at = now
+        up = backend_answers(self.backend_url)
+        safe_url = _without_password(self.backend_url)
+        if up:
+            if self.backend_up is False:
+                log.warning("backend %s is back after %.0fs", safe_url,
+                            now - self._backend_down_since)
+        elif self.backend_up is not False:
+            self._backend_down_since = self._outage_logged_at = now
+            log.error("backend %s does not answer: positions wait in the bridges (QoS 1) or "
+                      "are dropped and counted (QoS 0) until it is back", safe_url)
+        elif now - self._outage_logged_at >= OUTAGE_REMINDER_S:
+            self._outage_logged_at = now
+            log.error("backend %s still does not answer (for %.0fs)", safe_url,
+                      now - self._backend_down_since)
+        self.backend_up = up
 
     def run_until_stopped(self, show_status: bool = True) -> None:
         previous = {
@@ -363,18 +423,11 @@ class LocalCluster:
                 signal.signal(signum, handler)
 
     def stop(self) -> list[tuple[str, int | None]]:
-        """Stop everything in reverse order of start, except the ingest, which goes last
-        (before the backend) so that it stores what the bridges forwarded until they stopped;
-        returns each child's exit code."""
-        results = []
-        ordered = sorted(reversed(self.children), key=lambda child: child.role == "ingest")
-        for child in ordered:
-            results.append((child.role, child.process.stop()))
-        if self.redis is not None:
-            results.append(("redis", self.redis.stop()))
-        if self.kafka is not None:
-            results.append(("kafka", self.kafka.stop()))
-        return results
+        """Stop everything in reverse order of start, except the ingest, which goes after
+        the other services so that it stores what the bridges forwarded until they stopped,
+        and the backend, which goes last; returns each child's exit code."""
+        ordered = sorted(reversed(self.children), key=lambda child: child.stop_rank)
+        return [(child.role, child.process.stop()) for child in ordered]
 
     # Status ------------------------------------------------------------------------------
     def status(self) -> Group:
@@ -396,7 +449,36 @@ class LocalCluster:
                 forwarded = _count(counters, "teamtrack_bridge_forwarded_total")
                 rejected = _count(counters, "teamtrack_bridge_rejected_total")
             table.add_row(child.role, state, str(child.restarts), forwarded, rejected)
+        if self.options.backend_url is not None:
+            probed = {None: "[yellow]probing", True: "[green]answering", False: "[red]down"}
+            table.add_row("backend (external)", probed[self.backend_up], "-", "", "")
         return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
+
+
+def _exit_code(process: ManagedProcess) -> int | None:
+    return process.process.returncode if process.process is not None else None
+
+
+def backend_answers(url: str, timeout: float = 0.5) -> bool:
+    """Whether the backend at `url` answers: Redis a PING (an error reply such as NOAUTH is an
+    answer too), Kafka a Metadata request to any of its bootstrap servers."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "kafka":
+        for server in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = server.rpartition(":")
+            if port.isdigit() and broker_answers_metadata(host or LOOPBACK, int(port), timeout):
+                return True
+        return False
+    try:
+        with socket.create_connection((parts.hostname or LOOPBACK, parts.port or 6379),
+                                      timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            connection.sendall(b"PING\r\n")
+            return connection.recv(64)[:1] in (b"+", b"-")
+    except OSError:
+        return False
 
 
 def _count(counters: dict[str, float], name: str) -> str:

@@ -116,18 +116,38 @@ class ManagedProcess:
         return self.process.returncode
 
 
-def start_redis(port: int, data_dir: Path, host: str = LOOPBACK) -> ManagedProcess:
-    """A throwaway Redis: no persistence, loopback only."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
+# Redis' append-only file, written before each reply and fsynced once a second: a Redis process
+# that is killed loses nothing it acknowledged (the kernel has it); a host that loses power loses
+# at most the last second or two. "always" fsyncs before every reply (docs/architecture.md has
+# what each costs, measured).
+APPENDFSYNC_POLICIES = ("everysec", "always", "no")
+
+
+def redis_argv(
+    port: int, data_dir: Path, host: str = LOOPBACK, *, appendfsync: str = "everysec"
+) -> list[str]:
+    """A loopback Redis whose data survives a crash of its process (AOF in `data_dir`)."""
+    if appendfsync not in APPENDFSYNC_POLICIES:
+        raise ValueError(f"appendfsync must be one of {', '.join(APPENDFSYNC_POLICIES)}")
+    return [
         "redis-server",
         "--port", str(port),
         "--bind", host,
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes",
+        "--appendfsync", appendfsync,
         "--dir", str(data_dir),
         "--protected-mode", "yes",
     ]
+
+
+def start_redis(
+    port: int, data_dir: Path, host: str = LOOPBACK, *, appendfsync: str = "everysec"
+) -> ManagedProcess:
+    """A Redis on loopback with its append-only file in `data_dir`; started again on the same
+    folder, it comes back with everything it had acknowledged."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = redis_argv(port, data_dir, host, appendfsync=appendfsync)
     server = ManagedProcess("redis", argv, data_dir / "redis.log").start()
     server.wait_for_port(host, port)
     return server

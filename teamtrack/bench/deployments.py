@@ -129,10 +129,6 @@ def start_local_cluster(
     def stop() -> None:
         cluster.stop()
 
-    if cluster.redis is not None:
-        processes["redis"] = cluster.redis.pid
-    if cluster.kafka is not None:
-        processes["kafka"] = cluster.kafka.pid
     return Deployment(
         label=f"local {spec.label}",
         broker_urls=[f"mqtt://{LOOPBACK}:{port}" for port in cluster.ports.broker_mqtt],
