@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         viewer_limits=ViewerLimits(
             queue_batches=settings.viewer_queue_batches,
             queue_bytes=settings.viewer_queue_bytes,
+            max_lag_s=settings.viewer_max_lag_s,
         ),
         stuck_after_s=settings.viewer_stuck_after_s,
         page_config=PageConfig(

@@ -15,11 +15,14 @@ the backend's history by a subscription of its own that ends there; everything l
 the shared subscription, and cursor order drops what both deliver. The cursor is the only thing
 a viewer brings, so the instance it lands on does not matter.
 
-Slow viewers: the hub fills each viewer's bounded queue without waiting. A viewer whose queue
-overflows is switched to state-sync: from then on it keeps only the newest position and the
-newest presence of each worker (at most two entries per worker of the team, whatever the
+Slow viewers: the hub fills each viewer's bounded queue without waiting. A viewer that falls
+behind (the oldest batch queued for it has waited `max_lag_s`) or whose queue overflows (in
+bytes or batches) is switched to state-sync: from then on it keeps only the newest position and
+the newest presence of each worker (at most two entries per worker of the team, whatever the
 traffic), and gets them as one `sync` frame when its socket takes the next frame. The hub and
-the other viewers never wait for it.
+the other viewers never wait for it. A backlog that arrives at once (the hub catching up after
+the backend or this process was away) is not a slow viewer: it is queued up to the byte bound
+and sent in large frames, and a viewer that reads them is never switched to state-sync for it.
 """
 
 from __future__ import annotations
@@ -48,10 +51,17 @@ from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-MAX_BATCHES_PER_FRAME: Final = 64
+# A frame takes up to this many queued log entries (and bytes): after an outage a backlog of
+# small entries (an idle bridge publishes each message on its own) goes out in a few frames.
+MAX_BATCHES_PER_FRAME: Final = 1024
 MAX_FRAME_BYTES: Final = 512 * 1024
-DEFAULT_QUEUE_BATCHES: Final = 256
+# A viewer is behind when the oldest batch queued for it has waited this long.
+DEFAULT_MAX_LAG_S: Final = 2.0
+DEFAULT_QUEUE_BATCHES: Final = 16384
 DEFAULT_QUEUE_BYTES: Final = 4 * 1024 * 1024
+# What one queued entry costs besides the batch's bytes (the tuple and the deque's slot), so
+# that the byte bound also bounds a queue of many small batches.
+QUEUED_ENTRY_BYTES: Final = 72
 MAX_CURSOR_CHARS: Final = 256
 # How long a resume waits for the replay's first item before answering: a `Gap` (trimmed
 # history) is known at once, and is better sent instead of a `resume` than right after it.
@@ -68,10 +78,11 @@ def now_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class ViewerLimits:
-    """How much one viewer may hold before it is switched to state-sync."""
+    """How far behind, and how much, one viewer may be before it is switched to state-sync."""
 
     queue_batches: int = DEFAULT_QUEUE_BATCHES
     queue_bytes: int = DEFAULT_QUEUE_BYTES
+    max_lag_s: float = DEFAULT_MAX_LAG_S
 
 
 class _LatestPerWorker:
@@ -178,9 +189,13 @@ class Viewer:
         self.team = team
         self._hub = hub
         self._limits = limits
-        # Each batch with its cursor's sort key, parsed once by the hub for all its viewers.
-        self._queue: deque[tuple[Batch, CursorKey] | Gap] = deque()
+        # Each batch with its cursor's sort key (parsed once by the hub for all its viewers) and
+        # the loop time it was queued at.
+        self._queue: deque[tuple[Batch, CursorKey, float] | Gap] = deque()
         self._queued_bytes = 0
+        # Lag is counted from here at the earliest: the end of a replay, during which the live
+        # batches wait by design.
+        self._lag_from = 0.0
         # A bare future rather than an `asyncio.Event`: one wait per frame, and `Event.wait`
         # looks the loop up (a getpid in Python 3.11) and keeps a waiter list each time.
         self._loop = asyncio.get_running_loop()
@@ -206,23 +221,28 @@ class Viewer:
     def queued_batches(self) -> int:
         return len(self._queue)
 
-    def offer(self, item: Batch | Gap, key: CursorKey | None) -> None:
+    def offer(self, item: Batch | Gap, key: CursorKey | None, now: float | None = None) -> None:
         """Queue without waiting; past the limits, switch to keeping the latest per worker.
 
-        `key`: the batch's `cursor_key`, parsed once by the hub for every viewer (None for a gap).
+        `key`: the batch's `cursor_key`, parsed once by the hub for every viewer (None for a gap);
+        `now`: the loop's time, read once by the hub for every viewer.
         """
-        entry: tuple[Batch, CursorKey] | Gap
+        if now is None:
+            now = self._loop.time()
+        entry: tuple[Batch, CursorKey, float] | Gap
         if isinstance(item, Batch):
             assert key is not None, "the hub parses each batch's cursor"
-            size = len(item.raw)
-            entry = (item, key)
+            size = len(item.raw) + QUEUED_ENTRY_BYTES
+            entry = (item, key, now)
         else:
             size = 0
             entry = item
         if self._latest is not None:
             self._absorb(entry)
-        elif len(self._queue) >= self._limits.queue_batches or (
-            self._queue and self._queued_bytes + size > self._limits.queue_bytes
+        elif self._queue and (
+            len(self._queue) >= self._limits.queue_batches
+            or self._queued_bytes + size > self._limits.queue_bytes
+            or self._lag(now) > self._limits.max_lag_s
         ):
             self._start_syncing()
             self._absorb(entry)
@@ -235,6 +255,13 @@ class Viewer:
             if not waiter.done():  # cancelled with its frame's sender
                 waiter.set_result(None)
 
+    def _lag(self, now: float) -> float:
+        """How long the oldest queued batch has waited (0 during a replay, which holds them)."""
+        head = self._queue[0]
+        if self._replay is not None or isinstance(head, Gap):
+            return 0.0
+        return now - max(head[2], self._lag_from)
+
     def _start_syncing(self) -> None:
         self._hub.metrics.viewer_conflations.inc()
         log.info("a viewer of team %s fell behind; switching it to state-sync", self.team)
@@ -244,12 +271,12 @@ class Viewer:
         for entry in queued:
             self._absorb(entry)
 
-    def _absorb(self, entry: tuple[Batch, CursorKey] | Gap) -> None:
+    def _absorb(self, entry: tuple[Batch, CursorKey, float] | Gap) -> None:
         assert self._latest is not None
         if isinstance(entry, Gap):
             superseded = self._latest.absorb(entry, None)
         else:
-            superseded = self._latest.absorb(*entry)
+            superseded = self._latest.absorb(entry[0], entry[1])
         if superseded:
             self._hub.metrics.events_conflated.inc(superseded)
 
@@ -298,6 +325,7 @@ class Viewer:
     async def close(self) -> None:
         replay, self._replay = self._replay, None
         if replay is not None:
+            self._lag_from = self._loop.time()
             await replay.close()
 
     async def next_frame(self) -> str:
@@ -333,8 +361,8 @@ class Viewer:
             if isinstance(entry, Gap):
                 break  # its own frames come after this batch's
             self._queue.popleft()
-            item, key = entry
-            self._queued_bytes -= len(item.raw)
+            item, key, _queued_at = entry
+            self._queued_bytes -= len(item.raw) + QUEUED_ENTRY_BYTES
             if self._is_new(key):
                 batches.append(item)
                 size += len(item.raw)
@@ -580,5 +608,6 @@ class TeamHub:
             # move the resume point back.
             if key > state.key:
                 state.cursor, state.key = item.cursor, key
+        now = asyncio.get_running_loop().time()
         for viewer in state.viewers:
-            viewer.offer(item, key)
+            viewer.offer(item, key, now)

@@ -28,12 +28,18 @@ class DashboardSettings(ServiceSettings):
     )
     session_max_age_s: int = Field(43_200, gt=0, description="how long a login lasts")
     viewer_queue_batches: int = Field(
-        256, ge=1, description="batches queued per viewer before it is switched to state-sync"
+        16384, ge=1, description="batches queued per viewer before it is switched to state-sync"
     )
     viewer_queue_bytes: int = Field(
         4 * 1024 * 1024,
         ge=1024,
         description="bytes of batches queued per viewer before it is switched to state-sync",
+    )
+    viewer_max_lag_s: float = Field(
+        2.0,
+        gt=0,
+        description="seconds the oldest batch queued for a viewer may wait before the viewer is"
+        " switched to state-sync",
     )
     viewer_stuck_after_s: float = Field(
         20.0,

@@ -26,7 +26,12 @@ class ServerError(RuntimeError):
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the parent dies, so a killed supervisor leaves no orphans."""
+    """In the child: get SIGTERM if the parent dies, so a killed supervisor leaves no orphans.
+
+    Linux sends it when the *thread* that started the child ends, not only the process: start
+    children (and restart them) from a thread that lives as long as they should, such as the
+    main thread or an event loop's.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:

@@ -3,7 +3,6 @@ the backoff starts afresh after a healthy run, and an external backend's outage 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -78,7 +77,9 @@ async def test_redis_is_supervised_and_keeps_what_it_acknowledged(
     finally:
         await backend.close()
 
-    delay = await asyncio.to_thread(kill_and_time_restart, local_cluster, "redis")
+    # Restarted from this (the main) thread: a child started from a worker thread would get
+    # its parent-death signal when that thread ends.
+    delay = kill_and_time_restart(local_cluster, "redis")
     assert delay < 2.0
     redis = child(local_cluster, "redis")
     redis.process.wait_for_port(LOOPBACK, local_cluster.ports.redis, timeout=10)

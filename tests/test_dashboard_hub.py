@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import tracemalloc
 from collections import defaultdict
@@ -579,3 +580,67 @@ async def test_trimmed_history_sends_gap_then_fresh_snapshot(open_hub: OpenHub) 
     await backend.publish([position("alpha", "w1", 10)])
     frame = await next_frame(viewer)
     assert seqs_by_worker(frame["events"]) == {"w1": [10]}
+
+
+async def test_a_backlog_arriving_at_once_reaches_a_reading_viewer_in_full(
+    redis_url: str, open_hub: OpenHub
+) -> None:
+    """After an outage the hub reads a backlog of small log entries (an idle bridge publishes
+    each message on its own) in one go: a viewer that reads gets all of it, in large frames,
+    and is not switched to state-sync (with 256 queued batches as the bound it was, and 960 of
+    4,801 positions of a 3 s dashboard stall never reached a viewer)."""
+    backend = from_url(redis_url)
+    await backend.start()
+    hub = await open_hub(backend)
+    viewer = await hub.join("alpha")
+    await next_frame(viewer)
+    backlog = 1000
+
+    def publish_backlog() -> None:
+        async def publish() -> None:
+            writer = from_url(redis_url)
+            await writer.start()
+            try:
+                for seq in range(backlog):
+                    await writer.publish([position("alpha", "w1", seq)])
+            finally:
+                await writer.close()
+
+        asyncio.run(publish())
+
+    # The hub cannot read while the publishing thread writes the backlog: its loop is blocked.
+    writer_thread = threading.Thread(target=publish_backlog)
+    writer_thread.start()
+    writer_thread.join()
+    frames = 0
+    seqs: list[int] = []
+    while len(seqs) < backlog:
+        frame = await next_frame(viewer)
+        assert frame["type"] == "events", frame["type"]
+        frames += 1
+        seqs += [event["p"]["seq"] for event in frame["events"]]
+    assert seqs == list(range(backlog))
+    assert not viewer.syncing
+    assert frames <= 10, frames
+    await hub.stop()
+    await backend.close()
+
+
+async def test_a_viewer_that_stops_reading_is_synced_once_it_lags(
+    open_backend: OpenBackend, open_hub: OpenHub
+) -> None:
+    """Far below the queue's bounds, a viewer whose oldest queued batch waited `max_lag_s`
+    is switched to state-sync: it is behind, not just handed a burst."""
+    backend = await open_backend()
+    hub = await open_hub(backend, ViewerLimits(max_lag_s=0.3))
+    viewer = await hub.join("alpha")
+    await next_frame(viewer)
+    await backend.publish([position("alpha", "w1", 0)])
+    await asyncio.sleep(0.5)
+    await backend.publish([position("alpha", "w1", 1)])
+    deadline = time.monotonic() + WAIT
+    while not viewer.syncing and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert viewer.syncing
+    frame = await next_frame(viewer)
+    assert frame["type"] == "sync" and seqs_by_worker(frame["events"]) == {"w1": [1]}
