@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from teamtrack.history import default_database_url
-from teamtrack.kafka_server import start_kafka
+from teamtrack.kafka_server import KafkaCluster, start_kafka, start_kafka_cluster
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
@@ -55,6 +55,8 @@ class ClusterOptions:
     backend_url: str | None = None
     # The server started when no backend_url is given: "redis" or "kafka".
     backend: str = "redis"
+    # Nodes of the Kafka started for --backend kafka: 3 gives every topic 3 replicas.
+    kafka_nodes: int = 1
     simulate: bool = True
     interval: float = 1.0
     qos: int = 0
@@ -68,6 +70,7 @@ class PortPlan:
     From the base port: broker i at base + 10 (i-1) (+1 for WebSockets), Redis at base + 100,
     Kafka at base + 101 with its KRaft controller at base + 102 (only the server of the chosen
     backend is started), bridge metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1).
+    Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
     """
 
     broker_mqtt: list[int]
@@ -77,9 +80,15 @@ class PortPlan:
     dashboards: list[int]
     kafka: int = 0
     kafka_controller: int = 0
+    # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
+    kafka_more: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int]]:
+        return [(self.kafka, self.kafka_controller), *self.kafka_more]
 
     @classmethod
-    def build(cls, base: int, brokers: int, dashboards: int) -> PortPlan:
+    def build(cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1) -> PortPlan:
         if base == 0:
             return cls(
                 broker_mqtt=[free_port() for _ in range(brokers)],
@@ -89,6 +98,7 @@ class PortPlan:
                 dashboards=[free_port() for _ in range(dashboards)],
                 kafka=free_port(),
                 kafka_controller=free_port(),
+                kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -98,14 +108,19 @@ class PortPlan:
             dashboards=[base + 300 + index for index in range(dashboards)],
             kafka=base + 101,
             kafka_controller=base + 102,
+            kafka_more=[
+                (base + 101 + 2 * index, base + 102 + 2 * index)
+                for index in range(1, kafka_nodes)
+            ],
         )
 
     def all_ports(self) -> Iterator[int]:
         yield from self.broker_mqtt
         yield from self.broker_ws
         yield self.redis
-        yield self.kafka
-        yield self.kafka_controller
+        for port, controller_port in self.kafka_nodes:
+            yield port
+            yield controller_port
         yield from self.bridge_metrics
         yield from self.dashboards
 
@@ -136,12 +151,17 @@ class LocalCluster:
         self.console = console or Console()
         self.state_dir = options.state_dir.resolve()
         self.logs_dir = self.state_dir / "logs"
-        self.ports = PortPlan.build(options.base_port, options.brokers, options.dashboards)
+        self.ports = PortPlan.build(
+            options.base_port, options.brokers, options.dashboards, options.kafka_nodes
+        )
         self.children: list[Child] = []
         self.redis: ManagedProcess | None = None
         self.kafka: ManagedProcess | None = None
+        # --kafka-nodes 2+: the nodes, listed and stopped with the backend
+        self.kafka_cluster: KafkaCluster | None = None
+        kafka_servers = ",".join(f"{LOOPBACK}:{port}" for port, _ in self.ports.kafka_nodes)
         started_url = (
-            f"kafka://{LOOPBACK}:{self.ports.kafka}"
+            f"kafka://{kafka_servers}"
             if options.backend == "kafka"
             else f"redis://{LOOPBACK}:{self.ports.redis}/0"
         )
@@ -159,6 +179,8 @@ class LocalCluster:
             raise ClusterError("--brokers and --dashboards must be at least 1")
         if options.backend not in ("redis", "kafka"):
             raise ClusterError("--backend must be redis or kafka")
+        if options.kafka_nodes < 1:
+            raise ClusterError("--kafka-nodes must be at least 1")
         if options.backend_url is not None and not options.backend_url.startswith(
             ("redis://", "rediss://", "kafka://")
         ):
@@ -170,8 +192,9 @@ class LocalCluster:
         if options.backend_url is not None or options.backend != "redis":
             planned.remove(self.ports.redis)
         if options.backend_url is not None or options.backend != "kafka":
-            planned.remove(self.ports.kafka)
-            planned.remove(self.ports.kafka_controller)
+            for port, controller_port in self.ports.kafka_nodes:
+                planned.remove(port)
+                planned.remove(controller_port)
         busy = [port for port in planned if port_is_open(LOOPBACK, port)]
         if busy:
             raise ClusterError(
@@ -186,7 +209,7 @@ class LocalCluster:
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
         if self.options.backend_url is None and self.options.backend == "kafka":
-            self.kafka = self._start_kafka()
+            self._start_kafka()
         elif self.options.backend_url is None:
             self.redis = start_redis(self.ports.redis, self.state_dir / "redis")
         for index in range(self.options.brokers):
@@ -204,11 +227,17 @@ class LocalCluster:
         self._write_endpoints()
         self._write_processes()
 
-    def _start_kafka(self) -> ManagedProcess:
-        """A fresh one-node Kafka: like the cluster's Redis, it keeps nothing from a last run."""
+    def _start_kafka(self) -> None:
+        """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from
+        a last run."""
         data_dir = self.state_dir / "kafka"
         shutil.rmtree(data_dir, ignore_errors=True)
-        return start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
+        if self.options.kafka_nodes == 1:
+            self.kafka = start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
+        else:
+            self.kafka_cluster = start_kafka_cluster(
+                self.options.kafka_nodes, data_dir, ports=self.ports.kafka_nodes
+            )
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
@@ -317,6 +346,9 @@ class LocalCluster:
             processes["redis"] = self.redis.pid
         if self.kafka is not None:
             processes["kafka"] = self.kafka.pid
+        if self.kafka_cluster is not None:
+            for name, process in self.kafka_cluster.processes().items():
+                processes[name] = process.pid
         (self.state_dir / "processes.json").write_text(json.dumps(processes, indent=2) + "\n")
 
     # Run ---------------------------------------------------------------------------------
@@ -374,6 +406,8 @@ class LocalCluster:
             results.append(("redis", self.redis.stop()))
         if self.kafka is not None:
             results.append(("kafka", self.kafka.stop()))
+        if self.kafka_cluster is not None:
+            results += self.kafka_cluster.stop()
         return results
 
     # Status ------------------------------------------------------------------------------
