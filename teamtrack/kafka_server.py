@@ -342,8 +342,8 @@ class KafkaCluster:
         node.process.process.wait(10)
 
     def restart(self, node_id: int) -> float:
-        """Start a stopped or killed node again from its data folder; the seconds until the
-        cluster lists it as a live broker again."""
+        """Start a stopped or killed node again from its data folder; the seconds until it
+        lists itself as a live broker (registered with the controller quorum, unfenced)."""
         node = self.node(node_id)
         if node.running():
             raise ServerError(f"{node.name} is running; kill or stop it first")
@@ -351,7 +351,16 @@ class KafkaCluster:
         node.process = _run_node(
             node.name, self.libs_dir, self.heap, node.data_dir, quick_start=True
         )
-        self._wait_ready([node], started + self.timeout)
+        deadline = started + self.timeout
+        while node.node_id not in live_brokers(self.host, node.port, 1.0):
+            if not node.process.running():
+                raise ServerError(f"{node.name} exited early:\n{node.process.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"{node.name} was not a live broker after {self.timeout:.0f}s:\n"
+                    f"{node.process.log_tail()}"
+                )
+            time.sleep(0.1)
         return time.monotonic() - started
 
     def stop(self, timeout: float = 15.0) -> list[tuple[str, int | None]]:
@@ -562,13 +571,31 @@ def broker_answers_metadata(host: str, port: int, timeout: float = 2.0) -> bool:
 def broker_count(host: str, port: int, timeout: float = 2.0) -> int:
     """How many live (registered, unfenced) brokers the broker at host:port knows; 0 when it
     does not answer."""
+    return len(live_brokers(host, port, timeout))
+
+
+def live_brokers(host: str, port: int, timeout: float = 2.0) -> set[int]:
+    """The node ids of the live brokers that the broker at host:port lists; empty when it
+    does not answer."""
     # No topics, and never create any.
     response = _request(host, port, METADATA_API_KEY, METADATA_VERSION,
                         struct.pack(">ib", 0, 0), timeout)
     if response is None or len(response) < 8:
-        return 0
-    _throttle_ms, count = struct.unpack_from(">ii", response)
-    return int(count)
+        return set()
+    # Metadata v4: throttle_time_ms, then [node_id, host, port, rack] per broker.
+    try:
+        (count,) = struct.unpack_from(">i", response, 4)
+        at = 8
+        ids = set()
+        for _ in range(count):
+            node_id, host_length = struct.unpack_from(">ih", response, at)
+            at += 6 + host_length + 4
+            (rack_length,) = struct.unpack_from(">h", response, at)
+            at += 2 + max(0, rack_length)
+            ids.add(node_id)
+    except struct.error:
+        return set()
+    return ids
 
 
 def broker_serves_groups(host: str, port: int, timeout: float = 2.0) -> bool:
