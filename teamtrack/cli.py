@@ -69,6 +69,14 @@ def up(
             help="the server to start when no --backend-url is given: redis or kafka",
         ),
     ] = "redis",
+    kafka_nodes: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("kafka_nodes"),
+            help="nodes of the Kafka started for --backend kafka (3: every topic on 3 nodes, "
+            "any one may crash)",
+        ),
+    ] = 1,
     simulate: Annotated[
         bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
     ] = True,
@@ -95,6 +103,7 @@ def up(
         state_dir=state_dir, brokers=brokers, dashboards=dashboards, teams=teams,
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
         interval=interval, qos=qos, duration=duration, backend=backend,
+        kafka_nodes=kafka_nodes,
     )
     cluster = LocalCluster(options, console)
     try:

@@ -33,7 +33,12 @@ from rich.live import Live
 from rich.table import Table
 
 from teamtrack.history import default_database_url
-from teamtrack.kafka_server import broker_answers_metadata, start_kafka
+from teamtrack.kafka_server import (
+    KafkaCluster,
+    broker_answers_metadata,
+    start_kafka,
+    start_kafka_cluster,
+)
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.passwords import generate_secret
@@ -57,6 +62,7 @@ HEALTHY_AFTER_S = 5.0
 BACKEND_PROBE_INTERVAL_S = 2.0
 OUTAGE_REMINDER_S = 30.0
 BACKEND_ROLES = ("redis", "kafka")
+BACKEND_RANK = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,8 @@ class ClusterOptions:
     backend_url: str | None = None
     # The server started when no backend_url is given: "redis" or "kafka".
     backend: str = "redis"
+    # Nodes of the Kafka started for --backend kafka: 3 gives every topic 3 replicas.
+    kafka_nodes: int = 1
     simulate: bool = True
     interval: float = 1.0
     qos: int = 0
@@ -83,6 +91,7 @@ class PortPlan:
     From the base port: broker i at base + 10 (i-1) (+1 for WebSockets), Redis at base + 100,
     Kafka at base + 101 with its KRaft controller at base + 102 (only the server of the chosen
     backend is started), bridge metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1).
+    Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
     """
 
     broker_mqtt: list[int]
@@ -92,9 +101,15 @@ class PortPlan:
     dashboards: list[int]
     kafka: int = 0
     kafka_controller: int = 0
+    # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
+    kafka_more: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int]]:
+        return [(self.kafka, self.kafka_controller), *self.kafka_more]
 
     @classmethod
-    def build(cls, base: int, brokers: int, dashboards: int) -> PortPlan:
+    def build(cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1) -> PortPlan:
         if base == 0:
             return cls(
                 broker_mqtt=[free_port() for _ in range(brokers)],
@@ -104,6 +119,7 @@ class PortPlan:
                 dashboards=[free_port() for _ in range(dashboards)],
                 kafka=free_port(),
                 kafka_controller=free_port(),
+                kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -113,14 +129,19 @@ class PortPlan:
             dashboards=[base + 300 + index for index in range(dashboards)],
             kafka=base + 101,
             kafka_controller=base + 102,
+            kafka_more=[
+                (base + 101 + 2 * index, base + 102 + 2 * index)
+                for index in range(1, kafka_nodes)
+            ],
         )
 
     def all_ports(self) -> Iterator[int]:
         yield from self.broker_mqtt
         yield from self.broker_ws
         yield self.redis
-        yield self.kafka
-        yield self.kafka_controller
+        for port, controller_port in self.kafka_nodes:
+            yield port
+            yield controller_port
         yield from self.bridge_metrics
         yield from self.dashboards
 
@@ -141,8 +162,8 @@ class Child:
     def stop_rank(self) -> int:
         """Stopped in reverse order of start, except the ingest after the other services (it
         stores what the bridges forwarded until they stopped) and the backend after it."""
-        if self.role in BACKEND_ROLES:
-            return 2
+        if self.role in BACKEND_ROLES or self.role.startswith("kafka-"):
+            return BACKEND_RANK
         return 1 if self.role == "ingest" else 0
 
 
@@ -160,12 +181,17 @@ class LocalCluster:
         self.console = console or Console()
         self.state_dir = options.state_dir.resolve()
         self.logs_dir = self.state_dir / "logs"
-        self.ports = PortPlan.build(options.base_port, options.brokers, options.dashboards)
+        self.ports = PortPlan.build(
+            options.base_port, options.brokers, options.dashboards, options.kafka_nodes
+        )
         self.children: list[Child] = []
         self.redis: ManagedProcess | None = None
         self.kafka: ManagedProcess | None = None
+        # --kafka-nodes 2+: the nodes, listed and stopped with the backend
+        self.kafka_cluster: KafkaCluster | None = None
+        kafka_servers = ",".join(f"{LOOPBACK}:{port}" for port, _ in self.ports.kafka_nodes)
         started_url = (
-            f"kafka://{LOOPBACK}:{self.ports.kafka}"
+            f"kafka://{kafka_servers}"
             if options.backend == "kafka"
             else f"redis://{LOOPBACK}:{self.ports.redis}/0"
         )
@@ -188,6 +214,8 @@ class LocalCluster:
             raise ClusterError("--brokers and --dashboards must be at least 1")
         if options.backend not in ("redis", "kafka"):
             raise ClusterError("--backend must be redis or kafka")
+        if options.kafka_nodes < 1:
+            raise ClusterError("--kafka-nodes must be at least 1")
         if options.backend_url is not None and not options.backend_url.startswith(
             ("redis://", "rediss://", "kafka://")
         ):
@@ -199,8 +227,9 @@ class LocalCluster:
         if options.backend_url is not None or options.backend != "redis":
             planned.remove(self.ports.redis)
         if options.backend_url is not None or options.backend != "kafka":
-            planned.remove(self.ports.kafka)
-            planned.remove(self.ports.kafka_controller)
+            for port, controller_port in self.ports.kafka_nodes:
+                planned.remove(port)
+                planned.remove(controller_port)
         busy = [port for port in planned if port_is_open(LOOPBACK, port)]
         if busy:
             raise ClusterError(
@@ -215,8 +244,7 @@ class LocalCluster:
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
         if self.options.backend_url is None and self.options.backend == "kafka":
-            self.kafka = self._start_kafka()
-            self.children.append(Child("kafka", self.kafka, self.ports.kafka))
+            self._start_kafka()
         elif self.options.backend_url is None:
             self.redis = self._start_redis()
             self.children.append(Child("redis", self.redis, self.ports.redis))
@@ -242,11 +270,23 @@ class LocalCluster:
         shutil.rmtree(data_dir, ignore_errors=True)
         return start_redis(self.ports.redis, data_dir)
 
-    def _start_kafka(self) -> ManagedProcess:
-        """A fresh one-node Kafka: like the cluster's Redis, it keeps nothing from a last run."""
+    def _start_kafka(self) -> None:
+        """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from
+        a last run. Its nodes are supervised children like any other."""
         data_dir = self.state_dir / "kafka"
         shutil.rmtree(data_dir, ignore_errors=True)
-        return start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
+        if self.options.kafka_nodes == 1:
+            self.kafka = start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
+            self.children.append(Child("kafka", self.kafka, self.ports.kafka))
+            return
+        self.kafka_cluster = start_kafka_cluster(
+            self.options.kafka_nodes, data_dir, ports=self.ports.kafka_nodes
+        )
+        ports = [port for port, _controller in self.ports.kafka_nodes]
+        for (name, process), port in zip(
+            self.kafka_cluster.processes().items(), ports, strict=True
+        ):
+            self.children.append(Child(name, process, port))
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
@@ -425,9 +465,18 @@ class LocalCluster:
     def stop(self) -> list[tuple[str, int | None]]:
         """Stop everything in reverse order of start, except the ingest, which goes after
         the other services so that it stores what the bridges forwarded until they stopped,
-        and the backend, which goes last; returns each child's exit code."""
+        and the backend, which goes last (the nodes of a Kafka cluster all at once: a node
+        stopping alone after the others would wait for a controller quorum that is gone);
+        returns each child's exit code."""
         ordered = sorted(reversed(self.children), key=lambda child: child.stop_rank)
-        return [(child.role, child.process.stop()) for child in ordered]
+        results = [
+            (child.role, child.process.stop())
+            for child in ordered
+            if self.kafka_cluster is None or child.stop_rank < BACKEND_RANK
+        ]
+        if self.kafka_cluster is not None:
+            results += self.kafka_cluster.stop()
+        return results
 
     # Status ------------------------------------------------------------------------------
     def status(self) -> Group:

@@ -38,6 +38,9 @@ def test_url_options_are_checked() -> None:
     assert backend.positions_topic == "fleet.positions"
     assert backend.last_topic == "fleet.last"
     assert backend.options.partitions == 6
+    # Replicas: min(3, brokers) when the topics are created, unless the URL says.
+    assert backend.options.replication is None
+    assert KafkaBackend.from_url("kafka://a:9092?replication=2").options.replication == 2
     with pytest.raises(ValueError, match="unknown kafka:// option"):
         from_url("kafka://a:9092?partition=6")
     with pytest.raises(ValueError, match="at least one broker"):

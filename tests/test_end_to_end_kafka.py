@@ -43,3 +43,21 @@ async def test_kafka_cluster_delivers_across_instances_once_in_order_and_stops_c
     assert "all cleanly" in output, output
     for role, pid in pids.items():
         assert not _alive(pid), f"{role} (pid {pid}) survived teamtrack up"
+
+
+def test_kafka_nodes_get_ports_and_all_of_them_are_the_backend_url(tmp_path: Path) -> None:
+    """`teamtrack up --backend kafka --kafka-nodes 3`: three nodes planned from the base port,
+    every one of them in the services' bootstrap list and in endpoints.json."""
+    from teamtrack.cluster import ClusterOptions, LocalCluster
+
+    options = ClusterOptions(
+        state_dir=tmp_path, base_port=21000, backend="kafka", kafka_nodes=3, simulate=False
+    )
+    cluster = LocalCluster(options)
+    assert cluster.ports.kafka_nodes == [(21101, 21102), (21103, 21104), (21105, 21106)]
+    bootstrap = "127.0.0.1:21101,127.0.0.1:21103,127.0.0.1:21105"
+    assert cluster.backend_url == f"kafka://{bootstrap}"
+    assert cluster.endpoints()["backend"] == f"kafka://{bootstrap}"
+    planned = list(cluster.ports.all_ports())
+    assert len(planned) == len(set(planned))
+    assert {21101, 21102, 21103, 21104, 21105, 21106} <= set(planned)

@@ -72,7 +72,9 @@ log = logging.getLogger(__name__)
 DEFAULT_PARTITIONS = 12
 DEFAULT_TOPIC_PREFIX = "teamtrack"
 DEFAULT_HISTORY_MS = 3_600_000
-DEFAULT_REPLICATION = 1
+# Replicas of the topics the backend creates, unless `?replication=` says: one per broker,
+# up to this many.
+MAX_DEFAULT_REPLICATION = 3
 # A fetch waits at most this long on the broker for new records. It bounds how late a team
 # added to a subscription starts to flow (the broker answers a connection's requests in order),
 # not the latency of live records: those end a waiting fetch at once.
@@ -118,7 +120,8 @@ class KafkaOptions:
     partitions: int = DEFAULT_PARTITIONS
     history_ms: int = DEFAULT_HISTORY_MS
     history: int | None = None
-    replication: int = DEFAULT_REPLICATION
+    # None: min(3, the brokers the cluster has when the topics are created).
+    replication: int | None = None
 
     @classmethod
     def from_url(cls, url: str) -> KafkaOptions:
@@ -140,9 +143,10 @@ class KafkaOptions:
             partitions=int(query.get("partitions", DEFAULT_PARTITIONS)),
             history_ms=int(query.get("history_ms", DEFAULT_HISTORY_MS)),
             history=int(query["history"]) if "history" in query else None,
-            replication=int(query.get("replication", DEFAULT_REPLICATION)),
+            replication=int(query["replication"]) if "replication" in query else None,
         )
-        if options.partitions < 1 or options.replication < 1 or options.history_ms < 1:
+        replication = 1 if options.replication is None else options.replication
+        if options.partitions < 1 or replication < 1 or options.history_ms < 1:
             raise ValueError("kafka:// partitions, replication and history_ms must be positive")
         if options.history is not None and options.history < 1:
             raise ValueError("kafka:// history must be positive")
@@ -152,11 +156,13 @@ class KafkaOptions:
     def bootstrap(self) -> str:
         return ",".join(self.bootstrap_servers)
 
-    @property
-    def min_insync_replicas(self) -> int:
-        # With 3+ replicas a write survives one broker loss; with fewer, requiring 2 in sync
-        # would stop all writes whenever one broker is down.
-        return 2 if self.replication >= 3 else 1
+
+
+def min_insync_replicas(replication: int) -> int:
+    """With 3+ replicas an acknowledged write is on at least 2 of them, so it survives the
+    loss of any one broker; with fewer, requiring 2 in sync would stop all writes whenever
+    one broker is down."""
+    return 2 if replication >= 3 else 1
 
 
 class KafkaBackend(Backend):
@@ -166,6 +172,8 @@ class KafkaBackend(Backend):
         self.last_topic = f"{options.topic_prefix}.last"
         # The topic's real partition count, read at start (an existing topic wins over the URL).
         self.partitions = options.partitions
+        # Replicas of the topics this backend creates: the URL's, or min(3, brokers) at start.
+        self.replication = options.replication or 1
         self._admin: Any = None
         self._producer: Any = None
         self._producer_lock = asyncio.Lock()
@@ -231,11 +239,14 @@ class KafkaBackend(Backend):
 
     async def _create_topics(self) -> None:
         options = self.options
-        common = {"min.insync.replicas": str(options.min_insync_replicas)}
+        if options.replication is None:
+            cluster = await self._admin.describe_cluster()
+            self.replication = max(1, min(MAX_DEFAULT_REPLICATION, len(cluster["brokers"])))
+        common = {"min.insync.replicas": str(min_insync_replicas(self.replication))}
         positions = NewTopic(
             self.positions_topic,
             options.partitions,
-            options.replication,
+            self.replication,
             topic_configs={
                 **common,
                 "cleanup.policy": "delete",
@@ -248,7 +259,7 @@ class KafkaBackend(Backend):
         last_known = NewTopic(
             self.last_topic,
             options.partitions,
-            options.replication,
+            self.replication,
             topic_configs={
                 **common,
                 "cleanup.policy": "compact",
@@ -311,10 +322,17 @@ class KafkaBackend(Backend):
             self._admin = None
 
     async def ping(self) -> bool:
-        if self._admin is None:
+        """True when any broker of the cluster answers.
+
+        Not the admin client's `describe_cluster`: that asks one broker picked at random from
+        metadata it refreshes every 5 minutes, so with one node of three down it failed about
+        one call in three (a dashboard's /healthz said 503) although the cluster served
+        everything. A consumer's `topics()` asks the known brokers in turn until one answers.
+        """
+        if self._store is None:
             return False
         try:
-            await asyncio.wait_for(self._admin.describe_cluster(), 5)
+            await asyncio.wait_for(self._store.any_broker_answers(), 5)
         except (KafkaError, OSError, TimeoutError):
             return False
         return True
@@ -553,6 +571,9 @@ class _LastKnownStore:
             if consumer is not None:
                 await _stop_consumer(consumer)
         self._consumer = self._offsets = None
+
+    async def any_broker_answers(self) -> None:
+        await self._offsets.topics()
 
     async def end_offset(self, partition: Any) -> int:
         offsets = await self.end_offsets([partition])
