@@ -68,6 +68,8 @@ class BridgeCounters:
     backend_errors: int = 0
     reconnects: int = 0
     connected: bool = False
+    # True once the broker granted this connection's subscription (SUBACK).
+    subscribed: bool = False
 
 
 class _CountersCollector(Collector):
@@ -112,6 +114,12 @@ class _CountersCollector(Collector):
         )
         connected.add_metric([broker], 1 if counters.connected else 0)
         yield connected
+        subscribed = GaugeMetricFamily(
+            "teamtrack_bridge_subscribed",
+            "1 once the broker granted this connection's subscription", labels=["broker"],
+        )
+        subscribed.add_metric([broker], 1 if counters.subscribed else 0)
+        yield subscribed
 
 
 @dataclass(frozen=True)
@@ -241,9 +249,11 @@ class BridgeService:
             client.subscribe(Subscription(WORKER_TOPIC_FILTER, qos=1, no_local=True))
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
+        self.counters.subscribed = True
         self._subscribed.set()
 
     def _on_disconnect(self, client: MQTTClient, packet: Any, exc: Any = None) -> None:
+        self.counters.subscribed = False
         if self._stopping:
             self.counters.connected = False
             return

@@ -46,6 +46,7 @@ from dashboard.frames import (
     sync_frame,
 )
 from dashboard.metrics import DashboardMetrics, TeamCounts
+from dashboard.repeats import RepeatFilter
 from teamtrack.backends import Backend, Batch, Cursor, Gap, Snapshot, TeamSubscription
 from teamtrack.retry import Backoff
 
@@ -150,6 +151,8 @@ class _Replay:
     def __init__(self, subscription: TeamSubscription, until: CursorKey) -> None:
         self.subscription = subscription
         self.until = until
+        # Repeats within the replayed batches (the team's filter has seen them all already).
+        self.repeats = RepeatFilter()
         self._read: asyncio.Task[Batch | Gap] | None = None
 
     def _reading(self) -> asyncio.Task[Batch | Gap]:
@@ -385,8 +388,10 @@ class Viewer:
             self._hub.metrics.replayed_batches.inc()
             key = self._hub.backend.cursor_key(item.cursor)
             if self._is_new(key):
-                batches.append(item)
-                size += len(item.raw)
+                filtered = replay.repeats.filter(item)
+                if filtered is not None:
+                    batches.append(filtered)
+                    size += len(filtered.raw)
             if key >= replay.until:
                 await self.close()  # the shared subscription's batches take over from here
                 break
@@ -432,6 +437,8 @@ class _TeamState:
     key: CursorKey = ()
     # Where the current subscription of the team started.
     subscribed_at: str = ""
+    # Positions shown already (at-least-once delivery repeats some), while subscribed.
+    repeats: RepeatFilter = field(default_factory=RepeatFilter)
 
 
 class TeamHub:
@@ -528,6 +535,7 @@ class TeamHub:
         # is still awaiting, and `_route` drops batches of teams without a cursor.
         state.cursor = state.subscribed_at = cursor
         state.key = self.backend.cursor_key(cursor)
+        state.repeats = RepeatFilter()
         try:
             await self.subscription.add(team, cursor)
         except BaseException:
@@ -608,6 +616,12 @@ class TeamHub:
             # move the resume point back.
             if key > state.key:
                 state.cursor, state.key = item.cursor, key
+            dropped = state.repeats.dropped
+            filtered = state.repeats.filter(item)
+            state.counts.repeats += state.repeats.dropped - dropped
+            if filtered is None:
+                return  # nothing but repeats: the viewers' cursors skip it, as a replay does
+            item = filtered
         now = asyncio.get_running_loop().time()
         for viewer in state.viewers:
             viewer.offer(item, key, now)

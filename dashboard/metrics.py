@@ -19,6 +19,8 @@ class TeamCounts:
 
     batches: int = 0
     events: int = 0
+    # Positions delivered again (at-least-once) and not shown again.
+    repeats: int = 0
 
 
 class DashboardMetrics:
@@ -114,11 +116,18 @@ class _PlainCounters(Collector):
         events = CounterMetricFamily(
             f"{PREFIX}_backend_events", "Events inside those batches", labels=["team"]
         )
+        repeats = CounterMetricFamily(
+            f"{PREFIX}_repeated_positions",
+            "Positions delivered again by the backend (at-least-once) and not shown again",
+            labels=["team"],
+        )
         for team, counts in sorted(self._metrics._teams.items()):
             batches.add_metric([team], counts.batches)
             events.add_metric([team], counts.events)
+            repeats.add_metric([team], counts.repeats)
         yield batches
         yield events
+        yield repeats
         frames = CounterMetricFamily(f"{PREFIX}_frames_sent", "WebSocket frames sent to viewers")
         frames.add_metric([], self._metrics.frames_sent)
         yield frames

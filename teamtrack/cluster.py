@@ -258,6 +258,7 @@ class LocalCluster:
         for child in self.children:
             if child.ready_port is not None:
                 child.process.wait_for_port(LOOPBACK, child.ready_port, timeout=30)
+        self._save_bridge_sessions()
         if self.options.simulate:
             self._start_simulator()
         self._write_endpoints()
@@ -269,6 +270,33 @@ class LocalCluster:
         data_dir = self.state_dir / "redis"
         shutil.rmtree(data_dir, ignore_errors=True)
         return start_redis(self.ports.redis, data_dir)
+
+    def _save_bridge_sessions(self, timeout: float = 30.0) -> None:
+        """Once every bridge's subscription is granted, have every broker save its database.
+
+        Mosquitto's persistence is a snapshot (every `autosave_interval`, and on SIGUSR1). A
+        broker that crashed before its first snapshot came back without the bridge's session,
+        and devices that reconnected before the bridge were answered `0x10` (no matching
+        subscribers, a success code) for positions it then threw away. From this snapshot on,
+        every snapshot holds the bridges' sessions, so a restarted broker queues the devices'
+        positions for its bridges whoever reconnects first.
+        """
+        deadline = time.monotonic() + timeout
+        for port in self.ports.bridge_metrics:
+            url = f"http://{LOOPBACK}:{port}/metrics"
+            while scrape_totals(url).get("teamtrack_bridge_subscribed", 0.0) < 1:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the bridge at {url} did not subscribe in {timeout:.0f}s")
+                time.sleep(0.05)
+        brokers = [child for child in self.children if child.role.startswith("broker-")]
+        for child in brokers:
+            database = self.state_dir / "brokers" / child.role / "mosquitto.db"
+            saved_before = database.stat().st_mtime_ns if database.exists() else 0
+            os.kill(child.process.pid, signal.SIGUSR1)
+            while not database.exists() or database.stat().st_mtime_ns == saved_before:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{child.role} did not save {database} in {timeout:.0f}s")
+                time.sleep(0.02)
 
     def _start_kafka(self) -> None:
         """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from

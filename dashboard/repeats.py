@@ -1,0 +1,96 @@
+"""Positions the live stream has shown already, so that none is shown twice.
+
+MQTT QoS 1 is at-least-once, and every hop that retries can deliver a position again: a device
+that resends after its broker went away before the PUBACK, a broker restarted from a snapshot
+that still held messages it had since delivered, a bridge that died between storing a batch
+and acknowledging it. The history keeps one row per (worker, ts, seq); the live stream drops
+the repeats here, at the dashboard, once per batch for all the viewers of a team.
+
+A position is a repeat when the same worker's same `seq` came with the same `ts` before. Per
+worker this keeps the `ts` of the newest `WINDOW` sequence numbers (a ring indexed by `seq`):
+a few hundred bytes per worker, one dict lookup and one array read per position. Within a
+device run `seq` grows by one per message, so the window covers the last `WINDOW` positions of
+each worker (a minute at 1 Hz): far longer than any redelivery takes (seconds). A `seq` older
+than the window cannot be told apart and is shown; a `seq` that starts again below it with a
+newer `ts` is a new run of the device, and the window starts again with it.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Final
+
+import orjson
+
+from teamtrack.backends import Batch
+
+WINDOW: Final = 64
+_EMPTY: Final = -1
+
+
+class _WorkerFixes:
+    """The `ts` of one worker's newest `WINDOW` sequence numbers."""
+
+    __slots__ = ("high", "newest_ts", "slots")
+
+    def __init__(self) -> None:
+        self.high = -1
+        self.newest_ts = -1
+        self.slots = array("q", [_EMPTY]) * WINDOW
+
+    def seen(self, seq: int, ts: int) -> bool:
+        """Whether (seq, ts) was seen already; records it if not."""
+        slots = self.slots
+        if seq > self.high:
+            if seq - self.high >= WINDOW:
+                self.slots = slots = array("q", [_EMPTY]) * WINDOW
+            else:
+                for skipped in range(self.high + 1, seq):
+                    slots[skipped % WINDOW] = _EMPTY
+            self.high = seq
+        elif seq <= self.high - WINDOW:
+            if ts <= self.newest_ts:
+                return False  # older than the window: cannot tell, so it is shown
+            # A newer fix under a much lower seq: the device started a new run.
+            self.slots = slots = array("q", [_EMPTY]) * WINDOW
+            self.high = seq
+        index = seq % WINDOW
+        if slots[index] == ts:
+            return True
+        slots[index] = ts
+        if ts > self.newest_ts:
+            self.newest_ts = ts
+        return False
+
+
+class RepeatFilter:
+    """Drops the positions of a team's batches that were seen before (see the module)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, _WorkerFixes] = {}
+        self.dropped = 0
+
+    def seen(self, worker: str, seq: int, ts: int) -> bool:
+        fixes = self._workers.get(worker)
+        if fixes is None:
+            fixes = self._workers[worker] = _WorkerFixes()
+        return fixes.seen(seq, ts)
+
+    def filter(self, batch: Batch) -> Batch | None:
+        """`batch` itself when nothing in it was seen; else a copy without the repeats (the
+        same cursor), or None when nothing is left."""
+        events = orjson.loads(batch.raw)
+        kept = []
+        for event in events:
+            if event["k"] == "p":
+                position = event["p"]
+                if self.seen(event["w"], position["seq"], position["ts"]):
+                    continue
+            kept.append(event)
+        repeats = len(events) - len(kept)
+        if not repeats:
+            return batch
+        self.dropped += repeats
+        if not kept:
+            return None
+        return Batch(batch.team, batch.cursor, orjson.dumps(kept))
