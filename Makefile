@@ -4,6 +4,8 @@
 #   make demo    the same bootstrap, then a local cluster with 3 teams of 50 simulated workers
 #   make bench   the same bootstrap, then the reference benchmark (docs/benchmarks/README.md);
 #                BENCH_ARGS adds options, e.g. make bench BENCH_ARGS="--shape few"
+#   make faults  the same bootstrap, then every fault scenario (tests/faults/, the Kafka cluster's
+#                node kills), the long ones included: `make test` runs a representative subset
 #
 # Runs as root on a fresh machine (CI) or as a user with sudo.
 
@@ -28,7 +30,7 @@ VENDOR := dashboard/static/vendor
 ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv assets kafka-jars test demo bench lint clean
+.PHONY: bootstrap system-deps venv assets kafka-jars test faults demo bench lint clean
 
 bootstrap: system-deps venv
 
@@ -89,8 +91,14 @@ kafka-jars: venv
 
 test: bootstrap assets kafka-jars
 	mkdir -p $(TEST_OUTPUT)
-	$(VENV)/bin/pytest -q -p no:cacheprovider --junitxml=$(TEST_OUTPUT)/junit.xml \
-		2>&1 | tee $(TEST_OUTPUT)/pytest.log
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not extended" \
+		--junitxml=$(TEST_OUTPUT)/junit.xml 2>&1 | tee $(TEST_OUTPUT)/pytest.log
+
+# Every fault scenario, each printing what was acknowledged, stored and shown (about 10 min).
+faults: bootstrap assets kafka-jars
+	mkdir -p $(TEST_OUTPUT)
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider -m faults \
+		--junitxml=$(TEST_OUTPUT)/faults.xml 2>&1 | tee $(TEST_OUTPUT)/faults.log
 
 demo: bootstrap assets kafka-jars
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50

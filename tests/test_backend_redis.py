@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -9,8 +10,9 @@ import pytest
 from backend_contract import BackendContract, position
 from redis.asyncio import Connection
 
-from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
+from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, Gap, from_url
 from teamtrack.backends.redis import RedisBackend
+from teamtrack.servers import free_port, start_redis
 
 
 class TestRedisBackend(BackendContract):
@@ -244,3 +246,44 @@ async def test_more_concurrent_commands_than_the_pool_holds_wait_for_a_connectio
     snapshots = await asyncio.gather(*(backend.snapshot(team) for team in teams))
     assert [set(snapshot.positions) for snapshot in snapshots] == [{"w1"}] * len(teams)
     await backend.close()
+
+
+async def test_a_redis_that_lost_its_data_is_a_gap_for_every_reader(tmp_path: Path) -> None:
+    """A Redis restarted without its data (no persistence, or a flushed database): the cursors
+    readers hold are not in the new logs, and what they missed is gone. A live reader and a
+    reader resuming from an old cursor both get a gap (they got a silent resume: 5
+    acknowledged positions skipped after such a restart)."""
+    port = free_port()
+    server = start_redis(port, tmp_path / "before")
+    url = f"redis://127.0.0.1:{port}/0"
+    backend = from_url(url)
+    await backend.start()
+    live = backend.subscribe()
+    try:
+        for seq in range(3):
+            await backend.publish([position("alpha", "w1", seq)])
+        cursor = (await backend.snapshot("alpha")).cursor
+        await live.add("alpha", cursor)
+        server.stop()
+        server = start_redis(port, tmp_path / "after")  # the same server, its data gone
+        for seq in range(3, 5):
+            for _attempt in range(50):
+                try:
+                    await backend.publish([position("alpha", "w1", seq)])
+                    break
+                except BackendError:
+                    await asyncio.sleep(0.1)
+        first = await asyncio.wait_for(anext(live), 10)
+        assert first == Gap("alpha", cursor)
+        second = await asyncio.wait_for(anext(live), 10)
+        assert isinstance(second, Batch)
+        assert [orjson.loads(e.body)["seq"] for e in second.events()] == [3]
+
+        resuming = backend.subscribe()
+        await resuming.add("alpha", cursor)
+        assert await asyncio.wait_for(anext(resuming), 10) == Gap("alpha", cursor)
+        await resuming.close()
+    finally:
+        await live.close()
+        await backend.close()
+        server.stop()

@@ -483,7 +483,8 @@ class RedisBackend(Backend):
         )
 
     async def trimmed_after(self, team: str, cursor: Cursor) -> bool:
-        """True if the entry right after `cursor` in the team's log was trimmed away."""
+        """True if the entry right after `cursor` in the team's log is gone: trimmed away, or
+        the log was started again since (see `_broken_chain`)."""
         try:
             oldest: Any = await self.client.xrange(self.log_key(team), count=1)
         except RedisError as error:
@@ -493,7 +494,7 @@ class RedisBackend(Backend):
         oldest_id, fields = oldest[0]
         if _stream_id(cursor) >= _stream_id(oldest_id.decode()):
             return False
-        return _stream_id(fields[b"p"].decode()) > _stream_id(cursor)
+        return _broken_chain(cursor, fields.get(b"p"))
 
     def subscribe(self) -> TeamSubscription:
         return _RedisSubscription(self)
@@ -510,6 +511,18 @@ class RedisBackend(Backend):
         return _RedisGroupConsumer(
             self, group, consumer, start=start, acknowledge=acknowledge, pace_s=pace_s
         )
+
+
+def _broken_chain(cursor: Cursor, predecessor: bytes | None) -> bool:
+    """Whether an entry read after `cursor` does not follow it: the entry names another
+    predecessor. Newer: the entries in between were trimmed. Older (or none, `0-0`): the log
+    was started again (a Redis restarted without its data, a flushed database), and what the
+    reader had before `cursor` is not in it. Reading from the start (`0-0`) takes whatever is
+    there, so nothing is missing then."""
+    if predecessor is None or cursor == "0-0":
+        return False
+    text = predecessor.decode()
+    return text != cursor and _stream_id(text) != _stream_id(cursor)
 
 
 def _decode_stored(team: str, raw: bytes) -> Event:
@@ -590,6 +603,8 @@ class _RedisSubscription(TeamSubscription):
             after = "0-0"
         elif await self._backend.trimmed_after(team, after):
             self._ready.append(Gap(team, after))
+            # Every entry still there is after the cursor: read them all, and the gap is told.
+            after = "0-0"
         self._cursors[team] = after
         await self._wake()
 
@@ -645,7 +660,10 @@ class _RedisSubscription(TeamSubscription):
                 continue
             for entry_id, fields in entries:
                 cursor = entry_id.decode()
+                previous = self._cursors[team]
                 self._cursors[team] = cursor
+                if _broken_chain(previous, _field(fields, b"p")):
+                    self._ready.append(Gap(team, previous))
                 raw = _field(fields, b"b")
                 if raw is not None:
                     self._ready.append(Batch(team, cursor, raw))

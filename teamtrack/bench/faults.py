@@ -27,7 +27,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -410,19 +410,35 @@ async def _until(condition: Callable[[], bool], limit_s: float) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _inject_all(cluster: LocalCluster, faults: Sequence[Fault], started: float) -> None:
+    """Each fault at its time from `started` (loop time); stalls overlap what follows them."""
+    loop = asyncio.get_running_loop()
+    injecting = []
+    for fault in sorted(faults, key=lambda fault: fault.at_s):
+        await asyncio.sleep(max(0.0, started + fault.at_s - loop.time()))
+        injecting.append(asyncio.create_task(_inject(cluster, fault)))
+    await asyncio.gather(*injecting)
+
+
 async def run_fault(
     cluster: LocalCluster,
-    fault: Fault,
+    fault: Fault | Sequence[Fault],
     load: FaultLoad | None = None,
     *,
     on_progress: Callable[[str], None] | None = None,
 ) -> FaultOutcome:
-    """Drive `load` against the running `cluster`, inject `fault`, and count (see the module)."""
+    """Drive `load` against the running `cluster`, inject `fault` (or several, each at its
+    time: a double fault), and count (see the module)."""
     load = load or FaultLoad()
     progress = on_progress or (lambda _text: None)
     assert cluster.provisioned is not None
-    if fault.action != "none":
-        _child(cluster, fault.role)
+    faults = [fault] if isinstance(fault, Fault) else list(fault)
+    if not faults:
+        raise FaultError("no fault to inject (Fault(role, 'none') is the control run)")
+    for each in faults:
+        if each.action != "none":
+            _child(cluster, each.role)
+    name = " + ".join(each.name for each in faults)
     await wait_recovered(cluster)
     token = cluster.provisioned.credentials.managers_of(load.team)[0].token
     dashboards = [f"http://{LOOPBACK}:{port}" for port in cluster.ports.dashboards]
@@ -433,7 +449,7 @@ async def run_fault(
     viewer = _Viewer(dashboards, load.team, token, load.viewer_dashboard)
     viewing = asyncio.create_task(viewer.run())
     devices = await asyncio.to_thread(_Devices, cluster, load)
-    outcome = FaultOutcome(fault.name)
+    outcome = FaultOutcome(name)
     stop = threading.Event()
     fault_at = 0.0
     supervising: asyncio.Task[None] | None = None
@@ -441,15 +457,15 @@ async def run_fault(
         await asyncio.wait_for(viewer.connected.wait(), 15)
         await asyncio.to_thread(devices.wait_connected)
         supervising = asyncio.create_task(_supervise(cluster))
-        progress(f"{fault.name}: {load.rate:g} positions/s for {load.duration_s:g}s")
+        progress(f"{name}: {load.rate:g} positions/s for {load.duration_s:g}s")
         publishing = asyncio.create_task(
             asyncio.to_thread(devices.publish_for, load.duration_s, load.rate, stop)
         )
-        await asyncio.sleep(fault.at_s)
-        fault_at = time.time()
-        await _inject(cluster, fault)
+        started = asyncio.get_running_loop().time()
+        fault_at = time.time() + min(each.at_s for each in faults)
+        await _inject_all(cluster, faults, started)
         await publishing
-        progress(f"{fault.name}: settling")
+        progress(f"{name}: settling")
         await _until(devices.all_answered, load.settle_s)
         await wait_recovered(cluster)
         acknowledged, _, _ = devices.outcome()
