@@ -29,6 +29,7 @@ async def serve(settings: IngestSettings) -> None:
         write_interval_s=settings.write_interval_ms / 1000,
         retention_days=settings.retention_days,
         retention_interval_s=settings.retention_interval_s,
+        recover_interval_s=settings.recover_interval_s,
     )
     registry = service_registry()
     store = HistoryStore.from_url(settings.history_url())

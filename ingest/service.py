@@ -25,19 +25,42 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
-from teamtrack.backends import Backend, GroupBatch, GroupConsumer
-from teamtrack.history import DecodedBatch, HistoryStore, WriteResult, decode_batch
+from teamtrack.backends import Backend, BackendError, Event, GroupBatch, GroupConsumer
+from teamtrack.contract import Kind
+from teamtrack.history import (
+    DecodedBatch,
+    HistoryStore,
+    StoredPosition,
+    WriteResult,
+    decode_batch,
+)
 from teamtrack.logs import RateLimitedLog
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
+# The origin of what the history gives back to a backend's last-known store.
+RECOVERED_ORIGIN = "history"
+
+
+def position_event(position: StoredPosition) -> Event:
+    """A stored position as the event a bridge would have forwarded (its payload rebuilt)."""
+    payload = {
+        name: value for name, value in (
+            ("lat", position.lat), ("lon", position.lon), ("ts", position.ts),
+            ("seq", position.seq), ("acc", position.acc), ("speed", position.speed),
+            ("heading", position.heading), ("battery", position.battery),
+        ) if value is not None
+    }
+    return Event(position.team, position.worker, Kind.POSITION, orjson.dumps(payload),
+                 RECOVERED_ORIGIN, position.ts, position.ts, 1)
 
 
 @dataclass(frozen=True)
@@ -53,6 +76,9 @@ class IngestConfig:
     retention_days: float = 0.0
     retention_interval_s: float = 3600.0
     retention_chunk: int = 5000
+    # How often to check whether the backend lost its last-known store (a Redis restarted
+    # without its data) and give it back from the history; 0: never.
+    recover_interval_s: float = 5.0
 
 
 @dataclass
@@ -71,6 +97,7 @@ class IngestCounters:
     retention_deleted: int = 0
     queued_batches: int = 0
     log_entries_missed: int = 0
+    last_known_recovered: int = 0
 
     def add(self, result: WriteResult) -> None:
         self.writes += 1
@@ -102,6 +129,9 @@ class _CountersCollector(Collector):
             ("log_entries_missed",
              "Backend log entries trimmed before the ingest read them (lost for the history)",
              counters.log_entries_missed),
+            ("last_known_recovered",
+             "Last-known positions and presence given back to a backend that lost them",
+             counters.last_known_recovered),
         ):
             family = CounterMetricFamily(f"teamtrack_ingest_{name}", help_text)
             family.add_metric([], value)
@@ -164,6 +194,10 @@ class IngestService:
         self._tasks.append(asyncio.create_task(self._write(consumer), name="ingest-writer"))
         if self.config.retention_days > 0:
             self._tasks.append(asyncio.create_task(self._retain(), name="ingest-retention"))
+        if self.config.recover_interval_s > 0:
+            self._tasks.append(
+                asyncio.create_task(self._recover_last_known(), name="ingest-last-known")
+            )
 
     async def wait(self) -> None:
         """Return when a task of the service ended; raise its error if it failed."""
@@ -268,6 +302,34 @@ class IngestService:
             )
 
     # Retention -----------------------------------------------------------------------------
+    async def _recover_last_known(self) -> None:
+        """Give a backend that lost its last-known store (managers' snapshots would list only
+        the workers heard from since) each worker's newest position and presence from the
+        history, within `recover_interval_s` of the loss."""
+        while True:
+            try:
+                recovered = await self.backend.recover_last_known(self._last_known_events)
+            except (BackendError, SQLAlchemyError, OSError) as error:
+                self._database_log.warning("last-known", "recovering last-known failed: %s", error)
+            else:
+                if recovered:
+                    self.counters.last_known_recovered += recovered
+                    log.warning("the backend had lost its last-known positions: gave back %d "
+                                "positions and presence changes from the history", recovered)
+            await asyncio.sleep(self.config.recover_interval_s)
+
+    async def _last_known_events(self) -> list[Event]:
+        events = []
+        for team in await self.store.teams():
+            newest_positions, newest_presence = await self.store.last_known(team)
+            events += [position_event(position) for position in newest_positions]
+            events += [
+                Event(team, change.worker, Kind.STATUS, change.status.encode(), RECOVERED_ORIGIN,
+                      change.ts, change.ts, 1)
+                for change in newest_presence
+            ]
+        return events
+
     async def _retain(self) -> None:
         keep_ms = int(self.config.retention_days * DAY_MS)
         while True:

@@ -36,6 +36,10 @@ class IngestSettings(ServiceSettings):
         30.0, ge=0, description="delete positions and presence older than this (0: keep all)"
     )
     retention_interval_s: float = Field(3600.0, gt=0, description="how often retention runs")
+    recover_interval_s: float = Field(
+        5.0, ge=0, description="how often to check whether the backend lost its last-known "
+        "positions, and give them back from the history (0: never)"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9102, ge=0, description="port of /metrics (0: any free port)")
 

@@ -302,6 +302,20 @@ def _stored(row: Any) -> StoredPosition:
     )
 
 
+async def _distinct(
+    connection: AsyncConnection, column: sa.Column[str], *where: sa.ColumnElement[bool]
+) -> list[str]:
+    """The distinct values of an indexed column (under `where`), one index seek each: a loose
+    index scan, where `SELECT DISTINCT` would read every row."""
+    found = []
+    smallest = sa.select(sa.func.min(column))
+    value = await connection.scalar(smallest.where(*where))
+    while value is not None:
+        found.append(value)
+        value = await connection.scalar(smallest.where(*where, column > value))
+    return found
+
+
 def _after(ts: sa.ColumnElement[int], tiebreak: sa.ColumnElement[int], cursor: PageCursor
            ) -> sa.ColumnElement[bool]:
     """(ts, tiebreak) > cursor, spelled so that both SQLite and PostgreSQL use the index."""
@@ -577,13 +591,34 @@ class HistoryStore:
         found: set[str] = set()
         async with self.engine.connect() as connection:
             for table in (positions, presence_changes):
-                team = await connection.scalar(sa.select(sa.func.min(table.c.team)))
-                while team is not None:
-                    found.add(team)
-                    team = await connection.scalar(
-                        sa.select(sa.func.min(table.c.team)).where(table.c.team > team)
-                    )
+                found.update(await _distinct(connection, table.c.team))
         return sorted(found)
+
+    async def last_known(self, team: str) -> tuple[list[StoredPosition], list[PresenceChange]]:
+        """Each worker's newest position and newest presence change: what a backend that lost
+        its last-known store is given back (`Backend.recover_last_known`). Two index seeks per
+        worker, whatever the length of the history."""
+        newest_positions: list[StoredPosition] = []
+        newest_presence: list[PresenceChange] = []
+        async with self.engine.connect() as connection:
+            for worker in await _distinct(connection, positions.c.worker, positions.c.team == team):
+                row = (await connection.execute(
+                    sa.select(*_POSITION_FIELDS)
+                    .where(positions.c.team == team, positions.c.worker == worker)
+                    .order_by(positions.c.ts.desc(), positions.c.seq.desc())
+                    .limit(1)
+                )).one()
+                newest_positions.append(_stored(row))
+            table = presence_changes
+            for worker in await _distinct(connection, table.c.worker, table.c.team == team):
+                change = (await connection.execute(
+                    sa.select(table.c.ts, table.c.status)
+                    .where(table.c.team == team, table.c.worker == worker)
+                    .order_by(table.c.ts.desc(), table.c.id.desc())
+                    .limit(1)
+                )).one()
+                newest_presence.append(PresenceChange(team, worker, change.ts, change.status))
+        return newest_positions, newest_presence
 
     async def delete_older_than(self, cutoff_ms: int, chunk: int = 5000) -> int:
         """Delete positions and presence changes before `cutoff_ms`, `chunk` rows per

@@ -212,3 +212,30 @@ def test_odd_events_are_counted_and_skipped_never_raised() -> None:
     assert decode_batch("alpha", b"{not json").skipped == {"not_json": 1}
     assert decode_batch("alpha", b'{"w": 1}').skipped == {"bad_batch": 1}
     assert decode_batch("Bad Team", orjson.dumps([good])).skipped == {"bad_team": 1}
+
+
+async def test_last_known_is_each_workers_newest_position_and_presence(
+    store: HistoryStore,
+) -> None:
+    await store.write(
+        [
+            position_row("w1", 3, T0 + 3000),
+            position_row("w1", 9, T0 + 9000),
+            position_row("w1", 4, T0 + 9000),  # same fix time: the higher seq is newer
+            position_row("w2", 1, T0 + 1000),
+            position_row("w3", 1, T0 + 5000, team="bravo"),
+        ],
+        [
+            presence_row("w1", "online", T0),
+            presence_row("w1", "offline", T0 + 8000),
+            presence_row("w4", "online", T0 + 100),
+        ],
+    )
+    newest_positions, newest_presence = await store.last_known("alpha")
+    assert [(p.worker, p.ts, p.seq) for p in newest_positions] == [
+        ("w1", T0 + 9000, 9), ("w2", T0 + 1000, 1)
+    ]
+    assert [(c.worker, c.ts, c.status) for c in newest_presence] == [
+        ("w1", T0 + 8000, "offline"), ("w4", T0 + 100, "online")
+    ]
+    assert await store.last_known("nobody") == ([], [])

@@ -28,10 +28,11 @@ from prometheus_client import CollectorRegistry
 
 from ingest.service import IngestConfig, IngestService
 from ingest.settings import IngestSettings
-from teamtrack.backends import Backend, Event, from_url
+from teamtrack.backends import Backend, BackendError, Event, from_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, WriteResult, create_engine, positions
 from teamtrack.metrics import scrape_totals
+from teamtrack.servers import free_port, start_redis
 from teamtrack.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -293,3 +294,62 @@ async def test_killed_ingest_process_restarts_and_stores_everything_once(
             process.kill()
             process.wait(5)
         await publisher.close()
+
+
+async def test_a_redis_that_lost_its_data_gets_its_last_known_back_from_the_history(
+    tmp_path: Path,
+) -> None:
+    """Redis restarted without its data: the managers' snapshot listed only the workers heard
+    from since (every other last-known position gone, while the history had them). The ingest
+    notices and gives each worker's newest position and presence back; a fix a bridge wrote
+    after the loss is newer and stays."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+    port = free_port()
+    server = start_redis(port, tmp_path / "before")
+    backend_url = f"redis://127.0.0.1:{port}/0"
+    publisher = from_url(backend_url)
+    service = IngestService(
+        IngestConfig(recover_interval_s=0.2), from_url(backend_url), HistoryStore.from_url(url),
+        CollectorRegistry(),
+    )
+    now = int(time.time() * 1000)
+    try:
+        await publisher.start()
+        await service.start()
+        await publisher.publish([
+            position_event("alpha", "w001", 0, now - 3000),
+            position_event("alpha", "w001", 1, now - 2000),
+            position_event("alpha", "w002", 0, now - 2500),
+            position_event("bravo", "w001", 5, now - 1000),
+            status_event("alpha", "w002", "offline", now - 1500),
+        ])
+        await service.wait_stored(4)
+        before = await publisher.snapshot("alpha")
+
+        server.stop()
+        server = start_redis(port, tmp_path / "after")  # the same server, its data gone
+        fresher = position_event("alpha", "w002", 1, now)
+
+        async def published() -> bool:
+            try:
+                await publisher.publish([fresher])
+            except BackendError:
+                return False
+            return True
+
+        await wait_for(published, timeout=10)
+
+        async def recovered() -> bool:
+            return service.counters.last_known_recovered > 0
+
+        await wait_for(recovered, timeout=10)
+        after = await publisher.snapshot("alpha")
+        assert set(after.positions) == {"w001", "w002"}
+        assert after.positions["w001"].body == before.positions["w001"].body
+        assert after.positions["w002"].body == fresher.body  # newer than the history's
+        assert after.presence["w002"].body == b"offline"
+        assert set((await publisher.snapshot("bravo")).positions) == {"w001"}
+    finally:
+        await service.stop()
+        await publisher.close()
+        server.stop()

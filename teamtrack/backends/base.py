@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -291,6 +291,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> bool:
         """True when the backend answers; used by health checks."""
+
+    async def recover_last_known(
+        self, load: Callable[[], Awaitable[Sequence[Event]]]
+    ) -> int:
+        """If the last-known store was lost (a Redis restarted without its data), fill it again
+        with `load()` (each worker's newest position and presence, from the history), keeping
+        whatever newer a bridge wrote meanwhile; the number of events given back (0 when
+        nothing was lost). The logs are not touched: what was lost from them stays lost, and
+        readers are told so (a gap).
+
+        This default does nothing: memory's store lives and dies with its only users, Kafka's
+        is a replicated topic on disk.
+        """
+        return 0
 
     async def __aenter__(self) -> Self:
         await self.start()

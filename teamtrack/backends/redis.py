@@ -185,6 +185,28 @@ local all_id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(a
 trim_by_age(KEYS[1], all_id, all_age)
 return team_count
 """
+# Gives a lost last-known store back (`RedisBackend.recover_last_known`): rare, so plain.
+# KEYS: per team its positions and their ts, its presence and its time. ARGV: per team, for
+# positions then presence, a count u and u triples (worker, ts, event JSON). Only a strictly
+# newer value replaces what a bridge may have written since the loss.
+_RESTORE = """
+local a = 1
+for k = 1, #KEYS, 2 do
+  local values_key, stamps_key = KEYS[k], KEYS[k + 1]
+  local u = tonumber(ARGV[a])
+  a = a + 1
+  for j = 1, u do
+    local worker, ts = ARGV[a], ARGV[a + 1]
+    local current = redis.call('HGET', stamps_key, worker)
+    if (not current) or tonumber(current) < tonumber(ts) then
+      redis.call('HSET', values_key, worker, ARGV[a + 2])
+      redis.call('HSET', stamps_key, worker, ts)
+    end
+    a = a + 3
+  end
+end
+return a
+"""
 # Redis names a script by its SHA-1 (EVALSHA); nothing here depends on SHA-1 being secure.
 _PUBLISH_SHA = hashlib.sha1(_PUBLISH.encode(), usedforsecurity=False).hexdigest().encode()
 # Teams per script call: `unpack` of the all-teams entry's fields stays far below Lua's stack
@@ -388,6 +410,34 @@ class RedisBackend(Backend):
 
     def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
         return _stream_id(cursor) if cursor else (0, 0)
+
+    async def recover_last_known(self, load: Callable[[], Awaitable[Sequence[Event]]]) -> int:
+        """See `Backend.recover_last_known`. The store is known to be whole while the key
+        `{prefix}:last-known` exists: written once it was filled, gone with everything else
+        when Redis lost its data."""
+        marker = f"{self.prefix}:last-known"
+        try:
+            if await self.client.exists(marker):
+                return 0
+            events = await load()
+            by_team: dict[str, list[Event]] = {}
+            for event in events:
+                by_team.setdefault(event.team, []).append(event)
+            restore = self.client.register_script(_RESTORE)
+            for team, team_events in by_team.items():
+                keys: list[str] = []
+                args: list[bytes | int] = []
+                for kind in (Kind.POSITION, Kind.STATUS):
+                    keys += self._store_keys(kind, team)
+                    chosen = [event for event in team_events if event.kind is kind]
+                    args.append(len(chosen))
+                    for event in chosen:
+                        args += [event.worker.encode(), event.ts, event.to_json()]
+                await restore(keys=keys, args=args)
+            await self.client.set(marker, b"1")
+        except RedisError as error:
+            raise BackendError(f"recovering the last-known store failed: {error}") from error
+        return len(events)
 
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
