@@ -8,11 +8,13 @@ the repeats here, at the dashboard, once per batch for all the viewers of a team
 
 A position is a repeat when the same worker's same `seq` came with the same `ts` before. Per
 worker this keeps the `ts` of the newest `WINDOW` sequence numbers (a ring indexed by `seq`):
-a few hundred bytes per worker, one dict lookup and one array read per position. Within a
-device run `seq` grows by one per message, so the window covers the last `WINDOW` positions of
-each worker (a minute at 1 Hz): far longer than any redelivery takes (seconds). A `seq` older
-than the window cannot be told apart and is shown; a `seq` that starts again below it with a
-newer `ts` is a new run of the device, and the window starts again with it.
+2 KiB per worker, one dict lookup and one array read per position. Within a device run `seq`
+grows by one per message, so the window covers the last `WINDOW` positions of each worker
+(four minutes at 1 Hz, 17 s at 15 Hz): longer than redeliveries take (a broker restored from a
+snapshot redelivers what it held for a bridge stalled up to then: 8 s of positions in the fault
+suite, which a window of 64 let through at 15 Hz). A `seq` older than the window cannot be told
+apart and is shown; a `seq` that starts again below it with a newer `ts` is a new run of the
+device, and the window starts again with it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import orjson
 
 from teamtrack.backends import Batch
 
-WINDOW: Final = 64
+WINDOW: Final = 256
 _EMPTY: Final = -1
 
 
