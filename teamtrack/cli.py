@@ -252,7 +252,10 @@ def endpoints_command(
 @app.command("bench")
 def bench_command(
     scenarios: Annotated[
-        str | None, typer.Option(help="comma-separated: baseline,redis,mqtt-mirror (default all)")
+        str | None,
+        typer.Option(help="comma-separated: baseline,redis,mqtt-mirror,kafka (default: all "
+                     "four), and faults (the fault suite under load, with recovery times; "
+                     "the rate is the first of --fixed-rates, the load --step-seconds long)"),
     ] = None,
     rates: Annotated[
         str | None, typer.Option(help="offered-rate ladder, msg/s (default 1k,2k,5k,...,50k)")
@@ -287,6 +290,9 @@ def bench_command(
         int, typer.Option(help="run every scenario this many times, in turn; targets take the "
                           "median (the host's noise changes from one quarter hour to the next)")
     ] = 1,
+    fault_backend: Annotated[
+        str, typer.Option(help="the cluster of --scenarios faults: redis, or kafka (3 nodes)")
+    ] = "redis",
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -298,7 +304,7 @@ def bench_command(
             drain_seconds=drain_seconds, shape=shape, workers=workers,
             few_workers=few_workers, teams=teams, generators=generators, qos=qos,
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
-            rounds=rounds,
+            rounds=rounds, fault_backend=fault_backend,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

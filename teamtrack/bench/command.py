@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from teamtrack.bench.config import (
 )
 from teamtrack.bench.report import print_summary, write_report
 from teamtrack.bench.runner import run_benchmark
-from teamtrack.bench.scenarios import SCENARIOS, parse_scenarios
+from teamtrack.bench.scenarios import FAULTS, SCENARIOS, parse_scenarios
 
 REPORTS_DIR = Path("reports")
 
@@ -73,6 +74,7 @@ def build_config(
     out: Path | None,
     progress: bool,
     rounds: int = 1,
+    fault_backend: str = "redis",
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -95,11 +97,26 @@ def build_config(
         state_dir=state_dir,
         show_progress=progress,
         rounds=rounds,
+        fault_backend=fault_backend,
     )
 
 
 def run_command(config: BenchConfig, console: Console) -> int:
-    """Run, report, print the summary; 1 if a scenario could not be measured at all."""
+    """Run, report, print the summary; 1 if a scenario could not be measured at all (or a
+    fault lost or doubled a position)."""
+    code = 0
+    if FAULTS in config.scenarios:
+        from teamtrack.bench.faultbench import run_fault_bench
+
+        code = run_fault_bench(
+            config.out_dir, console, backend=config.fault_backend,
+            rate=float(config.fixed_rates[0]) if config.fixed_rates else 300.0,
+            duration_s=config.step_seconds, show_progress=config.show_progress,
+        )
+        rest = tuple(name for name in config.scenarios if name != FAULTS)
+        if not rest:
+            return code
+        config = dataclasses.replace(config, scenarios=rest)
     try:
         result = asyncio.run(run_benchmark(config, console))
     except BenchError as error:
@@ -107,4 +124,4 @@ def run_command(config: BenchConfig, console: Console) -> int:
         return 1
     written = write_report(result, config.out_dir)
     print_summary(result, written, console)
-    return 1 if any(run.error for run in result.runs) else 0
+    return 1 if code or any(run.error for run in result.runs) else 0

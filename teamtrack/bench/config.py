@@ -72,6 +72,8 @@ class BenchConfig:
     # The whole plan this many times, scenarios interleaved, so that a path and the baseline it
     # is compared with are measured minutes apart in every round; targets take the median.
     rounds: int = 1
+    # The cluster `--scenarios faults` runs on: "redis" or "kafka" (three nodes).
+    fault_backend: str = "redis"
 
     def __post_init__(self) -> None:
         if not self.scenarios:
