@@ -160,11 +160,11 @@ class LocalCluster:
         if options.backend not in ("redis", "kafka"):
             raise ClusterError("--backend must be redis or kafka")
         if options.backend_url is not None and not options.backend_url.startswith(
-            ("redis://", "rediss://", "kafka://")
+            ("redis://", "rediss://", "redis+sentinel://", "kafka://")
         ):
             raise ClusterError(
-                "--backend-url must be a redis:// or kafka:// URL: the cluster's processes share"
-                " the backend (memory:// lives inside one process)"
+                "--backend-url must be a redis://, redis+sentinel:// or kafka:// URL: the"
+                " cluster's processes share the backend (memory:// lives inside one process)"
             )
         planned = list(self.ports.all_ports())
         if options.backend_url is not None or options.backend != "redis":
