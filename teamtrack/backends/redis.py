@@ -1,7 +1,7 @@
 """`redis://host:port/db` — Redis Streams as the cross-instance broadcast layer.
 
-Also `redis+sentinel://sentinel:26379,.../service/db` (the primary of a Sentinel service): see
-`redis_connect`.
+Also `redis+sentinel://sentinel:26379,.../service/db` (the primary of a Sentinel service) and
+`?wait_replicas=` (a publish waits for replicas): see `redis_connect`.
 
 Keys (prefix `tt`, change with `?prefix=`):
 
@@ -70,6 +70,7 @@ from teamtrack.backends.redis_connect import (
     RedisConnector,
     parse_backend_url,
     raise_if_cancelled,
+    replica_wait,
 )
 from teamtrack.contract import Kind
 from teamtrack.retry import Backoff
@@ -276,6 +277,8 @@ class RedisBackend(Backend):
         history_ms: int = DEFAULT_HISTORY_MS,
         group_history_ms: int = DEFAULT_GROUP_HISTORY_MS,
         claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int | None = None,
         sentinel_auth: bool = False,
     ) -> None:
         if min(history, group_history) < 1 or min(history_ms, group_history_ms) < 0:
@@ -284,8 +287,10 @@ class RedisBackend(Backend):
                 "history_ms and group_history_ms zero (no age cap) or positive"
             )
         self.url = url
-        # Where connections go: one server, or a Sentinel service's primary.
+        # Where connections go (one server, or a Sentinel service's primary), and whether a
+        # publish waits for replicas (`?wait_replicas=`).
         self._connector = RedisConnector(url, sentinel_auth=sentinel_auth)
+        self._wait = replica_wait(wait_replicas, wait_timeout_ms)
         self.prefix = prefix
         self.history = history
         self.group_history = group_history
@@ -431,6 +436,8 @@ class RedisBackend(Backend):
             raise BackendError(f"publish to redis failed: {error}") from error
 
     async def _execute_packed(self, command: bytes) -> Any:
+        if self._wait is not None:
+            return await self._wait.execute(self.client, command)
         return await _execute(self.client, command)
 
     def log_key_bytes(self, team: str) -> bytes:

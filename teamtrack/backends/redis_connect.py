@@ -1,4 +1,4 @@
-"""Where the Redis backend connects, and its URL options.
+"""Where the Redis backend connects, its URL options, and the publish that waits for replicas.
 
 Two kinds of URL:
 
@@ -14,6 +14,13 @@ Every connection of the backend asks the Sentinels for the primary when it conne
 pool's, each blocking reader's. After a failover the connections to the old primary fail (or
 answer READONLY, which redis-py turns into a connection error), are dropped, and the next one
 goes to the primary the Sentinels name then.
+
+`?wait_replicas=N&wait_timeout_ms=T` (either kind of URL) makes a publish return only once N
+replicas confirmed they hold it: the publish script and `WAIT N T` go out in one write, so the
+cost is one round trip plus the replicas' acknowledgement. Fewer than N within T: the publish
+raises (`ReplicasBehindError`, a `BackendError` for the caller) and the bridge acknowledges
+nothing and publishes the batch again; the first attempt may have reached the primary all the
+same, so a batch may then be stored twice (at least once; readers dedupe by worker and seq).
 """
 
 from __future__ import annotations
@@ -27,12 +34,16 @@ from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError, ResponseError
 
 SENTINEL_SCHEME = "redis+sentinel"
 SERVER_SCHEMES = ("redis", "rediss")
 DEFAULT_SENTINEL_PORT = 26379
 # Asking one Sentinel: a Sentinel that does not answer within this is skipped for the next one.
 SENTINEL_TIMEOUT_S = 1.0
+DEFAULT_WAIT_TIMEOUT_MS = 500
+# A WAIT blocks the connection; it must end well before the socket timeout (15 s) would.
+MAX_WAIT_TIMEOUT_MS = 10_000
 
 # The URL's query options: name -> type of the value.
 OPTIONS: dict[str, Callable[[str], Any]] = {
@@ -42,9 +53,15 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "history_ms": int,
     "group_history_ms": int,
     "claim_idle_ms": int,
+    "wait_replicas": int,
+    "wait_timeout_ms": int,
     "sentinel_auth": str,
 }
 SENTINEL_AUTH = {"none": False, "same": True}
+
+
+class ReplicasBehindError(RedisError):
+    """Fewer replicas than asked confirmed a write within the wait timeout."""
 
 
 def safe_url(url: str) -> str:
@@ -62,8 +79,8 @@ def safe_url(url: str) -> str:
 def parse_backend_url(url: str) -> tuple[str, dict[str, Any]]:
     """The server part of a backend URL (no query) and its options, checked strictly.
 
-    Unknown, repeated or empty options are refused with their name: a misspelt option used to
-    be ignored silently.
+    Unknown, repeated or empty options are refused with their name, so that a misspelt
+    `wait_replicas` cannot silently turn the replica wait off.
     """
     try:
         parts = urlsplit(url)
@@ -243,6 +260,66 @@ class RedisConnector:
         """Close the connections to the Sentinels (a later client opens them again)."""
         if self._manager is not None:
             await self._manager.aclose()
+
+
+class ReplicaWait:
+    """Runs a write and `WAIT replicas timeout` in one round trip; fails when replicas lag."""
+
+    def __init__(self, replicas: int, timeout_ms: int) -> None:
+        if replicas < 1:
+            raise ValueError("wait_replicas must be at least 1 to wait for replicas")
+        if not 1 <= timeout_ms <= MAX_WAIT_TIMEOUT_MS:
+            raise ValueError(
+                f"wait_timeout_ms must be from 1 to {MAX_WAIT_TIMEOUT_MS} (WAIT 0 waits forever)"
+            )
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        arguments = [b"WAIT", b"%d" % replicas, b"%d" % timeout_ms]
+        self._wait_command = b"*3\r\n" + b"".join(
+            b"$%d\r\n%s\r\n" % (len(argument), argument) for argument in arguments
+        )
+
+    async def execute(self, client: aioredis.Redis, command: bytes) -> Any:
+        """Send a packed command and WAIT together; the command's reply once enough replicas
+        hold it. An error reply of the command is raised after WAIT's reply was read (the
+        connection stays clean); too few replicas raise `ReplicasBehindError`."""
+        pool: Any = client.connection_pool
+        connection = await pool.get_connection()
+        failure: ResponseError | None = None
+        try:
+            await connection.send_packed_command(command + self._wait_command, check_health=False)
+            raise_if_cancelled()
+            try:
+                reply = await connection.read_response()
+            except ResponseError as error:  # an error reply: WAIT's reply still follows
+                failure = error
+            confirmed = await connection.read_response()
+        except ResponseError:
+            raise  # WAIT's own error reply: the connection is in a clean state
+        except BaseException:
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+        if failure is not None:
+            raise failure
+        if int(confirmed) < self.replicas:
+            raise ReplicasBehindError(
+                f"{int(confirmed)} of {self.replicas} replica(s) confirmed the write within "
+                f"{self.timeout_ms} ms; it is not acknowledged (a retry may store it twice)"
+            )
+        return reply
+
+
+def replica_wait(replicas: int, timeout_ms: int | None) -> ReplicaWait | None:
+    """The backend's replica wait from its options; None without `wait_replicas`."""
+    if replicas < 0:
+        raise ValueError("wait_replicas must be 0 (no wait) or positive")
+    if replicas == 0:
+        if timeout_ms is not None:
+            raise ValueError("wait_timeout_ms needs wait_replicas (1 or more)")
+        return None
+    return ReplicaWait(replicas, DEFAULT_WAIT_TIMEOUT_MS if timeout_ms is None else timeout_ms)
 
 
 def raise_if_cancelled() -> None:
