@@ -217,11 +217,11 @@ class LocalCluster:
         if options.kafka_nodes < 1:
             raise ClusterError("--kafka-nodes must be at least 1")
         if options.backend_url is not None and not options.backend_url.startswith(
-            ("redis://", "rediss://", "kafka://")
+            ("redis://", "rediss://", "redis+sentinel://", "kafka://")
         ):
             raise ClusterError(
-                "--backend-url must be a redis:// or kafka:// URL: the cluster's processes share"
-                " the backend (memory:// lives inside one process)"
+                "--backend-url must be a redis://, redis+sentinel:// or kafka:// URL: the"
+                " cluster's processes share the backend (memory:// lives inside one process)"
             )
         planned = list(self.ports.all_ports())
         if options.backend_url is not None or options.backend != "redis":

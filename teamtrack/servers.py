@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
@@ -164,3 +165,221 @@ def start_mosquitto(config_path: Path, port: int, host: str = LOOPBACK) -> Manag
     ).start()
     server.wait_for_port(host, port)
     return server
+
+
+@dataclass
+class SentinelGroup:
+    """A Redis primary, its replicas and three Sentinels on loopback, for failover tests.
+
+    `url()` is the `redis+sentinel://` URL of the group; `kill_primary()` SIGKILLs whichever
+    server is primary now and `wait_for_new_primary()` returns the port of the one the
+    Sentinels promote.
+    """
+
+    service: str
+    host: str
+    servers: dict[int, ManagedProcess]
+    sentinels: dict[int, ManagedProcess]
+    password: str | None = None
+
+    def url(self, db: int = 0, *, query: str = "") -> str:
+        """The group's `redis+sentinel://` URL (the password in it, for the tests)."""
+        auth = f":{self.password}@" if self.password else ""
+        hosts = ",".join(f"{self.host}:{port}" for port in self.sentinels)
+        suffix = f"?{query}" if query else ""
+        return f"redis+sentinel://{auth}{hosts}/{self.service}/{db}{suffix}"
+
+    def primary_port(self) -> int:
+        """The primary's port as the first Sentinel that answers reports it."""
+        import redis
+
+        for port in self.sentinels:
+            client = redis.Redis(host=self.host, port=port, password=self.password,
+                                 socket_timeout=1.0, socket_connect_timeout=1.0)
+            try:
+                address: Any = client.sentinel_get_master_addr_by_name(self.service)
+                return int(address[1])
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise ServerError(f"no sentinel of {self.service} answers")
+
+    def server_client(self, port: int) -> Any:
+        """A plain synchronous client of one data server (not through the Sentinels)."""
+        import redis
+
+        return redis.Redis(host=self.host, port=port, password=self.password,
+                           socket_timeout=5.0, socket_connect_timeout=1.0)
+
+    def kill_primary(self) -> int:
+        """SIGKILL the current primary (no shutdown, no last write); its port."""
+        port = self.primary_port()
+        server = self.servers[port]
+        if server.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                server.process.send_signal(signal.SIGKILL)
+            server.process.wait(5)
+        return port
+
+    def wait_for_new_primary(self, old_port: int, timeout: float = 30.0) -> int:
+        """The port of the server promoted in place of `old_port`, once it serves writes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ServerError):
+                port = self.primary_port()
+                if port != old_port and self._is_writable_primary(port):
+                    return port
+            time.sleep(0.05)
+        raise ServerError(
+            f"no new primary for {self.service} within {timeout}s:\n"
+            + "\n".join(sentinel.log_tail(10) for sentinel in self.sentinels.values())
+        )
+
+    def _is_writable_primary(self, port: int) -> bool:
+        import redis
+
+        client = self.server_client(port)
+        try:
+            role: Any = client.execute_command("ROLE")
+            return bytes(role[0]) == b"master"
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Until the replica is in sync and every Sentinel knows its two peers and the replica."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        waiting_for = "the first check"
+        while time.monotonic() < deadline:
+            try:
+                waiting_for = self._not_ready()
+                if not waiting_for:
+                    return
+            except (redis.RedisError, ServerError) as error:
+                waiting_for = f"{type(error).__name__}: {error}"
+            time.sleep(0.05)
+        processes = [*self.servers.values(), *self.sentinels.values()]
+        raise ServerError(
+            f"sentinel group {self.service} not ready within {timeout}s ({waiting_for}):\n"
+            + "\n".join(f"--- {process.name}\n{process.log_tail(8)}" for process in processes)
+        )
+
+    def _not_ready(self) -> str:
+        """What the group still waits for; empty once ready."""
+        import redis
+
+        primary = self.primary_port()
+        replicas = len(self.servers) - 1
+        client = self.server_client(primary)
+        try:
+            # A write every replica confirms: after a full sync Redis 7.0 streams writes to a
+            # replica only once it has acknowledged the sync (its once-a-second REPLCONF ACK),
+            # so "online" alone does not mean that WAIT would succeed yet.
+            client.set("sentinel-group:probe", b"1")
+            client.delete("sentinel-group:probe")
+            confirmed: Any = client.execute_command("WAIT", replicas, 100)
+        finally:
+            client.close()
+        if int(confirmed) < replicas:
+            return f"{confirmed} of {replicas} replicas confirming writes"
+        for port in self.sentinels:
+            sentinel = redis.Redis(host=self.host, port=port, password=self.password,
+                                   socket_timeout=1.0)
+            try:
+                state: Any = sentinel.sentinel_master(self.service)
+            finally:
+                sentinel.close()
+            if (state["num-other-sentinels"] < len(self.sentinels) - 1
+                    or state["num-slaves"] < replicas):
+                return f"sentinel {port} knowing its peers and replicas"
+        return ""
+
+    def stop(self) -> None:
+        for process in [*self.sentinels.values(), *self.servers.values()]:
+            process.stop()
+
+
+def start_sentinel_group(
+    data_dir: Path,
+    *,
+    service: str = "teamtrack",
+    replicas: int = 1,
+    password: str | None = None,
+    down_after_ms: int = 1000,
+    failover_timeout_ms: int = 5000,
+    host: str = LOOPBACK,
+) -> SentinelGroup:
+    """A primary, `replicas` replicas and three Sentinels (quorum 2) on free loopback ports.
+
+    Throwaway servers like `start_redis` (no persistence). Each Sentinel is told its peers and
+    the replica in its configuration, so the group can fail over as soon as it is ready rather
+    than after the Sentinels' discovery (hello messages every 2 s). With `password`, the data
+    servers and the Sentinels all require it.
+    """
+    import secrets
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    primary_port = free_port(host)
+    replica_ports = [free_port(host) for _ in range(replicas)]
+    sentinel_ports = [free_port(host) for _ in range(3)]
+    sentinel_ids = {port: secrets.token_hex(20) for port in sentinel_ports}
+    group = SentinelGroup(service, host, {}, {}, password)
+    try:
+        for port in (primary_port, *replica_ports):
+            argv = [
+                "redis-server",
+                "--port", str(port),
+                "--bind", host,
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(data_dir),
+                "--dbfilename", f"dump-{port}.rdb",
+                "--protected-mode", "yes",
+                # The replica's first full sync at once (the default waits 5 s for others).
+                "--repl-diskless-sync-delay", "0",
+            ]
+            if password:
+                argv += ["--requirepass", password, "--masterauth", password]
+            if port != primary_port:
+                argv += ["--replicaof", host, str(primary_port)]
+            server = ManagedProcess(f"redis:{port}", argv, data_dir / f"redis-{port}.log").start()
+            group.servers[port] = server
+            server.wait_for_port(host, port)
+        for port in sentinel_ports:
+            lines = [
+                f"port {port}",
+                f"bind {host}",
+                f"dir {data_dir}",
+                f"sentinel myid {sentinel_ids[port]}",
+                f"sentinel monitor {service} {host} {primary_port} 2",
+                f"sentinel down-after-milliseconds {service} {down_after_ms}",
+                f"sentinel failover-timeout {service} {failover_timeout_ms}",
+                f"sentinel parallel-syncs {service} 1",
+            ]
+            lines += [f"sentinel known-replica {service} {host} {replica}"
+                      for replica in replica_ports]
+            lines += [
+                f"sentinel known-sentinel {service} {host} {peer} {sentinel_ids[peer]}"
+                for peer in sentinel_ports
+                if peer != port
+            ]
+            if password:
+                lines += [f"sentinel auth-pass {service} {password}", f"requirepass {password}"]
+            config = data_dir / f"sentinel-{port}.conf"
+            # Sentinel rewrites its configuration file as the group changes: a file of its own.
+            config.write_text("\n".join(lines) + "\n")
+            sentinel = ManagedProcess(
+                f"sentinel:{port}", ["redis-server", str(config), "--sentinel"],
+                data_dir / f"sentinel-{port}.log",
+            ).start()
+            group.sentinels[port] = sentinel
+            sentinel.wait_for_port(host, port)
+        group.wait_ready()
+    except BaseException:
+        group.stop()
+        raise
+    return group

@@ -28,7 +28,10 @@ class ServiceSettings(BaseSettings):
 
     backend_url: str = Field(
         "memory://",
-        description="broadcast backend: memory://, redis://host:port/db",
+        description=(
+            "broadcast backend: memory://, redis://host:port/db,"
+            " redis+sentinel://host:port,host:port/service/db, kafka://host:port"
+        ),
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 

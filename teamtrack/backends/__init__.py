@@ -2,6 +2,8 @@
 
     memory://                 one process (single-process mode, demos)
     redis://host:port/db      Redis Streams
+    redis+sentinel://host:port,host:port/service/db
+                              Redis Streams on the primary that Redis Sentinel names
     kafka://host:port         Apache Kafka (a partitioned positions topic, a compacted store)
 """
 
@@ -23,7 +25,7 @@ from teamtrack.backends.base import (
     TeamSubscription,
 )
 
-SCHEMES = ("memory", "redis", "rediss", "kafka")
+SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "kafka")
 
 
 def from_url(url: str) -> Backend:
@@ -32,7 +34,7 @@ def from_url(url: str) -> Backend:
         from teamtrack.backends.memory import MemoryBackend
 
         return MemoryBackend.from_url(url)
-    if scheme in ("redis", "rediss"):
+    if scheme in ("redis", "rediss", "redis+sentinel"):
         from teamtrack.backends.redis import RedisBackend
 
         return RedisBackend.from_url(url)

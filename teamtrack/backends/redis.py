@@ -1,5 +1,8 @@
 """`redis://host:port/db` — Redis Streams as the cross-instance broadcast layer.
 
+Also `redis+sentinel://sentinel:26379,.../service/db` (the primary of a Sentinel service) and
+`?wait_replicas=` (a publish waits for replicas): see `redis_connect`.
+
 Keys (prefix `tt`, change with `?prefix=`):
 
 * `tt:log:{team}`   stream, one entry per forwarded batch of the team (field `b`), capped at
@@ -41,7 +44,6 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -63,6 +65,12 @@ from teamtrack.backends.base import (
     Snapshot,
     TeamSubscription,
     decode_event,
+)
+from teamtrack.backends.redis_connect import (
+    RedisConnector,
+    parse_backend_url,
+    raise_if_cancelled,
+    replica_wait,
 )
 from teamtrack.contract import Kind
 from teamtrack.retry import Backoff
@@ -247,19 +255,6 @@ async def _execute(client: aioredis.Redis, command: bytes) -> Any:
         await pool.release(connection)
 
 
-def raise_if_cancelled() -> None:
-    """Raise the cancellation that Python 3.11's `asyncio.wait_for` can lose.
-
-    redis-py sends every command through `asyncio.wait_for` when a socket timeout is set; on
-    Python 3.11 a cancellation that arrives just as the send completes is swallowed (the task
-    still counts it: `cancelling()`), and a reader loop would then go on reading forever, so
-    whoever cancelled it and waits for it (a dashboard's shutdown) waits forever too.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 StreamEntries = list[tuple[bytes, list[Any]]]
 """(stream key, [[entry id, [field, value, field, value, ...] or None], ...])"""
 
@@ -304,6 +299,9 @@ class RedisBackend(Backend):
         history_ms: int = DEFAULT_HISTORY_MS,
         group_history_ms: int = DEFAULT_GROUP_HISTORY_MS,
         claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int | None = None,
+        sentinel_auth: bool = False,
     ) -> None:
         if min(history, group_history) < 1 or min(history_ms, group_history_ms) < 0:
             raise ValueError(
@@ -311,6 +309,10 @@ class RedisBackend(Backend):
                 "history_ms and group_history_ms zero (no age cap) or positive"
             )
         self.url = url
+        # Where connections go (one server, or a Sentinel service's primary), and whether a
+        # publish waits for replicas (`?wait_replicas=`).
+        self._connector = RedisConnector(url, sentinel_auth=sentinel_auth)
+        self._wait = replica_wait(wait_replicas, wait_timeout_ms)
         self.prefix = prefix
         self.history = history
         self.group_history = group_history
@@ -335,16 +337,7 @@ class RedisBackend(Backend):
 
     @classmethod
     def from_url(cls, url: str) -> RedisBackend:
-        parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        options: dict[str, Any] = {}
-        if "prefix" in query:
-            options["prefix"] = query["prefix"][0]
-        for name in ("history", "group_history", "history_ms", "group_history_ms",
-                     "claim_idle_ms"):
-            if name in query:
-                options[name] = int(query[name][0])
-        server_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        server_url, options = parse_backend_url(url)
         return cls(server_url, **options)
 
     # Key names -------------------------------------------------------------------------
@@ -373,11 +366,10 @@ class RedisBackend(Backend):
             "socket_timeout": BLOCK_MS / 1000 + 10,
         }
         if not shared:
-            return aioredis.Redis.from_url(self.url, **options)
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_S, **options
+            return self._connector.client(**options)
+        return self._connector.pooled_client(
+            max_connections=POOL_CONNECTIONS, timeout=POOL_WAIT_S, **options
         )
-        return aioredis.Redis(connection_pool=pool)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -390,7 +382,9 @@ class RedisBackend(Backend):
         try:
             await self._load_script()
         except RedisError as error:
-            raise BackendError(f"redis at {_safe(self.url)} is unreachable: {error}") from error
+            raise BackendError(
+                f"redis at {self._connector.safe_url} is unreachable: {error}"
+            ) from error
 
     async def _load_script(self) -> None:
         loaded: Any = await self.client.script_load(_PUBLISH)
@@ -401,6 +395,7 @@ class RedisBackend(Backend):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        await self._connector.aclose()
 
     async def ping(self) -> bool:
         try:
@@ -491,6 +486,8 @@ class RedisBackend(Backend):
             raise BackendError(f"publish to redis failed: {error}") from error
 
     async def _execute_packed(self, command: bytes) -> Any:
+        if self._wait is not None:
+            return await self._wait.execute(self.client, command)
         return await _execute(self.client, command)
 
     def log_key_bytes(self, team: str) -> bytes:
@@ -577,18 +574,6 @@ def _broken_chain(cursor: Cursor, predecessor: bytes | None) -> bool:
 
 def _decode_stored(team: str, raw: bytes) -> Event:
     return decode_event(team, orjson.loads(raw))
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, ""))
 
 
 class _BlockingReader:

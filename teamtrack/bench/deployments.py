@@ -145,7 +145,7 @@ def start_local_cluster(
 def backend_of(endpoints: dict[str, object]) -> str:
     """The backend kind of a running cluster, from its endpoints: "redis", "kafka", ..."""
     scheme = urlsplit(str(endpoints.get("backend", ""))).scheme
-    return "redis" if scheme == "rediss" else scheme
+    return "redis" if scheme in ("rediss", "redis+sentinel") else scheme
 
 
 def read_endpoints(path: Path) -> dict[str, object]:
