@@ -7,8 +7,9 @@ and acknowledging it. The history keeps one row per (worker, ts, seq); the live 
 the repeats here, at the dashboard, once per batch for all the viewers of a team.
 
 A position is a repeat when the same worker's same `seq` came with the same `ts` before. Per
-worker this keeps the `ts` of the newest `WINDOW` sequence numbers (a ring indexed by `seq`):
-2 KiB per worker, one dict lookup and one array read per position. Within a device run `seq`
+worker this keeps the `ts` of the newest `WINDOW` sequence numbers (a ring indexed by `seq`,
+their low 31 bits, which tell apart fixes up to 24 days apart): 1.3 KiB per worker, one dict
+lookup and one array read per position. Within a device run `seq`
 grows by one per message, so the window covers the last `WINDOW` positions of each worker
 (four minutes at 1 Hz, 17 s at 15 Hz): longer than redeliveries take (a broker restored from a
 snapshot redelivers what it held for a bridge stalled up to then: 8 s of positions in the fault
@@ -28,6 +29,7 @@ from teamtrack.backends import Batch
 
 WINDOW: Final = 256
 _EMPTY: Final = -1
+_TS_BITS: Final = 0x7FFFFFFF
 
 
 class _WorkerFixes:
@@ -38,14 +40,14 @@ class _WorkerFixes:
     def __init__(self) -> None:
         self.high = -1
         self.newest_ts = -1
-        self.slots = array("q", [_EMPTY]) * WINDOW
+        self.slots = array("i", [_EMPTY]) * WINDOW
 
     def seen(self, seq: int, ts: int) -> bool:
         """Whether (seq, ts) was seen already; records it if not."""
         slots = self.slots
         if seq > self.high:
             if seq - self.high >= WINDOW:
-                self.slots = slots = array("q", [_EMPTY]) * WINDOW
+                self.slots = slots = array("i", [_EMPTY]) * WINDOW
             else:
                 for skipped in range(self.high + 1, seq):
                     slots[skipped % WINDOW] = _EMPTY
@@ -54,12 +56,13 @@ class _WorkerFixes:
             if ts <= self.newest_ts:
                 return False  # older than the window: cannot tell, so it is shown
             # A newer fix under a much lower seq: the device started a new run.
-            self.slots = slots = array("q", [_EMPTY]) * WINDOW
+            self.slots = slots = array("i", [_EMPTY]) * WINDOW
             self.high = seq
         index = seq % WINDOW
-        if slots[index] == ts:
+        stamp = ts & _TS_BITS
+        if slots[index] == stamp:
             return True
-        slots[index] = ts
+        slots[index] = stamp
         if ts > self.newest_ts:
             self.newest_ts = ts
         return False

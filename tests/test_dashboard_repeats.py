@@ -29,13 +29,20 @@ def test_a_repeat_is_seen_and_a_new_fix_is_not() -> None:
 
 def test_a_new_run_of_the_device_starts_the_window_again() -> None:
     repeats = RepeatFilter()
-    for seq in range(200):
+    for seq in range(WINDOW * 3):
         assert not repeats.seen("w1", seq, 1000 + seq)
     assert not repeats.seen("w1", 0, 5000)  # restarted device: seq 0, newer fix
     assert repeats.seen("w1", 0, 5000)
     assert not repeats.seen("w1", 1, 5001)
     # Older than the window of the first run: cannot be told apart, so it is shown.
     assert not repeats.seen("w1", 10, 1010)
+
+
+def test_fixes_further_apart_than_the_stamps_tell_are_not_repeats() -> None:
+    repeats = RepeatFilter()
+    assert not repeats.seen("w1", 3, 1_795_000_000_000)
+    assert repeats.seen("w1", 3, 1_795_000_000_000)
+    assert not repeats.seen("w1", 3, 1_795_000_000_001)
 
 
 def test_the_window_holds_the_newest_positions_of_each_worker() -> None:

@@ -467,7 +467,7 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
         "protocol websockets",
         "persistence true",
         f"persistence_location {tmp_path.resolve() / 'b1'}/",
-        "max_queued_messages 10000",
+        "max_queued_messages 100000",
         "set_tcp_nodelay true",
         "log_dest stdout",
     ]:
