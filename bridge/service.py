@@ -50,6 +50,9 @@ from .mqtt_fast import PublishWriter, install_inbound
 log = logging.getLogger(__name__)
 
 SUCCESS = 0
+# What a bridge holds unacknowledged at most (the broker's `max_inflight_messages` matches it):
+# about 8 MB of events, 2 s of 10,000 positions a second on one broker.
+RECEIVE_MAXIMUM = 20_000
 # Mirrored QoS 0 messages are written at the latest once this many are gathered.
 MIRROR_FLUSH_PACKETS = 1000
 
@@ -172,7 +175,10 @@ class BridgeService:
             clean_session=False,
             optimistic_acknowledgement=False,
             session_expiry_interval=config.session_expiry_s,
-            receive_maximum=1000,
+            # QoS 1 positions the broker may hand over before this bridge acknowledges them:
+            # while the backend is away they wait here, not only in the broker's memory, and
+            # survive the broker's crash (RECEIVE_MAXIMUM).
+            receive_maximum=RECEIVE_MAXIMUM,
         )
         self._client.set_auth_credentials(config.username, config.password)
         self.fast_inbound = install_inbound(self._client, self._accept)
