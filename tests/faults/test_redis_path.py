@@ -53,18 +53,26 @@ async def test_more_single_faults_lose_nothing(redis_cluster: LocalCluster, faul
 
 
 @pytest.mark.extended
-async def test_a_broker_crash_while_its_bridge_is_stalled_loses_at_most_one_save_interval(
+async def test_a_broker_crash_while_its_bridge_is_stalled_loses_nothing_held_for_it(
     redis_cluster: LocalCluster,
 ) -> None:
-    """A double fault: bridge-1 stalled, then broker-1 killed. What broker-1 acknowledged and
-    held for the stalled bridge since its last save (every 5 s) is gone: Mosquitto 2.0 keeps
-    no log. The window, measured: at most the broker's share of 5 s of positions."""
+    """A double fault: bridge-1 stalled, then broker-1 killed. Mosquitto 2.0 keeps what it
+    queues for a subscriber in memory between two saves; with 1,000 positions in flight per
+    bridge, the rest of what bridge-1 could not take (beyond 1,000) died with its broker (802
+    of 6,401 in a 12 s stall at 400 positions/s). Handed to the bridge (up to 20,000 in
+    flight), they wait in its socket and outlive the broker."""
     faults = [
-        Fault("bridge-1", "stall", at_s=3.0, stall_s=8.0),
-        Fault("broker-1", "kill", at_s=8.0),
+        Fault("bridge-1", "stall", at_s=1.0, stall_s=10.0),
+        Fault("broker-1", "kill", at_s=10.0),
     ]
-    outcome = await run_fault(redis_cluster, faults, LOAD)
-    print(outcome.summary())
-    per_broker_rate = LOAD.rate / 2
-    assert outcome.missing <= per_broker_rate * 6.0, outcome.summary()
-    assert outcome.stored_twice == 0 and outcome.shown_twice == 0, outcome.summary()
+    assert_nothing_lost(await run_fault(redis_cluster, faults, LOAD))
+
+
+@pytest.mark.extended
+async def test_a_broker_crash_while_the_backend_is_down_loses_nothing_held_for_it(
+    redis_cluster: LocalCluster,
+) -> None:
+    """Redis held down, then broker-1 killed: the bridge holds what it took in (601 of 6,401
+    lost with 1,000 in flight) and stores it once Redis is back."""
+    faults = [Fault("redis", "down", at_s=1.0, stall_s=10.0), Fault("broker-1", "kill", at_s=9.0)]
+    assert_nothing_lost(await run_fault(redis_cluster, faults, LOAD))
