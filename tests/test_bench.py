@@ -30,7 +30,12 @@ from teamtrack.bench.records import RecordLog, iter_records, message_key, split_
 from teamtrack.bench.report import write_report
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
 from teamtrack.bench.runner import select_devices
-from teamtrack.bench.scenarios import REDIS_CLUSTER, DeploymentKind, DeploymentSpec
+from teamtrack.bench.scenarios import (
+    REDIS_CLUSTER,
+    DeploymentKind,
+    DeploymentSpec,
+    parse_scenarios,
+)
 from teamtrack.bench.system import UsageReport, UsageSampler
 from teamtrack.cli import app
 from teamtrack.provision import ProvisionResult
@@ -370,3 +375,23 @@ async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> N
     assert delivery.duplicated == 0  # shown once by the dashboards, as on the redis path
     assert delivery.shed == 0
     assert {"bridge-1", "dashboard-2", "kafka"} <= set(step.usage.processes)
+
+
+def test_the_fault_report_has_every_fault_with_its_counts_and_a_plot(tmp_path: Path) -> None:
+    from teamtrack.bench.faultbench import fault_table, write_fault_report
+    from teamtrack.bench.faults import FaultLoad, FaultOutcome
+
+    clean = FaultOutcome("kill broker-1", published=10, acknowledged=10, stored=10, shown=10,
+                         recovery_s=1.2, max_latency_s=1.25)
+    lossy = FaultOutcome("kill redis", published=10, acknowledged=10, stored=8, missing=2,
+                         shown=8, not_shown=2)
+    assert clean.clean and not lossy.clean
+    written = write_fault_report([clean, lossy], tmp_path, "redis", FaultLoad())
+    assert [path.name for path in written] == ["faults.json", "faults.md", "faults.png"]
+    document = orjson.loads((tmp_path / "faults.json").read_bytes())
+    assert [fault["missing"] for fault in document["faults"]] == [0, 2]
+    summary = (tmp_path / "faults.md").read_text()
+    assert "| kill broker-1 | 10 | 10 | 0 | 0 | 10 | 0 | 0 | 1.2 s | 1.25 s |" in summary
+    assert "| kill redis | 10 | 8 | 2 |" in summary and "![recovery per fault]" in summary
+    assert fault_table([clean, lossy]).row_count == 2
+    assert parse_scenarios("faults,redis") == ("faults", "redis")
