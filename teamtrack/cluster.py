@@ -537,25 +537,31 @@ def _exit_code(process: ManagedProcess) -> int | None:
 
 
 def backend_answers(url: str, timeout: float = 0.5) -> bool:
-    """Whether the backend at `url` answers: Redis a PING (an error reply such as NOAUTH is an
-    answer too), Kafka a Metadata request to any of its bootstrap servers."""
+    """Whether the backend at `url` answers on any of its hosts: Redis (or a Sentinel) a PING
+    (an error reply such as NOAUTH is an answer too), Kafka a Metadata request; over TLS
+    (`rediss://`), a connection that opens."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    if parts.scheme == "kafka":
-        for server in parts.netloc.rsplit("@", 1)[-1].split(","):
-            host, _, port = server.rpartition(":")
-            if port.isdigit() and broker_answers_metadata(host or LOOPBACK, int(port), timeout):
+    default_port = {"kafka": 9092, "redis+sentinel": 26379}.get(parts.scheme, 6379)
+    for server in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = server.rpartition(":") if ":" in server else (server, "", "")
+        address = (host.strip("[]") or LOOPBACK, int(port) if port.isdigit() else default_port)
+        if parts.scheme == "kafka":
+            if broker_answers_metadata(*address, timeout):
                 return True
-        return False
-    try:
-        with socket.create_connection((parts.hostname or LOOPBACK, parts.port or 6379),
-                                      timeout=timeout) as connection:
-            connection.settimeout(timeout)
-            connection.sendall(b"PING\r\n")
-            return connection.recv(64)[:1] in (b"+", b"-")
-    except OSError:
-        return False
+            continue
+        try:
+            with socket.create_connection(address, timeout=timeout) as connection:
+                if parts.scheme == "rediss":
+                    return True
+                connection.settimeout(timeout)
+                connection.sendall(b"PING\r\n")
+                if connection.recv(64)[:1] in (b"+", b"-"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _count(counters: dict[str, float], name: str) -> str:

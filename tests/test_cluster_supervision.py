@@ -151,3 +151,18 @@ def test_an_external_backend_outage_is_logged_when_it_starts_and_ends(
     finally:
         cluster.stop()
         redis.stop()
+
+
+def test_the_probe_reads_every_kind_of_backend_url(tmp_path: Path) -> None:
+    """Any host of the URL that answers will do: Sentinel and Kafka URLs name several."""
+    port, closed = free_port(), free_port()
+    redis = start_redis(port, tmp_path / "redis")
+    try:
+        up = f"{LOOPBACK}:{port}"
+        down = f"{LOOPBACK}:{closed}"
+        assert cluster_module.backend_answers(f"redis://:secret@{up}/0")
+        assert cluster_module.backend_answers(f"redis+sentinel://{down},{up}/teamtrack/0")
+        assert not cluster_module.backend_answers(f"redis+sentinel://{down}/teamtrack/0")
+        assert not cluster_module.backend_answers(f"kafka://{down}")
+    finally:
+        redis.stop()
