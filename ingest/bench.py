@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ingest.service import IngestConfig, IngestService
 from teamtrack.backends import Backend, Event, from_url
+from teamtrack.backends.redis_connect import safe_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, default_database_url
 from teamtrack.history_postgres import start_postgres
@@ -144,7 +145,7 @@ def main() -> None:
         f"{settings.positions:,} positions of {settings.workers:,} workers in "
         f"{settings.teams} teams, {settings.events_per_batch} per backend batch, "
         f"at most {settings.max_batch_positions:,} rows per transaction, "
-        f"backend {settings.backend_url.split('?')[0]}",
+        f"backend {safe_url(settings.backend_url).split('?')[0]}",
         file=sys.stderr,
     )
     for result in asyncio.run(run(settings)):
