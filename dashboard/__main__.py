@@ -22,7 +22,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory
+from dashboard.connections import guarded_http_protocol, redact_uvicorn_logs
+from dashboard.guard import SiteSecurity, split_list
 from dashboard.hub import ViewerLimits
+from dashboard.login_guard import LoginLimits, release_large_buffers
 from dashboard.page import PageConfig
 from dashboard.settings import DashboardSettings
 from teamtrack.backends import BackendError, from_url
@@ -115,6 +118,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile_attribution=settings.tile_attribution,
         ),
         history_store=history_store,
+        site=SiteSecurity(
+            allowed_hosts=split_list(settings.allowed_hosts),
+            trusted_proxies=split_list(settings.trusted_proxies),
+            metrics_token=settings.metrics_token.get_secret_value(),
+        ),
+        login_limits=LoginLimits(
+            concurrency=settings.login_concurrency,
+            queue=settings.login_queue,
+            per_address_per_minute=settings.login_per_address_per_minute,
+            per_account_per_minute=settings.login_per_account_per_minute,
+        ),
     )
     log.info(
         "instance %s: %d manager(s), backend %s://, history %s",
@@ -126,9 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        # Behind no proxy by default: X-Forwarded-* from clients must not fake https or IPs.
+        # X-Forwarded-* are read by the app, from --trusted-proxies only (dashboard/app.py).
         proxy_headers=False,
         server_header=False,
+        # The open internet: idle, slowloris and surplus connections are closed
+        # (dashboard/connections.py, docs/security.md).
+        http=guarded_http_protocol(settings.header_timeout_s),
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         # Chosen explicitly: it implements the WebSocket denial-response extension that the
         # 401/403 handshake refusals rely on (the legacy "websockets" one is deprecated).
         ws="websockets-sansio",
@@ -138,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     # After Server(): the config has installed uvicorn's own logging set-up by now.
     logging.getLogger("uvicorn.error").addFilter(_SpuriousHandshakeError())
+    redact_uvicorn_logs()
+    release_large_buffers()
     config.load()  # the protocol modules are imported now, so that they are settled too
     settle_heap()
     server.run()

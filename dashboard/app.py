@@ -7,9 +7,12 @@
     GET  /api/teams/{team}/positions             the team's snapshot
     GET  /api/teams/{team}/history, .../track... the SQL history (dashboard/history_api.py)
     WS   /ws/teams/{team}[?after=cursor]         snapshot or resume, then live (docs/protocol.md)
-    GET  /healthz  GET /metrics                  for operators, no credentials needed
+    GET  /healthz                                for operators and load balancers
+    GET  /metrics                                loopback clients only, or a metrics token
 
 Everything under /api and /ws takes `Authorization: Bearer <token>` or the session cookie.
+Every request must name an allowed host; login and logout refuse other sites' forms, and
+password checks are rate limited and bounded (dashboard/guard.py, dashboard/login_guard.py).
 """
 
 from __future__ import annotations
@@ -24,14 +27,23 @@ from typing import Annotated, Final
 from fastapi import Depends, FastAPI, Form, Request, WebSocket, status
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from dashboard.auth import SESSION_COOKIE, Authenticator, Manager, current_manager, require_team
+from dashboard.auth import (
+    SESSION_COOKIE,
+    Authenticator,
+    Manager,
+    current_manager,
+    form_post_is_own,
+    require_team,
+)
 from dashboard.frames import snapshot_json
+from dashboard.guard import SiteGuard, SiteSecurity, metrics_allowed
 from dashboard.history_api import history_router, unconfigured_history_router
 from dashboard.hub import TeamHub, ViewerLimits
 from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
+from dashboard.login_guard import LoginGuard, LoginLimits, LoginRefused
 from dashboard.metrics import DashboardMetrics
 from dashboard.page import PageConfig
 from teamtrack.backends import Backend
@@ -54,9 +66,16 @@ def create_app(
     stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
     page_config: PageConfig | None = None,
     history_store: HistoryStore | None = None,
+    site: SiteSecurity | None = None,
+    login_limits: LoginLimits | None = None,
 ) -> FastAPI:
     """The app for one instance; its lifespan starts and stops the backend and the hub, and
-    closes `history_store` (read only, never migrated here; None: no history configured)."""
+    closes `history_store` (read only, never migrated here; None: no history configured).
+
+    `site` None: any Host, no trusted proxy, `/metrics` for local clients (tests);
+    `python -m dashboard` passes its settings."""
+    site = site if site is not None else SiteSecurity()
+    login_guard = LoginGuard(authenticator.directory, login_limits)
     metrics = DashboardMetrics(registry)
     hub = TeamHub(backend, metrics, limits=viewer_limits)
     config = page_config if page_config is not None else PageConfig()
@@ -75,6 +94,7 @@ def create_app(
             finally:
                 await hub.stop()
         finally:
+            login_guard.close()
             try:
                 await backend.close()
             finally:
@@ -91,6 +111,13 @@ def create_app(
     app.state.authenticator = authenticator
     app.state.hub = hub
     app.state.metrics = metrics
+    app.state.login_guard = login_guard
+    # The last one added runs first: the proxy's word on scheme and client, then the guard.
+    app.add_middleware(
+        SiteGuard, allowed_hosts=site.allowed_hosts, max_body_bytes=site.max_body_bytes
+    )
+    if site.trusted_proxies:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=list(site.trusted_proxies))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if history_store is not None:
         app.include_router(history_router(history_store))
@@ -115,10 +142,18 @@ def create_app(
         username: Annotated[str, Form(max_length=128)],
         password: Annotated[str, Form(max_length=1024)],
     ) -> Response:
-        # scrypt takes tens of milliseconds: off the event loop, or every viewer stalls.
-        manager = await run_in_threadpool(
-            authenticator.directory.authenticate_password, username, password
-        )
+        if not form_post_is_own(request.headers, request.url.scheme):
+            metrics.logins.labels("cross_site").inc()
+            return PlainTextResponse("cross-site form refused", status.HTTP_403_FORBIDDEN)
+        client = request.client.host if request.client else None
+        try:
+            # scrypt, off the event loop on a few threads of its own, within the limits.
+            manager = await login_guard.check(client, username, password)
+        except LoginRefused as refused:
+            metrics.logins.labels("limited" if refused.status == 429 else "busy").inc()
+            refusal = login_form(refused.reason, refused.status)
+            refusal.headers["Retry-After"] = str(refused.retry_after_s)
+            return refusal
         if manager is None:
             metrics.logins.labels("failed").inc()
             return login_form("Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
@@ -135,8 +170,10 @@ def create_app(
         )
         return response
 
-    @app.post("/logout")
-    async def log_out(request: Request) -> RedirectResponse:
+    @app.post("/logout", response_model=None)
+    async def log_out(request: Request) -> Response:
+        if not form_post_is_own(request.headers, request.url.scheme):
+            return PlainTextResponse("cross-site form refused", status.HTTP_403_FORBIDDEN)
         response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
         response.delete_cookie(
             SESSION_COOKIE,
@@ -202,7 +239,10 @@ def create_app(
         return JSONResponse(document, status_code=200 if reachable else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if not metrics_allowed(request, site.metrics_token):
+            # As if there were none: nothing to learn for whoever may not read it.
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
         return Response(render(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import HTTPException, Request, status
@@ -224,15 +225,53 @@ def require_team(manager: Manager, team: str) -> None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "not your team")
 
 
-def origin_matches_host(headers: Mapping[str, str]) -> bool:
-    """False when a browser says the page that opened this socket came from another site.
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
+# A WebSocket's scope says ws/wss; the page that opened it was http/https.
+_WEB_SCHEMES: Final = {"ws": "http", "wss": "https"}
+
+
+def _origin(scheme: str, authority: str) -> str:
+    """`scheme://host[:port]`, lower case, without the scheme's default port."""
+    scheme = _WEB_SCHEMES.get(scheme.lower(), scheme.lower())
+    authority = authority.lower()
+    default_port = _DEFAULT_PORTS.get(scheme)
+    if default_port is not None and authority.endswith(f":{default_port}"):
+        authority = authority[: -len(default_port) - 1]
+    return f"{scheme}://{authority}"
+
+
+def _is_own_origin(origin: str, scheme: str, headers: Mapping[str, str]) -> bool:
+    origin_scheme, separator, authority = origin.partition("://")
+    host = headers.get("host")
+    if not separator or not authority or "/" in authority or host is None:
+        return False  # "null" (sandboxed frames, privacy redirects) and anything malformed
+    return _origin(origin_scheme, authority) == _origin(scheme, host)
+
+
+def origin_matches_site(headers: Mapping[str, str], scheme: str) -> bool:
+    """False when a browser says the page that opened this socket came from another origin.
 
     Browsers attach cookies to cross-site WebSocket handshakes and the Same-Origin Policy does
     not apply to them, so without this check any web page could read a logged-in manager's team.
+    The whole origin counts, scheme included: behind a TLS proxy (`scheme` is then `wss`), a
+    page served over plain http on the same host and port is another origin.
+    """
+    origin = headers.get("origin")
+    return origin is None or _is_own_origin(origin, scheme, headers)
+
+
+def form_post_is_own(headers: Mapping[str, str], scheme: str) -> bool:
+    """False for a form posted by another site's page (login or logout CSRF).
+
+    Browsers send `Origin` with every POST (`null` when the page's referrer policy hides it,
+    which is why the pages use `same-origin` or `strict-origin-when-cross-origin`); without it,
+    `Referer` is checked; with neither the client is not a browser, and cannot be tricked.
     """
     origin = headers.get("origin")
     if origin is None:
-        return True
-    _, separator, authority = origin.partition("://")
-    host = headers.get("host")
-    return bool(separator) and host is not None and authority.lower() == host.lower()
+        referer = headers.get("referer")
+        if referer is None:
+            return True
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else "null"
+    return _is_own_origin(origin, scheme, headers)

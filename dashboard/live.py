@@ -20,7 +20,7 @@ import orjson
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from dashboard.auth import Authenticator, origin_matches_host
+from dashboard.auth import Authenticator, origin_matches_site
 from dashboard.frames import PONG_FRAME
 from dashboard.hub import TeamHub, Viewer
 from dashboard.metrics import DashboardMetrics
@@ -47,7 +47,7 @@ def handshake_refusal(
         return 401
     # Bearer tokens are never sent by browsers on their own, so only cookie logins can be
     # abused by another site's page (cross-site WebSocket hijacking).
-    if identity.by_cookie and not origin_matches_host(websocket.headers):
+    if identity.by_cookie and not origin_matches_site(websocket.headers, websocket.url.scheme):
         return 403
     if not (is_slug(team) and identity.manager.may_view(team)):
         return 403

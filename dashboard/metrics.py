@@ -90,7 +90,8 @@ class DashboardMetrics:
         )
         self.logins = Counter(
             f"{PREFIX}_logins",
-            "Login form submissions, by outcome",
+            "Login form submissions, by outcome: ok, failed, limited (429), busy (503),"
+            " cross_site (403)",
             ["outcome"],
             registry=registry,
         )

@@ -67,7 +67,9 @@ class PageConfig:
             ),
             "X-Content-Type-Options": "nosniff",
             # Tile servers may ask for a referrer (OpenStreetMap's policy does): the origin only,
-            # never a path.
-            "Referrer-Policy": "strict-origin" if origin else "no-referrer",
+            # never a path. Never "no-referrer": browsers then send `Origin: null` with the
+            # page's own forms, which the login and logout CSRF check must refuse.
+            "Referrer-Policy": "strict-origin-when-cross-origin" if origin else "same-origin",
+            "X-Frame-Options": "DENY",
             "Cache-Control": "no-store",
         }

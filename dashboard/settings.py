@@ -74,6 +74,60 @@ class DashboardSettings(ServiceSettings):
         ),
     )
 
+    allowed_hosts: str = Field(
+        "localhost,127.0.0.1,::1",
+        description=(
+            "comma-separated names the Host header may carry (the site's public name; "
+            "'*.example.org' for its subdomains; '*' for any); other hosts get 400, "
+            "/healthz and /metrics included"
+        ),
+    )
+    trusted_proxies: str = Field(
+        "",
+        description=(
+            "comma-separated addresses or networks of the TLS proxies in front: their "
+            "X-Forwarded-Proto (https: Secure cookies, wss origins) and X-Forwarded-For (the "
+            "client address the login limits count) are believed; nobody else's are"
+        ),
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "bearer token /metrics asks for (give it as TEAMTRACK_METRICS_TOKEN); empty: "
+            "/metrics answers loopback clients that came through no proxy, 404 to anyone else"
+        ),
+    )
+    login_concurrency: int = Field(
+        2, ge=1, le=64,
+        description="password checks (scrypt, ~16 MB each) run at once, on threads of their own",
+    )
+    login_queue: int = Field(
+        32, ge=0, description="password checks waiting beyond those; more get 503 + Retry-After"
+    )
+    login_per_address_per_minute: int = Field(
+        10, ge=0,
+        description="failed logins a client address (IPv6: a /64) may make per minute, in a "
+        "burst or spread; then 429 + Retry-After (0: no limit)",
+    )
+    login_per_account_per_minute: int = Field(
+        5, ge=0,
+        description="failed logins per username per minute from all addresses together; then "
+        "429 + Retry-After (0: no limit)",
+    )
+    max_connections: int = Field(
+        1000, ge=1,
+        description="open connections (live WebSockets included); a connection beyond gets 503"
+        " and is closed",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="a request's headers must arrive within this long (idle and slowloris "
+        "connections are closed with 408)",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="an idle keep-alive connection is closed after this long"
+    )
+
     @field_validator("tile_url")
     @classmethod
     def _check_tile_url(cls, value: str) -> str:

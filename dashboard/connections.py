@@ -1,0 +1,146 @@
+"""What uvicorn lacks for the open internet: a deadline for request headers, a bound on their
+size, a connection cap answered at once, and access logs without query strings.
+
+uvicorn closes a keep-alive connection left idle after a response (`timeout_keep_alive`), but
+not one that never sends a request, nor one that sends its headers a byte at a time
+(slowloris): 2,000 idle and 50 slowloris connections stayed open on a dashboard indefinitely.
+`guarded_http_protocol` returns uvicorn's httptools protocol with:
+
+* a header deadline: from the moment a connection opens, and from the first byte of each
+  further request on it, the headers must be complete within `header_timeout_s`, or the
+  connection gets `408` and is closed;
+* at most `max_header_bytes` of request line and headers (`431` and closed beyond);
+* past `limit_concurrency` open connections (uvicorn's connection cap, which also counts live
+  WebSockets), a new connection gets `503` at once and is closed, instead of waiting for a
+  request to refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
+DEFAULT_MAX_HEADER_BYTES: Final = 64 * 1024
+
+log = logging.getLogger(__name__)
+
+
+def _plain_response(status: int, reason: str) -> bytes:
+    body = f"{status} {reason}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+_TIMED_OUT: Final = _plain_response(408, "Request Timeout")
+_TOO_LARGE: Final = _plain_response(431, "Request Header Fields Too Large")
+_OVER_CAP: Final = _plain_response(503, "Service Unavailable")
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header deadline, a header size bound and an
+    immediate refusal over the connection cap (see the module's docstring)."""
+
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        # Bytes received since the current request began, while its headers are incomplete;
+        # None while no headers are being read.
+        self._header_bytes: int | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
+            self._refuse(_OVER_CAP)
+            return
+        self._expect_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_bytes is None and (self.cycle is None or self.cycle.response_complete):
+            # Between requests on a keep-alive connection: this is the next request's start
+            # (while a request is in progress, data is its body or a pipelined request).
+            self._expect_headers()
+        super().data_received(data)
+        # Counted after parsing: what completed the headers (and the body after them) is not.
+        if self._header_bytes is not None:
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes:
+                self._refuse(_TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        self._stop_deadline()
+        super().on_headers_complete()
+
+    def _expect_headers(self) -> None:
+        self._header_bytes = 0
+        if self._header_deadline is None:
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._timed_out)
+
+    def _stop_deadline(self) -> None:
+        self._header_bytes = None
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _timed_out(self) -> None:
+        self._header_deadline = None
+        self._refuse(_TIMED_OUT)
+
+    def _refuse(self, answer: bytes) -> None:
+        self._stop_deadline()
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+            self.transport.close()
+
+
+def guarded_http_protocol(
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> type[GuardedHttpProtocol]:
+    """The protocol class to give uvicorn as `http=`, with these bounds."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
+    )
+
+
+class RedactQueryStrings(logging.Filter):
+    """Cuts the query string out of the paths in uvicorn's access and WebSocket log lines.
+
+    Credentials are never accepted in a URL, but careless clients put them there anyway
+    (`?token=`), and a log must not keep what they sent: `/api/me?token=…` is logged as
+    `/api/me?<redacted>`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and "?" in arg for arg in record.args
+        ):
+            record.args = tuple(_redact(arg) for arg in record.args)
+        return True
+
+
+def _redact(arg: object) -> object:
+    if isinstance(arg, str) and arg.startswith("/") and "?" in arg:
+        return arg.partition("?")[0] + "?<redacted>"
+    return arg
+
+
+def redact_uvicorn_logs() -> None:
+    """Installs `RedactQueryStrings` on uvicorn's loggers (after uvicorn set its logging up)."""
+    redactor = RedactQueryStrings()
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(redactor)
