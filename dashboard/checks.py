@@ -17,12 +17,25 @@ from typing import Any, Final
 import orjson
 
 from teamtrack.backends import Snapshot
-from teamtrack.contract import ContractError, Presence, check_position_object, is_slug
+from teamtrack.contract import (
+    MAX_INTEGER,
+    OPTIONAL_RANGES,
+    ContractError,
+    Presence,
+    check_position_object,
+    is_slug,
+)
 
 # The fields of an event as `Event.to_json` writes them.
 EVENT_FIELDS: Final = frozenset({"w", "k", "o", "rx", "q", "p"})
 _STATUS_WORDS: Final = frozenset(presence.value for presence in Presence)
 _STATUS_BODIES: Final = frozenset(word.encode() for word in _STATUS_WORDS)
+_REQUIRED: Final = frozenset({"lat", "lon", "ts", "seq"})
+_KNOWN: Final = _REQUIRED | frozenset(OPTIONAL_RANGES)
+_OPTIONAL: Final = tuple(
+    (name, low, float("inf") if high is None else high)
+    for name, (low, high) in OPTIONAL_RANGES.items()
+)
 
 
 class EventCheck:
@@ -57,8 +70,11 @@ class EventCheck:
             return "bad_event"
         kind = event.get("k")
         if kind == "p":
-            try:
-                check_position_object(event.get("p"))
+            position = event.get("p")
+            if _plainly_valid(position):
+                return None
+            try:  # the contract's own check, for the reason (or a rare valid shape)
+                check_position_object(position)
             except ContractError as error:
                 return f"position_{error.reason.value}"
             return None
@@ -66,6 +82,34 @@ class EventCheck:
             payload = event.get("p")
             return None if type(payload) is str and payload in _STATUS_WORDS else "bad_status"
         return "bad_event"
+
+
+def _plainly_valid(position: Any) -> bool:
+    """True for a position that holds every rule of `check_position_object`, tested inline
+    (about a third of its cost); False sends it to that check, which names the reason."""
+    if type(position) is not dict:
+        return False
+    names = position.keys()
+    if not (names >= _REQUIRED and names <= _KNOWN):
+        return False
+    lat, lon, ts, seq = position["lat"], position["lon"], position["ts"], position["seq"]
+    # NaN fails every comparison; a bool is neither float nor int by type.
+    if not (
+        (type(lat) is float or type(lat) is int) and -90.0 <= lat <= 90.0
+        and (type(lon) is float or type(lon) is int) and -180.0 <= lon <= 180.0
+        and type(ts) is int and 0 <= ts <= MAX_INTEGER
+        and type(seq) is int and 0 <= seq <= MAX_INTEGER
+    ):
+        return False
+    if len(position) == 4:
+        return True
+    for name, low, high in _OPTIONAL:
+        value = position.get(name)
+        if value is not None and not (
+            (type(value) is float or type(value) is int) and low <= value <= high
+        ):
+            return False
+    return True
 
 
 def checked_snapshot(snapshot: Snapshot, rejected: Counter[str]) -> Snapshot:
