@@ -32,6 +32,8 @@ async def serve(settings: BridgeSettings) -> None:
         batch_max_events=settings.batch_max_events,
         batch_interval_s=settings.batch_interval_ms / 1000,
         max_pending_events=settings.max_pending_events,
+        device_rate_per_s=settings.device_rate_per_s,
+        device_burst=settings.device_burst,
     )
     registry = service_registry()
     service = BridgeService(config, from_url(settings.backend_url), registry)

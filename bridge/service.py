@@ -34,6 +34,7 @@ from teamtrack.contract import (
     WORKER_TOPIC_FILTER,
     ContractError,
     Kind,
+    Reason,
     decode_status,
     parse_topic,
     position_topic,
@@ -46,6 +47,7 @@ from teamtrack.retry import Backoff
 
 from .batcher import Batcher
 from .mqtt_fast import PublishWriter, install_inbound
+from .ratelimit import DeviceRateLimit
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,9 @@ class BridgeConfig:
     batch_max_events: int = 2000
     max_pending_events: int = 20000
     batch_interval_s: float = 0.0
+    # Messages a second one device (team, worker) may send, and how many at once (0: no limit).
+    device_rate_per_s: float = 0.0
+    device_burst: int = 100
 
 
 class BridgeService:
@@ -193,6 +198,11 @@ class BridgeService:
         self._client.on_subscribe = self._on_subscribe
         self._reconnect_backoff = Backoff(initial=0.5, maximum=15.0)
         self._rejections_log = RateLimitedLog(log)
+        self._device_limit = (
+            DeviceRateLimit(config.device_rate_per_s, config.device_burst)
+            if config.device_rate_per_s > 0
+            else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self._stopping = False
@@ -286,6 +296,12 @@ class BridgeService:
         now = int(time.time() * 1000)
         try:
             address = parse_topic(topic)
+            limit = self._device_limit
+            if limit is not None and not limit.allow(address.team, address.worker):
+                raise ContractError(
+                    Reason.RATE_LIMITED,
+                    f"{address.team}/{address.worker} over {self.config.device_rate_per_s:g}/s",
+                )
             if address.kind is Kind.POSITION:
                 kind, body, ts = Kind.POSITION, payload, validate_position(payload, now)
             else:

@@ -39,6 +39,18 @@ class BridgeSettings(ServiceSettings):
     max_pending_events: int = Field(
         20000, ge=1, description="events held while the backend is slow (QoS 0 beyond is dropped)"
     )
+    device_rate_per_s: float = Field(
+        10.0,
+        ge=0,
+        description="messages a second each device (team, worker) may send; the excess is "
+        "dropped and counted as rate_limited, QoS 1 still acknowledged (0: no limit)",
+    )
+    device_burst: int = Field(
+        100,
+        ge=1,
+        description="messages a device may send at once above its rate (a backlog after a "
+        "reconnect or a stalled bridge arrives at once: cover the longest one)",
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9101, ge=0, description="port of /metrics (0: any free port)")
 

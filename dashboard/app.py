@@ -206,7 +206,7 @@ def create_app(
     ) -> Response:
         require_team(manager, team)
         try:
-            snapshot = await backend.snapshot(team)
+            snapshot = await hub.snapshot(team)
         except Exception as error:
             # Not only BackendError: a driver may raise its own errors (redis-py's, for one).
             log.warning("snapshot of team %s failed: %s: %s", team, type(error).__name__, error)

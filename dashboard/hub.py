@@ -31,12 +31,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
 
+from dashboard.checks import checked_snapshot
 from dashboard.frames import (
     count_events,
     events_frame,
@@ -148,11 +149,14 @@ class _Replay:
     Reads run as a task that outlives a caller's timeout, so no read is ever abandoned halfway.
     """
 
-    def __init__(self, subscription: TeamSubscription, until: CursorKey) -> None:
+    def __init__(
+        self, subscription: TeamSubscription, until: CursorKey, rejected: Counter[str]
+    ) -> None:
         self.subscription = subscription
         self.until = until
-        # Repeats within the replayed batches (the team's filter has seen them all already).
-        self.repeats = RepeatFilter()
+        # Repeats within the replayed batches (the team's filter has seen them all already),
+        # and events a bridge could not have written, counted with the team's.
+        self.repeats = RepeatFilter(rejected)
         self._read: asyncio.Task[Batch | Gap] | None = None
 
     def _reading(self) -> asyncio.Task[Batch | Gap]:
@@ -306,7 +310,9 @@ class Viewer:
             self._ready_frames.append(resume_frame(self.team, after, now_ms()))
             return "current"
         subscription = backend.subscribe()
-        replay = _Replay(subscription, until)
+        replay = _Replay(
+            subscription, until, self._hub.metrics.team_counts(self.team).rejected
+        )
         try:
             await subscription.add(self.team, after)
             first = await replay.peek(REPLAY_FIRST_ITEM_WAIT_S)
@@ -421,7 +427,7 @@ class Viewer:
 
     async def _resync(self, gap: Gap) -> None:
         """History the viewer needed is gone: say so, then start over from a fresh snapshot."""
-        snapshot = await self._hub.backend.snapshot(self.team)
+        snapshot = await self._hub.snapshot(self.team)
         self._start_over(gap, snapshot)
 
 
@@ -498,6 +504,11 @@ class TeamHub:
             await self._subscription.close()
             self._subscription = None
 
+    async def snapshot(self, team: str) -> Snapshot:
+        """The backend's snapshot of `team` without what a bridge could not have written."""
+        snapshot = await self.backend.snapshot(team)
+        return checked_snapshot(snapshot, self.metrics.team_counts(team).rejected)
+
     async def join(self, team: str, after: Cursor | None = None) -> Viewer:
         """A viewer of `team`: from a snapshot, or resuming after `after`; raises `BackendError`."""
         state = self._teams.get(team)
@@ -514,7 +525,7 @@ class TeamHub:
             # Under the team's lock the snapshot is never older than the cursor the team was
             # subscribed at, so every batch after the snapshot reaches this viewer.
             async with state.lock:
-                snapshot = await self.backend.snapshot(team)
+                snapshot = await self.snapshot(team)
                 if state.cursor is None:
                     await self._subscribe(team, state, snapshot.cursor)
                 # The team cannot be dropped while this viewer is registered, so this is
@@ -535,7 +546,7 @@ class TeamHub:
         # is still awaiting, and `_route` drops batches of teams without a cursor.
         state.cursor = state.subscribed_at = cursor
         state.key = self.backend.cursor_key(cursor)
-        state.repeats = RepeatFilter()
+        state.repeats = RepeatFilter(state.counts.rejected)
         try:
             await self.subscription.add(team, cursor)
         except BaseException:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -21,6 +22,9 @@ class TeamCounts:
     events: int = 0
     # Positions delivered again (at-least-once) and not shown again.
     repeats: int = 0
+    # Events (and snapshot entries) read from the backend that no bridge could have written,
+    # by reason (dashboard.checks): dropped before any viewer.
+    rejected: Tally[str] = field(default_factory=Tally)
 
 
 class DashboardMetrics:
@@ -122,13 +126,22 @@ class _PlainCounters(Collector):
             "Positions delivered again by the backend (at-least-once) and not shown again",
             labels=["team"],
         )
+        rejected = CounterMetricFamily(
+            f"{PREFIX}_backend_rejected",
+            "Events read from the backend that break the contract (written around the bridges),"
+            " dropped before any viewer, by reason",
+            labels=["team", "reason"],
+        )
         for team, counts in sorted(self._metrics._teams.items()):
             batches.add_metric([team], counts.batches)
             events.add_metric([team], counts.events)
             repeats.add_metric([team], counts.repeats)
+            for reason, count in sorted(counts.rejected.items()):
+                rejected.add_metric([team, reason], count)
         yield batches
         yield events
         yield repeats
+        yield rejected
         frames = CounterMetricFamily(f"{PREFIX}_frames_sent", "WebSocket frames sent to viewers")
         frames.add_metric([], self._metrics.frames_sent)
         yield frames

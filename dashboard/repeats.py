@@ -21,10 +21,12 @@ device, and the window starts again with it.
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from typing import Final
 
 import orjson
 
+from dashboard.checks import EventCheck
 from teamtrack.backends import Batch
 
 WINDOW: Final = 256
@@ -69,11 +71,15 @@ class _WorkerFixes:
 
 
 class RepeatFilter:
-    """Drops the positions of a team's batches that were seen before (see the module)."""
+    """Drops the positions of a team's batches that were seen before (see the module), and,
+    on the same decode, the events a bridge could not have written (`dashboard.checks`),
+    counted by reason in `rejected`."""
 
-    def __init__(self) -> None:
+    def __init__(self, rejected: Counter[str] | None = None) -> None:
         self._workers: dict[str, _WorkerFixes] = {}
+        self._check = EventCheck()
         self.dropped = 0
+        self.rejected: Counter[str] = rejected if rejected is not None else Counter()
 
     def seen(self, worker: str, seq: int, ts: int) -> bool:
         fixes = self._workers.get(worker)
@@ -84,18 +90,33 @@ class RepeatFilter:
     def filter(self, batch: Batch) -> Batch | None:
         """`batch` itself when nothing in it was seen; else a copy without the repeats (the
         same cursor), or None when nothing is left."""
-        events = orjson.loads(batch.raw)
+        raw = batch.raw
+        try:
+            events = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.rejected["bad_batch"] += 1
+            return None
+        if type(events) is not list:
+            self.rejected["bad_batch"] += 1
+            return None
         kept = []
+        odd = self._check.odd
+        rejected = 0
         for event in events:
+            reason = odd(event)
+            if reason is not None:
+                self.rejected[reason] += 1
+                rejected += 1
+                continue
             if event["k"] == "p":
                 position = event["p"]
                 if self.seen(event["w"], position["seq"], position["ts"]):
                     continue
             kept.append(event)
-        repeats = len(events) - len(kept)
-        if not repeats:
+        self.dropped += len(events) - len(kept) - rejected
+        # Frames embed `raw` without its brackets: only a bare list is passed on as it is.
+        if len(kept) == len(events) and raw[:1] == b"[" and raw[-1:] == b"]":
             return batch
-        self.dropped += repeats
         if not kept:
             return None
         return Batch(batch.team, batch.cursor, orjson.dumps(kept))

@@ -11,6 +11,7 @@ Every option is also read from `TEAMTRACK_<OPTION>` (dashes as underscores).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -99,6 +100,9 @@ def up(
 
     if qos not in (0, 1):
         raise _fail("--qos must be 0 or 1")
+    # The state folder holds every team's track, the logs and the secrets: whatever this
+    # process and its children create there is their owner's alone.
+    os.umask(0o077)
     options = ClusterOptions(
         state_dir=state_dir, brokers=brokers, dashboards=dashboards, teams=teams,
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,

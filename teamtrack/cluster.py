@@ -14,6 +14,7 @@ starts, every `OUTAGE_REMINDER_S` while it lasts, and when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -47,6 +49,7 @@ from teamtrack.registry import demo_registry, dump_registry
 from teamtrack.retry import Backoff
 from teamtrack.servers import (
     LOOPBACK,
+    PRIVATE_UMASK,
     ManagedProcess,
     ServerError,
     free_port,
@@ -82,6 +85,9 @@ class ClusterOptions:
     interval: float = 1.0
     qos: int = 0
     duration: float = 0.0
+    # The bridges' per-device rate limit (messages a second; 0: none; None: the bridge's
+    # default). Load and fault runs, whose workers send faster than people move, turn it off.
+    device_rate_per_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -238,8 +244,20 @@ class LocalCluster:
             )
 
     def start(self) -> None:
+        """Start everything; the state folder and all in it are made the owner's alone (0700
+        folders, 0600 files): it holds every team's track, the logs and the secrets."""
         self.check_options()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # What an older run left with wider modes, then what this process writes meanwhile.
+        make_private(self.state_dir)
+        previous = os.umask(PRIVATE_UMASK)
+        try:
+            self._start()
+        finally:
+            os.umask(previous)
+        make_private(self.state_dir)
+
+    def _start(self) -> None:
         registry = demo_registry(self.options.teams, self.options.workers)
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
@@ -357,6 +375,8 @@ class LocalCluster:
             # never come back to it.
             "--no-shared-subscription",
         ]
+        if self.options.device_rate_per_s is not None:
+            argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
         env = self._service_env(TEAMTRACK_MQTT_PASSWORD=bridge.password)
         self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])
 
@@ -530,6 +550,22 @@ class LocalCluster:
             probed = {None: "[yellow]probing", True: "[green]answering", False: "[red]down"}
             table.add_row("backend (external)", probed[self.backend_up], "-", "", "")
         return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
+
+
+def make_private(folder: Path) -> None:
+    """Take group and other permissions off `folder` and everything in it (0755 -> 0700,
+    0644 -> 0600; the owner's bits stay as they are, links are left alone)."""
+    for root, folders, files in os.walk(folder):
+        for name in (*folders, *files):
+            _owner_only(os.path.join(root, name))
+    _owner_only(str(folder))
+
+
+def _owner_only(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):  # a server's temporary file, gone meanwhile
+        status = os.lstat(path)
+        if not stat.S_ISLNK(status.st_mode) and status.st_mode & 0o077:
+            os.chmod(path, stat.S_IMODE(status.st_mode) & 0o700)
 
 
 def _exit_code(process: ManagedProcess) -> int | None:

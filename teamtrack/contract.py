@@ -26,6 +26,9 @@ _SLUG = re.compile(SLUG_PATTERN)
 MAX_PAYLOAD_BYTES: Final = 1024
 MAX_FUTURE_MS: Final = 5 * 60 * 1000
 MAX_AGE_MS: Final = 7 * 24 * 3600 * 1000
+# The history stores `ts` and `seq` as signed 64-bit integers: the live path refuses what the
+# history would refuse, so that what a manager saw live is what the replay shows.
+MAX_INTEGER: Final = 2**63 - 1
 TOPIC_ROOT: Final = "teams"
 WORKER_TOPIC_FILTER: Final = "teams/+/workers/+/+"
 
@@ -55,6 +58,8 @@ class Reason(StrEnum):
     TS_IN_FUTURE = "ts_in_future"
     TS_TOO_OLD = "ts_too_old"
     BAD_STATUS = "bad_status"
+    DUPLICATE_KEY = "duplicate_key"
+    RATE_LIMITED = "rate_limited"
 
 
 class ContractError(ValueError):
@@ -193,16 +198,8 @@ def _integer(value: Any, name: str) -> int:
     return value
 
 
-def _checked_position(payload: bytes, now_ms: int | None) -> dict[str, Any]:
-    """The payload's JSON object once every rule holds; `ContractError` with the first broken."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise ContractError(Reason.NOT_JSON, "payload is not JSON") from None
-    if type(body) is not dict:
-        raise ContractError(Reason.NOT_OBJECT, "payload is not a JSON object")
+def _check_fields(body: dict[str, Any]) -> int:
+    """Every rule on the fields of a decoded position object except the clock's; its `ts`."""
     names = body.keys()
     if not names >= _REQUIRED_FIELDS:
         missing = [name for name in _REQUIRED_NAMES if name not in body]
@@ -213,17 +210,50 @@ def _checked_position(payload: bytes, now_ms: int | None) -> dict[str, Any]:
     for name, low, high in REQUIRED_NUMBERS:
         _number(body[name], name, low, high)
     ts = _integer(body["ts"], "ts")
-    if _integer(body["seq"], "seq") < 0:
-        raise ContractError(Reason.OUT_OF_RANGE, "seq must not be negative")
+    if not 0 <= ts <= MAX_INTEGER:
+        raise ContractError(Reason.OUT_OF_RANGE, f"ts must be in [0, {MAX_INTEGER}]")
+    if not 0 <= _integer(body["seq"], "seq") <= MAX_INTEGER:
+        raise ContractError(Reason.OUT_OF_RANGE, f"seq must be in [0, {MAX_INTEGER}]")
+    for name, least, most in _OPTIONAL_CHECKS:
+        value = body.get(name)
+        if value is not None:
+            _number(value, name, least, most)
+    return ts
+
+
+def check_position_object(body: object) -> int:
+    """The rules of a position payload on an already decoded object (no clock rule); its `ts`.
+
+    For readers of the backend (the dashboard) that re-check what a bridge forwarded: an
+    attacker who can write to the backend bypasses the bridge.
+    """
+    if type(body) is not dict:
+        raise ContractError(Reason.NOT_OBJECT, "payload is not a JSON object")
+    return _check_fields(body)
+
+
+def _checked_position(payload: bytes, now_ms: int | None) -> dict[str, Any]:
+    """The payload's JSON object once every rule holds; `ContractError` with the first broken."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ContractError(Reason.NOT_JSON, "payload is not JSON") from None
+    if type(body) is not dict:
+        raise ContractError(Reason.NOT_OBJECT, "payload is not a JSON object")
+    ts = _check_fields(body)
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     if ts > now + MAX_FUTURE_MS:
         raise ContractError(Reason.TS_IN_FUTURE, f"ts is {(ts - now) // 1000} s in the future")
     if ts < now - MAX_AGE_MS:
         raise ContractError(Reason.TS_TOO_OLD, f"ts is {(now - ts) // 86_400_000} days old")
-    for name, least, most in _OPTIONAL_CHECKS:
-        value = body.get(name)
-        if value is not None:
-            _number(value, name, least, most)
+    # Duplicate keys: orjson keeps the last, other readers of the raw payload (which is
+    # forwarded byte for byte) may take the first. Once the rules above hold, every key is a
+    # known name (no quote in it) and every value a number or null, so the payload holds
+    # exactly two quotes per distinct key unless a key is repeated: one C-speed count.
+    if payload.count(b'"') != 2 * len(body):
+        raise ContractError(Reason.DUPLICATE_KEY, "a field is given more than once")
     return body
 
 

@@ -20,6 +20,10 @@ from typing import Any
 
 LOOPBACK = "127.0.0.1"
 PR_SET_PDEATHSIG = 1
+# What the servers we start create (Redis' AOF, Mosquitto's database, Kafka's logs, the
+# ingest's SQLite history) and their logs are readable by their owner only.
+PRIVATE_UMASK = 0o077
+PRIVATE_FILE_MODE = 0o600
 
 
 class ServerError(RuntimeError):
@@ -54,18 +58,25 @@ def port_is_open(host: str, port: int) -> bool:
 
 @dataclass
 class ManagedProcess:
-    """A child process whose output goes to a log file, stopped with SIGTERM then SIGKILL."""
+    """A child process whose output goes to a log file, stopped with SIGTERM then SIGKILL.
+
+    The log is created 0600 and the child runs under `umask` (0o077: whatever it creates is
+    its owner's alone)."""
 
     name: str
     argv: Sequence[str]
     log_path: Path
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    umask: int = PRIVATE_UMASK
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> ManagedProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
+        self.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(
+            self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE
+        )
+        with os.fdopen(descriptor, "ab") as log:
             self.process = subprocess.Popen(
                 list(self.argv),
                 stdout=log,
@@ -76,6 +87,7 @@ class ManagedProcess:
                 # A process group of its own: Ctrl-C in the terminal reaches the supervisor,
                 # which then stops children in order instead of all at once.
                 start_new_session=True,
+                umask=self.umask,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         return self

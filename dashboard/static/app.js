@@ -1,7 +1,8 @@
 // The manager's live map: a snapshot (or a resume), then frames over /ws/teams/{team}
 // (docs/protocol.md), and the replay of the team's history (replay.js, docs/history.md).
 // Plain script, no build step; Leaflet and replay.js are loaded before it.
-// Data is only ever written with textContent, never as HTML.
+// Data is only ever written with textContent or as text nodes, never as HTML: Leaflet takes a
+// string given to bindTooltip, bindPopup or an attribution as HTML, so none is given one.
 "use strict";
 
 (function () {
@@ -307,7 +308,8 @@
     if (config.tile_url) {
       L.tileLayer(config.tile_url, {
         maxZoom: 19,
-        attribution: config.tile_attribution,
+        // Leaflet writes attributions as HTML: the configured text is escaped into plain text.
+        attribution: escapeHtml(config.tile_attribution || ""),
         crossOrigin: false,
       }).addTo(map);
     }
@@ -337,6 +339,16 @@
     };
   }
 
+  function escapeHtml(text) {
+    const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+    return String(text).replace(/[&<>"']/g, (character) => entities[character]);
+  }
+
+  // A text node, not a string: Leaflet inserts a string tooltip as HTML.
+  function tooltipNode(entry) {
+    return document.createTextNode(tooltipText(entry));
+  }
+
   function tooltipText(entry) {
     const age = entry.position ? ", " + formatAge(viewNow() - entry.rxMs) : "";
     return entry.id + " · " + entry.state + age;
@@ -356,7 +368,7 @@
       }).addTo(map);
       entry.marker = L.circleMarker(latLng, Object.assign({ renderer: markerRenderer,
         pane: "workers" }, markerStyle(entry))).addTo(map);
-      entry.marker.bindTooltip(() => tooltipText(entry), { direction: "top", offset: [0, -6] });
+      entry.marker.bindTooltip(() => tooltipNode(entry), { direction: "top", offset: [0, -6] });
       entry.marker.on("click", () => follow(entry.id));
       return;
     }

@@ -109,6 +109,8 @@ def cluster_options(
         workers=workers_per_team,
         base_port=0,
         simulate=False,
+        # A load test offers thousands of messages a second per connection, on purpose.
+        device_rate_per_s=0.0,
     )
 
 

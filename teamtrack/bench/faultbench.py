@@ -66,7 +66,7 @@ def run_fault_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     options = ClusterOptions(
         state_dir=out_dir / "faults-cluster", brokers=2, dashboards=2, teams=1,
-        workers=WORKERS, base_port=0, simulate=False, backend=backend,
+        workers=WORKERS, base_port=0, simulate=False, backend=backend, device_rate_per_s=0.0,
         kafka_nodes=3 if backend == "kafka" else 1,
     )
     load = FaultLoad(workers=WORKERS, rate=rate, duration_s=max(duration_s, 8.0))

@@ -24,7 +24,7 @@ def start_cluster(path: Path, **options: object) -> LocalCluster:
     cluster = LocalCluster(
         ClusterOptions(
             state_dir=path, brokers=2, dashboards=2, teams=1, workers=WORKERS, base_port=0,
-            simulate=False, **options,  # type: ignore[arg-type]
+            simulate=False, device_rate_per_s=0.0, **options,  # type: ignore[arg-type]
         )
     )
     try:
