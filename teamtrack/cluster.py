@@ -41,6 +41,7 @@ from teamtrack.kafka_server import (
 )
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.registry import demo_registry, dump_registry
@@ -240,7 +241,10 @@ class LocalCluster:
     def start(self) -> None:
         self.check_options()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        registry = demo_registry(self.options.teams, self.options.workers)
+        # One bridge account per broker: each bridge holds its own session (client id).
+        registry = demo_registry(
+            self.options.teams, self.options.workers, brokers=self.options.brokers
+        )
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
         if self.options.backend_url is None and self.options.backend == "kafka":
@@ -346,7 +350,7 @@ class LocalCluster:
 
     def _start_bridge(self, index: int) -> None:
         assert self.provisioned is not None
-        bridge = self.provisioned.credentials.bridge()
+        bridge = self.provisioned.credentials.bridge(bridge_username(f"b{index + 1}"))
         argv = [
             *_python("bridge"),
             "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",
