@@ -22,8 +22,8 @@ VENV := .venv
 # Touched after a successful install, so the install re-runs only when pyproject.toml changes.
 VENV_STAMP := $(VENV)/.installed-from-pyproject
 TEST_OUTPUT := test-output
-SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server
-SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server
+SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server cc
+SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server gcc libc6-dev
 # Leaflet and friends, installed from the lock file and copied into the git-ignored vendor folder.
 FRONTEND := dashboard/frontend
 VENDOR := dashboard/static/vendor

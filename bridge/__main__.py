@@ -21,8 +21,10 @@ async def serve(settings: BridgeSettings) -> None:
     config = BridgeConfig(
         broker=BrokerAddress.parse(settings.broker_url),
         broker_id=settings.broker_id,
-        client_id=f"teamtrack-bridge-{settings.broker_id}-{settings.instance}",
-        username=settings.mqtt_username,
+        # The broker takes the username as the client id (use_username_as_clientid): the
+        # persistent session belongs to the account, so each bridge process has its own.
+        client_id=settings.username(),
+        username=settings.username(),
         password=settings.mqtt_password.get_secret_value(),
         share_group=settings.share_group,
         shared_subscription=settings.shared_subscription,

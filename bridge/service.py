@@ -42,7 +42,7 @@ from teamtrack.contract import (
     validate_position,
 )
 from teamtrack.logs import RateLimitedLog
-from teamtrack.mqtt import ORIGIN_PROPERTY, BrokerAddress
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP, ORIGIN_PROPERTY, BrokerAddress
 from teamtrack.retry import Backoff
 
 from .batcher import Batcher
@@ -52,6 +52,8 @@ from .ratelimit import DeviceRateLimit
 log = logging.getLogger(__name__)
 
 SUCCESS = 0
+# SUBACK reason codes from 0x80 up refuse the subscription (0x87: not authorized).
+SUBACK_FAILURE = 0x80
 # What a bridge holds unacknowledged at most (the broker's `max_inflight_messages` matches it):
 # about 8 MB of events, 2 s of 10,000 positions a second on one broker.
 RECEIVE_MAXIMUM = 20_000
@@ -134,7 +136,7 @@ class BridgeConfig:
     client_id: str
     username: str
     password: str
-    share_group: str = "teamtrack"
+    share_group: str = BRIDGE_SHARE_GROUP
     # False for the only bridge of its broker: a plain subscription with No Local (MQTT 5), so
     # the messages it mirrors into its broker never come back to it.
     shared_subscription: bool = True
@@ -265,6 +267,17 @@ class BridgeService:
             client.subscribe(Subscription(WORKER_TOPIC_FILTER, qos=1, no_local=True))
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
+        codes = [int(code) for code in (qos if isinstance(qos, list | tuple) else [qos])]
+        refused = [code for code in codes if code >= SUBACK_FAILURE]
+        if refused:
+            # Only accounts the ACL lets read `$share/<group>/teams/#` may join the group.
+            log.error(
+                "the broker refused the subscription of %s (reason %s): is %s a bridge account "
+                "of the registry, and %r the bridges' share group?",
+                self.config.client_id, ", ".join(f"0x{code:02x}" for code in refused),
+                self.config.username, self.config.share_group,
+            )
+            return
         self.counters.subscribed = True
         self._subscribed.set()
 

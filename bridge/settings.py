@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from teamtrack.contract import require_slug
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP, bridge_username
 from teamtrack.settings import ServiceSettings
 
 
@@ -12,12 +13,18 @@ class BridgeSettings(ServiceSettings):
         "b1", description="short name of that broker; marks where a message came in"
     )
     instance: int = Field(1, ge=1, description="number of this bridge among those of its broker")
-    mqtt_username: str = Field("bridge", description="MQTT user of the bridge")
+    mqtt_username: str = Field(
+        "",
+        description="MQTT user of the bridge, also its client id (empty: "
+        "bridge-{broker_id}-{instance}); one account per bridge process",
+    )
     mqtt_password: SecretStr = Field(
         SecretStr(""), description="MQTT password (prefer TEAMTRACK_MQTT_PASSWORD)"
     )
     share_group: str = Field(
-        "teamtrack", description="shared-subscription group that splits a broker among bridges"
+        BRIDGE_SHARE_GROUP,
+        description="shared-subscription group that splits a broker among bridges (the ACL "
+        "lets bridge accounts join this one only)",
     )
     shared_subscription: bool = Field(
         True,
@@ -58,6 +65,10 @@ class BridgeSettings(ServiceSettings):
     @classmethod
     def _broker_id_is_slug(cls, value: str) -> str:
         return require_slug(value, "broker id")
+
+    def username(self) -> str:
+        """The MQTT account, which the broker also takes as the client id."""
+        return self.mqtt_username or bridge_username(self.broker_id, self.instance)
 
     def mirrored_teams(self) -> frozenset[str] | None:
         """None means every team."""

@@ -19,7 +19,9 @@ class DeviceIdentity:
 
     @property
     def client_id(self) -> str:
-        return f"dev-{self.team}-{self.worker}"
+        """The username: brokers take it as the client id whatever a client sends
+        (`use_username_as_clientid`), so a device can only ever hold its own session."""
+        return self.username
 
     def __repr__(self) -> str:
         # Keeps passwords out of logs and tracebacks.

@@ -215,6 +215,10 @@ def registry_command(
     ),
     teams: Annotated[int, typer.Option(help="number of teams")] = 3,
     workers: Annotated[int, typer.Option(help="workers per team")] = 50,
+    brokers: Annotated[int, typer.Option(help="brokers b1..bN, for the bridge accounts")] = 2,
+    bridges_per_broker: Annotated[
+        int, typer.Option(help="bridge processes per broker: one MQTT account each")
+    ] = 1,
     force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
 ) -> None:
     """Write a starter registry (teams alpha, bravo, ... with workers w001.. and a lead each)."""
@@ -223,7 +227,10 @@ def registry_command(
     if out.exists() and not force:
         raise _fail(f"{out} exists; pass --force to overwrite it")
     try:
-        dump_registry(demo_registry(teams, workers), out)
+        registry = demo_registry(
+            teams, workers, brokers=brokers, bridges_per_broker=bridges_per_broker
+        )
+        dump_registry(registry, out)
     except ValueError as error:
         raise _fail(str(error)) from None
     console.print(f"wrote {out}; next: teamtrack provision --registry {out}")

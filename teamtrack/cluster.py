@@ -43,6 +43,7 @@ from teamtrack.kafka_server import (
 )
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.registry import demo_registry, dump_registry
@@ -258,7 +259,10 @@ class LocalCluster:
         make_private(self.state_dir)
 
     def _start(self) -> None:
-        registry = demo_registry(self.options.teams, self.options.workers)
+        # One bridge account per broker: each bridge holds its own session (client id).
+        registry = demo_registry(
+            self.options.teams, self.options.workers, brokers=self.options.brokers
+        )
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(registry, self.state_dir)
         if self.options.backend_url is None and self.options.backend == "kafka":
@@ -364,7 +368,7 @@ class LocalCluster:
 
     def _start_bridge(self, index: int) -> None:
         assert self.provisioned is not None
-        bridge = self.provisioned.credentials.bridge()
+        bridge = self.provisioned.credentials.bridge(bridge_username(f"b{index + 1}"))
         argv = [
             *_python("bridge"),
             "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",

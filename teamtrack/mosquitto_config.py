@@ -7,8 +7,12 @@ Every broker of a cluster gets the same security files (password file and ACL wr
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
 import pwd
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from string import Template
@@ -22,6 +26,11 @@ from teamtrack.provision import ACL_FILE, PASSWORD_FILE
 TEMPLATE_DIR: Final = Path(__file__).resolve().parents[1] / "mosquitto"
 BROKER_TEMPLATE: Final = TEMPLATE_DIR / "broker.conf.template"
 LOOPBACK: Final = "127.0.0.1"
+# The brokers' subscription check (see the source): built on first use into the git-ignored var/.
+PLUGIN_SOURCE: Final = TEMPLATE_DIR / "plugin" / "teamtrack_subscribe_acl.c"
+PLUGIN_BUILD_DIR: Final = TEMPLATE_DIR.parent / "var" / "mosquitto-plugin"
+PLUGIN_COMPILERS: Final = ("cc", "gcc", "clang")
+PLUGIN_BUILD_TIMEOUT_S: Final = 120.0
 
 # Paths inside the eclipse-mosquitto image used by docker-compose.yml.
 COMPOSE_CONFIG_DIR: Final = Path("/mosquitto/config")
@@ -29,10 +38,55 @@ COMPOSE_DATA_DIR: Final = Path("/mosquitto/data")
 COMPOSE_MQTT_PORT: Final = 1883
 COMPOSE_WS_PORT: Final = 9001
 COMPOSE_BROKERS: Final = ("mosquitto-1", "mosquitto-2")
+# Where mosquitto/Dockerfile installs the plugin in the broker image.
+COMPOSE_PLUGIN: Final = Path("/usr/lib/mosquitto/teamtrack_subscribe_acl.so")
 
 
 class BrokerConfigError(ValueError):
     """A value that would produce a broken or ambiguous broker configuration."""
+
+
+def subscribe_acl_plugin(build_dir: Path = PLUGIN_BUILD_DIR) -> Path:
+    """The brokers' subscription-check plugin, compiled from its C source if not yet built.
+
+    The file name carries a digest of the source, so an edited source is built again and a
+    running broker keeps the file it loaded.
+    """
+    try:
+        source = PLUGIN_SOURCE.read_bytes()
+    except FileNotFoundError:
+        raise BrokerConfigError(
+            f"plugin source not found at {PLUGIN_SOURCE}; teamtrack must run from a source "
+            "checkout or an editable install (pip install -e .)"
+        ) from None
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    target = Path(build_dir) / f"teamtrack_subscribe_acl-{digest}.so"
+    if target.exists():
+        return target
+    compiler = next((found for name in PLUGIN_COMPILERS if (found := shutil.which(name))), None)
+    if compiler is None:
+        raise BrokerConfigError(
+            "no C compiler (cc) to build the brokers' subscription check "
+            f"({PLUGIN_SOURCE.name}); install gcc (`make system-deps` does)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(descriptor)
+    try:
+        completed = subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall",
+             "-o", name, str(PLUGIN_SOURCE)],
+            capture_output=True, stdin=subprocess.DEVNULL, timeout=PLUGIN_BUILD_TIMEOUT_S,
+            check=False,
+        )
+        if completed.returncode != 0:
+            output = (completed.stderr or completed.stdout).decode(errors="replace").strip()
+            raise BrokerConfigError(f"building {PLUGIN_SOURCE.name} failed: {output}")
+        os.chmod(name, 0o755)  # noqa: S103 (a shared library mosquitto loads: no secret)
+        os.replace(name, target)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return target
 
 
 def _load_template() -> Template:
@@ -79,6 +133,7 @@ def broker_config_text(
     broker_name: str,
     host: str = LOOPBACK,
     run_as_user: str,
+    subscribe_acl_plugin: Path,
 ) -> str:
     """The configuration of one broker, as text; paths are written as given."""
     if not is_slug(broker_name):
@@ -92,6 +147,7 @@ def broker_config_text(
         host=_config_value(host, "host"),
         password_file=_config_value(str(password_file), "password file"),
         acl_file=_config_value(str(acl_file), "ACL file"),
+        subscribe_acl_plugin=_config_value(str(subscribe_acl_plugin), "plugin"),
         # mosquitto appends the database file name to this verbatim, so it needs the slash.
         persistence_location=_config_value(f"{str(persistence_location).rstrip('/')}/", "path"),
         run_as_user=_config_value(run_as_user, "user"),
@@ -108,12 +164,14 @@ def render_broker_config(
     broker_name: str,
     host: str = LOOPBACK,
     run_as_user: str | None = None,
+    plugin: Path | None = None,
 ) -> Path:
     """Write `{state_dir}/{broker_name}.conf` and create the broker's persistence directory.
 
     `run_as_user` defaults to the current user: a broker started as root then keeps running as
     root instead of switching to the `mosquitto` account, which could not read the 0600 secrets
-    that provisioning wrote as the current user.
+    that provisioning wrote as the current user. `plugin` defaults to the subscription check
+    built by `subscribe_acl_plugin()`.
     """
     state = Path(state_dir).resolve()
     persistence = state / broker_name
@@ -126,6 +184,7 @@ def render_broker_config(
         broker_name=broker_name,
         host=host,
         run_as_user=run_as_user if run_as_user is not None else current_user_name(),
+        subscribe_acl_plugin=Path(plugin if plugin is not None else subscribe_acl_plugin()),
     )
     persistence.mkdir(parents=True, exist_ok=True)
     config_path = state / f"{broker_name}.conf"
@@ -155,6 +214,7 @@ def render_compose_broker_configs(
             # Inside a container, the other services reach the broker over the compose network.
             host="0.0.0.0",
             run_as_user="mosquitto",
+            subscribe_acl_plugin=COMPOSE_PLUGIN,
         )
         path = directory / f"{name}.conf"
         path.write_text(text, encoding="utf-8")

@@ -12,6 +12,25 @@ ORIGIN_PROPERTY: Final = "teamtrack-origin"
 A bridge drops what carries it, so mirrored traffic never loops back into the backend.
 """
 
+BRIDGE_SHARE_GROUP: Final = "teamtrack"
+"""The shared-subscription group in which the bridges of one broker split its traffic.
+
+Only bridge accounts may join it: the ACL grants them `$share/teamtrack/teams/#` and the
+brokers' subscription check (mosquitto/plugin/) refuses it to every other account.
+"""
+
+
+def bridge_username(broker_id: str, instance: int = 1) -> str:
+    """The MQTT account of bridge `instance` of broker `broker_id`: `bridge-b1-1`.
+
+    Brokers take the username as the client id (`use_username_as_clientid`), so each bridge
+    process needs an account of its own: two processes on one account would take each other's
+    session over, again and again.
+    """
+    if isinstance(instance, bool) or instance < 1:
+        raise ValueError(f"bridge instance {instance!r} must be a positive integer")
+    return f"bridge-{broker_id}-{instance}"
+
 
 @dataclass(frozen=True, slots=True)
 class BrokerAddress:

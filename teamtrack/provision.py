@@ -32,6 +32,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP
 from teamtrack.passwords import generate_secret, hash_password, token_digest
 from teamtrack.registry import Registry
 
@@ -45,6 +46,10 @@ PUBLIC_MODE: Final = 0o644
 HASH_TOOL: Final = "mosquitto_passwd"
 HASH_TOOL_TIMEOUT_S: Final = 120.0
 ALL_TEAMS_FILTER: Final = f"{TOPIC_ROOT}/#"
+# The bridges' shared subscription. Mosquitto itself never checks a `$share/` line (it grants
+# every subscription, and delivers by the plain topic); the brokers' subscription plugin does:
+# only accounts with this line may join the group.
+BRIDGE_SHARE_FILTER: Final = f"$share/{BRIDGE_SHARE_GROUP}/{ALL_TEAMS_FILTER}"
 
 
 class ProvisionError(RuntimeError):
@@ -254,13 +259,20 @@ def acl_text(registry: Registry) -> str:
         "# on the next provisioning. Edit the registry and provision again, then send SIGHUP to",
         "# the brokers to reload it.",
         "#",
-        "# bridges: read and write every team; observers: read every team (debugging);",
+        "# bridges: read and write every team, and join the bridges' share group;",
+        "# observers: read every team (debugging);",
         "# managers: read their own team only (MQTT over WebSockets);",
         "# devices: write their own position and status only, never read.",
+        "# A subscription is granted only where a read line covers it (mosquitto/plugin/).",
         "",
     ]
     for username in registry.bridges:
-        lines += [f"user {username}", f"topic readwrite {ALL_TEAMS_FILTER}", ""]
+        lines += [
+            f"user {username}",
+            f"topic readwrite {ALL_TEAMS_FILTER}",
+            f"topic read {BRIDGE_SHARE_FILTER}",
+            "",
+        ]
     for username in registry.observers:
         lines += [f"user {username}", f"topic read {ALL_TEAMS_FILTER}", ""]
     for manager in registry.managers():

@@ -8,7 +8,8 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
         workers: [w001, w002]         # explicit list, and/or:
         worker_count: 50              # ensures w001..w050 exist (zero-padded to 3+ digits)
         managers: [alpha-lead]
-    bridges: [bridge]                 # MQTT users of bridge processes
+    bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
+                                      # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
 
 It is the single source from which credentials, the broker password file and the ACL are
@@ -31,9 +32,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from teamtrack.contract import SLUG_PATTERN, is_slug
+from teamtrack.mqtt import bridge_username
 
 DEVICE_USERNAME_SEPARATOR: Final = "."
-DEFAULT_BRIDGES: Final = ("bridge",)
+DEFAULT_BROKERS: Final = 2
 DEFAULT_OBSERVERS: Final = ("observer",)
 MAX_WORKER_COUNT: Final = 100_000
 DEMO_TEAM_NAMES: Final = (
@@ -50,6 +52,20 @@ class RegistryError(ValueError):
         super().__init__(f"{source}: {problem}")
         self.source = source
         self.problem = problem
+
+
+def bridge_usernames(brokers: int, instances: int = 1) -> tuple[str, ...]:
+    """One account per bridge process: brokers b1..b{brokers}, instances 1..{instances} each."""
+    if brokers < 1 or instances < 1:
+        raise ValueError("a cluster needs at least one broker and one bridge per broker")
+    return tuple(
+        bridge_username(f"b{broker}", instance)
+        for broker in range(1, brokers + 1)
+        for instance in range(1, instances + 1)
+    )
+
+
+DEFAULT_BRIDGES: Final = bridge_usernames(DEFAULT_BROKERS)
 
 
 def device_username(team: str, worker: str) -> str:
@@ -339,8 +355,11 @@ def demo_team_id(index: int) -> str:
     return f"team-{index + 1:02d}"
 
 
-def demo_registry(teams: int, workers: int) -> Registry:
-    """`teams` teams of `workers` workers each (w001..), one manager `{team}-lead` per team."""
+def demo_registry(
+    teams: int, workers: int, *, brokers: int = DEFAULT_BROKERS, bridges_per_broker: int = 1
+) -> Registry:
+    """`teams` teams of `workers` workers each (w001..), one manager `{team}-lead` per team,
+    and a bridge account for each of `bridges_per_broker` bridges of brokers b1..b{brokers}."""
     if teams < 1:
         raise ValueError("a demo registry needs at least one team")
     if not 0 <= workers <= MAX_WORKER_COUNT:
@@ -357,4 +376,6 @@ def demo_registry(teams: int, workers: int) -> Registry:
                 managers=(f"{team_id}-lead",),
             )
         )
-    return Registry(teams=tuple(team_list))
+    return Registry(
+        teams=tuple(team_list), bridges=bridge_usernames(brokers, bridges_per_broker)
+    )

@@ -90,7 +90,11 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
-    return provision(demo_registry(teams=2, workers=3), tmp_path_factory.mktemp("identities"))
+    # Two bridge accounts per broker: tests run two bridges on one broker (a shared subscription).
+    return provision(
+        demo_registry(teams=2, workers=3, bridges_per_broker=2),
+        tmp_path_factory.mktemp("identities"),
+    )
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from bridge.service import BridgeConfig, BridgeService
 from teamtrack.backends import Backend, Batch, from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.metrics import MetricsServer
-from teamtrack.mqtt import BrokerAddress
+from teamtrack.mqtt import BrokerAddress, bridge_username
 from teamtrack.servers import free_port, start_redis
 
 StartBridge = Callable[..., Awaitable[BridgeService]]
@@ -42,11 +42,12 @@ async def start_bridge(cluster: Cluster, redis_url: str) -> AsyncIterator[StartB
 
     async def start(broker_index: int, instance: int = 1, **options: object) -> BridgeService:
         broker = cluster.brokers[broker_index]
-        credential = cluster.credentials.bridge()
+        # One account per bridge process: the broker takes it as the client id.
+        credential = cluster.credentials.bridge(bridge_username(broker.name, instance))
         config = BridgeConfig(
             broker=BrokerAddress.parse(broker.url),
             broker_id=broker.name,
-            client_id=f"teamtrack-bridge-{broker.name}-{instance}",
+            client_id=credential.username,
             username=credential.username,
             password=credential.password,
             **options,  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from teamtrack.mosquitto_config import (
     render_broker_config,
     render_compose_broker_configs,
 )
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP
 from teamtrack.provision import Credentials, ProvisionResult, provision
 from teamtrack.registry import demo_registry
 from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
@@ -41,6 +42,8 @@ SILENCE_S: Final = 0.3
 NOT_AUTHORIZED: Final = 135
 # PUBACK of an accepted publish that nobody is subscribed to.
 NO_MATCHING_SUBSCRIBERS: Final = 16
+# The account of bridge 1 of broker b1 (one account per bridge process).
+BRIDGE: Final = "bridge-b1-1"
 
 
 ConnectAs = Callable[..., "Probe"]
@@ -276,10 +279,11 @@ def test_device_cannot_impersonate_another_worker(connect: ConnectAs) -> None:
 
 def test_device_cannot_read(connect: ConnectAs) -> None:
     device = connect("alpha.w001")
-    # Mosquitto 2.0 grants the subscription and enforces `read` on each delivery instead.
-    device.subscribe("teams/alpha/#")
-    device.subscribe(position_topic("alpha", "w001"))
-    bridge = connect("bridge")
+    # Refused by the brokers' subscription check (mosquitto/plugin/); mosquitto 2.0 alone
+    # granted them and enforced `read` on each delivery instead.
+    assert device.subscribe("teams/alpha/#") == [NOT_AUTHORIZED]
+    assert device.subscribe(position_topic("alpha", "w001")) == [NOT_AUTHORIZED]
+    bridge = connect(BRIDGE)
     bridge.subscribe("teams/alpha/#")
 
     payload = unique_payload("for-managers")
@@ -295,8 +299,10 @@ def test_device_cannot_read(connect: ConnectAs) -> None:
 
 def test_manager_reads_own_team_only(connect: ConnectAs) -> None:
     manager = connect("alpha-lead")
-    manager.subscribe("teams/#")
-    bridge = connect("bridge")
+    assert manager.subscribe("teams/#") == [NOT_AUTHORIZED]
+    assert manager.subscribe("teams/bravo/#") == [NOT_AUTHORIZED]
+    assert manager.subscribe("teams/alpha/#") == [1]
+    bridge = connect(BRIDGE)
 
     other_team = unique_payload("bravo")
     own_team = unique_payload("alpha")
@@ -314,7 +320,7 @@ def test_manager_cannot_publish(connect: ConnectAs) -> None:
     fake = unique_payload("fake")
     assert manager.publish(position_topic("alpha", "w001"), fake) == NOT_AUTHORIZED
     sentinel = unique_payload("sentinel")
-    connect("bridge").publish(position_topic("alpha", "w001"), sentinel)
+    connect(BRIDGE).publish(position_topic("alpha", "w001"), sentinel)
 
     assert observer.messages_until(sentinel) == [(position_topic("alpha", "w001"), sentinel)]
 
@@ -325,10 +331,11 @@ def test_observer_cannot_publish(connect: ConnectAs) -> None:
 
 
 def test_bridges_share_a_subscription(connect: ConnectAs) -> None:
-    # Several bridges on one broker split the stream with a shared subscription; the ACL topic
-    # filter teams/# must cover the $share form too.
-    bridge = connect("bridge")
-    assert bridge.subscribe("$share/bridges/teams/+/workers/+/+") == [1]
+    # Several bridges on one broker split the stream with a shared subscription: the ACL lets
+    # bridge accounts join the group `teamtrack` (BRIDGE_SHARE_GROUP), and no other group.
+    bridge = connect(BRIDGE)
+    assert bridge.subscribe("$share/bridges/teams/+/workers/+/+") == [NOT_AUTHORIZED]
+    assert bridge.subscribe(f"$share/{BRIDGE_SHARE_GROUP}/teams/+/workers/+/+") == [1]
     device = connect("bravo.w002")
 
     payload = unique_payload("shared")
@@ -380,7 +387,7 @@ def test_mosquitto_sub_sees_a_team(broker: Broker, connect: ConnectAs) -> None:
         "-v",
     ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
-        bridge = connect("bridge")
+        bridge = connect(BRIDGE)
         bridge.subscribe("teams/alpha/#")
         # Publish until mosquitto_sub has subscribed and printed one message (or timed out).
         payload = unique_payload("cli")
@@ -468,10 +475,19 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
         "persistence true",
         f"persistence_location {tmp_path.resolve() / 'b1'}/",
         "max_queued_messages 100000",
+        "max_packet_size 65536",
+        "message_size_limit 65536",
         "set_tcp_nodelay true",
         "log_dest stdout",
+        f"plugin_opt_acl_file {tmp_path.resolve() / 'mosquitto.acl'}",
     ]:
         assert expected in options
+    assert options[4].startswith("plugin ") and options[4].endswith(".so")
+    # A listener option: before the first `listener` it would open a default one on port 1883.
+    for listener in ("listener 18830 127.0.0.1", "listener 18831"):
+        at = options.index(listener)
+        assert options[at + 2] == "use_username_as_clientid true"
+    assert options.count("use_username_as_clientid true") == 2
     assert "$" not in config.read_text().replace("$share", "")
 
 
@@ -542,5 +558,55 @@ def test_workers_added_at_a_peak_connect_after_sighup(tmp_path: Path) -> None:
             assert accepted == NO_MATCHING_SUBSCRIBERS
         finally:
             probe.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("username", "topic_filter", "granted"),
+    [
+        ("observer", "teams/#", True),
+        ("observer", "teams/alpha/workers/+/status", True),
+        ("observer", "#", False),
+        ("observer", "$SYS/#", False),
+        ("observer", "+/alpha/#", False),
+        ("observer", f"$share/{BRIDGE_SHARE_GROUP}/teams/#", False),
+        ("alpha-lead", "teams/alpha/workers/w001/position", True),
+        ("alpha-lead", "teams/+/workers/+/position", False),
+        ("alpha-lead", "$share/mine/teams/alpha/#", False),
+        ("alpha.w001", "teams/alpha/workers/w001/status", False),
+        ("alpha.w001", "$share/x/teams/alpha/workers/w001/status", False),
+        (BRIDGE, "teams/+/workers/+/+", True),
+        (BRIDGE, f"$share/{BRIDGE_SHARE_GROUP}/teams/alpha/#", True),
+        (BRIDGE, "#", False),
+    ],
+)
+def test_a_subscription_is_granted_only_where_the_acl_lets_the_account_read(
+    connect: ConnectAs, username: str, topic_filter: str, granted: bool
+) -> None:
+    assert connect(username).subscribe(topic_filter) == ([1] if granted else [NOT_AUTHORIZED])
+
+
+def test_a_team_added_at_a_peak_may_subscribe_after_sighup(tmp_path: Path) -> None:
+    """The subscription check reads the ACL again on SIGHUP, like mosquitto does."""
+    first = provision(demo_registry(teams=1, workers=1), tmp_path)
+    server, mqtt_port, ws_port = start_broker(tmp_path, first)
+    try:
+        grown = provision(demo_registry(teams=2, workers=1), tmp_path)
+        manager = grown.credentials.manager("bravo-lead")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        broker = Broker(mqtt_port, ws_port, grown.credentials)
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            probe = Probe(broker, manager.username, manager.password)
+            try:
+                codes = probe.subscribe("teams/bravo/#") if not probe.connect().is_failure else []
+            finally:
+                probe.close()
+            if codes == [1] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert codes == [1]
     finally:
         server.stop()

@@ -126,7 +126,7 @@ def test_rejects_invalid_registries_with_the_location(data: object, expected: st
     [
         # A manager in two teams would see both; a name shared between roles would merge them.
         {"teams": [{"id": "a", "managers": ["boss"]}, {"id": "b", "managers": ["boss"]}]},
-        {"teams": [{"id": "a", "managers": ["bridge"]}]},
+        {"teams": [{"id": "a", "managers": ["bridge-b1-1"]}]},
         {"teams": [{"id": "a"}], "bridges": ["watch"], "observers": ["watch"]},
     ],
 )
@@ -207,3 +207,11 @@ def test_dump_keeps_explicit_workers_and_names(tmp_path: Path) -> None:
 def test_module_level_device_username_matches_registry() -> None:
     registry = demo_registry(teams=1, workers=1)
     assert registry.device_username("alpha", "w001") == device_username("alpha", "w001")
+
+
+def test_every_bridge_process_has_an_account_of_its_own() -> None:
+    # Brokers take the username as the client id: two bridges on one account would take each
+    # other's session over.
+    registry = demo_registry(1, 1, brokers=2, bridges_per_broker=2)
+    assert registry.bridges == ("bridge-b1-1", "bridge-b1-2", "bridge-b2-1", "bridge-b2-2")
+    assert Registry(teams=registry.teams).bridges == ("bridge-b1-1", "bridge-b2-1")
