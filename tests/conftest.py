@@ -13,7 +13,14 @@ from teamtrack.history_postgres import PostgresServer, start_postgres
 from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.provision import Credentials, DeviceCredential, ProvisionResult, provision
 from teamtrack.registry import demo_registry
-from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto, start_redis
+from teamtrack.servers import (
+    LOOPBACK,
+    ManagedProcess,
+    ServerError,
+    free_port,
+    start_mosquitto,
+    start_redis,
+)
 
 
 @pytest.fixture(scope="session")
@@ -97,23 +104,37 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
     )
 
 
+def start_broker(state_dir: Path, provisioned: ProvisionResult, name: str, broker_id: str,
+                 attempts: int = 3) -> Broker:
+    """A broker on two free ports, taken again if another process took one meanwhile (the
+    websockets listener binds every interface: "Unable to create websockets listener")."""
+    for attempt in range(attempts):
+        mqtt_port, ws_port = free_port(), free_port()
+        config = render_broker_config(
+            mqtt_port=mqtt_port,
+            ws_port=ws_port,
+            state_dir=state_dir,
+            password_file=provisioned.password_file,
+            acl_file=provisioned.acl_file,
+            broker_name=name,
+        )
+        try:
+            process = start_mosquitto(config, mqtt_port)
+        except ServerError:
+            if attempt == attempts - 1:
+                raise
+            continue
+        return Broker(broker_id, mqtt_port, ws_port, process)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 def cluster(tmp_path: Path, provisioned: ProvisionResult) -> Iterator[Cluster]:
     """Two fresh brokers: no session state from another test can route messages away."""
     brokers: list[Broker] = []
     try:
         for index in (1, 2):
-            mqtt_port, ws_port = free_port(), free_port()
-            config = render_broker_config(
-                mqtt_port=mqtt_port,
-                ws_port=ws_port,
-                state_dir=tmp_path,
-                password_file=provisioned.password_file,
-                acl_file=provisioned.acl_file,
-                broker_name=f"broker-{index}",
-            )
-            process = start_mosquitto(config, mqtt_port)
-            brokers.append(Broker(f"b{index}", mqtt_port, ws_port, process))
+            brokers.append(start_broker(tmp_path, provisioned, f"broker-{index}", f"b{index}"))
         yield Cluster(tmp_path, provisioned, brokers)
     finally:
         for broker in brokers:
