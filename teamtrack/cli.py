@@ -134,6 +134,7 @@ def up(
 
 def _print_endpoints(cluster: object) -> None:
     from teamtrack.cluster import LocalCluster
+    from teamtrack.provision import OBSERVER_CONFIG_DIR
 
     assert isinstance(cluster, LocalCluster)
     assert cluster.provisioned is not None
@@ -156,9 +157,10 @@ def _print_endpoints(cluster: object) -> None:
     if observer is not None:
         first_port = cluster.ports.broker_mqtt[0]
         console.print("watch a team on any broker:")
+        observer_dir = cluster.state_dir / OBSERVER_CONFIG_DIR
         console.print(
-            f"  mosquitto_sub -h 127.0.0.1 -p {first_port} -V mqttv5 -u {observer.username} "
-            f"-P \"$(jq -r .observer.password {credentials_path})\" -t 'teams/alpha/#' -v",
+            f"  XDG_CONFIG_HOME={observer_dir} mosquitto_sub -h 127.0.0.1 -p {first_port} "
+            "-t 'teams/alpha/#' -v",
             soft_wrap=True, highlight=False,
         )
     console.print(f"endpoints  {cluster.state_dir / 'endpoints.json'}")

@@ -40,6 +40,9 @@ CREDENTIALS_FILE: Final = "credentials.json"
 PASSWORD_FILE: Final = "mosquitto.passwd"  # noqa: S105 (a file name, not a secret)
 ACL_FILE: Final = "mosquitto.acl"
 DASHBOARD_AUTH_FILE: Final = "dashboard-auth.json"
+# The observer's login for the Mosquitto command-line clients, as an options file that they
+# read from `$XDG_CONFIG_HOME/mosquitto_sub`: no password on a command line (the process list).
+OBSERVER_CONFIG_DIR: Final = "observer"
 PRIVATE_MODE: Final = 0o600
 PUBLIC_MODE: Final = 0o644
 # The program that hashes a plaintext mosquitto password file in place (`-U`).
@@ -370,6 +373,20 @@ def _json_bytes(document: dict[str, Any]) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
 
 
+def write_observer_options(credentials: Credentials, config_dir: Path) -> Path | None:
+    """`{config_dir}/mosquitto_sub` (0600, in a 0700 folder): the observer's login for
+    `XDG_CONFIG_HOME={config_dir} mosquitto_sub -h HOST -p PORT -t FILTER`."""
+    observer = credentials.observer
+    if observer is None:
+        return None
+    config_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config_dir.chmod(0o700)
+    path = config_dir / "mosquitto_sub"
+    text = f"-V mqttv5\n-u {observer.username}\n-P {observer.password}\n"
+    _write_atomically(path, text.encode("utf-8"), PRIVATE_MODE)
+    return path
+
+
 def provision(
     registry: Registry,
     out_dir: Path | str,
@@ -403,6 +420,7 @@ def provision(
     _write_atomically(
         dashboard_auth_path, _json_bytes(dashboard_auth_document(credentials)), PRIVATE_MODE
     )
+    write_observer_options(credentials, directory / OBSERVER_CONFIG_DIR)
     return ProvisionResult(
         out_dir=directory,
         credentials=credentials,
