@@ -46,6 +46,7 @@ from teamtrack.mosquitto_config import render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
+from teamtrack.redis_users import load_or_create_users, write_acl_file
 from teamtrack.registry import demo_registry, dump_registry
 from teamtrack.retry import Backoff
 from teamtrack.servers import (
@@ -203,6 +204,8 @@ class LocalCluster:
             else f"redis://{LOOPBACK}:{self.ports.redis}/0"
         )
         self.backend_url = options.backend_url or started_url
+        # Each role's URL, when the cluster starts a Redis with a user per role.
+        self._role_urls: dict[str, str] = {}
         self._session_secret = generate_secret(32)
         # What the ingest writes and the dashboards read (their history API and replay).
         self.database_url = default_database_url(self.state_dir)
@@ -288,10 +291,17 @@ class LocalCluster:
 
     def _start_redis(self) -> ManagedProcess:
         """A fresh Redis for this run, with an append-only file: restarted after a crash, it
-        comes back with everything it had acknowledged."""
+        comes back with everything it had acknowledged. Its users are the roles of
+        `teamtrack.redis_users`: each service gets its own, allowed what it does and no more;
+        `backend_url` becomes the operators' (`tt-admin`)."""
         data_dir = self.state_dir / "redis"
         shutil.rmtree(data_dir, ignore_errors=True)
-        return start_redis(self.ports.redis, data_dir)
+        users = load_or_create_users(self.state_dir)
+        aclfile = write_acl_file(users, data_dir)
+        port = self.ports.redis
+        self.backend_url = users["admin"].url(LOOPBACK, port)
+        self._role_urls = {role: user.url(LOOPBACK, port) for role, user in users.items()}
+        return start_redis(port, data_dir, aclfile=aclfile)
 
     def _save_bridge_sessions(self, timeout: float = 30.0) -> None:
         """Once every bridge's subscription is granted, have every broker save its database.
@@ -360,9 +370,13 @@ class LocalCluster:
             self.ports.broker_mqtt[index],
         )
 
-    def _service_env(self, **secrets: str) -> dict[str, str]:
+    def _service_env(self, role: str | None, **secrets: str) -> dict[str, str]:
+        """A child's environment: without the caller's TEAMTRACK_* variables, with the backend
+        URL of its `role` (its own Redis user when the cluster started Redis; none for None)
+        and its secrets: never on a command line."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("TEAMTRACK_")}
-        env["TEAMTRACK_BACKEND_URL"] = self.backend_url
+        if role is not None:
+            env["TEAMTRACK_BACKEND_URL"] = self._role_urls.get(role, self.backend_url)
         env.update(secrets)
         return env
 
@@ -381,7 +395,7 @@ class LocalCluster:
         ]
         if self.options.device_rate_per_s is not None:
             argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
-        env = self._service_env(TEAMTRACK_MQTT_PASSWORD=bridge.password)
+        env = self._service_env("bridge", TEAMTRACK_MQTT_PASSWORD=bridge.password)
         self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])
 
     def _start_dashboard(self, index: int) -> None:
@@ -394,7 +408,7 @@ class LocalCluster:
             "--instance-id", f"dashboard-{index + 1}",
             "--database-url", self.database_url,
         ]
-        env = self._service_env(TEAMTRACK_SESSION_SECRET=self._session_secret)
+        env = self._service_env("dashboard", TEAMTRACK_SESSION_SECRET=self._session_secret)
         self._add(f"dashboard-{index + 1}", argv, env, self.ports.dashboards[index])
 
     def _start_ingest(self) -> None:
@@ -404,7 +418,7 @@ class LocalCluster:
             "--database-url", self.database_url,
             "--metrics-port", "0",
         ]
-        self._add("ingest", argv, self._service_env(), None)
+        self._add("ingest", argv, self._service_env("ingest"), None)
 
     def _start_simulator(self) -> None:
         assert self.provisioned is not None
@@ -421,7 +435,7 @@ class LocalCluster:
             argv += ["--broker-url", f"mqtt://{LOOPBACK}:{port}"]
         if self.options.duration:
             argv += ["--duration", str(self.options.duration)]
-        self._add("simulator", argv, self._service_env(), None)
+        self._add("simulator", argv, self._service_env(None), None)
 
     def endpoints(self) -> dict[str, object]:
         return {

@@ -142,11 +142,18 @@ APPENDFSYNC_POLICIES = ("everysec", "always", "no")
 
 
 def redis_argv(
-    port: int, data_dir: Path, host: str = LOOPBACK, *, appendfsync: str = "everysec"
+    port: int,
+    data_dir: Path,
+    host: str = LOOPBACK,
+    *,
+    appendfsync: str = "everysec",
+    aclfile: Path | None = None,
 ) -> list[str]:
-    """A loopback Redis whose data survives a crash of its process (AOF in `data_dir`)."""
+    """A loopback Redis whose data survives a crash of its process (AOF in `data_dir`); with
+    `aclfile`, its users (`teamtrack.redis_users`) instead of an open default user."""
     if appendfsync not in APPENDFSYNC_POLICIES:
         raise ValueError(f"appendfsync must be one of {', '.join(APPENDFSYNC_POLICIES)}")
+    users = ["--aclfile", str(aclfile)] if aclfile is not None else []
     return [
         "redis-server",
         "--port", str(port),
@@ -156,16 +163,22 @@ def redis_argv(
         "--appendfsync", appendfsync,
         "--dir", str(data_dir),
         "--protected-mode", "yes",
+        *users,
     ]
 
 
 def start_redis(
-    port: int, data_dir: Path, host: str = LOOPBACK, *, appendfsync: str = "everysec"
+    port: int,
+    data_dir: Path,
+    host: str = LOOPBACK,
+    *,
+    appendfsync: str = "everysec",
+    aclfile: Path | None = None,
 ) -> ManagedProcess:
     """A Redis on loopback with its append-only file in `data_dir`; started again on the same
     folder, it comes back with everything it had acknowledged."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = redis_argv(port, data_dir, host, appendfsync=appendfsync)
+    argv = redis_argv(port, data_dir, host, appendfsync=appendfsync, aclfile=aclfile)
     server = ManagedProcess("redis", argv, data_dir / "redis.log").start()
     server.wait_for_port(host, port)
     return server
