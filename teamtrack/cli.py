@@ -255,8 +255,8 @@ def provision_command(
         history.mkdir(mode=0o700, exist_ok=True)
         console.print(f"made {history}/ for the history database")
     console.print(
-        "reload brokers with SIGHUP to apply the new password file and ACL; restart brokers "
-        "and dashboards when a certificate was issued"
+        "reload brokers with SIGHUP to apply the new password file, ACL and certificate; "
+        "restart dashboards serving HTTPS when a certificate was issued"
     )
 
 
