@@ -37,6 +37,10 @@ from teamtrack.runtime import settle_heap
 from teamtrack.settings import load_settings
 
 PROGRAM = "python -m dashboard"
+# With --tls-cert: TLS 1.2 suites with forward secrecy only (uvicorn's default, "TLSv1", lets
+# CBC suites without it through); TLS 1.3 has nothing else. TLS 1.0 and 1.1 are refused (the
+# minimum of Python's server contexts).
+TLS_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 # Clients only ever send small control messages (pings).
 MAX_CLIENT_MESSAGE_BYTES = 64 * 1024
 
@@ -153,13 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         ws="websockets-sansio",
         ws_max_size=MAX_CLIENT_MESSAGE_BYTES,
         ws_per_message_deflate=settings.ws_compression,
+        # HTTPS with --tls-cert/--tls-key; plain HTTP without.
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert is not None else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key is not None else None,
+        ssl_ciphers=TLS_CIPHERS,
     )
     server = uvicorn.Server(config)
     # After Server(): the config has installed uvicorn's own logging set-up by now.
     logging.getLogger("uvicorn.error").addFilter(_SpuriousHandshakeError())
     redact_uvicorn_logs()
     release_large_buffers()
-    config.load()  # the protocol modules are imported now, so that they are settled too
+    try:
+        config.load()  # the protocol modules are imported now, so that they are settled too
+    except OSError as error:  # ssl.SSLError included: a certificate or key that does not load
+        print(f"{PROGRAM}: --tls-cert/--tls-key: {error}", file=sys.stderr)
+        return 1
     settle_heap()
     server.run()
     return 0 if server.started else 1

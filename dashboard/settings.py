@@ -127,12 +127,26 @@ class DashboardSettings(ServiceSettings):
     keep_alive_timeout_s: int = Field(
         5, ge=1, description="an idle keep-alive connection is closed after this long"
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="serve HTTPS (and wss://) with this certificate (PEM, the chain after it; "
+        "`teamtrack provision` writes state/tls/server.crt); with --tls-key",
+    )
+    tls_key: Path | None = Field(
+        None, description="the certificate's private key (PEM, unencrypted; state/tls/server.key)"
+    )
 
     @field_validator("tile_url")
     @classmethod
     def _check_tile_url(cls, value: str) -> str:
         tile_origin(value)  # raises ValueError with the reason
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_both(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        return self
 
     @model_validator(mode="after")
     def _name_the_instance(self) -> Self:

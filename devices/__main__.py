@@ -4,6 +4,8 @@ Example:
     python -m devices --credentials state/credentials.json \\
         --broker-url mqtt://127.0.0.1:1883 --broker-url mqtt://127.0.0.1:1884 \\
         --teams 10 --workers 100 --schedule "100@0,1000@60,1000@120,500@150"
+    python -m devices --credentials state/credentials.json --ca-file state/tls/ca.crt \\
+        --broker-url mqtts://broker.example.org:8883
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def _broker_url(text: str) -> str:
-    BrokerAddress.parse(text)
+    BrokerAddress.parse(text, allow_tls=True)
     return text
 
 
@@ -80,7 +82,14 @@ def build_parser(prog: str = "python -m devices") -> argparse.ArgumentParser:
         type=_typed(_broker_url),
         dest="broker_urls",
         metavar="URL",
-        help=f"mqtt://host:port; repeat for several brokers (default {DEFAULT_BROKER_URL})",
+        help="mqtt://host:port, or mqtts://host:port for MQTT over TLS; repeat for several "
+        f"brokers (default {DEFAULT_BROKER_URL})",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="certificate authority that mqtts:// brokers' certificates must be signed by "
+        "(a cluster's state/tls/ca.crt); default: the system's trusted authorities",
     )
     parser.add_argument(
         "--teams", type=_typed(_non_negative_int), help="use the first N teams (default all)"
@@ -157,6 +166,7 @@ def _config(arguments: argparse.Namespace) -> SimulationConfig:
         seed=arguments.seed,
         show_progress=not arguments.no_progress,
         max_concurrent_connects=arguments.max_connects,
+        ca_file=arguments.ca_file,
     )
 
 

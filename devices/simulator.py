@@ -22,6 +22,7 @@ import heapq
 import logging
 import math
 import random
+import ssl
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from teamtrack.contract import Position, Presence, encode_position, position_top
 from teamtrack.logs import RateLimitedLog, RateLimitFilter
 from teamtrack.mqtt import BrokerAddress
 from teamtrack.retry import Backoff
+from teamtrack.tls import client_ssl_context
 
 __all__ = [
     "BoundingBox",
@@ -112,13 +114,20 @@ class SimulationConfig:
     max_concurrent_connects: int = 100
     reconnect_initial_delay: float = 1.0
     reconnect_max_delay: float = 30.0
+    # The certificate authority mqtts:// brokers must prove themselves with (the cluster's
+    # state/tls/ca.crt); None: the system's trusted authorities. The host name is checked too.
+    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.broker_urls:
             raise ValueError("at least one broker URL is needed")
         for url in self.broker_urls:
-            if BrokerAddress.parse(url).websockets:
-                raise ValueError(f"devices connect over mqtt:// only, not {url!r}")
+            if BrokerAddress.parse(url, allow_tls=True).websockets:
+                raise ValueError(f"devices connect over mqtt:// or mqtts:// only, not {url!r}")
+        if self.ca_file is not None and not any(
+            BrokerAddress.parse(url, allow_tls=True).tls for url in self.broker_urls
+        ):
+            raise ValueError("a CA file is only used with mqtts:// broker URLs")
         if not (math.isfinite(self.interval) and self.interval > 0):
             raise ValueError("interval must be a positive number of seconds")
         if not 0 <= self.jitter < 1:
@@ -301,7 +310,15 @@ class _Simulation:
         self.seed = (
             config.seed if config.seed is not None else random.SystemRandom().getrandbits(32)
         )
-        self.brokers = [BrokerAddress.parse(url) for url in config.broker_urls]
+        self.brokers = [BrokerAddress.parse(url, allow_tls=True) for url in config.broker_urls]
+        # One context for every client; it verifies the broker's certificate and host name.
+        self.ssl_context: ssl.SSLContext | None = None
+        if any(broker.tls for broker in self.brokers):
+            self.ssl_context = (
+                client_ssl_context(config.ca_file)
+                if config.ca_file is not None
+                else ssl.create_default_context()
+            )
         self.errors: Counter[str] = Counter()
         self.error_log = RateLimitedLog(log, interval=5.0)
         self.messages_sent = 0
@@ -533,11 +550,19 @@ class _Simulation:
         failure: tuple[str, object] | None = None
         try:
             await asyncio.wait_for(
-                client.connect(worker.broker.host, worker.broker.port, keepalive=config.keepalive),
+                client.connect(
+                    worker.broker.host,
+                    worker.broker.port,
+                    ssl=self.ssl_context if worker.broker.tls else False,
+                    keepalive=config.keepalive,
+                ),
                 config.connect_timeout,
             )
         except MQTTConnectError as exc:
             failure = ("connect_refused", exc)
+        except ssl.SSLError as exc:
+            # A certificate that no trusted authority signed, or for another host name.
+            failure = ("tls_failed", exc)
         except TimeoutError:
             failure = ("connect_timeout", f"no CONNACK within {config.connect_timeout} s")
         except OSError as exc:
@@ -619,6 +644,11 @@ class _Simulation:
             self._mark_disconnected(worker)
             try:
                 await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
+            except ssl.SSLError as exc:
+                # Over TLS the broker's PUBACK of that status may arrive after our close_notify:
+                # DISCONNECT had gone out, so the connection ended cleanly all the same.
+                if exc.reason != "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
+                    self._fail("disconnect", worker, repr(exc))
             except Exception as exc:
                 self._fail("disconnect", worker, repr(exc))
         worker.client = None

@@ -91,12 +91,33 @@ def up(
     status: Annotated[
         bool, typer.Option(help="live status table while running")
     ] = True,
+    tls: Annotated[
+        bool,
+        typer.Option(envvar=_env("tls"), help="a local CA and server certificate (state/tls/), "
+                     "an MQTT over TLS listener per broker; the simulator publishes through it"),
+    ] = True,
+    https: Annotated[
+        bool,
+        typer.Option(envvar=_env("https"), help="dashboards serve HTTPS with that certificate "
+                     "(default: plain HTTP, on 127.0.0.1 only)"),
+    ] = False,
+    tls_hosts: Annotated[
+        str,
+        typer.Option(envvar=_env("tls_hosts"), help="comma-separated names and addresses the "
+                     "certificate must carry besides localhost, 127.0.0.1 and ::1"),
+    ] = "",
+    mqtts_host: Annotated[
+        str,
+        typer.Option(envvar=_env("mqtts_host"), help="address of the MQTT over TLS listeners "
+                     "(0.0.0.0: every interface, for devices on the network)"),
+    ] = "127.0.0.1",
 ) -> None:
     """Start a local cluster and keep it running until Ctrl-C or SIGTERM."""
     import threading
 
     from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster, ServerError
     from teamtrack.provision import ProvisionError
+    from teamtrack.tls import split_hosts
 
     if qos not in (0, 1):
         raise _fail("--qos must be 0 or 1")
@@ -107,7 +128,8 @@ def up(
         state_dir=state_dir, brokers=brokers, dashboards=dashboards, teams=teams,
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
         interval=interval, qos=qos, duration=duration, backend=backend,
-        kafka_nodes=kafka_nodes,
+        kafka_nodes=kafka_nodes, tls=tls, https=https, tls_hosts=split_hosts(tls_hosts),
+        mqtts_host=mqtts_host,
     )
     cluster = LocalCluster(options, console)
     try:
@@ -144,7 +166,12 @@ def _print_endpoints(cluster: object) -> None:
     for url in endpoints["dashboards"]:  # type: ignore[attr-defined]
         console.print(f"dashboard  {url}")
     for broker in endpoints["brokers"]:  # type: ignore[attr-defined]
-        console.print(f"broker     {broker['mqtt']}  (MQTT over WebSockets: {broker['ws']})")
+        tls_url = f", over TLS: {broker['mqtts']}" if "mqtts" in broker else ""
+        console.print(
+            f"broker     {broker['mqtt']}  (MQTT over WebSockets: {broker['ws']}{tls_url})"
+        )
+    if "ca" in endpoints:
+        console.print(f"TLS CA     {endpoints['ca']}  (clients verify the servers against it)")
     console.print(f"backend    {endpoints['backend']}")
     credentials_path = cluster.provisioned.credentials_path
     manager = credentials.managers[0] if credentials.managers else None
@@ -182,13 +209,27 @@ def provision_command(
         typer.Option(help="also write OUT/compose/ broker configs and OUT/history/ for "
                      "docker-compose.yml"),
     ] = False,
+    tls_hosts: Annotated[
+        str,
+        typer.Option(envvar=_env("tls_hosts"), help="comma-separated names and addresses the "
+                     "server certificate carries besides localhost, 127.0.0.1, ::1 and the "
+                     "registry's tls_hosts"),
+    ] = "",
+    rotate_tls: Annotated[
+        bool, typer.Option(help="issue a new certificate authority and server certificate")
+    ] = False,
 ) -> None:
-    """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json."""
+    """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json,
+    and tls/ (a local certificate authority and the servers' certificate)."""
     from teamtrack.provision import ProvisionError, provision
     from teamtrack.registry import RegistryError, load_registry
+    from teamtrack.tls import split_hosts
 
     try:
-        result = provision(load_registry(registry), out, reuse_existing=not rotate)
+        result = provision(
+            load_registry(registry), out, reuse_existing=not rotate,
+            tls_hosts=split_hosts(tls_hosts), rotate_tls=rotate_tls,
+        )
     except (RegistryError, ProvisionError, OSError) as error:
         raise _fail(str(error)) from None
     console.print(
@@ -198,6 +239,12 @@ def provision_command(
     for path in (result.credentials_path, result.password_file, result.acl_file,
                  result.dashboard_auth_path):
         console.print(f"wrote {path}")
+    if result.tls is not None:
+        issued = ", ".join(result.tls.issued) or "nothing: the existing ones are still good"
+        console.print(
+            f"TLS in {result.tls.directory}/ (issued {issued}); the certificate names "
+            f"{', '.join(result.tls.hosts)}; clients trust {result.tls.ca_cert}"
+        )
     if compose:
         from teamtrack.mosquitto_config import render_compose_broker_configs
 
@@ -207,7 +254,10 @@ def provision_command(
         history = out / "history"
         history.mkdir(mode=0o700, exist_ok=True)
         console.print(f"made {history}/ for the history database")
-    console.print("reload brokers with SIGHUP to apply the new password file and ACL")
+    console.print(
+        "reload brokers with SIGHUP to apply the new password file, ACL and certificate; "
+        "restart dashboards serving HTTPS when a certificate was issued"
+    )
 
 
 @app.command("registry")

@@ -42,7 +42,7 @@ from teamtrack.kafka_server import (
     start_kafka_cluster,
 )
 from teamtrack.metrics import scrape_totals
-from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
 from teamtrack.provision import ProvisionResult, provision
@@ -90,13 +90,24 @@ class ClusterOptions:
     # The bridges' per-device rate limit (messages a second; 0: none; None: the bridge's
     # default). Load and fault runs, whose workers send faster than people move, turn it off.
     device_rate_per_s: float | None = None
+    # A local certificate authority and server certificate (state/tls/), an MQTT over TLS
+    # listener on every broker, and the simulator publishing through it with the CA verified.
+    tls: bool = True
+    # Dashboards serve HTTPS with that certificate (off: plain HTTP, on loopback only).
+    https: bool = False
+    # Names and addresses besides localhost, 127.0.0.1 and ::1 the certificate must carry.
+    tls_hosts: tuple[str, ...] = ()
+    # Where the mqtts listeners listen: loopback by default; "0.0.0.0" (or "") for every
+    # interface, so that devices on the network can connect. Plain listeners stay on loopback.
+    mqtts_host: str = LOOPBACK
 
 
 @dataclass(frozen=True)
 class PortPlan:
     """Where everything listens; `base_port=0` takes free ports instead.
 
-    From the base port: broker i at base + 10 (i-1) (+1 for WebSockets), Redis at base + 100,
+    From the base port: broker i at base + 10 (i-1) (+1 for WebSockets, +2 for MQTT over TLS),
+    Redis at base + 100,
     Kafka at base + 101 with its KRaft controller at base + 102 (only the server of the chosen
     backend is started), bridge metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1).
     Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
@@ -111,6 +122,7 @@ class PortPlan:
     kafka_controller: int = 0
     # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
     kafka_more: list[tuple[int, int]] = field(default_factory=list)
+    broker_mqtts: list[int] = field(default_factory=list)
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int]]:
@@ -128,6 +140,7 @@ class PortPlan:
                 kafka=free_port(),
                 kafka_controller=free_port(),
                 kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
+                broker_mqtts=[free_port() for _ in range(brokers)],
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -141,11 +154,13 @@ class PortPlan:
                 (base + 101 + 2 * index, base + 102 + 2 * index)
                 for index in range(1, kafka_nodes)
             ],
+            broker_mqtts=[base + 10 * index + 2 for index in range(brokers)],
         )
 
     def all_ports(self) -> Iterator[int]:
         yield from self.broker_mqtt
         yield from self.broker_ws
+        yield from self.broker_mqtts
         yield self.redis
         for port, controller_port in self.kafka_nodes:
             yield port
@@ -226,6 +241,8 @@ class LocalCluster:
             raise ClusterError("--backend must be redis or kafka")
         if options.kafka_nodes < 1:
             raise ClusterError("--kafka-nodes must be at least 1")
+        if options.https and not options.tls:
+            raise ClusterError("--https needs the certificates of --tls")
         if options.backend_url is not None and not options.backend_url.startswith(
             ("redis://", "rediss://", "redis+sentinel://", "kafka://")
         ):
@@ -267,7 +284,9 @@ class LocalCluster:
             self.options.teams, self.options.workers, brokers=self.options.brokers
         )
         dump_registry(registry, self.state_dir / "registry.yaml")
-        self.provisioned = provision(registry, self.state_dir)
+        self.provisioned = provision(
+            registry, self.state_dir, tls=self.options.tls, tls_hosts=self._tls_hosts()
+        )
         if self.options.backend_url is None and self.options.backend == "kafka":
             self._start_kafka()
         elif self.options.backend_url is None:
@@ -288,6 +307,17 @@ class LocalCluster:
             self._start_simulator()
         self._write_endpoints()
         self._write_processes()
+
+    def _tls_hosts(self) -> tuple[str, ...]:
+        """The configured names, and the mqtts listeners' own address when it is one."""
+        host = self.options.mqtts_host
+        bound = () if host in ("", "0.0.0.0", "::") else (host,)
+        return (*self.options.tls_hosts, *bound)
+
+    def _mqtts_client_host(self) -> str:
+        """The address local clients (the simulator) reach the mqtts listeners at."""
+        host = self.options.mqtts_host
+        return LOOPBACK if host in ("", "0.0.0.0", "::") else host
 
     def _start_redis(self) -> ManagedProcess:
         """A fresh Redis for this run, with an append-only file: restarted after a crash, it
@@ -357,6 +387,16 @@ class LocalCluster:
 
     def _start_broker(self, index: int) -> None:
         assert self.provisioned is not None
+        tls = self.provisioned.tls
+        mqtts = None
+        if tls is not None:
+            mqtts = MqttsListener(
+                port=self.ports.broker_mqtts[index],
+                certfile=tls.server_cert,
+                keyfile=tls.server_key,
+                cafile=tls.ca_cert,
+                host=self.options.mqtts_host,
+            )
         config = render_broker_config(
             mqtt_port=self.ports.broker_mqtt[index],
             ws_port=self.ports.broker_ws[index],
@@ -364,6 +404,7 @@ class LocalCluster:
             password_file=self.provisioned.password_file,
             acl_file=self.provisioned.acl_file,
             broker_name=f"broker-{index + 1}",
+            mqtts=mqtts,
         )
         self._add(
             f"broker-{index + 1}", ["mosquitto", "-c", str(config)], None,
@@ -408,6 +449,9 @@ class LocalCluster:
             "--instance-id", f"dashboard-{index + 1}",
             "--database-url", self.database_url,
         ]
+        tls = self.provisioned.tls
+        if self.options.https and tls is not None:
+            argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
         env = self._service_env("dashboard", TEAMTRACK_SESSION_SECRET=self._session_secret)
         self._add(f"dashboard-{index + 1}", argv, env, self.ports.dashboards[index])
 
@@ -431,24 +475,48 @@ class LocalCluster:
             "--qos", str(self.options.qos),
             "--no-progress",
         ]
-        for port in self.ports.broker_mqtt:
-            argv += ["--broker-url", f"mqtt://{LOOPBACK}:{port}"]
+        tls = self.provisioned.tls
+        if tls is not None:
+            # The devices' path over the network: MQTT over TLS, the broker's certificate
+            # verified against the cluster's authority (and its host name against the SANs).
+            host = self._mqtts_client_host()
+            host = f"[{host}]" if ":" in host else host
+            argv += ["--ca-file", str(tls.ca_cert)]
+            for port in self.ports.broker_mqtts:
+                argv += ["--broker-url", f"mqtts://{host}:{port}"]
+        else:
+            for port in self.ports.broker_mqtt:
+                argv += ["--broker-url", f"mqtt://{LOOPBACK}:{port}"]
         if self.options.duration:
             argv += ["--duration", str(self.options.duration)]
         self._add("simulator", argv, self._service_env(None), None)
 
     def endpoints(self) -> dict[str, object]:
-        return {
-            "brokers": [
-                {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"ws://{LOOPBACK}:{ws}"}
-                for mqtt, ws in zip(self.ports.broker_mqtt, self.ports.broker_ws, strict=True)
-            ],
-            "dashboards": [f"http://{LOOPBACK}:{port}" for port in self.ports.dashboards],
+        """What `endpoints.json` lists: with TLS, each broker's `mqtts` URL and the authority
+        (`ca`) that clients verify it (and the dashboards' `https://` URLs) against."""
+        tls = self.provisioned.tls if self.provisioned is not None else None
+        brokers: list[dict[str, str]] = []
+        for index, (mqtt, ws) in enumerate(
+            zip(self.ports.broker_mqtt, self.ports.broker_ws, strict=True)
+        ):
+            broker = {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"ws://{LOOPBACK}:{ws}"}
+            if tls is not None:
+                host = self._mqtts_client_host()
+                host = f"[{host}]" if ":" in host else host
+                broker["mqtts"] = f"mqtts://{host}:{self.ports.broker_mqtts[index]}"
+            brokers.append(broker)
+        scheme = "https" if self.options.https and tls is not None else "http"
+        endpoints: dict[str, object] = {
+            "brokers": brokers,
+            "dashboards": [f"{scheme}://{LOOPBACK}:{port}" for port in self.ports.dashboards],
             "backend": _without_password(self.backend_url),
             "bridge_metrics": [
                 f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.bridge_metrics
             ],
         }
+        if tls is not None:
+            endpoints["ca"] = str(tls.ca_cert)
+        return endpoints
 
     def _write_endpoints(self) -> None:
         path = self.state_dir / "endpoints.json"

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import ipaddress
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Final
@@ -25,7 +27,10 @@ from teamtrack.provision import ACL_FILE, PASSWORD_FILE
 # holds for a source checkout and for the editable install the project is developed with.
 TEMPLATE_DIR: Final = Path(__file__).resolve().parents[1] / "mosquitto"
 BROKER_TEMPLATE: Final = TEMPLATE_DIR / "broker.conf.template"
+MQTTS_TEMPLATE: Final = TEMPLATE_DIR / "mqtts-listener.conf.template"
 LOOPBACK: Final = "127.0.0.1"
+# IANA's port for MQTT over TLS.
+MQTTS_PORT: Final = 8883
 # The brokers' subscription check (see the source): built on first use into the git-ignored var/.
 PLUGIN_SOURCE: Final = TEMPLATE_DIR / "plugin" / "teamtrack_subscribe_acl.c"
 PLUGIN_BUILD_DIR: Final = TEMPLATE_DIR.parent / "var" / "mosquitto-plugin"
@@ -44,6 +49,28 @@ COMPOSE_PLUGIN: Final = Path("/usr/lib/mosquitto/teamtrack_subscribe_acl.so")
 
 class BrokerConfigError(ValueError):
     """A value that would produce a broken or ambiguous broker configuration."""
+
+
+@dataclass(frozen=True, slots=True)
+class MqttsListener:
+    """A broker's MQTT over TLS listener: its port, address ("" for every interface) and the
+    server certificate, its key and the authority that signed it (`ProvisionResult.tls`)."""
+
+    port: int
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+    host: str = LOOPBACK
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only: localhost, 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def subscribe_acl_plugin(build_dir: Path = PLUGIN_BUILD_DIR) -> Path:
@@ -89,14 +116,27 @@ def subscribe_acl_plugin(build_dir: Path = PLUGIN_BUILD_DIR) -> Path:
     return target
 
 
-def _load_template() -> Template:
+def _load_template(path: Path = BROKER_TEMPLATE) -> Template:
     try:
-        return Template(BROKER_TEMPLATE.read_text(encoding="utf-8"))
+        return Template(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BrokerConfigError(
-            f"broker config template not found at {BROKER_TEMPLATE}; teamtrack must run from a "
+            f"broker config template not found at {path}; teamtrack must run from a "
             "source checkout or an editable install (pip install -e .)"
         ) from None
+
+
+def _mqtts_listener_text(listener: MqttsListener | None) -> str:
+    if listener is None:
+        return "# (no MQTT over TLS listener: this broker is reached from this host only)\n"
+    address = f" {_config_value(listener.host, 'mqtts host')}" if listener.host else ""
+    return _load_template(MQTTS_TEMPLATE).substitute(
+        mqtts_port=_port(listener.port, "MQTTS port"),
+        mqtts_address=address,
+        certfile=_config_value(str(listener.certfile), "certificate file"),
+        keyfile=_config_value(str(listener.keyfile), "key file"),
+        cafile=_config_value(str(listener.cafile), "CA file"),
+    )
 
 
 def _config_value(value: str, what: str) -> str:
@@ -134,12 +174,14 @@ def broker_config_text(
     host: str = LOOPBACK,
     run_as_user: str,
     subscribe_acl_plugin: Path,
+    mqtts: MqttsListener | None = None,
 ) -> str:
     """The configuration of one broker, as text; paths are written as given."""
     if not is_slug(broker_name):
         raise BrokerConfigError(f"broker name {broker_name!r} is not a slug")
-    if mqtt_port == ws_port:
-        raise BrokerConfigError(f"MQTT and WebSockets listeners both on port {mqtt_port}")
+    ports = [mqtt_port, ws_port, *([mqtts.port] if mqtts is not None else [])]
+    if len(set(ports)) < len(ports):
+        raise BrokerConfigError(f"two listeners both on port {max(ports, key=ports.count)}")
     return _load_template().substitute(
         broker_name=broker_name,
         mqtt_port=_port(mqtt_port, "MQTT port"),
@@ -151,6 +193,7 @@ def broker_config_text(
         # mosquitto appends the database file name to this verbatim, so it needs the slash.
         persistence_location=_config_value(f"{str(persistence_location).rstrip('/')}/", "path"),
         run_as_user=_config_value(run_as_user, "user"),
+        mqtts_listener=_mqtts_listener_text(mqtts),
     )
 
 
@@ -165,14 +208,28 @@ def render_broker_config(
     host: str = LOOPBACK,
     run_as_user: str | None = None,
     plugin: Path | None = None,
+    mqtts: MqttsListener | None = None,
 ) -> Path:
     """Write `{state_dir}/{broker_name}.conf` and create the broker's persistence directory.
+
+    The plain MQTT listener (`host`) must be a loopback address: whatever reaches the broker
+    from another host comes through the MQTT over TLS listener (`mqtts`), on any address.
 
     `run_as_user` defaults to the current user: a broker started as root then keeps running as
     root instead of switching to the `mosquitto` account, which could not read the 0600 secrets
     that provisioning wrote as the current user. `plugin` defaults to the subscription check
     built by `subscribe_acl_plugin()`.
     """
+    if not is_loopback(host):
+        raise BrokerConfigError(
+            f"the plain MQTT listener must stay on loopback, not {host!r}: give other hosts "
+            "the MQTT over TLS listener (mqtts) instead"
+        )
+    if mqtts is not None:
+        mqtts = MqttsListener(
+            mqtts.port, Path(mqtts.certfile).resolve(), Path(mqtts.keyfile).resolve(),
+            Path(mqtts.cafile).resolve(), mqtts.host,
+        )
     state = Path(state_dir).resolve()
     persistence = state / broker_name
     text = broker_config_text(
@@ -185,6 +242,7 @@ def render_broker_config(
         host=host,
         run_as_user=run_as_user if run_as_user is not None else current_user_name(),
         subscribe_acl_plugin=Path(plugin if plugin is not None else subscribe_acl_plugin()),
+        mqtts=mqtts,
     )
     persistence.mkdir(parents=True, exist_ok=True)
     config_path = state / f"{broker_name}.conf"

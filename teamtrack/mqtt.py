@@ -37,17 +37,23 @@ class BrokerAddress:
     host: str
     port: int
     websockets: bool = False
+    # MQTT over TLS (mqtts://): the client verifies the broker's certificate.
+    tls: bool = False
 
     @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """`mqtt://host[:port]` (1883 by default) or `ws://host[:port]` (MQTT over WebSockets).
+    def parse(cls, url: str, *, allow_tls: bool = False) -> BrokerAddress:
+        """`mqtt://host[:port]` (1883 by default), `ws://host[:port]` (MQTT over WebSockets)
+        or, with `allow_tls` (clients that can verify a certificate), `mqtts://host[:port]`
+        (MQTT over TLS, 8883 by default).
 
         IPv6 hosts go in brackets. Credentials never go in the URL: they would end up in logs.
         """
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "ws"):
+        schemes = ("mqtt", "ws", "mqtts") if allow_tls else ("mqtt", "ws")
+        if parts.scheme not in schemes:
             raise ValueError(
-                f"broker URL {url!r} must start with mqtt:// or ws:// (TLS is not supported)"
+                f"broker URL {url!r} must start with {', '.join(s + '://' for s in schemes)}"
+                + ("" if allow_tls else " (this client speaks no TLS: use it on loopback)")
             )
         try:
             port = parts.port
@@ -57,9 +63,15 @@ class BrokerAddress:
             raise ValueError(f"broker URL {url!r} must not carry credentials")
         if not parts.hostname or parts.path not in ("", "/") or parts.query:
             raise ValueError(f"broker URL {url!r} must be {parts.scheme}://host:port and no more")
-        websockets = parts.scheme == "ws"
-        return cls(parts.hostname, port or (8080 if websockets else 1883), websockets)
+        default_port = {"mqtt": 1883, "ws": 8080, "mqtts": 8883}[parts.scheme]
+        return cls(
+            parts.hostname, port or default_port, parts.scheme == "ws", parts.scheme == "mqtts"
+        )
+
+    @property
+    def scheme(self) -> str:
+        return "ws" if self.websockets else "mqtts" if self.tls else "mqtt"
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'ws' if self.websockets else 'mqtt'}://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"

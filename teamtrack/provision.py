@@ -6,6 +6,12 @@
     mosquitto.passwd     (0600) the brokers' password file, hashed by `mosquitto_passwd -U`
     mosquitto.acl        (0644) who may read and write which topics; contains no secret
     dashboard-auth.json  (0600) manager password hashes and token digests, no plaintext
+    tls/                 (0700) a local certificate authority and the servers' certificate
+                         (`teamtrack.tls`): ca.crt, ca.key, server.crt, server.key, all 0600
+
+A manager has two secrets besides the API token: the dashboard login password and an MQTT
+password of its own (`mqtt_password`), so that the password typed into the dashboard's login
+form is never one a broker accepts, and an MQTT client's stored password opens no dashboard.
 
 Secrets already present in an existing credentials.json are kept, so re-provisioning after adding
 workers (a seasonal peak) does not log out anybody already in the field; identities removed from
@@ -35,6 +41,7 @@ from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_to
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP
 from teamtrack.passwords import generate_secret, hash_password, token_digest
 from teamtrack.registry import Registry
+from teamtrack.tls import TLS_DIR, TlsError, TlsFiles, ensure_tls, normalize_hosts
 
 CREDENTIALS_FILE: Final = "credentials.json"
 PASSWORD_FILE: Final = "mosquitto.passwd"  # noqa: S105 (a file name, not a secret)
@@ -74,8 +81,12 @@ class ManagerCredential(BaseModel):
 
     team: str
     username: str
+    # The dashboard login; the brokers never see it.
     password: str = Field(repr=False)
     token: str = Field(repr=False)
+    # The MQTT login (read-only, own team). Empty in a credentials.json from before it existed:
+    # provisioning again issues one.
+    mqtt_password: str = Field("", repr=False)
 
 
 class ServiceCredential(BaseModel):
@@ -158,12 +169,17 @@ class ProvisionResult:
     dashboard_auth_path: Path
     added_usernames: tuple[str, ...]
     removed_usernames: tuple[str, ...]
+    # The local authority and the servers' certificate and key: the brokers' mqtts listeners,
+    # the dashboards' HTTPS and any other TLS server of the cluster take them from here
+    # (`tls.server_cert`, `tls.server_key`; clients trust `tls.ca_cert`). None: not made.
+    tls: TlsFiles | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Secret:
     password: str
     token: str | None = None
+    mqtt_password: str | None = None
 
 
 def load_credentials(path: Path | str) -> Credentials:
@@ -187,7 +203,9 @@ def _existing_secrets(credentials: Credentials) -> dict[str, _Secret]:
     for device in credentials.devices:
         secrets[device.username] = _Secret(device.password)
     for manager in credentials.managers:
-        secrets[manager.username] = _Secret(manager.password, manager.token)
+        secrets[manager.username] = _Secret(
+            manager.password, manager.token, manager.mqtt_password or None
+        )
     for service in (*credentials.observers, *credentials.bridges):
         secrets[service.username] = _Secret(service.password)
     return secrets
@@ -216,6 +234,13 @@ class _SecretIssuer:
         # 32 bytes: a bearer token is a long-lived credential presented on every request.
         return generate_secret(32)
 
+    def mqtt_password(self, username: str) -> str:
+        """A manager's MQTT password: kept, or new (also for a manager of an older file)."""
+        kept = self._existing.get(username)
+        if kept is not None and kept.mqtt_password is not None:
+            return kept.mqtt_password
+        return generate_secret()
+
     def removed(self) -> tuple[str, ...]:
         return tuple(sorted(self._existing.keys() - set(self.issued)))
 
@@ -241,6 +266,7 @@ def _issue(registry: Registry, issuer: _SecretIssuer) -> Credentials:
             username=manager.username,
             password=issuer.password(manager.username),
             token=issuer.token(manager.username),
+            mqtt_password=issuer.mqtt_password(manager.username),
         )
         for manager in registry.managers()
     )
@@ -308,7 +334,8 @@ def _mqtt_logins(credentials: Credentials) -> Iterator[tuple[str, str]]:
     for device in credentials.devices:
         yield device.username, device.password
     for manager in credentials.managers:
-        yield manager.username, manager.password
+        # Never the dashboard password (see the module's docstring).
+        yield manager.username, manager.mqtt_password
     for service in (*credentials.observers, *credentials.bridges):
         yield service.username, service.password
 
@@ -393,13 +420,24 @@ def provision(
     *,
     reuse_existing: bool = True,
     hash_tool: str = HASH_TOOL,
+    tls: bool = True,
+    tls_hosts: Iterable[str] = (),
+    rotate_tls: bool = False,
 ) -> ProvisionResult:
-    """Issue credentials for `registry` and write the four files into `out_dir`.
+    """Issue credentials for `registry` and write the four files into `out_dir`, and with
+    `tls` (the default) the certificate authority and server certificate into `out_dir/tls/`.
 
     With `reuse_existing` (the default) the secrets in an existing `out_dir/credentials.json`
     are kept for identities still in the registry; without it every secret is replaced.
-    `hash_tool` is the mosquitto_passwd program, by name on PATH or as a path.
+    `hash_tool` is the mosquitto_passwd program, by name on PATH or as a path. The server
+    certificate names localhost, 127.0.0.1, ::1, the registry's `tls_hosts` and `tls_hosts`;
+    an existing authority and certificate are reused unless `rotate_tls` (see `teamtrack.tls`).
     """
+    hosts = (*registry.tls_hosts, *tls_hosts)
+    try:
+        normalize_hosts(hosts)  # a bad name fails before anything is written
+    except TlsError as error:
+        raise ProvisionError(str(error)) from None
     directory = Path(out_dir)
     directory.mkdir(parents=True, exist_ok=True)
     credentials_path = directory / CREDENTIALS_FILE
@@ -421,6 +459,12 @@ def provision(
         dashboard_auth_path, _json_bytes(dashboard_auth_document(credentials)), PRIVATE_MODE
     )
     write_observer_options(credentials, directory / OBSERVER_CONFIG_DIR)
+    tls_files = None
+    if tls:
+        try:
+            tls_files = ensure_tls(directory / TLS_DIR, hosts, rotate=rotate_tls)
+        except TlsError as error:
+            raise ProvisionError(str(error)) from None
     return ProvisionResult(
         out_dir=directory,
         credentials=credentials,
@@ -430,4 +474,5 @@ def provision(
         dashboard_auth_path=dashboard_auth_path,
         added_usernames=tuple(issuer.added),
         removed_usernames=issuer.removed(),
+        tls=tls_files,
     )

@@ -11,6 +11,9 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
+    tls_hosts: [teamtrack.example.org, 203.0.113.7]   # names and addresses the servers are
+                                      # reached by, besides localhost, 127.0.0.1 and ::1: the
+                                      # SANs of the servers' certificate (teamtrack.tls)
 
 It is the single source from which credentials, the broker password file and the ACL are
 provisioned, so everything is validated here once: ids are slugs, and every username is unique
@@ -33,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from teamtrack.contract import SLUG_PATTERN, is_slug
 from teamtrack.mqtt import bridge_username
+from teamtrack.tls import TlsError, normalize_hosts
 
 DEVICE_USERNAME_SEPARATOR: Final = "."
 DEFAULT_BROKERS: Final = 2
@@ -174,6 +178,7 @@ class Registry(BaseModel):
     teams: tuple[Team, ...]
     bridges: tuple[str, ...] = DEFAULT_BRIDGES
     observers: tuple[str, ...] = DEFAULT_OBSERVERS
+    tls_hosts: tuple[str, ...] = ()
 
     @field_validator("teams")
     @classmethod
@@ -191,6 +196,15 @@ class Registry(BaseModel):
     @classmethod
     def _observers_are_slugs(cls, values: tuple[str, ...]) -> tuple[str, ...]:
         return _require_slugs(values, "observer username")
+
+    @field_validator("tls_hosts")
+    @classmethod
+    def _tls_hosts_are_names(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            normalize_hosts(values)
+        except TlsError as error:
+            raise ValueError(str(error)) from None
+        return values
 
     @model_validator(mode="after")
     def _identities_are_unique(self) -> Registry:
@@ -328,6 +342,7 @@ def registry_document(registry: Registry) -> dict[str, Any]:
         "teams": [_team_document(team) for team in registry.teams],
         "bridges": list(registry.bridges),
         "observers": list(registry.observers),
+        **({"tls_hosts": list(registry.tls_hosts)} if registry.tls_hosts else {}),
     }
 
 

@@ -398,6 +398,16 @@ def test_broker_urls() -> None:
     for bad in ("http://x:1", "mqtt://x:99999", "mqtt://", "mqtt://x:1/path", "mqtt://u@x"):
         with pytest.raises(ValueError):
             BrokerAddress.parse(bad)
+    # MQTT over TLS, for clients that verify the broker's certificate (the simulator).
+    assert BrokerAddress.parse("mqtts://broker", allow_tls=True) == BrokerAddress(
+        "broker", 8883, tls=True
+    )
+    assert str(BrokerAddress.parse("mqtts://[::1]:8884", allow_tls=True)) == "mqtts://[::1]:8884"
+    with pytest.raises(ValueError, match="speaks no TLS"):
+        BrokerAddress.parse("mqtts://broker")
+    assert SimulationConfig(broker_urls=("mqtts://b:8883",), ca_file="ca.crt").ca_file == "ca.crt"
+    with pytest.raises(ValueError, match="only used with mqtts"):
+        SimulationConfig(broker_urls=("mqtt://b:1883",), ca_file="ca.crt")
 
 
 def test_identities_are_selected_by_team_then_worker_in_file_order(tmp_path: Path) -> None:

@@ -215,7 +215,7 @@ def connect(broker: Broker) -> Iterator[ConnectAs]:
     probes: list[Probe] = []
     passwords = {
         **{device.username: device.password for device in broker.credentials.devices},
-        **{manager.username: manager.password for manager in broker.credentials.managers},
+        **{manager.username: manager.mqtt_password for manager in broker.credentials.managers},
         **{service.username: service.password for service in broker.credentials.observers},
         **{service.username: service.password for service in broker.credentials.bridges},
     }
@@ -496,6 +496,7 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
     [
         ({"broker_name": "Broker 1"}, "not a slug"),
         ({"ws_port": 18830}, "both on port"),
+        ({"host": "0.0.0.0"}, "must stay on loopback"),
         ({"mqtt_port": 70000}, "not a TCP port"),
         ({"acl_file": Path("/tmp/x\nallow_anonymous true")}, "cannot be written"),
     ],
@@ -599,7 +600,7 @@ def test_a_team_added_at_a_peak_may_subscribe_after_sighup(tmp_path: Path) -> No
         broker = Broker(mqtt_port, ws_port, grown.credentials)
         deadline = time.monotonic() + WAIT_S
         while True:
-            probe = Probe(broker, manager.username, manager.password)
+            probe = Probe(broker, manager.username, manager.mqtt_password)
             try:
                 codes = probe.subscribe("teams/bravo/#") if not probe.connect().is_failure else []
             finally:

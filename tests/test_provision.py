@@ -36,6 +36,7 @@ def all_secrets(credentials: Credentials) -> list[str]:
     secrets = [device.password for device in credentials.devices]
     secrets += [manager.password for manager in credentials.managers]
     secrets += [manager.token for manager in credentials.managers]
+    secrets += [manager.mqtt_password for manager in credentials.managers]
     secrets += [service.password for service in (*credentials.observers, *credentials.bridges)]
     return secrets
 
@@ -66,8 +67,11 @@ def test_writes_the_four_files_with_private_modes(registry: Registry, tmp_path: 
     assert mode_of(result.acl_file) == 0o644
     # No temporary files (which held plaintext) are left behind.
     assert sorted(path.name for path in result.out_dir.iterdir()) == sorted(
-        [CREDENTIALS_FILE, PASSWORD_FILE, ACL_FILE, DASHBOARD_AUTH_FILE]
+        [CREDENTIALS_FILE, PASSWORD_FILE, ACL_FILE, DASHBOARD_AUTH_FILE, "observer", "tls"]
     )
+    assert sorted(path.name for path in (result.out_dir / "tls").iterdir()) == [
+        "ca.crt", "ca.key", "server.crt", "server.key"
+    ]
 
 
 def test_credentials_file_lists_every_identity(registry: Registry, tmp_path: Path) -> None:
@@ -90,7 +94,11 @@ def test_credentials_file_lists_every_identity(registry: Registry, tmp_path: Pat
         ("alpha", "alpha-lead"),
         ("bravo", "bravo-lead"),
     ]
-    assert set(document["managers"][0]) == {"team", "username", "password", "token"}
+    assert set(document["managers"][0]) == {
+        "team", "username", "password", "token", "mqtt_password"
+    }
+    # The MQTT login is the manager's own, not the dashboard password.
+    assert document["managers"][0]["mqtt_password"] != document["managers"][0]["password"]
     assert document["observer"]["username"] == "observer"
     assert [bridge["username"] for bridge in document["bridges"]] == ["bridge-1", "bridge-2"]
     assert load_credentials(tmp_path) == result.credentials

@@ -162,7 +162,7 @@ def mqtt_client(cluster: Cluster) -> Iterator[ClientFactory]:
     """mqtt_client(username, port=..., **options) -> a Client, not yet connected; closed after."""
     passwords = {
         **{device.username: device.password for device in cluster.credentials.devices},
-        **{manager.username: manager.password for manager in cluster.credentials.managers},
+        **{manager.username: manager.mqtt_password for manager in cluster.credentials.managers},
         **{service.username: service.password for service in cluster.credentials.observers},
         **{service.username: service.password for service in cluster.credentials.bridges},
     }
