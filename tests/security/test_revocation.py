@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -235,3 +236,43 @@ def test_files_stay_private_and_no_secret_is_printed(cluster: LocalCluster) -> N
     assert not any(secret in result.output for secret in secrets)
     for name in ("credentials.json", "mosquitto.passwd", "dashboard-auth.json"):
         assert (Path(cluster.state_dir) / name).stat().st_mode & 0o777 == 0o600
+
+
+async def test_an_account_whose_acl_changed_is_disconnected_by_the_plugin(
+    tmp_path: Path,
+) -> None:
+    """A manager moved to another team keeps its password, so Mosquitto's own reload keeps the
+    connection (and the subscription granted under the old rules); the subscription plugin
+    disconnects it, and it subscribes again under the new rules."""
+    from conftest import start_broker
+
+    from teamtrack.provision import provision as provision_files
+    from teamtrack.registry import parse_registry
+
+    def registry(alpha_managers: list[str], bravo_managers: list[str]) -> object:
+        return parse_registry({"teams": [
+            {"id": "alpha", "worker_count": 1, "managers": alpha_managers},
+            {"id": "bravo", "worker_count": 1, "managers": bravo_managers},
+        ]})
+
+    first = provision_files(registry(["mover"], []), tmp_path)  # type: ignore[arg-type]
+    broker = start_broker(tmp_path, first, "broker-1", "b1")
+    try:
+        mover = first.credentials.manager("mover")
+        client = Client(broker.mqtt_port, mover.username, mover.password)
+        assert client.connect() == 0
+        assert client.subscribe("teams/alpha/#") == [1]
+        moved = provision_files(registry([], ["mover"]), tmp_path)  # type: ignore[arg-type]
+        assert moved.credentials.manager("mover").password == mover.password
+        started = time.monotonic()
+        broker.process.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        dropped = await asyncio.to_thread(until, lambda: bool(client.disconnects), "kicked")
+        client.close()
+        print(f"\nACL changed -> disconnected by the plugin: {dropped - started:.2f} s")
+        again = Client(broker.mqtt_port, mover.username, mover.password)
+        assert again.connect() == 0
+        assert again.subscribe("teams/alpha/#") == [0x87]
+        assert again.subscribe("teams/bravo/#") == [1]
+        again.close()
+    finally:
+        broker.process.stop()
