@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             per_address_per_minute=settings.login_per_address_per_minute,
             per_account_per_minute=settings.login_per_account_per_minute,
         ),
+        auth_file=settings.auth_file,
+        revocation_poll_s=settings.revocation_poll_s,
     )
     log.info(
         "instance %s: %d manager(s), backend %s://, history %s",

@@ -1,6 +1,7 @@
 """The dashboard's ASGI application: login, the page, the snapshot API and the live socket.
 
-    GET  /login  POST /login  POST /logout       session cookie for browsers
+    GET  /login  POST /login  POST /logout       session cookie for browsers (logout revokes it
+                                                 on every instance: dashboard/revocation.py)
     GET  /                                       the page (static/index.html)
     GET  /api/me                                 {"username", "team"}
     GET  /api/config                             what the map page needs (tiles, stale time)
@@ -46,6 +47,7 @@ from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
 from dashboard.login_guard import LoginGuard, LoginLimits, LoginRefused
 from dashboard.metrics import DashboardMetrics
 from dashboard.page import PageConfig
+from dashboard.revocation import DEFAULT_POLL_S, CredentialWatch, LiveSessions
 from teamtrack.backends import Backend
 from teamtrack.history import HistoryStore
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
@@ -68,16 +70,24 @@ def create_app(
     history_store: HistoryStore | None = None,
     site: SiteSecurity | None = None,
     login_limits: LoginLimits | None = None,
+    auth_file: Path | None = None,
+    revocation_poll_s: float = DEFAULT_POLL_S,
 ) -> FastAPI:
     """The app for one instance; its lifespan starts and stops the backend and the hub, and
     closes `history_store` (read only, never migrated here; None: no history configured).
 
     `site` None: any Host, no trusted proxy, `/metrics` for local clients (tests);
-    `python -m dashboard` passes its settings."""
+    `python -m dashboard` passes its settings. `auth_file`: re-read when it changes (every
+    `revocation_poll_s`, like the other instances' logouts; dashboard/revocation.py)."""
     site = site if site is not None else SiteSecurity()
     login_guard = LoginGuard(authenticator.directory, login_limits)
     metrics = DashboardMetrics(registry)
     hub = TeamHub(backend, metrics, limits=viewer_limits)
+    live_sessions = LiveSessions()
+    watch = CredentialWatch(
+        authenticator, backend, live_sessions, auth_file=auth_file, login_guard=login_guard,
+        poll_s=revocation_poll_s,
+    )
     config = page_config if page_config is not None else PageConfig()
     # No inline script, no other origin but the tiles': an injected string can neither run
     # nor phone home.
@@ -90,7 +100,11 @@ def create_app(
         try:
             await hub.start()
             try:
-                yield
+                await watch.start()
+                try:
+                    yield
+                finally:
+                    await watch.stop()
             finally:
                 await hub.stop()
         finally:
@@ -112,6 +126,7 @@ def create_app(
     app.state.hub = hub
     app.state.metrics = metrics
     app.state.login_guard = login_guard
+    app.state.credential_watch = watch
     # The last one added runs first: the proxy's word on scheme and client, then the guard.
     app.add_middleware(
         SiteGuard, allowed_hosts=site.allowed_hosts, max_body_bytes=site.max_body_bytes
@@ -174,6 +189,12 @@ def create_app(
     async def log_out(request: Request) -> Response:
         if not form_post_is_own(request.headers, request.url.scheme):
             return PlainTextResponse("cross-site form refused", status.HTTP_403_FORBIDDEN)
+        # The cookie is refused from now on, here and (through the backend) everywhere else,
+        # and its live sockets are closed: clearing it in this browser alone would leave a
+        # copied cookie valid until it expires.
+        session = authenticator.session_of(request.cookies.get(SESSION_COOKIE, ""))
+        if session is not None:
+            await watch.logout(session)
         response = RedirectResponse("/login", status.HTTP_303_SEE_OTHER)
         response.delete_cookie(
             SESSION_COOKIE,
@@ -226,6 +247,7 @@ def create_app(
             hub=hub,
             metrics=metrics,
             stuck_after_s=stuck_after_s,
+            live=live_sessions,
         )
 
     @app.get("/healthz")

@@ -3,10 +3,14 @@
 Credentials travel only in the `Authorization: Bearer` header or the `tt_session` cookie, never
 in a URL: URLs end up in proxy logs, browser history and Referer headers.
 
-A session cookie is `base64url(username|team|expires).base64url(HMAC-SHA256)`, signed with the
-session secret that every instance shares, so a login on one instance works on all of them. It
-names the manager only; the manager's team is looked up again in the directory on every use,
-so a manager removed from the auth file is locked out at the next request.
+A session cookie is `base64url(username|team|expires|session id|generation).base64url(HMAC-SHA256)`,
+signed with the session secret that every instance shares, so a login on one instance works on
+all of them. The manager and team are looked up again in the directory on every use, so a
+manager removed from the auth file is locked out as soon as the instance re-read it; the
+generation is a digest of the manager's current token digest, so rotating the manager's secrets
+(`teamtrack provision rotate`) ends every session issued before. The session id is random: a
+logout records it as revoked (`Authenticator.revoke`, shared through the backend by
+dashboard/revocation.py) until the cookie would have expired anyway.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +36,10 @@ from teamtrack.passwords import generate_secret, hash_password, token_digest, ve
 
 SESSION_COOKIE: Final = "tt_session"
 MAX_COOKIE_CHARS: Final = 1024
+
+
+SESSION_ID_BYTES: Final = 16
+GENERATION_CHARS: Final = 16
 
 
 class AuthFileError(ValueError):
@@ -105,6 +114,14 @@ class ManagerDirectory:
         entry = self._entries.get(username)
         return Manager(entry.username, entry.team) if entry is not None else None
 
+    def session_generation(self, username: str) -> str | None:
+        """What a session cookie of this manager must name: it changes with the token (rotate)."""
+        entry = self._entries.get(username)
+        if entry is None:
+            return None
+        digest = hashlib.sha256(b"teamtrack-session:" + entry.token_sha256.encode())
+        return digest.hexdigest()[:GENERATION_CHARS]
+
     def authenticate_password(self, username: str, password: str) -> Manager | None:
         """Slow on purpose (scrypt): call it from a worker thread, not the event loop."""
         entry = self._entries.get(username)
@@ -129,11 +146,22 @@ def _decode(text: str) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Session:
+    """What a valid session cookie says."""
+
+    manager: Manager
+    session_id: str
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated manager and how they proved it (cookies need an Origin check)."""
+    """An authenticated manager and how they proved it (cookies need an Origin check); a
+    cookie's session, to revoke at logout."""
 
     manager: Manager
     by_cookie: bool
+    session: Session | None = None
 
 
 class Authenticator:
@@ -144,9 +172,13 @@ class Authenticator:
     ) -> None:
         if not session_secret:
             raise ValueError("session_secret must not be empty")
+        # Replaced as a whole when the auth file changes (dashboard/revocation.py).
         self.directory = directory
         self.session_max_age_s = session_max_age_s
         self._key = session_secret.encode()
+        # Session id -> when it would have expired: logouts, here and on other instances.
+        # Bounded by the logouts of one session life; expired ones are dropped by `prune`.
+        self._revoked: dict[str, int] = {}
 
     def _signature(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
@@ -154,11 +186,19 @@ class Authenticator:
     def issue_session(self, manager: Manager, now: float | None = None) -> str:
         issued = time.time() if now is None else now
         expires = int(issued) + self.session_max_age_s
-        payload = f"{manager.username}|{manager.team}|{expires}".encode()
-        return f"{_encode(payload)}.{_encode(self._signature(payload))}"
+        session_id = _encode(secrets.token_bytes(SESSION_ID_BYTES))
+        generation = self.directory.session_generation(manager.username) or ""
+        payload = f"{manager.username}|{manager.team}|{expires}|{session_id}|{generation}"
+        encoded = payload.encode()
+        return f"{_encode(encoded)}.{_encode(self._signature(encoded))}"
 
     def read_session(self, value: str, now: float | None = None) -> Manager | None:
-        """The manager of a valid, unexpired cookie who is still in the directory, else None."""
+        """The manager of a valid, unexpired, unrevoked cookie who is still in the directory
+        with the same secrets, else None."""
+        session = self.session_of(value, now)
+        return session.manager if session is not None else None
+
+    def session_of(self, value: str, now: float | None = None) -> Session | None:
         if len(value) > MAX_COOKIE_CHARS or value.count(".") != 1:
             return None
         encoded_payload, encoded_signature = value.split(".")
@@ -170,16 +210,40 @@ class Authenticator:
         if not hmac.compare_digest(signature, self._signature(payload)):
             return None
         try:
-            username, team, expires_text = payload.decode().rsplit("|", 2)
+            # A username may hold "|"; nothing after it does.
+            username, team, expires_text, session_id, generation = (
+                payload.decode().rsplit("|", 4)
+            )
             expires = int(expires_text)
         except ValueError:
-            return None
+            return None  # not ours, or an older format without a session id: log in again
         if expires <= (time.time() if now is None else now):
+            return None
+        if session_id in self._revoked:
             return None
         manager = self.directory.get(username)
         if manager is None or manager.team != team:
             return None
-        return manager
+        current = self.directory.session_generation(username)
+        if current is None or not hmac.compare_digest(current, generation):
+            return None
+        return Session(manager, session_id, expires)
+
+    def revoke(self, session_id: str, expires_at: int) -> bool:
+        """Refuse this session from now on; False if it was already."""
+        if session_id in self._revoked:
+            return False
+        self._revoked[session_id] = expires_at
+        return True
+
+    def prune(self, now: float | None = None) -> None:
+        """Forget revocations of sessions that have expired anyway."""
+        moment = time.time() if now is None else now
+        self._revoked = {key: until for key, until in self._revoked.items() if until > moment}
+
+    @property
+    def revoked_count(self) -> int:
+        return len(self._revoked)
 
     def identify(self, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Identity | None:
         """The manager behind a request's bearer header, else its session cookie.
@@ -196,9 +260,9 @@ class Authenticator:
             return Identity(manager, by_cookie=False) if manager is not None else None
         cookie = cookies.get(SESSION_COOKIE)
         if cookie:
-            manager = self.read_session(cookie)
-            if manager is not None:
-                return Identity(manager, by_cookie=True)
+            session = self.session_of(cookie)
+            if session is not None:
+                return Identity(session.manager, by_cookie=True, session=session)
         return None
 
 

@@ -6,7 +6,8 @@ extension, which uvicorn's websockets-sansio implementation and Starlette's Test
 
 Sending waits while the connection's write buffer is full (uvicorn's flow control), so a viewer
 that reads slowly makes its own queue fill up, and the hub switches it to state-sync. A viewer
-whose socket takes nothing at all for `stuck_after_s` is closed with 4008.
+whose socket takes nothing at all for `stuck_after_s` is closed with 4008, and one whose
+credentials were revoked meanwhile (a logout, `teamtrack provision revoke|rotate`) with 4401.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dashboard.auth import Authenticator, origin_matches_site
 from dashboard.frames import PONG_FRAME
 from dashboard.hub import TeamHub, Viewer
 from dashboard.metrics import DashboardMetrics
+from dashboard.revocation import LiveSessions
 from teamtrack.backends import BackendError
 from teamtrack.contract import is_slug
 
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 CLOSE_BACKEND_FAILED: Final = 1011
 CLOSE_TOO_SLOW: Final = 4008
 CLOSE_TOO_SLOW_REASON: Final = "too slow; resync"
+# The token or session the socket was opened with is no longer valid: log in again.
+CLOSE_REVOKED: Final = 4401
+CLOSE_REVOKED_REASON: Final = "credentials revoked; log in again"
 DEFAULT_STUCK_AFTER_S: Final = 20.0
 # A viewer dropped for being slow is usually not reading at all, so its close frame may never
 # leave the send buffer; it gets this long before the connection is abandoned.
@@ -107,6 +112,7 @@ async def serve_viewer(
     hub: TeamHub,
     metrics: DashboardMetrics,
     stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+    live: LiveSessions | None = None,
 ) -> None:
     refusal = handshake_refusal(websocket, team, authenticator)
     if refusal is not None:
@@ -121,10 +127,13 @@ async def serve_viewer(
         log.warning("cannot serve a viewer of team %s: %s: %s", team, type(error).__name__, error)
         await _refuse(websocket, 503, metrics)
         return
+    live = live if live is not None else LiveSessions()
+    ended = live.add(websocket, team)
     try:
         await websocket.accept()
-        await _converse(websocket, viewer, metrics, stuck_after_s)
+        await _converse(websocket, viewer, metrics, stuck_after_s, ended)
     finally:
+        live.discard(websocket)
         await hub.leave(viewer)
 
 
@@ -134,13 +143,18 @@ async def _refuse(websocket: WebSocket, status: int, metrics: DashboardMetrics) 
 
 
 async def _converse(
-    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, stuck_after_s: float
+    websocket: WebSocket,
+    viewer: Viewer,
+    metrics: DashboardMetrics,
+    stuck_after_s: float,
+    ended: asyncio.Event,
 ) -> None:
     watchdog = _Watchdog(stuck_after_s)
     sender = asyncio.create_task(_send_frames(websocket, viewer, metrics, watchdog))
     watchdog.watch(sender)
     receiver = asyncio.create_task(_answer_client(websocket))
-    tasks = {sender, receiver}
+    revoked = asyncio.create_task(ended.wait())
+    tasks = {sender, receiver, revoked}
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -154,6 +168,10 @@ async def _converse(
     failures = {task: task.exception() for task in done if not task.cancelled()}
     if receiver in done:
         return  # the client went away (or vanished mid-pong): nothing left to tell it
+    if revoked in done:
+        log.info("closing a viewer of team %s: its credentials were revoked", viewer.team)
+        await _close(websocket, CLOSE_REVOKED, CLOSE_REVOKED_REASON)
+        return
     if watchdog.fired:
         metrics.viewers_disconnected_slow.inc()
         log.info("closing a viewer of team %s: its socket took nothing for %ss",

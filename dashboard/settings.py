@@ -27,6 +27,11 @@ class DashboardSettings(ServiceSettings):
         ),
     )
     session_max_age_s: int = Field(43_200, gt=0, description="how long a login lasts")
+    revocation_poll_s: float = Field(
+        1.0, gt=0, le=60,
+        description="how often the auth file is checked for changes and other instances' "
+        "logouts are read from the backend: the longest a revoked credential still works here",
+    )
     viewer_queue_batches: int = Field(
         16384, ge=1, description="batches queued per viewer before it is switched to state-sync"
     )

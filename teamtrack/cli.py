@@ -2,6 +2,7 @@
 
     teamtrack up          a local cluster (brokers, Redis, bridges, dashboards, simulated teams)
     teamtrack provision   registry.yaml -> Mosquitto password file, ACL, dashboard auth, secrets
+    teamtrack provision rotate|revoke|reinstate ACCOUNT   one account, live (brokers: SIGHUP)
     teamtrack registry    write a starter registry.yaml
     teamtrack simulate    simulated workers (flags: `teamtrack simulate --help`)
 
@@ -193,11 +194,22 @@ def _print_endpoints(cluster: object) -> None:
     console.print(f"endpoints  {cluster.state_dir / 'endpoints.json'}")
 
 
-@app.command("provision")
+provision_app = typer.Typer(
+    help="Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json; "
+    "`provision rotate|revoke|reinstate ACCOUNT` for one account.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(provision_app, name="provision")
+
+
+@provision_app.callback()
 def provision_command(
+    context: typer.Context,
     registry: Annotated[
-        Path, typer.Option(envvar=_env("registry"), help="registry YAML of teams and people")
-    ],
+        Path | None,
+        typer.Option(envvar=_env("registry"), help="registry YAML of teams and people"),
+    ] = None,
     out: Annotated[
         Path, typer.Option(envvar=_env("out"), help="folder for the generated files")
     ] = Path("state"),
@@ -221,10 +233,14 @@ def provision_command(
 ) -> None:
     """Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json,
     and tls/ (a local certificate authority and the servers' certificate)."""
+    if context.invoked_subcommand is not None:
+        return
     from teamtrack.provision import ProvisionError, provision
     from teamtrack.registry import RegistryError, load_registry
     from teamtrack.tls import split_hosts
 
+    if registry is None:
+        raise _fail("--registry is required (or a command: rotate, revoke, reinstate)")
     try:
         result = provision(
             load_registry(registry), out, reuse_existing=not rotate,
@@ -235,6 +251,7 @@ def provision_command(
     console.print(
         f"{len(result.credentials.devices)} devices, {len(result.credentials.managers)} managers;"
         f" added {len(result.added_usernames)}, removed {len(result.removed_usernames)}"
+        + (f", revoked {len(result.revoked_usernames)}" if result.revoked_usernames else "")
     )
     for path in (result.credentials_path, result.password_file, result.acl_file,
                  result.dashboard_auth_path):
@@ -258,6 +275,88 @@ def provision_command(
         "reload brokers with SIGHUP to apply the new password file, ACL and certificate; "
         "restart dashboards serving HTTPS when a certificate was issued"
     )
+
+
+_ACCOUNT = Annotated[
+    str, typer.Argument(help="username: team.worker (a device), a manager, observer, bridge-...")
+]
+_OUT = Annotated[
+    Path, typer.Option(envvar=_env("out"), help="the provisioned folder (credentials.json)")
+]
+_REGISTRY = Annotated[
+    Path | None,
+    typer.Option(envvar=_env("registry"), help="registry YAML (default: OUT/registry.yaml)"),
+]
+_STATE_DIR = Annotated[
+    Path | None,
+    typer.Option(
+        envvar=_env("state_dir"),
+        help="state folder of a running `teamtrack up` whose brokers get SIGHUP "
+        "(default: OUT)",
+    ),
+]
+
+
+def _one_account(
+    action: str, account: str, out: Path, registry: Path | None, state_dir: Path | None
+) -> None:
+    """rotate / revoke / reinstate one account, then reload the running brokers; no secret is
+    printed (the new ones are in OUT/credentials.json, 0600)."""
+    from teamtrack.cluster import reload_brokers
+    from teamtrack.provision import (
+        ProvisionError,
+        reinstate_account,
+        revoke_account,
+        rotate_account,
+    )
+    from teamtrack.registry import RegistryError, load_registry
+
+    change = {"rotate": rotate_account, "revoke": revoke_account,
+              "reinstate": reinstate_account}[action]
+    registry_path = registry if registry is not None else out / "registry.yaml"
+    # Whatever is written (credentials, password file) is its owner's alone.
+    previous = os.umask(0o077)
+    try:
+        result = change(load_registry(registry_path), out, account)
+    except (RegistryError, ProvisionError, OSError) as error:
+        raise _fail(str(error)) from None
+    finally:
+        os.umask(previous)
+    done = {"rotate": "rotated", "revoke": "revoked", "reinstate": "reinstated"}[action]
+    console.print(f"{done} {account}; wrote {result.credentials_path} and the files next to it")
+    signalled = reload_brokers(state_dir if state_dir is not None else out)
+    if signalled:
+        console.print(f"reloaded {', '.join(signalled)} (SIGHUP)")
+    else:
+        console.print("no running brokers found there: send SIGHUP to your brokers")
+    console.print("dashboards re-read their auth file on their own within a few seconds")
+
+
+@provision_app.command("rotate")
+def rotate_command(
+    account: _ACCOUNT, out: _OUT = Path("state"), registry: _REGISTRY = None,
+    state_dir: _STATE_DIR = None,
+) -> None:
+    """New secrets for one account; its old ones stop working (live connections are closed)."""
+    _one_account("rotate", account, out, registry, state_dir)
+
+
+@provision_app.command("revoke")
+def revoke_command(
+    account: _ACCOUNT, out: _OUT = Path("state"), registry: _REGISTRY = None,
+    state_dir: _STATE_DIR = None,
+) -> None:
+    """Cut one account off everywhere (it stays revoked until `reinstate`)."""
+    _one_account("revoke", account, out, registry, state_dir)
+
+
+@provision_app.command("reinstate")
+def reinstate_command(
+    account: _ACCOUNT, out: _OUT = Path("state"), registry: _REGISTRY = None,
+    state_dir: _STATE_DIR = None,
+) -> None:
+    """Give a revoked account new secrets."""
+    _one_account("reinstate", account, out, registry, state_dir)
 
 
 @app.command("registry")

@@ -68,6 +68,8 @@ BACKEND_PROBE_INTERVAL_S = 2.0
 OUTAGE_REMINDER_S = 30.0
 BACKEND_ROLES = ("redis", "kafka")
 BACKEND_RANK = 2
+# role -> pid of every child, rewritten when one is restarted.
+PROCESSES_FILE = "processes.json"
 
 
 @dataclass(frozen=True)
@@ -525,7 +527,7 @@ class LocalCluster:
     def _write_processes(self) -> None:
         """`processes.json`: role -> pid, for operators (and the test that checks for orphans)."""
         processes = {child.role: child.process.pid for child in self.children}
-        (self.state_dir / "processes.json").write_text(json.dumps(processes, indent=2) + "\n")
+        (self.state_dir / PROCESSES_FILE).write_text(json.dumps(processes, indent=2) + "\n")
 
     # Run ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -638,6 +640,33 @@ class LocalCluster:
         return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
 
 
+def reload_brokers(state_dir: Path) -> list[str]:
+    """SIGHUP to the brokers of the `teamtrack up` running in `state_dir` (its processes.json):
+    they read the password file and the ACL again, and their subscription plugin too. Only a
+    pid that still runs mosquitto is signalled (a stale file's pid may be anybody's now).
+    Returns the roles signalled; none when no cluster runs there."""
+    try:
+        processes = json.loads((state_dir / PROCESSES_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    signalled = []
+    for role, pid in sorted(processes.items()):
+        if not (role.startswith("broker-") and isinstance(pid, int) and _runs_mosquitto(pid)):
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGHUP)
+            signalled.append(role)
+    return signalled
+
+
+def _runs_mosquitto(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and Path(argv[0].decode(errors="replace")).name == "mosquitto"
+
+
 def make_private(folder: Path) -> None:
     """Take group and other permissions off `folder` and everything in it (0755 -> 0700,
     0644 -> 0600; the owner's bits stay as they are, links are left alone)."""
@@ -700,4 +729,6 @@ def _without_password(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
-__all__ = ["ClusterError", "ClusterOptions", "LocalCluster", "PortPlan", "ServerError"]
+__all__ = [
+    "ClusterError", "ClusterOptions", "LocalCluster", "PortPlan", "ServerError", "reload_brokers",
+]

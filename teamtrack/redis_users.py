@@ -8,7 +8,8 @@ does and nothing else:
 * `tt-bridge`: reads and writes `{prefix}:*` with the publish script (EVALSHA) and the
   mirror's consumer group (XREADGROUP, XGROUP CREATE, XINFO, XACK);
 * `tt-dashboard`: reads `{prefix}:*` (XREAD, XRANGE, XREVRANGE, HGETALL/HGET/HMGET in a
-  MULTI) and writes only its own wake streams `{prefix}:wake:*` (XADD, EXPIRE, DEL);
+  MULTI) and writes only its own wake streams `{prefix}:wake:*` (XADD, EXPIRE, DEL) and the
+  logouts every dashboard reads, `{prefix}:revoked-sessions` (XADD);
 * `tt-ingest`: reads and writes `{prefix}:*` with its consumer group, EXISTS/SET of the
   last-known marker and the restore script;
 * `default`: everything, for operators and tools (`redis-cli --askpass`). It is the admin
@@ -83,7 +84,8 @@ def acl_text(users: dict[str, RedisUser], prefix: str = "tt") -> str:
             f" +hmget +hset {_GROUP}"
         ),
         "dashboard": (
-            f"%R~{prefix}:* %RW~{prefix}:wake:* resetchannels {_CONNECTION} +xread +xrange"
+            f"%R~{prefix}:* %RW~{prefix}:wake:* %RW~{prefix}:revoked-sessions resetchannels"
+            f" {_CONNECTION} +xread +xrange"
             " +xrevrange +hgetall +hget +hmget +multi +exec +discard +xadd +expire +del"
         ),
         "ingest": (

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
 
 from dashboard.app import create_app
 from dashboard.auth import SESSION_COOKIE, Authenticator, AuthFileError, Manager, ManagerDirectory
@@ -255,3 +256,61 @@ def test_bearer_websocket_is_exempt_from_the_origin_check(client: TestClient) ->
     headers = {**bearer(ALICE_TOKEN), "origin": "https://tool.example"}
     with client.websocket_connect("/ws/teams/alpha", headers=headers) as socket:
         assert socket.receive_json()["type"] == "snapshot"
+
+
+# Revocation (dashboard/revocation.py, docs/security.md) ---------------------------------------
+def test_a_logged_out_session_is_refused_by_every_app_on_the_backend(
+    authenticator: Authenticator, directory: ManagerDirectory
+) -> None:
+    backend = from_url("memory://")
+    other_authenticator = Authenticator(directory, SECRET, session_max_age_s=3600)
+    first = create_app(backend, authenticator, instance_id="one", registry=CollectorRegistry())
+    second = create_app(
+        backend, other_authenticator, instance_id="two", registry=CollectorRegistry()
+    )
+    with TestClient(first) as one, TestClient(second) as two:
+        log_in(one)
+        cookie = one.cookies[SESSION_COOKIE]
+        two.cookies.set(SESSION_COOKIE, cookie)
+        assert two.get("/api/me").status_code == 200
+        assert one.post("/logout", follow_redirects=False).status_code == 303
+        one.cookies.set(SESSION_COOKIE, cookie)  # a copy kept by whoever stole it
+        assert one.get("/api/me").status_code == 401
+        two.portal.call(second.state.credential_watch.check_now)  # type: ignore[union-attr]
+        assert two.get("/api/me").status_code == 401
+
+
+def test_rotating_a_manager_ends_their_sessions(tmp_path: Path) -> None:
+    path = write_auth_file(tmp_path / "auth.json")
+    authenticator = Authenticator(ManagerDirectory.load(path), SECRET, session_max_age_s=3600)
+    cookie = authenticator.issue_session(ALICE)
+    assert authenticator.read_session(cookie) == ALICE
+    document = orjson.loads(path.read_bytes())
+    document["managers"][0]["token_sha256"] = token_digest("alice-new-token-0123456789")
+    path.write_bytes(orjson.dumps(document))
+    authenticator.directory = ManagerDirectory.load(path)
+    assert authenticator.read_session(cookie) is None
+    assert authenticator.read_session(authenticator.issue_session(ALICE)) == ALICE
+
+
+def test_the_auth_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    path = write_auth_file(tmp_path / "auth.json")
+    authenticator = Authenticator(ManagerDirectory.load(path), SECRET, session_max_age_s=3600)
+    app = create_app(
+        from_url("memory://"), authenticator, instance_id="test", registry=CollectorRegistry(),
+        auth_file=path,
+    )
+    with TestClient(app) as client:
+        with client.websocket_connect("/ws/teams/alpha", headers=bearer(ALICE_TOKEN)) as socket:
+            assert socket.receive_json()["type"] == "snapshot"
+            document = orjson.loads(path.read_bytes())
+            document["managers"] = document["managers"][1:]  # alice revoked
+            replacement = tmp_path / "auth.json.new"
+            replacement.write_bytes(orjson.dumps(document))
+            replacement.replace(path)
+            client.portal.call(app.state.credential_watch.check_now)  # type: ignore[union-attr]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                socket.receive_json()
+            assert closed.value.code == 4401
+        assert client.get("/api/me", headers=bearer(ALICE_TOKEN)).status_code == 401
+        assert client.get("/api/me", headers=bearer(BOB_TOKEN)).status_code == 200

@@ -12,6 +12,7 @@
   // No frame and no pong for this long: the connection is dead even if the browser hasn't noticed.
   const SILENCE_LIMIT_MS = 45000;
   const CLOSE_TOO_SLOW = 4008;
+  const CLOSE_REVOKED = 4401; // a logout elsewhere, or the account revoked or rotated
   const COLOURS = { online: "#1f8a4c", stale: "#d08c1a", offline: "#7b8594", unknown: "#3867d6" };
   const FOCUS_ZOOM = 16;
   const RENDER_SAMPLES = 240;
@@ -747,6 +748,10 @@
     current.onclose = (event) => {
       if (socket !== current) return;
       stats.lastClose = event.code;
+      if (event.code === CLOSE_REVOKED) {
+        window.location.assign("/login");
+        return;
+      }
       if (event.code === CLOSE_TOO_SLOW) {
         // Resuming would replay the very backlog this browser could not take: start over.
         cursor = null;

@@ -16,6 +16,12 @@
  * line (anonymous clients) and `pattern` lines grant no subscription. The file is read again on
  * SIGHUP; if it cannot be read, the rules in force are kept.
  *
+ * Revocation: on that reload, every account that is no longer in the file, or whose `topic`
+ * lines changed, is disconnected (mosquitto_kick_client_by_username, Will sent): whatever it
+ * was granted under the old rules (subscriptions, a place in a share group) goes with the
+ * connection, and it must connect and subscribe again under the new ones. Mosquitto itself
+ * disconnects clients whose password line went or changed when it reloads its password file.
+ *
  * The few declarations of the plugin interface (version 5) are copied from Mosquitto 2.0's
  * public headers (mosquitto.h, mosquitto_plugin.h, mosquitto_broker.h), so that the plugin
  * builds without the development packages: cc -shared -fPIC -O2 -o x.so this.c
@@ -55,6 +61,7 @@ int mosquitto_callback_register(mosquitto_plugin_id_t *identifier, int event,
 int mosquitto_callback_unregister(mosquitto_plugin_id_t *identifier, int event,
 		MOSQ_FUNC_generic_callback cb_func, const void *event_data);
 const char *mosquitto_client_username(const struct mosquitto *client);
+int mosquitto_kick_client_by_username(const char *username, bool with_will);
 const char *mosquitto_client_id(const struct mosquitto *client);
 void mosquitto_log_printf(int level, const char *fmt, ...);
 /* -------------------------------------------------------------------------------------------- */
@@ -71,6 +78,7 @@ struct rule {
 struct account {
 	struct account *next;
 	struct rule *rules;
+	uint64_t digest; /* of its topic lines, in order: a change means new rules */
 	char name[];
 };
 
@@ -83,6 +91,14 @@ struct rules {
 static mosquitto_plugin_id_t *plugin_id;
 static char *acl_path;
 static struct rules *current;
+
+static uint64_t digest_add(uint64_t value, const char *text)
+{
+	for(; *text; text++){
+		value = (value ^ (uint8_t)*text) * 1099511628211u;
+	}
+	return (value ^ '\n') * 1099511628211u;
+}
 
 static uint32_t hash(const char *text)
 {
@@ -127,6 +143,7 @@ static struct account *account_add(struct rules *rules, const char *name)
 	account = calloc(1, sizeof(*account) + strlen(name) + 1);
 	if(!account) return NULL;
 	strcpy(account->name, name);
+	account->digest = 14695981039346656037u;
 	uint32_t bucket = hash(name);
 	account->next = rules->buckets[bucket];
 	rules->buckets[bucket] = account;
@@ -174,6 +191,7 @@ static struct rules *rules_load(const char *path)
 			failed = account == NULL;
 		}else if((rest = after(line, "topic"))){
 			if(!account) continue; /* anonymous clients: no subscription granted */
+			account->digest = digest_add(account->digest, rest);
 			bool deny = false, reads = true;
 			char *filter;
 			if((filter = after(rest, "read")) || (filter = after(rest, "readwrite"))){
@@ -298,12 +316,38 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_ACL_DENIED;
 }
 
+/* Disconnect the accounts of `before` that `after` no longer lists or lists with other rules. */
+static size_t kick_changed(const struct rules *before, const struct rules *after)
+{
+	size_t kicked = 0;
+	for(size_t i = 0; i < BUCKETS; i++){
+		for(const struct account *old = before->buckets[i]; old; old = old->next){
+			const struct account *now = account_find(after, old->name);
+			if(now && now->digest == old->digest) continue;
+			if(mosquitto_kick_client_by_username(old->name, true) == MOSQ_ERR_SUCCESS){
+				mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN ": %s %s: disconnected",
+						old->name, now ? "has new rules" : "was removed");
+			}
+			kicked++;
+		}
+	}
+	return kicked;
+}
+
 static int load(void)
 {
 	struct rules *rules = rules_load(acl_path);
 	if(!rules) return MOSQ_ERR_INVAL;
-	rules_free(current);
+	struct rules *before = current;
 	current = rules;
+	if(before){
+		size_t changed = kick_changed(before, rules);
+		if(changed){
+			mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN ": %zu accounts removed or changed",
+					changed);
+		}
+	}
+	rules_free(before);
 	mosquitto_log_printf(MOSQ_LOG_NOTICE, PLUGIN ": %zu accounts, %zu read rules from %s",
 			rules->accounts, rules->lines, acl_path);
 	return MOSQ_ERR_SUCCESS;

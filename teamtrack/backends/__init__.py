@@ -21,6 +21,7 @@ from teamtrack.backends.base import (
     Gap,
     GroupBatch,
     GroupConsumer,
+    SessionRevocation,
     Snapshot,
     TeamSubscription,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "Gap",
     "GroupBatch",
     "GroupConsumer",
+    "SessionRevocation",
     "Snapshot",
     "TeamSubscription",
     "from_url",

@@ -151,6 +151,14 @@ class Snapshot:
     presence: dict[str, Event] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRevocation:
+    """A dashboard session ended before its time (a logout): refused until `expires_at`."""
+
+    session_id: str
+    expires_at: int  # epoch seconds, when the session would have expired anyway
+
+
 class Acknowledgeable(abc.ABC):
     @abc.abstractmethod
     async def ack(self) -> None:
@@ -291,6 +299,20 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> bool:
         """True when the backend answers; used by health checks."""
+
+    async def revoke_session(self, revocation: SessionRevocation, keep_s: float) -> None:
+        """Record a revocation for every dashboard instance (`session_revocations`). Entries
+        recorded more than `keep_s` ago may be dropped: pass the longest session life, after
+        which every session they name has expired anyway.
+
+        A backend that cannot share revocations raises NotImplementedError (a dashboard then
+        refuses the revoked session on its own instance only, and says so in its log)."""
+        raise NotImplementedError
+
+    async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
+        """Revocations recorded after the opaque position `after` ("": every one still kept),
+        at most a bounded number per call, and the position to pass next time."""
+        raise NotImplementedError
 
     async def recover_last_known(
         self, load: Callable[[], Awaitable[Sequence[Event]]]

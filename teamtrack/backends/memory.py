@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from urllib.parse import parse_qs, urlsplit
@@ -30,6 +31,7 @@ from teamtrack.backends.base import (
     GroupConsumer,
     GroupStart,
     ReadPace,
+    SessionRevocation,
     Snapshot,
     TeamSubscription,
     encode_events,
@@ -76,6 +78,9 @@ class MemoryBackend(Backend):
         self._group_positions: dict[str, int] = {}
         self._group_returned: dict[str, deque[Batch]] = defaultdict(deque)
         self._appended = asyncio.Condition()
+        # (number, revocation), numbered from 1; expired ones are dropped on every write.
+        self._revocations: deque[tuple[int, SessionRevocation]] = deque()
+        self._revocation_number = 0
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBackend:
@@ -93,6 +98,19 @@ class MemoryBackend(Backend):
 
     def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
         return (_number(cursor),)
+
+    async def revoke_session(self, revocation: SessionRevocation, keep_s: float) -> None:
+        now = time.time()
+        self._revocations = deque(
+            entry for entry in self._revocations if entry[1].expires_at > now
+        )
+        self._revocation_number += 1
+        self._revocations.append((self._revocation_number, revocation))
+
+    async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
+        number = int(after) if after else 0
+        found = [revocation for seen, revocation in self._revocations if seen > number]
+        return found, str(self._revocation_number)
 
     async def publish(self, events: Sequence[Event]) -> None:
         by_team: dict[str, list[Event]] = defaultdict(list)

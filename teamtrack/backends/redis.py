@@ -15,6 +15,9 @@ Keys (prefix `tt`, change with `?prefix=`):
 * `tt:presence:{team}` / `tt:presence-ts:{team}`  last presence per worker, and its time.
 * `tt:log-newest`   hash, team -> id of the newest entry of its log (each entry names the one
   before it).
+* `tt:revoked-sessions`  stream, one entry per dashboard logout (fields `s` session id, `e`
+  its expiry), trimmed to the longest session life; every dashboard reads it (XRANGE after the
+  last id it saw) every `--revocation-poll-s`.
 
 A publish is one EVALSHA of one Lua script (`_PUBLISH`), whatever the batch size and the number
 of teams in it: one command, one round trip, atomic without MULTI/EXEC. The script keeps the
@@ -62,6 +65,7 @@ from teamtrack.backends.base import (
     GroupConsumer,
     GroupStart,
     ReadPace,
+    SessionRevocation,
     Snapshot,
     TeamSubscription,
     decode_event,
@@ -99,6 +103,8 @@ READ_COUNT = 500
 GROUP_READ_COUNT = 50
 KEY_CACHE_SIZE = 10_000
 BLOCK_MS = 5_000
+# Logouts read per call of session_revocations; a dashboard catching up calls again.
+REVOCATIONS_PER_READ = 1000
 # A group member that has not read for this long checks, before reading, whether the history
 # was trimmed past its group (`_RedisGroupConsumer._count_missed`).
 MISSED_CHECK_AFTER_S = 1.0
@@ -405,6 +411,42 @@ class RedisBackend(Backend):
 
     def cursor_key(self, cursor: Cursor) -> tuple[int, ...]:
         return _stream_id(cursor) if cursor else (0, 0)
+
+    @property
+    def revocations_key(self) -> str:
+        return f"{self.prefix}:revoked-sessions"
+
+    async def revoke_session(self, revocation: SessionRevocation, keep_s: float) -> None:
+        # Entries are ids of Redis' clock; trimmed once older than any session can live.
+        oldest_ms = max(0, int((time.time() - keep_s) * 1000))
+        try:
+            await self.client.xadd(
+                self.revocations_key,
+                {"s": revocation.session_id, "e": str(revocation.expires_at)},
+                minid=oldest_ms,
+                approximate=True,
+            )
+        except RedisError as error:
+            raise BackendError(f"redis: recording a revocation failed: {error}") from error
+
+    async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
+        try:
+            entries: Any = await self.client.xrange(
+                self.revocations_key, min=f"({after}" if after else "-", max="+",
+                count=REVOCATIONS_PER_READ,
+            )
+        except RedisError as error:
+            raise BackendError(f"redis: reading revocations failed: {error}") from error
+        found = []
+        for entry_id, fields in entries:
+            after = entry_id.decode()
+            try:
+                found.append(
+                    SessionRevocation(fields[b"s"].decode(), int(fields[b"e"].decode()))
+                )
+            except (KeyError, ValueError, UnicodeDecodeError):
+                continue  # not written by a dashboard: nothing to revoke
+        return found, after
 
     async def recover_last_known(self, load: Callable[[], Awaitable[Sequence[Event]]]) -> int:
         """See `Backend.recover_last_known`. The store is known to be whole while the key
