@@ -237,6 +237,13 @@ async def test_a_65536_byte_payload_still_goes_through_both_ways(
     assert await asyncio.to_thread(device.publish, position_topic("bravo", "w001"), payload) == 0
     seen = await asyncio.to_thread(manager.messages_until, payload)
     assert [len(body) for _topic, body in seen] == [65_536]
+    # Over plain MQTT too (max_packet_size 66560: before, 65536 refused this packet).
+    over_tcp = mqtt_client("bravo.w002")
+    assert await asyncio.to_thread(over_tcp.connect) == 0
+    other = b"q" * 65_536
+    assert await asyncio.to_thread(over_tcp.publish, position_topic("bravo", "w002"), other) == 0
+    seen = await asyncio.to_thread(manager.messages_until, other)
+    assert [len(body) for _topic, body in seen] == [65_536]
 
 
 async def test_a_manager_over_websockets_reads_their_team_and_not_another(
