@@ -1,4 +1,5 @@
-# The image of the teamtrack services (bridge, dashboard, ingest, device simulators).
+# The image of the teamtrack services (bridge, dashboard, ingest, WebSockets gateway, device
+# simulators).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,6 +15,7 @@ COPY bridge ./bridge
 COPY dashboard ./dashboard
 COPY devices ./devices
 COPY ingest ./ingest
+COPY wsgate ./wsgate
 COPY mosquitto ./mosquitto
 # Editable, like the development install, so that teamtrack finds mosquitto/ next to it.
 RUN pip install -e .

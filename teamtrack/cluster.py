@@ -1,6 +1,7 @@
 """`teamtrack up`: a whole local cluster as child processes, supervised, stopped cleanly.
 
-Order of start: identities, Redis (or Kafka), brokers, bridges, dashboards, ingest, simulator.
+Order of start: identities, Redis (or Kafka), brokers, their WebSockets gateways, bridges,
+dashboards, ingest, simulator.
 Order of stop: the reverse, so devices say `offline` while bridges still forward it and nothing is
 left behind; the ingest goes after the bridges, the backend last.
 
@@ -108,10 +109,11 @@ class ClusterOptions:
 class PortPlan:
     """Where everything listens; `base_port=0` takes free ports instead.
 
-    From the base port: broker i at base + 10 (i-1) (+1 for WebSockets, +2 for MQTT over TLS),
-    Redis at base + 100,
-    Kafka at base + 101 with its KRaft controller at base + 102 (only the server of the chosen
-    backend is started), bridge metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1).
+    From the base port: broker i at base + 10 (i-1) (+1 for MQTT over WebSockets: its gateway,
+    `python -m wsgate`; +2 for MQTT over TLS), Redis at base + 100, Kafka at base + 101 with its
+    KRaft controller at base + 102 (only the server of the chosen backend is started), bridge
+    metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1), gateway metrics at
+    base + 400 + (i-1).
     Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
     """
 
@@ -120,6 +122,7 @@ class PortPlan:
     redis: int
     bridge_metrics: list[int]
     dashboards: list[int]
+    wsgate_metrics: list[int] = field(default_factory=list)
     kafka: int = 0
     kafka_controller: int = 0
     # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
@@ -139,6 +142,7 @@ class PortPlan:
                 redis=free_port(),
                 bridge_metrics=[free_port() for _ in range(brokers)],
                 dashboards=[free_port() for _ in range(dashboards)],
+                wsgate_metrics=[free_port() for _ in range(brokers)],
                 kafka=free_port(),
                 kafka_controller=free_port(),
                 kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
@@ -150,6 +154,7 @@ class PortPlan:
             redis=base + 100,
             bridge_metrics=[base + 200 + index for index in range(brokers)],
             dashboards=[base + 300 + index for index in range(dashboards)],
+            wsgate_metrics=[base + 400 + index for index in range(brokers)],
             kafka=base + 101,
             kafka_controller=base + 102,
             kafka_more=[
@@ -169,6 +174,7 @@ class PortPlan:
             yield controller_port
         yield from self.bridge_metrics
         yield from self.dashboards
+        yield from self.wsgate_metrics
 
 
 @dataclass
@@ -297,6 +303,8 @@ class LocalCluster:
         for index in range(self.options.brokers):
             self._start_broker(index)
         for index in range(self.options.brokers):
+            self._start_wsgate(index)
+        for index in range(self.options.brokers):
             self._start_bridge(index)
         for index in range(self.options.dashboards):
             self._start_dashboard(index)
@@ -401,7 +409,6 @@ class LocalCluster:
             )
         config = render_broker_config(
             mqtt_port=self.ports.broker_mqtt[index],
-            ws_port=self.ports.broker_ws[index],
             state_dir=self.state_dir / "brokers",
             password_file=self.provisioned.password_file,
             acl_file=self.provisioned.acl_file,
@@ -412,6 +419,18 @@ class LocalCluster:
             f"broker-{index + 1}", ["mosquitto", "-c", str(config)], None,
             self.ports.broker_mqtt[index],
         )
+
+    def _start_wsgate(self, index: int) -> None:
+        """Broker i's MQTT over WebSockets (the brokers have no WebSockets listener), on
+        loopback like everything else `teamtrack up` starts; it holds no secret."""
+        argv = [
+            *_python("wsgate"),
+            "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",
+            "--host", LOOPBACK,
+            "--port", str(self.ports.broker_ws[index]),
+            "--metrics-port", str(self.ports.wsgate_metrics[index]),
+        ]
+        self._add(f"wsgate-{index + 1}", argv, self._service_env(None), self.ports.broker_ws[index])
 
     def _service_env(self, role: str | None, **secrets: str) -> dict[str, str]:
         """A child's environment: without the caller's TEAMTRACK_* variables, with the backend
@@ -514,6 +533,9 @@ class LocalCluster:
             "backend": _without_password(self.backend_url),
             "bridge_metrics": [
                 f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.bridge_metrics
+            ],
+            "wsgate_metrics": [
+                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.wsgate_metrics
             ],
         }
         if tls is not None:

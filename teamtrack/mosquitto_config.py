@@ -41,7 +41,6 @@ PLUGIN_BUILD_TIMEOUT_S: Final = 120.0
 COMPOSE_CONFIG_DIR: Final = Path("/mosquitto/config")
 COMPOSE_DATA_DIR: Final = Path("/mosquitto/data")
 COMPOSE_MQTT_PORT: Final = 1883
-COMPOSE_WS_PORT: Final = 9001
 COMPOSE_BROKERS: Final = ("mosquitto-1", "mosquitto-2")
 # Where mosquitto/Dockerfile installs the plugin in the broker image.
 COMPOSE_PLUGIN: Final = Path("/usr/lib/mosquitto/teamtrack_subscribe_acl.so")
@@ -166,7 +165,6 @@ def current_user_name() -> str:
 def broker_config_text(
     *,
     mqtt_port: int,
-    ws_port: int,
     password_file: Path,
     acl_file: Path,
     persistence_location: Path,
@@ -176,16 +174,18 @@ def broker_config_text(
     subscribe_acl_plugin: Path,
     mqtts: MqttsListener | None = None,
 ) -> str:
-    """The configuration of one broker, as text; paths are written as given."""
+    """The configuration of one broker, as text; paths are written as given.
+
+    Its one listener is plain MQTT: MQTT over WebSockets is `python -m wsgate`'s, in front of
+    it (mosquitto/README.md says why)."""
     if not is_slug(broker_name):
         raise BrokerConfigError(f"broker name {broker_name!r} is not a slug")
-    ports = [mqtt_port, ws_port, *([mqtts.port] if mqtts is not None else [])]
+    ports = [mqtt_port, *([mqtts.port] if mqtts is not None else [])]
     if len(set(ports)) < len(ports):
         raise BrokerConfigError(f"two listeners both on port {max(ports, key=ports.count)}")
     return _load_template().substitute(
         broker_name=broker_name,
         mqtt_port=_port(mqtt_port, "MQTT port"),
-        ws_port=_port(ws_port, "WebSockets port"),
         host=_config_value(host, "host"),
         password_file=_config_value(str(password_file), "password file"),
         acl_file=_config_value(str(acl_file), "ACL file"),
@@ -200,7 +200,6 @@ def broker_config_text(
 def render_broker_config(
     *,
     mqtt_port: int,
-    ws_port: int,
     state_dir: Path,
     password_file: Path,
     acl_file: Path,
@@ -234,7 +233,6 @@ def render_broker_config(
     persistence = state / broker_name
     text = broker_config_text(
         mqtt_port=mqtt_port,
-        ws_port=ws_port,
         password_file=Path(password_file).resolve(),
         acl_file=Path(acl_file).resolve(),
         persistence_location=persistence,
@@ -264,7 +262,6 @@ def render_compose_broker_configs(
     for name in broker_names:
         text = broker_config_text(
             mqtt_port=COMPOSE_MQTT_PORT,
-            ws_port=COMPOSE_WS_PORT,
             password_file=COMPOSE_CONFIG_DIR / PASSWORD_FILE,
             acl_file=COMPOSE_CONFIG_DIR / ACL_FILE,
             persistence_location=COMPOSE_DATA_DIR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -71,7 +72,6 @@ def output_dir(request: pytest.FixtureRequest) -> Path:
 class Broker:
     name: str
     mqtt_port: int
-    ws_port: int
     process: ManagedProcess
 
     @property
@@ -106,13 +106,11 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
 
 def start_broker(state_dir: Path, provisioned: ProvisionResult, name: str, broker_id: str,
                  attempts: int = 3) -> Broker:
-    """A broker on two free ports, taken again if another process took one meanwhile (the
-    websockets listener binds every interface: "Unable to create websockets listener")."""
+    """A broker on a free port, taken again if another process took it meanwhile."""
     for attempt in range(attempts):
-        mqtt_port, ws_port = free_port(), free_port()
+        mqtt_port = free_port()
         config = render_broker_config(
             mqtt_port=mqtt_port,
-            ws_port=ws_port,
             state_dir=state_dir,
             password_file=provisioned.password_file,
             acl_file=provisioned.acl_file,
@@ -124,7 +122,60 @@ def start_broker(state_dir: Path, provisioned: ProvisionResult, name: str, broke
             if attempt == attempts - 1:
                 raise
             continue
-        return Broker(broker_id, mqtt_port, ws_port, process)
+        return Broker(broker_id, mqtt_port, process)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class WsGateway:
+    """A real `python -m wsgate` (MQTT over WebSockets) in front of one broker."""
+
+    port: int
+    metrics_port: int
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"ws://{LOOPBACK}:{self.port}/mqtt"
+
+    def metrics(self) -> dict[str, float]:
+        from teamtrack.metrics import scrape_totals
+
+        return scrape_totals(f"http://{LOOPBACK}:{self.metrics_port}/metrics", timeout=2.0)
+
+    def refused(self, reason: str) -> int:
+        """The gateway's `teamtrack_wsgate_refused_total{reason=...}`."""
+        from urllib.request import urlopen
+
+        url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        with urlopen(url, timeout=2.0) as response:
+            text = response.read().decode()
+        line = f'teamtrack_wsgate_refused_total{{reason="{reason}"}} '
+        for row in text.splitlines():
+            if row.startswith(line):
+                return int(float(row[len(line):]))
+        raise AssertionError(f"no {line!r} on the gateway's /metrics")
+
+
+def start_ws_gateway(mqtt_port: int, log_dir: Path, *flags: str, attempts: int = 3) -> WsGateway:
+    """`python -m wsgate` on free loopback ports, piping to the broker at `mqtt_port`."""
+    for attempt in range(attempts):
+        port, metrics_port = free_port(), free_port()
+        argv = [
+            sys.executable, "-m", "wsgate",
+            "--broker-url", f"mqtt://{LOOPBACK}:{mqtt_port}",
+            "--port", str(port), "--metrics-port", str(metrics_port), *flags,
+        ]
+        process = ManagedProcess(f"wsgate:{port}", argv, log_dir / f"wsgate-{port}.log").start()
+        try:
+            process.wait_for_port(LOOPBACK, port)
+            process.wait_for_port(LOOPBACK, metrics_port)
+        except ServerError:
+            process.stop()
+            if attempt == attempts - 1:
+                raise
+            continue
+        return WsGateway(port, metrics_port, process)
     raise AssertionError("unreachable")
 
 

@@ -15,12 +15,14 @@ from dashboard.settings import DashboardSettings
 from ingest.settings import IngestSettings
 from teamtrack.cli import app
 from teamtrack.settings import ENV_PREFIX, ServiceSettings
+from wsgate.settings import GatewaySettings
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "bridge": BridgeSettings,
     "dashboard": DashboardSettings,
     "ingest": IngestSettings,
+    "wsgate": GatewaySettings,
 }
 
 
@@ -39,8 +41,19 @@ def test_every_service_of_the_cluster_runs() -> None:
     modules = sorted(
         module for service in _services().values() if (module := _module(service)) is not None
     )
-    assert modules == ["bridge", "bridge", "dashboard", "dashboard", "ingest"]
+    assert modules == [
+        "bridge", "bridge", "dashboard", "dashboard", "ingest", "wsgate", "wsgate"
+    ]
     assert {"redis", "mosquitto-1", "mosquitto-2"} <= set(_services())
+
+
+def test_mqtt_over_websockets_is_published_by_the_gateways_not_the_brokers() -> None:
+    services = _services()
+    for index in (1, 2):
+        broker, gateway = services[f"mosquitto-{index}"], services[f"wsgate-{index}"]
+        assert [port.split(":")[-1] for port in broker["ports"]] == ["1883"]
+        assert gateway["environment"]["TEAMTRACK_BROKER_URL"] == f"mqtt://mosquitto-{index}:1883"
+        assert gateway["ports"] == [f"127.0.0.1:900{index}:9001"]
 
 
 def test_every_variable_is_a_setting_of_its_service() -> None:

@@ -219,11 +219,51 @@ async def test_managers_see_only_their_own_team(running: RunningCluster) -> None
     assert all(worker["worker"] != "alpha" for worker in snapshot["workers"])
 
 
+def test_a_manager_over_mqtt_websockets_reads_their_team_on_another_broker(
+    running: RunningCluster,
+) -> None:
+    """`brokers[i].ws` of endpoints.json is a gateway (`python -m wsgate`) in front of broker
+    i: a manager there gets a position a worker sent to the other broker, and is refused
+    another team's topics by the broker's ACL."""
+    import queue
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    url = running.endpoints["brokers"][1]["ws"]
+    host, port = url.removeprefix("ws://").rsplit(":", 1)
+    manager_login = running.credentials.managers_of("alpha")[0]
+    manager = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
+                          transport="websockets")
+    manager.username_pw_set(manager_login.username, manager_login.password)
+    received: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    granted: queue.Queue[list[int]] = queue.Queue()
+    manager.on_message = lambda _c, _u, message: received.put((message.topic, message.payload))
+    manager.on_subscribe = lambda _c, _u, _mid, codes, _p: granted.put([c.value for c in codes])
+    manager.connect(host, int(port), keepalive=30)
+    manager.loop_start()
+    try:
+        manager.subscribe([("teams/alpha/#", 1), ("teams/bravo/#", 1)])
+        assert granted.get(timeout=WAIT) == [1, 0x87]
+        device = running.credentials.device("alpha", "w003")
+        body = payload(7)
+        result = asyncio.run(publish_lines(
+            running.broker_port(0), device.username, device.password,
+            position_topic("alpha", "w003"), [body],
+        ))
+        assert result.returncode == 0, result.stderr
+        topic, got = received.get(timeout=WAIT)
+        assert (topic, got) == (position_topic("alpha", "w003"), body)
+    finally:
+        manager.disconnect()
+        manager.loop_stop()
+
+
 def test_every_service_settles_its_heap_after_start_up(running: RunningCluster) -> None:
     """What a service holds after start-up is frozen out of the cyclic collector's full
     collections (teamtrack.runtime.settle_heap), and `/metrics` shows it with the process's
     own figures."""
-    pages = [*running.endpoints["bridge_metrics"],
+    pages = [*running.endpoints["bridge_metrics"], *running.endpoints["wsgate_metrics"],
              *(f"{url}/metrics" for url in running.endpoints["dashboards"])]
     for page in pages:
         totals = scrape_totals(page, timeout=WAIT)
@@ -271,6 +311,8 @@ def test_up_starts_simulated_teams_and_stops_without_orphans(tmp_path: Path) -> 
             "broker-2",
             "bridge-1",
             "bridge-2",
+            "wsgate-1",
+            "wsgate-2",
             "dashboard-1",
             "simulator",
             "redis",

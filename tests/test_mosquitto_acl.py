@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import pytest
+from conftest import start_ws_gateway
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -52,8 +53,9 @@ ConnectAs = Callable[..., "Probe"]
 @dataclass(frozen=True)
 class Broker:
     mqtt_port: int
-    ws_port: int
     credentials: Credentials
+    # MQTT over WebSockets: the gateway in front of the broker (0: none started).
+    ws_port: int = 0
 
 
 class Probe:
@@ -179,20 +181,16 @@ class Probe:
         self.client.loop_stop()
 
 
-def start_broker(state: Path, provisioned: ProvisionResult) -> tuple[ManagedProcess, int, int]:
-    mqtt_port, ws_port = free_port(), free_port()
+def start_broker(state: Path, provisioned: ProvisionResult) -> tuple[ManagedProcess, int]:
+    mqtt_port = free_port()
     config = render_broker_config(
         mqtt_port=mqtt_port,
-        ws_port=ws_port,
         state_dir=state,
         password_file=provisioned.password_file,
         acl_file=provisioned.acl_file,
         broker_name=f"acl-{mqtt_port}",
     )
-    server = start_mosquitto(config, mqtt_port)
-    # The websockets listener opens together with the MQTT one, but check rather than assume.
-    server.wait_for_port(LOOPBACK, ws_port)
-    return server, mqtt_port, ws_port
+    return start_mosquitto(config, mqtt_port), mqtt_port
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +200,17 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> ProvisionResult:
 
 @pytest.fixture(scope="module")
 def broker(provisioned: ProvisionResult) -> Iterator[Broker]:
-    server, mqtt_port, ws_port = start_broker(provisioned.out_dir, provisioned)
+    """One broker, and the WebSockets gateway (`python -m wsgate`) in front of it."""
+    server, mqtt_port = start_broker(provisioned.out_dir, provisioned)
     try:
-        yield Broker(mqtt_port, ws_port, provisioned.credentials)
+        gateway = start_ws_gateway(mqtt_port, provisioned.out_dir)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield Broker(mqtt_port, provisioned.credentials, ws_port=gateway.port)
     finally:
+        gateway.process.stop()
         server.stop()
 
 
@@ -355,7 +360,8 @@ def test_manager_over_websockets(connect: ConnectAs) -> None:
     assert manager.next_message() == (position_topic("bravo", "w001"), payload)
 
 
-def test_websockets_listener_refuses_anonymous(broker: Broker) -> None:
+def test_websockets_gateway_refuses_anonymous(broker: Broker) -> None:
+    """The gateway only pipes: the broker refuses an anonymous CONNECT that came through it."""
     anonymous = Probe(broker, None, None, transport="websockets")
     try:
         assert anonymous.connect().value == NOT_AUTHORIZED
@@ -402,8 +408,8 @@ def test_mosquitto_sub_sees_a_team(broker: Broker, connect: ConnectAs) -> None:
 def test_persistent_bridge_session_survives_a_broker_restart(
     provisioned: ProvisionResult, tmp_path: Path
 ) -> None:
-    server, mqtt_port, ws_port = start_broker(tmp_path, provisioned)
-    broker = Broker(mqtt_port, ws_port, provisioned.credentials)
+    server, mqtt_port = start_broker(tmp_path, provisioned)
+    broker = Broker(mqtt_port, provisioned.credentials)
     bridge_login = provisioned.credentials.bridge()
     device_login = provisioned.credentials.device("alpha", "w001")
     try:
@@ -448,7 +454,6 @@ def test_persistent_bridge_session_survives_a_broker_restart(
 def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
     config = render_broker_config(
         mqtt_port=18830,
-        ws_port=18831,
         state_dir=tmp_path,
         password_file=tmp_path / "mosquitto.passwd",
         acl_file=tmp_path / "mosquitto.acl",
@@ -470,12 +475,11 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
     for expected in [
         "listener 18830 127.0.0.1",
         "protocol mqtt",
-        "listener 18831",
-        "protocol websockets",
         "persistence true",
         f"persistence_location {tmp_path.resolve() / 'b1'}/",
         "max_queued_messages 100000",
-        "max_packet_size 65536",
+        # 64 KiB of payload and 1 KiB of topic and properties, as the WebSockets gateway's.
+        "max_packet_size 66560",
         "message_size_limit 65536",
         "set_tcp_nodelay true",
         "log_dest stdout",
@@ -484,10 +488,14 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
         assert expected in options
     assert options[4].startswith("plugin ") and options[4].endswith(".so")
     # A listener option: before the first `listener` it would open a default one on port 1883.
-    for listener in ("listener 18830 127.0.0.1", "listener 18831"):
-        at = options.index(listener)
-        assert options[at + 2] == "use_username_as_clientid true"
-    assert options.count("use_username_as_clientid true") == 2
+    at = options.index("listener 18830 127.0.0.1")
+    assert options[at + 2] == "use_username_as_clientid true"
+    assert options.count("use_username_as_clientid true") == 1
+    # One listener, plain MQTT: MQTT over WebSockets is the gateway's (python -m wsgate).
+    assert [option for option in options if option.startswith("listener")] == [
+        "listener 18830 127.0.0.1"
+    ]
+    assert not [option for option in options if "websockets" in option]
     assert "$" not in config.read_text().replace("$share", "")
 
 
@@ -495,7 +503,6 @@ def test_rendered_config_has_the_cluster_settings(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"broker_name": "Broker 1"}, "not a slug"),
-        ({"ws_port": 18830}, "both on port"),
         ({"host": "0.0.0.0"}, "must stay on loopback"),
         ({"mqtt_port": 70000}, "not a TCP port"),
         ({"acl_file": Path("/tmp/x\nallow_anonymous true")}, "cannot be written"),
@@ -506,7 +513,6 @@ def test_render_rejects_values_that_would_break_the_config(
 ) -> None:
     arguments: dict[str, Any] = {
         "mqtt_port": 18830,
-        "ws_port": 18831,
         "state_dir": tmp_path,
         "password_file": tmp_path / "mosquitto.passwd",
         "acl_file": tmp_path / "mosquitto.acl",
@@ -530,14 +536,14 @@ def test_compose_configs_use_container_paths(tmp_path: Path) -> None:
 
 def test_workers_added_at_a_peak_connect_after_sighup(tmp_path: Path) -> None:
     first = provision(demo_registry(teams=1, workers=1), tmp_path)
-    server, mqtt_port, ws_port = start_broker(tmp_path, first)
+    server, mqtt_port = start_broker(tmp_path, first)
     try:
         grown = provision(demo_registry(teams=1, workers=2), tmp_path)
         newcomer = grown.credentials.device("alpha", "w002")
         assert server.process is not None
         server.process.send_signal(signal.SIGHUP)
 
-        broker = Broker(mqtt_port, ws_port, grown.credentials)
+        broker = Broker(mqtt_port, grown.credentials)
         # The reload is asynchronous to the signal; retry briefly until the new login works.
         deadline = time.monotonic() + WAIT_S
         while True:
@@ -591,13 +597,13 @@ def test_a_subscription_is_granted_only_where_the_acl_lets_the_account_read(
 def test_a_team_added_at_a_peak_may_subscribe_after_sighup(tmp_path: Path) -> None:
     """The subscription check reads the ACL again on SIGHUP, like mosquitto does."""
     first = provision(demo_registry(teams=1, workers=1), tmp_path)
-    server, mqtt_port, ws_port = start_broker(tmp_path, first)
+    server, mqtt_port = start_broker(tmp_path, first)
     try:
         grown = provision(demo_registry(teams=2, workers=1), tmp_path)
         manager = grown.credentials.manager("bravo-lead")
         assert server.process is not None
         server.process.send_signal(signal.SIGHUP)
-        broker = Broker(mqtt_port, ws_port, grown.credentials)
+        broker = Broker(mqtt_port, grown.credentials)
         deadline = time.monotonic() + WAIT_S
         while True:
             probe = Probe(broker, manager.username, manager.mqtt_password)

@@ -64,10 +64,9 @@ def start_lone_broker(state_dir: Path, work_dir: Path) -> Deployment:
     """One Mosquitto using the password file and ACL provisioned in `state_dir`; its config,
     log and persistence go into `work_dir`."""
     credentials = load_credentials(state_dir)
-    mqtt_port, ws_port = free_port(), free_port()
+    mqtt_port = free_port()
     config = render_broker_config(
         mqtt_port=mqtt_port,
-        ws_port=ws_port,
         state_dir=work_dir,
         password_file=state_dir / PASSWORD_FILE,
         acl_file=state_dir / ACL_FILE,

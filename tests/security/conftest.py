@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import Cluster
+from conftest import Cluster, WsGateway, start_ws_gateway
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -155,6 +155,28 @@ class Client:
 
 ClientFactory = Callable[..., Client]
 StartBridge = Callable[..., Awaitable[BridgeService]]
+StartGateway = Callable[..., WsGateway]
+
+
+@pytest.fixture
+def start_gateway(cluster: Cluster) -> Iterator[StartGateway]:
+    """start_gateway(*flags) -> a real `python -m wsgate` in front of broker 1; stopped after."""
+    started: list[WsGateway] = []
+
+    def start(*flags: str) -> WsGateway:
+        gateway = start_ws_gateway(cluster.brokers[0].mqtt_port, cluster.state_dir, *flags)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.process.stop()
+
+
+@pytest.fixture
+def ws_gateway(start_gateway: StartGateway) -> WsGateway:
+    """Broker 1's MQTT over WebSockets, with the gateway's defaults."""
+    return start_gateway()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 
 import orjson
 import pytest
-from conftest import Cluster
+from conftest import Cluster, WsGateway
 
 from bridge.service import BridgeService
 from devices.identities import DeviceIdentity
@@ -132,13 +132,15 @@ async def test_only_bridges_can_join_the_bridges_share_group(
 
 @pytest.mark.parametrize("transport", ["websockets", "tcp"])
 async def test_oversized_publishes_are_refused_on_every_listener(
-    cluster: Cluster, mqtt_client: ClientFactory, start_bridge: StartBridge, transport: str
+    cluster: Cluster, mqtt_client: ClientFactory, start_bridge: StartBridge, transport: str,
+    ws_gateway: WsGateway,
 ) -> None:
-    """A 1 MB position and a retained 2 MB status reach nobody, whatever the listener."""
+    """A 1 MB position and a retained 2 MB status reach nobody, over plain MQTT or over
+    WebSockets (the gateway, `python -m wsgate`, in front of the broker)."""
     bridge = await start_bridge()
     broker = cluster.brokers[0]
-    port = broker.ws_port if transport == "websockets" else broker.mqtt_port
-    manager = mqtt_client("bravo-lead", port=broker.ws_port, transport="websockets")
+    port = ws_gateway.port if transport == "websockets" else broker.mqtt_port
+    manager = mqtt_client("bravo-lead", port=ws_gateway.port, transport="websockets")
     assert await asyncio.to_thread(manager.connect) == 0
     assert await asyncio.to_thread(manager.subscribe, "teams/bravo/#") == [1]
 
@@ -160,7 +162,7 @@ async def test_oversized_publishes_are_refused_on_every_listener(
     assert await asyncio.to_thread(legit.publish, position_topic("bravo", "w002"), sentinel) == 0
     seen = await asyncio.to_thread(manager.messages_until, sentinel)
     # A manager who opens the map afterwards gets no retained 2 MB status either.
-    late = mqtt_client("bravo-lead", port=broker.ws_port, transport="websockets")
+    late = mqtt_client("bravo-lead", port=ws_gateway.port, transport="websockets")
     await asyncio.to_thread(manager.close)
     assert await asyncio.to_thread(late.connect) == 0
     assert await asyncio.to_thread(late.subscribe, status_topic("bravo", "w001")) == [1]
