@@ -430,7 +430,12 @@ class LocalCluster:
             "--port", str(self.ports.broker_ws[index]),
             "--metrics-port", str(self.ports.wsgate_metrics[index]),
         ]
-        self._add(f"wsgate-{index + 1}", argv, self._service_env(None), self.ports.broker_ws[index])
+        tls = self.provisioned.tls if self.provisioned is not None else None
+        if self.options.https and tls is not None:
+            # With --https, managers' browsers reach MQTT over WebSockets as wss:// too.
+            argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+        port = self.ports.broker_ws[index]
+        self._add(f"wsgate-{index + 1}", argv, self._service_env(None), port)
 
     def _service_env(self, role: str | None, **secrets: str) -> dict[str, str]:
         """A child's environment: without the caller's TEAMTRACK_* variables, with the backend
@@ -520,7 +525,8 @@ class LocalCluster:
         for index, (mqtt, ws) in enumerate(
             zip(self.ports.broker_mqtt, self.ports.broker_ws, strict=True)
         ):
-            broker = {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"ws://{LOOPBACK}:{ws}"}
+            ws_scheme = "wss" if self.options.https and tls is not None else "ws"
+            broker = {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"{ws_scheme}://{LOOPBACK}:{ws}"}
             if tls is not None:
                 host = self._mqtts_client_host()
                 host = f"[{host}]" if ":" in host else host

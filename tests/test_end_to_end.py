@@ -235,7 +235,7 @@ def test_a_manager_over_mqtt_websockets_reads_their_team_on_another_broker(
     manager_login = running.credentials.managers_of("alpha")[0]
     manager = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5,
                           transport="websockets")
-    manager.username_pw_set(manager_login.username, manager_login.password)
+    manager.username_pw_set(manager_login.username, manager_login.mqtt_password)
     received: queue.Queue[tuple[str, bytes]] = queue.Queue()
     granted: queue.Queue[list[int]] = queue.Queue()
     manager.on_message = lambda _c, _u, message: received.put((message.topic, message.payload))

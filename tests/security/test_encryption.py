@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Final
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.__main__ import main as simulate_main
 from devices.identities import load_device_identities
@@ -110,10 +112,9 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     state = tmp_path_factory.mktemp("tls-broker")
     provisioned = provision(demo_registry(teams=1, workers=2), state)
     assert provisioned.tls is not None
-    mqtt_port, ws_port, mqtts_port = free_port(), free_port(), free_port()
+    mqtt_port, mqtts_port = free_port(), free_port()
     config = render_broker_config(
         mqtt_port=mqtt_port,
-        ws_port=ws_port,
         state_dir=state / "brokers",
         password_file=provisioned.password_file,
         acl_file=provisioned.acl_file,
@@ -408,5 +409,28 @@ def test_up_with_https_serves_the_api_and_the_simulator_publishes_over_mqtts(
         # Nor does a client that trusts another authority.
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             httpx.get(f"{dashboard}/healthz", timeout=WAIT_S)
+
+        # Managers' MQTT over WebSockets is wss:// too, through the gateway, with the CA.
+        ws_url = endpoints["brokers"][1]["ws"]
+        assert ws_url.startswith("wss://127.0.0.1:")
+        manager_login = load_credentials(tmp_path / "state").managers_of("alpha")[0]
+        received: list[str] = []
+        manager = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5,
+                              transport="websockets")
+        manager.tls_set_context(client_ssl_context(ca))
+        manager.ws_set_options(path="/mqtt")
+        manager.username_pw_set(manager_login.username, manager_login.mqtt_password)
+        manager.on_message = lambda _c, _u, message: received.append(message.topic)
+        manager.connect(LOOPBACK, int(ws_url.rsplit(":", 1)[1]))
+        manager.loop_start()
+        try:
+            manager.subscribe("teams/alpha/#", qos=0)
+            deadline = time.monotonic() + 10
+            while not any(t.endswith("/position") for t in received):
+                assert time.monotonic() < deadline, "no position over wss"
+                time.sleep(0.1)
+        finally:
+            manager.loop_stop()
+            manager.disconnect()
     finally:
         cluster.stop()
