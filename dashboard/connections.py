@@ -23,23 +23,17 @@ from typing import Any, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from teamtrack.netlimits import plain_http_response
+
 DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
 DEFAULT_MAX_HEADER_BYTES: Final = 64 * 1024
 
 log = logging.getLogger(__name__)
 
 
-def _plain_response(status: int, reason: str) -> bytes:
-    body = f"{status} {reason}\n".encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode() + body
-
-
-_TIMED_OUT: Final = _plain_response(408, "Request Timeout")
-_TOO_LARGE: Final = _plain_response(431, "Request Header Fields Too Large")
-_OVER_CAP: Final = _plain_response(503, "Service Unavailable")
+_TIMED_OUT: Final = plain_http_response(408, "Request Timeout")
+_TOO_LARGE: Final = plain_http_response(431, "Request Header Fields Too Large")
+_OVER_CAP: Final = plain_http_response(503, "Service Unavailable")
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ipaddress
 import math
 import os
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from dashboard.auth import Manager, ManagerDirectory
+from teamtrack.netlimits import address_key
 
 DEFAULT_MAX_KEYS: Final = 10_000
 
@@ -129,22 +129,6 @@ def release_large_buffers() -> None:
         libc = ctypes.CDLL(None)
         m_mmap_threshold = -3
         libc.mallopt(m_mmap_threshold, 1024 * 1024)
-
-
-def address_key(host: str | None) -> str:
-    """The rate-limit key of a client address: IPv4 as is, IPv6 by its /64 (one subscriber
-    commonly holds a whole /64)."""
-    if not host:
-        return "?"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
 
 
 class LoginGuard:

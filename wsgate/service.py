@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 from collections import Counter
@@ -48,6 +47,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from teamtrack.mqtt import BrokerAddress
+from teamtrack.netlimits import address_key, plain_http_response
 from teamtrack.servers import LOOPBACK
 
 from .mqtt_guard import PacketGuard, PacketRefused
@@ -138,31 +138,8 @@ class _Refused(Exception):
         self.close_code = close_code
 
 
-def address_key(host: str | None) -> str:
-    """The per-address key of a client: IPv4 as is, IPv6 by its /64 (one subscriber commonly
-    holds a whole /64); the same rule as the dashboards' limits."""
-    if not host:
-        return "?"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
-
-
-def _plain_response(status: int, reason: str) -> bytes:
-    body = f"{status} {reason}\n".encode()
-    return (
-        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    ).encode() + body
-
-
-_OVER_CAP: Final = _plain_response(503, "Service Unavailable")
+_OVER_CAP: Final = plain_http_response(503, "Service Unavailable")
+_HEADERS_TOO_LARGE: Final = plain_http_response(431, "Request Header Fields Too Large")
 
 
 class _Connection:
@@ -248,7 +225,7 @@ class _Connection:
                         return False
                     received += len(data)
                     if received > self.config.max_handshake_bytes:
-                        self.writer.write(_plain_response(431, "Request Header Fields Too Large"))
+                        self.writer.write(_HEADERS_TOO_LARGE)
                         raise _Refused("handshake_too_large")
                     self.protocol.receive_data(data)
                     for event in self.protocol.events_received():
