@@ -347,7 +347,9 @@ async def _failover_run(
             await asyncio.sleep(0.05)
         await asyncio.sleep(after_s)
         stop_publishing.set()
-        await asyncio.wait_for(tasks[0], 10)
+        # A publish caught on a connection whose server stopped answering without closing it
+        # (a replica that was stopped, then promoted) waits out the socket timeout (15 s).
+        await asyncio.wait_for(tasks[0], 30)
         run.stored = await asyncio.to_thread(_stored_seqs, group, new_primary, prefix)
         # The readers reconnect with backoff: give them time to catch up.
         deadline = time.monotonic() + 15
