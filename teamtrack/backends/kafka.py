@@ -141,11 +141,11 @@ class KafkaOptions:
         username = password = None
         if at:
             name, colon, secret = userinfo.partition(":")
-            if not name or not colon or not secret:
+            if not name or not colon or not secret or "@" in userinfo:
                 # Never the userinfo itself in the message: it may be a password.
                 raise ValueError(
                     "a kafka:// URL with credentials names a user and a password: "
-                    "kafka://user:password@host:9092"
+                    "kafka://user:password@host:9092 (an '@' in either is written %40)"
                 )
             username, password = unquote(name), unquote(secret)
         servers = tuple(server for server in hosts.split(",") if server)
