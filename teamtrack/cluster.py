@@ -15,6 +15,7 @@ starts, every `OUTAGE_REMINDER_S` while it lasts, and when it ends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +40,15 @@ from rich.table import Table
 from teamtrack.history import default_database_url
 from teamtrack.kafka_server import (
     KafkaCluster,
+    SaslUser,
     broker_answers_metadata,
     start_kafka,
     start_kafka_cluster,
 )
+from teamtrack.kafka_users import ROLES as KAFKA_ROLES
+from teamtrack.kafka_users import load_or_create_users as load_kafka_users
+from teamtrack.kafka_users import prepare_backend as prepare_kafka_backend
+from teamtrack.kafka_users import sasl_config as kafka_sasl_config
 from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
@@ -372,21 +379,34 @@ class LocalCluster:
 
     def _start_kafka(self) -> None:
         """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from
-        a last run. Its nodes are supervised children like any other."""
+        a last run. Its nodes are supervised children like any other. Clients authenticate
+        (SASL/SCRAM-SHA-512) as the roles of `teamtrack.kafka_users`, each allowed by ACLs
+        what it does and no more; `backend_url` becomes the operators' (`tt-admin`), who
+        creates the topics and grants the ACLs before any service starts."""
         data_dir = self.state_dir / "kafka"
         shutil.rmtree(data_dir, ignore_errors=True)
+        users = load_kafka_users(self.state_dir)
+        sasl = kafka_sasl_config(users)
         if self.options.kafka_nodes == 1:
-            self.kafka = start_kafka(self.ports.kafka, self.ports.kafka_controller, data_dir)
+            self.kafka = start_kafka(
+                self.ports.kafka, self.ports.kafka_controller, data_dir, sasl=sasl
+            )
             self.children.append(Child("kafka", self.kafka, self.ports.kafka))
-            return
-        self.kafka_cluster = start_kafka_cluster(
-            self.options.kafka_nodes, data_dir, ports=self.ports.kafka_nodes
-        )
-        ports = [port for port, _controller in self.ports.kafka_nodes]
-        for (name, process), port in zip(
-            self.kafka_cluster.processes().items(), ports, strict=True
-        ):
-            self.children.append(Child(name, process, port))
+        else:
+            self.kafka_cluster = start_kafka_cluster(
+                self.options.kafka_nodes, data_dir, ports=self.ports.kafka_nodes, sasl=sasl
+            )
+            ports = [port for port, _controller in self.ports.kafka_nodes]
+            for (name, process), port in zip(
+                self.kafka_cluster.processes().items(), ports, strict=True
+            ):
+                self.children.append(Child(name, process, port))
+        bootstrap = ",".join(f"{LOOPBACK}:{port}" for port, _ in self.ports.kafka_nodes)
+        self.backend_url = users["admin"].url(bootstrap)
+        self._role_urls = {role: users[role].url(bootstrap) for role in KAFKA_ROLES}
+        # In a thread of its own: whoever starts the cluster may be inside an event loop.
+        with ThreadPoolExecutor(1) as executor:
+            executor.submit(asyncio.run, prepare_kafka_backend(self.backend_url)).result()
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
@@ -717,17 +737,20 @@ def _exit_code(process: ManagedProcess) -> int | None:
 
 def backend_answers(url: str, timeout: float = 0.5) -> bool:
     """Whether the backend at `url` answers on any of its hosts: Redis (or a Sentinel) a PING
-    (an error reply such as NOAUTH is an answer too), Kafka a Metadata request; over TLS
-    (`rediss://`), a connection that opens."""
-    from urllib.parse import urlsplit
+    (an error reply such as NOAUTH is an answer too), Kafka a Metadata request (after SASL,
+    as the URL's user, when it names one); over TLS (`rediss://`), a connection that opens."""
+    from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(url)
+    kafka_user = None
+    if parts.scheme == "kafka" and parts.username and parts.password:
+        kafka_user = SaslUser(unquote(parts.username), unquote(parts.password))
     default_port = {"kafka": 9092, "redis+sentinel": 26379}.get(parts.scheme, 6379)
     for server in parts.netloc.rsplit("@", 1)[-1].split(","):
         host, _, port = server.rpartition(":") if ":" in server else (server, "", "")
         address = (host.strip("[]") or LOOPBACK, int(port) if port.isdigit() else default_port)
         if parts.scheme == "kafka":
-            if broker_answers_metadata(*address, timeout):
+            if broker_answers_metadata(*address, timeout, kafka_user):
                 return True
             continue
         try:

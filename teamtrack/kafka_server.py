@@ -9,6 +9,15 @@ Redis. `start_kafka_cluster` runs N such nodes, each a broker and a voter of one
 quorum (`--initial-controllers`), with 3 replicas of every topic and `min.insync.replicas=2`;
 a test can SIGKILL a node and restart it from its data folder. Used by the test fixtures and
 by `teamtrack up --backend kafka [--kafka-nodes 3]`.
+
+With `sasl=KafkaSasl(...)` (what `teamtrack up` passes, `teamtrack.kafka_users`) a node serves
+clients only after SASL/SCRAM-SHA-512, and `StandardAuthorizer` refuses what no ACL allows:
+the client listener is SASL_PLAINTEXT (brokers replicate over it as the internal user), the
+controller listener SASL_PLAINTEXT with PLAIN (SCRAM credentials live in the metadata log the
+controllers serve, so they cannot authenticate the controllers themselves). The SCRAM users are
+written into the metadata log when the storage is formatted (`--add-scram`), through a Java
+argument file (0600, removed after): no password is ever on a command line. The readiness
+probes authenticate as the internal user.
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import logging
 import os
+import re
+import secrets
 import shutil
 import socket
 import struct
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +66,33 @@ CLUSTER_FAILOVER = {
     "broker.heartbeat.interval.ms": "500",
     "broker.session.timeout.ms": "3000",
 }
+
+
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+SAFE_SASL_TEXT = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+
+
+@dataclass(frozen=True)
+class SaslUser:
+    """A SASL user name and its password (never shown: not in repr, logs or errors)."""
+
+    name: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class KafkaSasl:
+    """Who may talk to the nodes: `internal` (the nodes to each other: replication over SCRAM,
+    the controller quorum over PLAIN; a super user), the SCRAM users created at format, and
+    which of them are super users besides `internal` (every other user gets only its ACLs)."""
+
+    internal: SaslUser
+    users: tuple[SaslUser, ...] = ()
+    super_users: tuple[str, ...] = ()
+
+    def secrets(self) -> list[str]:
+        return [self.internal.password, *(user.password for user in self.users)]
 
 
 class KafkaSetupError(ServerError):
@@ -138,7 +177,11 @@ def new_cluster_id() -> str:
 
 
 def render_server_properties(
-    port: int, controller_port: int, log_dir: Path, host: str = LOOPBACK
+    port: int,
+    controller_port: int,
+    log_dir: Path,
+    host: str = LOOPBACK,
+    sasl: KafkaSasl | None = None,
 ) -> str:
     """A one-node Kafka: node 1, its own whole controller quorum, one replica of everything."""
     return _render_properties(
@@ -149,6 +192,7 @@ def render_server_properties(
         quorum=f"{host}:{controller_port}",
         replication=1,
         host=host,
+        sasl=sasl,
     )
 
 
@@ -167,17 +211,20 @@ def _render_properties(
     quorum: str,
     replication: int,
     host: str,
+    sasl: KafkaSasl | None = None,
 ) -> str:
     min_insync = str(_min_insync(replication))
+    client = "PLAINTEXT" if sasl is None else "CLIENT"
+    protocol = "PLAINTEXT" if sasl is None else "SASL_PLAINTEXT"
     settings = {
         "process.roles": "broker,controller",
         "node.id": str(node_id),
         "controller.quorum.bootstrap.servers": quorum,
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "listeners": f"{client}://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        "advertised.listeners": f"{client}://{host}:{port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": client,
+        "listener.security.protocol.map": f"{client}:{protocol},CONTROLLER:{protocol}",
         "log.dirs": str(log_dir),
         # Topics are created by the services, with explicit settings, never by a typo.
         "auto.create.topics.enable": "false",
@@ -203,7 +250,53 @@ def _render_properties(
     }
     if replication > 1:
         settings.update(CLUSTER_FAILOVER)
+    if sasl is not None:
+        settings.update(_sasl_settings(sasl))
     return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+def _jaas_value(text: str) -> str:
+    """`text` quoted for a JAAS line; it must be plain enough for every place it goes (JAAS,
+    `--add-scram`'s `[name=...,password=...]`, a Java argument file): URL-safe characters."""
+    if not SAFE_SASL_TEXT.fullmatch(text):
+        raise ValueError("a Kafka SASL user name or password must be 1-128 characters of "
+                         "A-Z a-z 0-9 . _ ~ -")
+    return f'"{text}"'
+
+
+def _sasl_settings(sasl: KafkaSasl) -> dict[str, str]:
+    """Clients: SCRAM-SHA-512 on the client listener, which the nodes also replicate over (as
+    `internal`). Controllers: PLAIN with `internal` as their only user (SCRAM credentials are
+    in the metadata log, which the controllers serve). StandardAuthorizer: ACLs in the metadata
+    log, nothing allowed without one, super users as listed."""
+    internal = sasl.internal
+    name, password = _jaas_value(internal.name), _jaas_value(internal.password)
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule"
+    plain = "org.apache.kafka.common.security.plain.PlainLoginModule"
+    supers = dict.fromkeys([internal.name, *sasl.super_users])
+    return {
+        "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+        "listener.name.client.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        f"listener.name.client.{SCRAM_MECHANISM.lower()}.sasl.jaas.config":
+            f"{scram} required username={name} password={password};",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config":
+            f"{plain} required username={name} password={password}"
+            f" user_{internal.name}={password};",
+        "authorizer.class.name": STANDARD_AUTHORIZER,
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": ";".join(f"User:{user}" for user in supers),
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` into `path`, readable by its owner only (it may hold the nodes' password)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        file.write(text)
 
 
 def _java_argv(
@@ -234,24 +327,29 @@ def start_kafka(
     libs_dir: Path | None = None,
     heap: str = DEFAULT_HEAP,
     timeout: float = START_TIMEOUT,
+    sasl: KafkaSasl | None = None,
 ) -> ManagedProcess:
     """A one-node Kafka on `host:port`, ready for requests when this returns.
 
     A `data_dir` formatted by an earlier call is started as it is, with its topics and
-    offsets (that is how a test restarts a broker); an empty one is formatted first.
+    offsets (that is how a test restarts a broker); an empty one is formatted first, with the
+    SCRAM users of `sasl` (module doc).
     """
     libs = libs_dir if libs_dir is not None else ensure_kafka_jars()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "log"
     properties = data_dir / "server.properties"
-    properties.write_text(render_server_properties(port, controller_port, log_dir, host))
+    _write_private(
+        properties, render_server_properties(port, controller_port, log_dir, host, sasl)
+    )
     started = time.monotonic()
     if not (log_dir / "meta.properties").exists():
-        _format_storage(libs, properties, new_cluster_id(), ["--standalone"])
+        _format_storage(libs, properties, new_cluster_id(), ["--standalone"], sasl)
     server = _run_node(f"kafka:{port}", libs, heap, data_dir)
+    probe = sasl.internal if sasl is not None else None
     try:
         server.wait_for_port(host, port, timeout=timeout)
-        _wait_for_metadata(server, host, port, started + timeout)
+        _wait_for_metadata(server, host, port, started + timeout, user=probe)
     except BaseException:
         server.stop()
         raise
@@ -306,7 +404,13 @@ class KafkaCluster:
     libs_dir: Path
     heap: str
     timeout: float = START_TIMEOUT
+    sasl: KafkaSasl | None = None
     startup_s: float = field(default=0.0, init=False)
+
+    @property
+    def probe_user(self) -> SaslUser | None:
+        """Whom the readiness probes authenticate as (None: the nodes take anybody)."""
+        return self.sasl.internal if self.sasl is not None else None
 
     @property
     def bootstrap(self) -> str:
@@ -352,7 +456,7 @@ class KafkaCluster:
             node.name, self.libs_dir, self.heap, node.data_dir, quick_start=True
         )
         deadline = started + self.timeout
-        while node.node_id not in live_brokers(self.host, node.port, 1.0):
+        while node.node_id not in live_brokers(self.host, node.port, 1.0, self.probe_user):
             if not node.process.running():
                 raise ServerError(f"{node.name} exited early:\n{node.process.log_tail()}")
             if time.monotonic() > deadline:
@@ -401,8 +505,9 @@ class KafkaCluster:
                 if node.process is not None and not node.running():
                     raise ServerError(f"{node.name} exited early:\n{node.process.log_tail()}")
             node = pending[0]
-            if broker_count(self.host, node.port, 1.0) >= len(self.nodes) and \
-                    broker_serves_groups(self.host, node.port, 1.0):
+            user = self.probe_user
+            if broker_count(self.host, node.port, 1.0, user) >= len(self.nodes) and \
+                    broker_serves_groups(self.host, node.port, 1.0, user):
                 pending.pop(0)
                 continue
             if time.monotonic() > deadline:
@@ -423,6 +528,7 @@ def start_kafka_cluster(
     libs_dir: Path | None = None,
     heap: str = CLUSTER_NODE_HEAP,
     timeout: float = START_TIMEOUT,
+    sasl: KafkaSasl | None = None,
 ) -> KafkaCluster:
     """`nodes` Kafka nodes (node ids 1..N), each a broker and a controller, ready when this
     returns: every node lists every broker as live and a group coordinator answers.
@@ -430,7 +536,8 @@ def start_kafka_cluster(
     `ports` gives each node's (port, controller port); free ones are taken otherwise. Topics
     get min(3, N) replicas by default, internal ones too, with `min.insync.replicas=2` from 3
     replicas up; unclean leader election stays off. Node i keeps its data in
-    `data_dir/node-i`; a `data_dir` formatted by an earlier call starts as it is.
+    `data_dir/node-i`; a `data_dir` formatted by an earlier call starts as it is. With
+    `sasl`, every node as the module doc says.
     """
     if nodes < 1:
         raise ValueError("a Kafka cluster has at least one node")
@@ -447,27 +554,30 @@ def start_kafka_cluster(
     replication = min(3, nodes)
     for node in members:
         node.data_dir.mkdir(parents=True, exist_ok=True)
-        (node.data_dir / "server.properties").write_text(_render_properties(
+        _write_private(node.data_dir / "server.properties", _render_properties(
             node_id=node.node_id, port=node.port, controller_port=node.controller_port,
             log_dir=node.data_dir / "log", quorum=quorum, replication=replication, host=host,
+            sasl=sasl,
         ))
     started = time.monotonic()
     formatted = [(node.data_dir / "log" / "meta.properties").exists() for node in members]
     if not any(formatted):
-        _format_cluster(libs, members, host)
+        _format_cluster(libs, members, host, sasl)
         log.info("formatted %d kafka nodes in %.1fs", nodes, time.monotonic() - started)
     elif not all(formatted):
         raise ServerError(
             f"{data_dir} holds a partly formatted Kafka cluster: remove it to start afresh"
         )
-    cluster = KafkaCluster(members, host, libs, heap, timeout).start()
+    cluster = KafkaCluster(members, host, libs, heap, timeout, sasl).start()
     cluster.startup_s = time.monotonic() - started
     log.info("kafka cluster of %d nodes on %s answered after %.1fs",
              nodes, cluster.bootstrap, cluster.startup_s)
     return cluster
 
 
-def _format_cluster(libs_dir: Path, nodes: Sequence[KafkaNode], host: str) -> None:
+def _format_cluster(
+    libs_dir: Path, nodes: Sequence[KafkaNode], host: str, sasl: KafkaSasl | None = None
+) -> None:
     """Format every node's storage with one cluster id and the whole quorum as its initial
     voters (`--initial-controllers id@host:port:directory-id,...`, the same on every node:
     KIP-853's dynamic quorum), one JVM per node, all at once."""
@@ -479,54 +589,118 @@ def _format_cluster(libs_dir: Path, nodes: Sequence[KafkaNode], host: str) -> No
             f"{node.node_id}@{host}:{node.controller_port}:{new_cluster_id()}" for node in nodes
         )
         quorum = ["--initial-controllers", voters]
-    runs = [
-        subprocess.Popen(
-            _format_argv(libs_dir, node.data_dir / "server.properties", cluster_id, quorum),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        for node in nodes
-    ]
     failures = []
-    for node, run in zip(nodes, runs, strict=True):
-        try:
-            output, _ = run.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            output, _ = run.communicate()
-        if run.returncode != 0:
-            tail = "\n".join(output.decode(errors="replace").splitlines()[-30:])
-            failures.append(f"{node.name} (exit {run.returncode}):\n{tail}")
+    with contextlib.ExitStack() as argument_files:
+        runs = [
+            subprocess.Popen(
+                argument_files.enter_context(_format_command(
+                    libs_dir, node.data_dir / "server.properties", cluster_id, quorum, sasl
+                )),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+            for node in nodes
+        ]
+        for node, run in zip(nodes, runs, strict=True):
+            try:
+                output, _ = run.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                run.kill()
+                output, _ = run.communicate()
+            if run.returncode != 0:
+                tail = "\n".join(output.decode(errors="replace").splitlines()[-30:])
+                failures.append(f"{node.name} (exit {run.returncode}):\n{tail}")
     if failures:
-        raise ServerError("formatting Kafka storage failed: " + "\n".join(failures))
+        raise ServerError(
+            "formatting Kafka storage failed: " + _redacted("\n".join(failures), sasl)
+        )
 
 
 def _format_argv(
-    libs_dir: Path, properties: Path, cluster_id: str, quorum: Sequence[str]
+    libs_dir: Path,
+    properties: Path,
+    cluster_id: str,
+    quorum: Sequence[str],
+    sasl: KafkaSasl | None = None,
 ) -> list[str]:
+    scram: list[str] = []
+    if sasl is not None:
+        for user in (sasl.internal, *sasl.users):
+            name, password = _jaas_value(user.name), _jaas_value(user.password)
+            scram += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name[1:-1]},"
+                                     f"password={password[1:-1]}]"]
     return _java_argv(
         libs_dir, "256m", "kafka.tools.StorageTool",
-        "format", "--cluster-id", cluster_id, "--config", str(properties), *quorum,
+        "format", "--cluster-id", cluster_id, "--config", str(properties), *quorum, *scram,
         quick_start=True,
     )
 
 
+@contextlib.contextmanager
+def _format_command(
+    libs_dir: Path,
+    properties: Path,
+    cluster_id: str,
+    quorum: Sequence[str],
+    sasl: KafkaSasl | None,
+) -> Iterator[list[str]]:
+    """The StorageTool's command line. With SCRAM users, `java @file`: the Java launcher reads
+    the rest of the command (and the passwords in it) from the file, 0600 and removed once the
+    tool is done, so `/proc/<pid>/cmdline` shows only the file's name."""
+    argv = _format_argv(libs_dir, properties, cluster_id, quorum, sasl)
+    if sasl is None:
+        yield argv
+        return
+    path = properties.with_name("format.args")
+    _write_private(path, "".join(_argument_file_line(argument) for argument in argv[1:]))
+    try:
+        yield [argv[0], f"@{path}"]
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _argument_file_line(argument: str) -> str:
+    """One argument of a Java `@argfile`, quoted when it holds white space or a '#'."""
+    if any(character in argument for character in '"\'\\'):
+        raise ValueError(f"cannot pass {argument!r} through a Java argument file")
+    if argument and not any(character.isspace() or character == "#" for character in argument):
+        return argument + "\n"
+    return f'"{argument}"\n'
+
+
+def _redacted(text: str, sasl: KafkaSasl | None) -> str:
+    for secret in sasl.secrets() if sasl is not None else ():
+        text = text.replace(secret, "***")
+    return text
+
+
 def _format_storage(
-    libs_dir: Path, properties: Path, cluster_id: str, quorum: Sequence[str]
+    libs_dir: Path,
+    properties: Path,
+    cluster_id: str,
+    quorum: Sequence[str],
+    sasl: KafkaSasl | None = None,
 ) -> None:
-    argv = _format_argv(libs_dir, properties, cluster_id, quorum)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    with _format_command(libs_dir, properties, cluster_id, quorum, sasl) as argv:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         output = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
-        raise ServerError(f"formatting Kafka storage failed (exit {result.returncode}):\n{output}")
+        raise ServerError(f"formatting Kafka storage failed (exit {result.returncode}):\n"
+                          f"{_redacted(output, sasl)}")
 
 
 def _wait_for_metadata(
-    server: ManagedProcess, host: str, port: int, deadline: float, brokers: int = 1
+    server: ManagedProcess,
+    host: str,
+    port: int,
+    deadline: float,
+    brokers: int = 1,
+    user: SaslUser | None = None,
 ) -> None:
     while time.monotonic() < deadline:
         if not server.running():
             raise ServerError(f"{server.name} exited early:\n{server.log_tail()}")
-        if broker_count(host, port) >= brokers and broker_serves_groups(host, port):
+        if broker_count(host, port, user=user) >= brokers and \
+                broker_serves_groups(host, port, user=user):
             return
         time.sleep(0.1)
     raise ServerError(f"{server.name} opened its port but never answered:\n{server.log_tail()}")
@@ -536,50 +710,111 @@ METADATA_API_KEY = 3
 METADATA_VERSION = 4  # the oldest version Kafka 4 still serves
 FIND_COORDINATOR_API_KEY = 10
 FIND_COORDINATOR_VERSION = 1
+SASL_HANDSHAKE_API_KEY = 17
+SASL_HANDSHAKE_VERSION = 1
+SASL_AUTHENTICATE_API_KEY = 36
+SASL_AUTHENTICATE_VERSION = 1
 PROBE_GROUP = b"teamtrack-probe"
+CLIENT_ID = b"teamtrack-probe"
 
 
-def _request(host: str, port: int, api_key: int, version: int, body: bytes,
-             timeout: float) -> bytes | None:
-    """One request on a fresh connection; the response after its correlation id, or None."""
-    client_id = b"teamtrack-probe"
-    correlation_id = 1
-    request = struct.pack(">hhih", api_key, version, correlation_id, len(client_id)) + client_id
-    request += body
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as connection:
-            connection.settimeout(timeout)
-            connection.sendall(struct.pack(">i", len(request)) + request)
-            (size,) = struct.unpack(">i", _receive_exactly(connection, 4))
-            response = _receive_exactly(connection, size)
-    except (OSError, struct.error):
-        return None
+def _string(text: bytes) -> bytes:
+    return struct.pack(">h", len(text)) + text
+
+
+def _exchange(connection: socket.socket, correlation_id: int, api_key: int, version: int,
+              body: bytes) -> bytes:
+    """One request on `connection`; the response after its correlation id."""
+    request = struct.pack(">hhi", api_key, version, correlation_id) + _string(CLIENT_ID) + body
+    connection.sendall(struct.pack(">i", len(request)) + request)
+    (size,) = struct.unpack(">i", _receive_exactly(connection, 4))
+    response = _receive_exactly(connection, size)
     if len(response) < 4 or struct.unpack_from(">i", response)[0] != correlation_id:
-        return None
+        raise ConnectionError("the broker answered another request")
     return response[4:]
 
 
-def broker_answers_metadata(host: str, port: int, timeout: float = 2.0) -> bool:
+def _sasl_step(connection: socket.socket, correlation_id: int, message: bytes) -> bytes:
+    """One SaslAuthenticate v1 round: the server's reply, or ConnectionError when refused."""
+    response = _exchange(connection, correlation_id, SASL_AUTHENTICATE_API_KEY,
+                         SASL_AUTHENTICATE_VERSION, struct.pack(">i", len(message)) + message)
+    (error_code,) = struct.unpack_from(">h", response)
+    (message_length,) = struct.unpack_from(">h", response, 2)
+    at = 4 + max(0, message_length)
+    (size,) = struct.unpack_from(">i", response, at)
+    if error_code != 0:
+        raise ConnectionError(f"SASL authentication refused (error {error_code})")
+    return response[at + 4:at + 4 + size]
+
+
+def _authenticate(connection: socket.socket, user: SaslUser) -> int:
+    """SASL/SCRAM-SHA-512 (RFC 5802) on a fresh connection; the next correlation id."""
+    response = _exchange(connection, 1, SASL_HANDSHAKE_API_KEY, SASL_HANDSHAKE_VERSION,
+                         _string(SCRAM_MECHANISM.encode()))
+    if struct.unpack_from(">h", response)[0] != 0:
+        raise ConnectionError(f"the broker does not offer {SCRAM_MECHANISM}")
+    nonce = secrets.token_urlsafe(18)
+    first_bare = f"n={_jaas_value(user.name)[1:-1]},r={nonce}"
+    server_first = _sasl_step(connection, 2, f"n,,{first_bare}".encode()).decode()
+    fields = dict(item.split("=", 1) for item in server_first.split(","))
+    if not fields.get("r", "").startswith(nonce):
+        raise ConnectionError("the broker's SCRAM nonce does not extend ours")
+    salted = hashlib.pbkdf2_hmac(
+        "sha512", user.password.encode(), base64.b64decode(fields["s"]), int(fields["i"])
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha512")
+    without_proof = f"c=biws,r={fields['r']}"
+    auth_message = f"{first_bare},{server_first},{without_proof}".encode()
+    signature = hmac.digest(hashlib.sha512(client_key).digest(), auth_message, "sha512")
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, signature, strict=True)))
+    server_final = _sasl_step(connection, 3, f"{without_proof},p={proof.decode()}".encode())
+    server_key = hmac.digest(salted, b"Server Key", "sha512")
+    expected = base64.b64encode(hmac.digest(server_key, auth_message, "sha512"))
+    if not hmac.compare_digest(server_final, b"v=" + expected):
+        raise ConnectionError("the broker did not prove it knows the SCRAM credential")
+    return 4
+
+
+def _request(host: str, port: int, api_key: int, version: int, body: bytes,
+             timeout: float, user: SaslUser | None = None) -> bytes | None:
+    """One request on a fresh connection (authenticated as `user` first, if given); the
+    response after its correlation id, or None."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            connection.settimeout(timeout)
+            correlation_id = 1 if user is None else _authenticate(connection, user)
+            return _exchange(connection, correlation_id, api_key, version, body)
+    except (OSError, struct.error, ValueError, KeyError, UnicodeDecodeError):
+        return None
+
+
+def broker_answers_metadata(
+    host: str, port: int, timeout: float = 2.0, user: SaslUser | None = None
+) -> bool:
     """True once the broker serves a Metadata request that lists at least one live broker.
 
     Spoken on the wire rather than through a client library, so that plain synchronous code
     (the launcher, `teamtrack up`) can wait for readiness without an event loop.
     """
-    return broker_count(host, port, timeout) > 0
+    return broker_count(host, port, timeout, user) > 0
 
 
-def broker_count(host: str, port: int, timeout: float = 2.0) -> int:
+def broker_count(
+    host: str, port: int, timeout: float = 2.0, user: SaslUser | None = None
+) -> int:
     """How many live (registered, unfenced) brokers the broker at host:port knows; 0 when it
     does not answer."""
-    return len(live_brokers(host, port, timeout))
+    return len(live_brokers(host, port, timeout, user))
 
 
-def live_brokers(host: str, port: int, timeout: float = 2.0) -> set[int]:
+def live_brokers(
+    host: str, port: int, timeout: float = 2.0, user: SaslUser | None = None
+) -> set[int]:
     """The node ids of the live brokers that the broker at host:port lists; empty when it
     does not answer."""
     # No topics, and never create any.
     response = _request(host, port, METADATA_API_KEY, METADATA_VERSION,
-                        struct.pack(">ib", 0, 0), timeout)
+                        struct.pack(">ib", 0, 0), timeout, user)
     if response is None or len(response) < 8:
         return set()
     # Metadata v4: throttle_time_ms, then [node_id, host, port, rack] per broker.
@@ -598,13 +833,15 @@ def live_brokers(host: str, port: int, timeout: float = 2.0) -> set[int]:
     return ids
 
 
-def broker_serves_groups(host: str, port: int, timeout: float = 2.0) -> bool:
+def broker_serves_groups(
+    host: str, port: int, timeout: float = 2.0, user: SaslUser | None = None
+) -> bool:
     """True once a group coordinator answers. The first such request makes the broker create
     its group offsets topic, which takes a moment: better here than in a service's first join.
     """
-    body = struct.pack(">h", len(PROBE_GROUP)) + PROBE_GROUP + struct.pack(">b", 0)
+    body = _string(PROBE_GROUP) + struct.pack(">b", 0)
     response = _request(host, port, FIND_COORDINATOR_API_KEY, FIND_COORDINATOR_VERSION,
-                        body, timeout)
+                        body, timeout, user)
     if response is None or len(response) < 6:
         return False
     _throttle_ms, error_code = struct.unpack_from(">ih", response)

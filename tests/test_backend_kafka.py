@@ -47,6 +47,27 @@ def test_url_options_are_checked() -> None:
         from_url("kafka://?partitions=6")
 
 
+def test_url_credentials_reach_every_client_and_never_an_error() -> None:
+    """`kafka://user:password@host,host`: SASL/SCRAM-SHA-512 for the producer, consumers and
+    admin (they all take `client_options()`); the password in no repr and no error."""
+    backend = from_url("kafka://tt-bridge:s%40cr3t-pw@a:9092,b:9092?topic_prefix=fleet")
+    assert isinstance(backend, KafkaBackend)
+    assert backend.options.bootstrap == "a:9092,b:9092"
+    assert (backend.options.username, backend.options.password) == ("tt-bridge", "s@cr3t-pw")
+    assert "s@cr3t" not in repr(backend.options)
+    options = backend.client_options()
+    assert options["security_protocol"] == "SASL_PLAINTEXT"
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert options["sasl_plain_username"] == "tt-bridge"
+    assert options["sasl_plain_password"] == "s@cr3t-pw"
+    assert "security_protocol" not in KafkaBackend.from_url("kafka://a:9092").client_options()
+    for wrong in ("kafka://tt-bridge@a:9092", "kafka://:hunter2x@a:9092",
+                  "kafka://tt-bridge:@a:9092", "kafka://u:hunter2x@a:9092,x@b:9092"):
+        with pytest.raises(ValueError) as error:
+            from_url(wrong)
+        assert "hunter2x" not in str(error.value)
+
+
 async def test_topics_are_created_with_explicit_settings(kafka_url: str) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType

@@ -1,4 +1,7 @@
-"""`kafka://host:port[,host:port]` — Apache Kafka as the cross-instance broadcast layer.
+"""`kafka://[user:password@]host:port[,host:port]` — Apache Kafka as the cross-instance
+broadcast layer. With a user, every client (producer, consumers, admin) authenticates with
+SASL/SCRAM-SHA-512 over SASL_PLAINTEXT, as the Kafka that `teamtrack up` starts wants
+(`teamtrack.kafka_users`); the password is never in an error or a log line.
 
 Topics (names start with `?topic_prefix=`, default `teamtrack`), created by `start()` with
 explicit settings (the broker's auto-creation is never relied on):
@@ -32,17 +35,19 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
     ConsumerStoppedError,
     KafkaError,
     OffsetOutOfRangeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
 )
 from aiokafka.partitioner import murmur2
 
@@ -93,6 +98,9 @@ STORE_READ_TIMEOUT_S = 15.0
 # unless the bridge died in between (then the worker's next fix repairs the store).
 SNAPSHOT_REPLAY_MS = 5_000
 TOPIC_EXISTS = TopicAlreadyExistsError.errno
+# A role without the right to create topics (the admin created them: teamtrack.kafka_users).
+NOT_ALLOWED_TO_CREATE = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
+SASL_MECHANISM = "SCRAM-SHA-512"
 KIND_LETTER = {Kind.POSITION: "p", Kind.STATUS: "s"}
 
 
@@ -122,13 +130,29 @@ class KafkaOptions:
     history: int | None = None
     # None: min(3, the brokers the cluster has when the topics are created).
     replication: int | None = None
+    # SASL/SCRAM-SHA-512 credentials (None: the cluster takes clients without them).
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_url(cls, url: str) -> KafkaOptions:
         parts = urlsplit(url)
-        servers = tuple(server for server in parts.netloc.split(",") if server)
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        username = password = None
+        if at:
+            name, colon, secret = userinfo.partition(":")
+            if not name or not colon or not secret or "@" in userinfo:
+                # Never the userinfo itself in the message: it may be a password.
+                raise ValueError(
+                    "a kafka:// URL with credentials names a user and a password: "
+                    "kafka://user:password@host:9092 (an '@' in either is written %40)"
+                )
+            username, password = unquote(name), unquote(secret)
+        servers = tuple(server for server in hosts.split(",") if server)
         if not servers:
             raise ValueError("a kafka:// URL names at least one broker: kafka://host:9092")
+        if any("@" in server or not server.strip() for server in servers):
+            raise ValueError("a kafka:// URL lists brokers as host:port[,host:port]")
         query = {name: values[0] for name, values in parse_qs(parts.query).items()}
         known = {"topic_prefix", "partitions", "history_ms", "history", "replication"}
         unknown = sorted(set(query) - known)
@@ -144,6 +168,8 @@ class KafkaOptions:
             history_ms=int(query.get("history_ms", DEFAULT_HISTORY_MS)),
             history=int(query["history"]) if "history" in query else None,
             replication=int(query["replication"]) if "replication" in query else None,
+            username=username,
+            password=password,
         )
         replication = 1 if options.replication is None else options.replication
         if options.partitions < 1 or replication < 1 or options.history_ms < 1:
@@ -195,7 +221,25 @@ class KafkaBackend(Backend):
         return (parse_cursor(cursor)[1],)
 
     def client_options(self) -> dict[str, Any]:
-        return {"bootstrap_servers": self.options.bootstrap, "request_timeout_ms": 30_000}
+        """What every aiokafka client of this backend is given: the brokers and, with
+        credentials in the URL, SASL/SCRAM-SHA-512."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.options.bootstrap, "request_timeout_ms": 30_000,
+        }
+        if self.options.username is not None:
+            options.update(
+                security_protocol="SASL_PLAINTEXT",
+                sasl_mechanism=SASL_MECHANISM,
+                sasl_plain_username=self.options.username,
+                sasl_plain_password=self.options.password,
+            )
+        return options
+
+    def admin_client(self) -> Any:
+        """The started backend's admin client (for tools that do more than the backend)."""
+        if self._admin is None:
+            raise BackendError("kafka backend used before start()")
+        return self._admin
 
     # Lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -212,8 +256,6 @@ class KafkaBackend(Backend):
         try:
             await self._create_topics()
             self.partitions = await self._wait_for_partitions()
-            self._producer = self._new_producer()
-            await self._producer.start()
             self._store = _LastKnownStore(self)
             await self._store.start()
         except (KafkaError, OSError) as error:
@@ -274,6 +316,10 @@ class KafkaBackend(Backend):
         for topic_error in response.topic_errors:
             topic, code = topic_error[0], topic_error[1]
             message = topic_error[2] if len(topic_error) > 2 else ""
+            if code in NOT_ALLOWED_TO_CREATE:
+                # Not this role's job: the cluster's admin creates them; wait for them.
+                log.debug("not allowed to create kafka topic %s: waiting for it", topic)
+                continue
             if code not in (0, TOPIC_EXISTS):
                 raise BackendError(f"creating kafka topic {topic} failed: {code} {message}")
 
@@ -337,10 +383,27 @@ class KafkaBackend(Backend):
             return False
         return True
 
-    def _started(self) -> tuple[Any, _LastKnownStore]:
-        if self._producer is None or self._store is None:
+    def _started(self) -> _LastKnownStore:
+        if self._store is None:
             raise BackendError("kafka backend used before start()")
-        return self._producer, self._store
+        return self._store
+
+    async def _writer(self) -> Any:
+        """The producer, started on the first publish: only the bridges write, and Kafka lets
+        a user start an idempotent producer only where it may write (a dashboard's user may
+        not: InitProducerId is refused with ClusterAuthorizationFailed)."""
+        self._started()
+        if self._producer is None:
+            async with self._producer_lock:
+                if self._producer is None:
+                    producer = self._new_producer()
+                    try:
+                        await producer.start()
+                    except (KafkaError, OSError) as error:
+                        await _stop_producer(producer)
+                        raise _failure("starting a kafka producer", error) from error
+                    self._producer = producer
+        return self._producer
 
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
@@ -359,7 +422,7 @@ class KafkaBackend(Backend):
             current = newest.get(key)
             if current is None or current.ts <= event.ts:
                 newest[key] = event
-        producer, _store = self._started()
+        producer = await self._writer()
         try:
             appended = [
                 await producer.send(
@@ -438,7 +501,7 @@ class KafkaBackend(Backend):
 
     # Reading -----------------------------------------------------------------------------
     async def snapshot(self, team: str) -> Snapshot:
-        _producer, store = self._started()
+        store = self._started()
         partition = self.partition_of(team)
         try:
             cursor, positions, presence = await store.snapshot_state(partition, team)
@@ -952,7 +1015,7 @@ class _KafkaGroupConsumer(GroupConsumer):
                 # Through the backend's connected reader: one round trip, so the starting
                 # point is where the log ended at the first read, not once this member is
                 # connected, which takes a while longer.
-                _producer, store = self._backend._started()
+                store = self._backend._started()
                 partitions = [
                     TopicPartition(self._backend.positions_topic, partition)
                     for partition in range(self._backend.partitions)
