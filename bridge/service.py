@@ -43,6 +43,14 @@ from teamtrack.contract import (
 )
 from teamtrack.logs import RateLimitedLog
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP, ORIGIN_PROPERTY, BrokerAddress
+from teamtrack.owntracks import (
+    OWNTRACKS_FILTERS,
+    OWNTRACKS_ROOT,
+    OnlineRefresh,
+    OwnTracksKind,
+    decode_owntracks,
+    parse_owntracks_topic,
+)
 from teamtrack.retry import Backoff
 
 from .batcher import Batcher
@@ -59,6 +67,9 @@ SUBACK_FAILURE = 0x80
 RECEIVE_MAXIMUM = 20_000
 # Mirrored QoS 0 messages are written at the latest once this many are gathered.
 MIRROR_FLUSH_PACKETS = 1000
+# What the bridge subscribes to: the contract's topics and the OwnTracks app's.
+SUBSCRIBED_FILTERS = (WORKER_TOPIC_FILTER, *OWNTRACKS_FILTERS)
+_OWNTRACKS_PREFIX = OWNTRACKS_ROOT + "/"
 
 
 @dataclass
@@ -67,6 +78,8 @@ class BridgeCounters:
 
     received: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
+    # OwnTracks objects of a `_type` teamtrack does not use (cards, waypoints...), by type.
+    owntracks_ignored: Counter[str] = field(default_factory=Counter)
     forwarded: int = 0
     dropped_overflow: int = 0
     mirror_echoes: int = 0
@@ -101,6 +114,13 @@ class _CountersCollector(Collector):
         for reason, count in counters.rejected.items():
             rejected.add_metric([broker, reason], count)
         yield rejected
+        ignored = CounterMetricFamily(
+            "teamtrack_bridge_owntracks_ignored",
+            "OwnTracks objects of a type teamtrack does not use", labels=["broker", "type"],
+        )
+        for kind, count in counters.owntracks_ignored.items():
+            ignored.add_metric([broker, kind], count)
+        yield ignored
         for name, help_text, value in (
             ("forwarded", "Events handed to the backend", counters.forwarded),
             ("dropped_overflow", "QoS 0 messages dropped while the backend lagged",
@@ -205,6 +225,7 @@ class BridgeService:
             if config.device_rate_per_s > 0
             else None
         )
+        self._online_refresh = OnlineRefresh()
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self._stopping = False
@@ -258,26 +279,36 @@ class BridgeService:
         # when it expired while the bridge was away. The persistent session may still hold the
         # other kind of subscription (the bridge ran with the other setting): it would deliver
         # every message twice, so it goes.
-        shared = f"$share/{self.config.share_group}/{WORKER_TOPIC_FILTER}"
+        group = self.config.share_group
+        shared = [f"$share/{group}/{topic_filter}" for topic_filter in SUBSCRIBED_FILTERS]
         if self.config.shared_subscription:
-            client.unsubscribe(WORKER_TOPIC_FILTER)
-            client.subscribe(Subscription(shared, qos=1))
+            client.unsubscribe(list(SUBSCRIBED_FILTERS))
+            client.subscribe([Subscription(topic_filter, qos=1) for topic_filter in shared])
         else:
             client.unsubscribe(shared)
-            client.subscribe(Subscription(WORKER_TOPIC_FILTER, qos=1, no_local=True))
+            client.subscribe([
+                Subscription(topic_filter, qos=1, no_local=True)
+                for topic_filter in SUBSCRIBED_FILTERS
+            ])
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         codes = [int(code) for code in (qos if isinstance(qos, list | tuple) else [qos])]
-        refused = [code for code in codes if code >= SUBACK_FAILURE]
-        if refused:
+        if any(code >= SUBACK_FAILURE for code in codes[:1]):
             # Only accounts the ACL lets read `$share/<group>/teams/#` may join the group.
             log.error(
                 "the broker refused the subscription of %s (reason %s): is %s a bridge account "
                 "of the registry, and %r the bridges' share group?",
-                self.config.client_id, ", ".join(f"0x{code:02x}" for code in refused),
+                self.config.client_id, ", ".join(f"0x{code:02x}" for code in codes),
                 self.config.username, self.config.share_group,
             )
             return
+        if any(code >= SUBACK_FAILURE for code in codes[1:]):
+            # An ACL provisioned before OwnTracks was taken in: the contract's topics work.
+            log.error(
+                "the broker refused %s the OwnTracks topics (%s): provision again to let phones "
+                "running OwnTracks in", self.config.client_id,
+                ", ".join(f"0x{code:02x}" for code in codes),
+            )
         self.counters.subscribed = True
         self._subscribed.set()
 
@@ -307,6 +338,8 @@ class BridgeService:
                     self.counters.mirror_echoes += 1
                     return None
         now = int(time.time() * 1000)
+        if topic.startswith(_OWNTRACKS_PREFIX):
+            return self._accept_owntracks(topic, payload, qos, now)
         try:
             address = parse_topic(topic)
             limit = self._device_limit
@@ -336,6 +369,52 @@ class BridgeService:
                 )
             return None
         return self.batcher.submit_nowait(event)
+
+    def _accept_owntracks(
+        self, topic: str, payload: bytes, qos: int, now: int
+    ) -> asyncio.Future[None] | None:
+        """An OwnTracks app's message (teamtrack.owntracks): a location becomes a position of
+        the topic's account (preceded by "online" when `OnlineRefresh` says so), a Last Will
+        presence "offline"; other types are counted and dropped."""
+        try:
+            address = parse_owntracks_topic(topic)
+            limit = self._device_limit
+            if limit is not None and not limit.allow(address.team, address.worker):
+                raise ContractError(
+                    Reason.RATE_LIMITED,
+                    f"{address.team}/{address.worker} over {self.config.device_rate_per_s:g}/s",
+                )
+            message = decode_owntracks(payload, now)
+        except ContractError as error:
+            self.counters.rejected[error.reason.value] += 1
+            self._rejections_log.warning(
+                error.reason.value, "rejected message on %s: %s", topic[:200], error.detail
+            )
+            return None
+        team, worker, origin = address.team, address.worker, self.config.broker_id
+        events: list[Event] = []
+        if message.kind is OwnTracksKind.LOCATION:
+            if self._online_refresh.due(team, worker):
+                events.append(Event(team, worker, Kind.STATUS, b"online", origin, now, now, qos))
+            events.append(
+                Event(team, worker, Kind.POSITION, message.position, origin, now, message.ts, qos)
+            )
+        elif message.kind is OwnTracksKind.LWT:
+            self._online_refresh.gone(team, worker)
+            events.append(Event(team, worker, Kind.STATUS, b"offline", origin, now, now, qos))
+        else:
+            self.counters.owntracks_ignored[message.type_name] += 1
+            return None
+        done: asyncio.Future[None] | None = None
+        for event in events:
+            self.counters.received[event.kind.value] += 1
+            if qos == 0:
+                if not self.batcher.offer(event):
+                    self.counters.dropped_overflow += 1
+            else:
+                # Batches keep their order: the last one done means every one is.
+                done = self.batcher.submit_nowait(event)
+        return done
 
     async def _on_message(
         self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any

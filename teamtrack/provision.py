@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP
+from teamtrack.owntracks import OWNTRACKS_ROOT
 from teamtrack.passwords import generate_secret, hash_password, token_digest
 from teamtrack.registry import Registry
 from teamtrack.tls import TLS_DIR, TlsError, TlsFiles, ensure_tls, normalize_hosts
@@ -68,6 +69,9 @@ ALL_TEAMS_FILTER: Final = f"{TOPIC_ROOT}/#"
 # every subscription, and delivers by the plain topic); the brokers' subscription plugin does:
 # only accounts with this line may join the group.
 BRIDGE_SHARE_FILTER: Final = f"$share/{BRIDGE_SHARE_GROUP}/{ALL_TEAMS_FILTER}"
+# What the OwnTracks app publishes (teamtrack.owntracks): only bridges read it, and only as a group.
+OWNTRACKS_FILTER: Final = f"{OWNTRACKS_ROOT}/#"
+BRIDGE_OWNTRACKS_SHARE_FILTER: Final = f"$share/{BRIDGE_SHARE_GROUP}/{OWNTRACKS_FILTER}"
 
 
 class ProvisionError(RuntimeError):
@@ -329,7 +333,8 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
         "# bridges: read and write every team, and join the bridges' share group;",
         "# observers: read every team (debugging);",
         "# managers: read their own team only (MQTT over WebSockets);",
-        "# devices: write their own position and status only, never read.",
+        "# devices: write their own position and status, and OwnTracks under owntracks/<own",
+        "# account>/, never read.",
         "# A subscription is granted only where a read line covers it (mosquitto/plugin/).",
         "",
     ]
@@ -340,6 +345,8 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
             f"user {username}",
             f"topic readwrite {ALL_TEAMS_FILTER}",
             f"topic read {BRIDGE_SHARE_FILTER}",
+            f"topic read {BRIDGE_OWNTRACKS_SHARE_FILTER}",
+            f"topic read {OWNTRACKS_FILTER}",
             "",
         ]
     for username in registry.observers:
@@ -357,6 +364,8 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
             f"user {device.username}",
             f"topic write {position_topic(device.team, device.worker)}",
             f"topic write {status_topic(device.team, device.worker)}",
+            # The OwnTracks app's own topics, under its account's name only.
+            f"topic write {OWNTRACKS_ROOT}/{device.username}/#",
             "",
         ]
     return "\n".join(lines)

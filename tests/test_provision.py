@@ -136,6 +136,8 @@ def test_acl_grants_each_role_only_its_topics(registry: Registry, tmp_path: Path
     assert blocks["user bridge-1"] == [
         "topic readwrite teams/#",
         "topic read $share/teamtrack/teams/#",
+        "topic read $share/teamtrack/owntracks/#",
+        "topic read owntracks/#",
     ]
     assert blocks["user observer"] == ["topic read teams/#"]
     assert blocks["user alpha-lead"] == ["topic read teams/alpha/#"]
@@ -143,6 +145,7 @@ def test_acl_grants_each_role_only_its_topics(registry: Registry, tmp_path: Path
     assert blocks["user alpha.w002"] == [
         "topic write teams/alpha/workers/w002/position",
         "topic write teams/alpha/workers/w002/status",
+        "topic write owntracks/alpha.w002/#",
     ]
     assert len(blocks) == 9
     assert "pattern" not in text

@@ -1,0 +1,226 @@
+"""Phones running OwnTracks in MQTT mode, against `teamtrack up`: the app's recorded payloads
+(tests/owntracks_payloads.py) published by paho, as the app does (MQTT 3.1.1, QoS 1, a Last
+Will), on broker 1; a native device of the same team on broker 2; the manager on the other
+dashboard and in the history sees each location once, malformed objects are counted by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+import websockets
+from owntracks_payloads import Recorded, recorded, valid_locations
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
+from test_end_to_end import RunningCluster, start_cluster, stop_cluster, wait_until_up
+
+from teamtrack.contract import position_topic
+from teamtrack.provision import load_credentials
+
+WAIT = 15.0
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    state_dir = tmp_path_factory.mktemp("owntracks")
+    process = start_cluster(state_dir, "--no-simulate")
+    try:
+        endpoints = wait_until_up(process, state_dir)
+        yield RunningCluster(
+            process, state_dir, endpoints, load_credentials(state_dir / "credentials.json")
+        )
+    finally:
+        if process.poll() is None:
+            stop_cluster(process)
+
+
+class OwnTracksPhone:
+    """paho as the app connects: MQTT 3.1.1, a persistent session, QoS 1, its Last Will."""
+
+    def __init__(self, port: int, username: str, password: str, device: str = "phone") -> None:
+        self.topic = f"owntracks/{username}/{device}"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=username, clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        self.client.username_pw_set(username, password)
+        self.client.will_set(self.topic, orjson.dumps({"_type": "lwt", "tst": int(time.time())}),
+                             qos=1)
+        self.connected = threading.Event()
+        self.client.on_connect = lambda *args: self.connected.set()
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        assert self.connected.wait(WAIT)
+
+    def publish(self, items: list[Recorded]) -> None:
+        infos = [
+            self.client.publish(f"{self.topic}/{item.leaf}" if item.leaf else self.topic,
+                                item.payload, qos=1)
+            for item in items
+        ]
+        for info in infos:
+            info.wait_for_publish(WAIT)
+
+    def vanish(self) -> None:
+        """The phone loses its network: the socket closes without a DISCONNECT."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def collect(url: str, token: str, until: Any, seconds: float) -> list[dict[str, Any]]:
+    """Every event of the team's live stream until `until(events)` holds or `seconds` pass."""
+    events: list[dict[str, Any]] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with websockets.connect(url, additional_headers=headers, open_timeout=WAIT) as socket:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until(events):
+            try:
+                frame = json.loads(await asyncio.wait_for(socket.recv(), 0.5))
+            except TimeoutError:
+                continue
+            if frame["type"] == "events":
+                events += frame["events"]
+    return events
+
+
+def bridge_rejections(running: RunningCluster) -> Counter[str]:
+    rejected: Counter[str] = Counter()
+    for url in running.endpoints["bridge_metrics"]:
+        with urllib.request.urlopen(url, timeout=WAIT) as response:  # noqa: S310 - loopback
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "teamtrack_bridge_rejected_total":
+                    rejected[sample.labels["reason"]] += int(sample.value)
+                if sample.name == "teamtrack_bridge_owntracks_ignored_total":
+                    rejected["ignored:" + sample.labels["type"]] += int(sample.value)
+    return rejected
+
+
+def history_track(running: RunningCluster, worker: str, since_ms: int) -> list[dict[str, Any]]:
+    url = running.endpoints["dashboards"][0] + f"/api/teams/alpha/workers/{worker}/track"
+    response = httpx.get(url, params={"since": since_ms},
+                         headers={"Authorization": f"Bearer {running.token_of('alpha')}"},
+                         timeout=WAIT)
+    response.raise_for_status()
+    return list(response.json()["points"])
+
+
+async def test_a_phone_and_a_native_device_of_one_team_reach_the_manager_and_the_history(
+    running: RunningCluster,
+) -> None:
+    now_s = int(time.time())
+    items = recorded(now_s)
+    expected = sorted(orjson.loads(item.payload)["tst"] * 1000 for item in valid_locations(now_s))
+    phone_account = running.credentials.device("alpha", "w001")
+    native = running.credentials.device("alpha", "w002")
+    ws_url = running.dashboard_ws(1, "alpha")
+
+    def phone_positions(events: list[dict[str, Any]]) -> list[int]:
+        return [e["p"]["ts"] for e in events if e["w"] == "w001" and e["k"] == "p"]
+
+    def done(events: list[dict[str, Any]]) -> bool:
+        offline = [e for e in events if e["w"] == "w001" and e["k"] == "s" and e["p"] == "offline"]
+        return bool(offline) and any(e["w"] == "w002" for e in events)
+
+    listening = asyncio.create_task(collect(ws_url, running.token_of("alpha"), done, WAIT * 2))
+    await asyncio.sleep(0.5)
+    phone = await asyncio.to_thread(
+        OwnTracksPhone, running.broker_port(0), phone_account.username, phone_account.password
+    )
+    try:
+        await asyncio.to_thread(phone.publish, items)
+    finally:
+        await asyncio.to_thread(phone.close)
+    native_client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=native.username)
+    native_client.username_pw_set(native.username, native.password)
+    native_client.connect("127.0.0.1", running.broker_port(1))
+    native_client.loop_start()
+    body = orjson.dumps({"lat": 52.51, "lon": 13.38, "ts": now_s * 1000, "seq": 1})
+    native_client.publish(position_topic("alpha", "w002"), body, qos=1).wait_for_publish(WAIT)
+    native_client.disconnect()
+    native_client.loop_stop()
+    events = await listening
+
+    assert sorted(phone_positions(events)) == expected  # each once, the resend not again
+    presence = [e["p"] for e in events if e["w"] == "w001" and e["k"] == "s"]
+    assert presence[0] == "online" and presence[-1] == "offline"
+    shown = next(e["p"] for e in events if e["w"] == "w001" and e["k"] == "p")
+    assert set(shown) <= {"lat", "lon", "ts", "seq", "acc", "speed", "heading", "battery"}
+    assert [e["p"]["seq"] for e in events if e["w"] == "w002" and e["k"] == "p"] == [1]
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        stored = sorted(point["ts"] for point in history_track(running, "w001", expected[0]))
+        if len(stored) >= len(expected):
+            break
+        await asyncio.sleep(0.5)
+    assert stored == expected
+
+    counts = bridge_rejections(running)
+    for item in items:
+        if item.outcome.startswith("rejected:"):
+            reason = item.outcome.split(":", 1)[1]
+            assert counts[reason] >= 1, (item.name, counts)
+    for kind in ("waypoint", "card", "status"):
+        assert counts[f"ignored:{kind}"] == 1, counts
+
+
+async def test_a_phone_that_vanishes_shows_offline_through_its_last_will(
+    running: RunningCluster,
+) -> None:
+    account = running.credentials.device("alpha", "w003")
+
+    def offline(events: list[dict[str, Any]]) -> bool:
+        return any(e["w"] == "w003" and e["k"] == "s" and e["p"] == "offline" for e in events)
+
+    listening = asyncio.create_task(
+        collect(running.dashboard_ws(0, "alpha"), running.token_of("alpha"), offline, WAIT)
+    )
+    await asyncio.sleep(0.5)
+    phone = await asyncio.to_thread(
+        OwnTracksPhone, running.broker_port(1), account.username, account.password
+    )
+    location = Recorded("location", orjson.dumps(
+        {"_type": "location", "lat": 1.5, "lon": 2.5, "tst": int(time.time())}), "location")
+    await asyncio.to_thread(phone.publish, [location])
+    await asyncio.to_thread(phone.vanish)
+    events = await listening
+    mine = [(e["k"], e["p"] if e["k"] == "s" else e["p"]["lat"]) for e in events
+            if e["w"] == "w003"]
+    assert mine == [("s", "online"), ("p", 1.5), ("s", "offline")]
+
+
+def test_a_device_cannot_publish_as_another_workers_phone(running: RunningCluster) -> None:
+    """alpha.w001 writing under owntracks/alpha.w002/: the broker drops it (ACL)."""
+    attacker = running.credentials.device("alpha", "w001")
+    phone = OwnTracksPhone(running.broker_port(0), attacker.username, attacker.password)
+    try:
+        phone.topic = "owntracks/alpha.w002/phone"
+        before = bridge_rejections(running)
+        location = Recorded("spoof", orjson.dumps(
+            {"_type": "location", "lat": 10.0, "lon": 10.0, "tst": int(time.time())}), "location")
+        phone.publish([location])
+    finally:
+        phone.close()
+    time.sleep(1.0)
+    points = history_track(running, "w002", int(time.time() * 1000) - 60_000)
+    assert all(point["lat"] != 10.0 for point in points)
+    assert bridge_rejections(running) == before  # never reached a bridge at all
