@@ -62,7 +62,8 @@ def recorded(now_s: int) -> list[Recorded]:
         }), "ignored:waypoint", "waypoint"),
         Recorded("card", _json({
             "_type": "card", "name": "Worker One", "tid": "w1",
-            "face": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==",
+            "face": "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9Q"
+                    "DwADhgGAWjR9awAAAABJRU5ErkJggg==",
         }), "ignored:card", "info"),
         Recorded("ios-status", _json({
             "_type": "status", "iOS": {"version": "17.5.1", "locationManager": {"altitude": 1}},
