@@ -41,21 +41,21 @@ from teamtrack.contract import (
     status_topic,
     validate_position,
 )
-from teamtrack.logs import RateLimitedLog
-from teamtrack.mqtt import BRIDGE_SHARE_GROUP, ORIGIN_PROPERTY, BrokerAddress
-from teamtrack.owntracks import (
+from teamtrack.ingress.batcher import Batcher
+from teamtrack.ingress.owntracks import (
     OWNTRACKS_FILTERS,
     OWNTRACKS_ROOT,
     OnlineRefresh,
-    OwnTracksKind,
     decode_owntracks,
+    owntracks_events,
     parse_owntracks_topic,
 )
+from teamtrack.ingress.ratelimit import DeviceRateLimit
+from teamtrack.logs import RateLimitedLog
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP, ORIGIN_PROPERTY, BrokerAddress
 from teamtrack.retry import Backoff
 
-from .batcher import Batcher
 from .mqtt_fast import PublishWriter, install_inbound
-from .ratelimit import DeviceRateLimit
 
 log = logging.getLogger(__name__)
 
@@ -373,9 +373,8 @@ class BridgeService:
     def _accept_owntracks(
         self, topic: str, payload: bytes, qos: int, now: int
     ) -> asyncio.Future[None] | None:
-        """An OwnTracks app's message (teamtrack.owntracks): a location becomes a position of
-        the topic's account (preceded by "online" when `OnlineRefresh` says so), a Last Will
-        presence "offline"; other types are counted and dropped."""
+        """An OwnTracks app's message (`owntracks_events`): its account's position or presence;
+        the types teamtrack does not use are counted and dropped."""
         try:
             address = parse_owntracks_topic(topic)
             limit = self._device_limit
@@ -391,18 +390,11 @@ class BridgeService:
                 error.reason.value, "rejected message on %s: %s", topic[:200], error.detail
             )
             return None
-        team, worker, origin = address.team, address.worker, self.config.broker_id
-        events: list[Event] = []
-        if message.kind is OwnTracksKind.LOCATION:
-            if self._online_refresh.due(team, worker):
-                events.append(Event(team, worker, Kind.STATUS, b"online", origin, now, now, qos))
-            events.append(
-                Event(team, worker, Kind.POSITION, message.position, origin, now, message.ts, qos)
-            )
-        elif message.kind is OwnTracksKind.LWT:
-            self._online_refresh.gone(team, worker)
-            events.append(Event(team, worker, Kind.STATUS, b"offline", origin, now, now, qos))
-        else:
+        events = owntracks_events(
+            message, (address.team, address.worker), self.config.broker_id, now, qos,
+            self._online_refresh,
+        )
+        if not events:
             self.counters.owntracks_ignored[message.type_name] += 1
             return None
         done: asyncio.Future[None] | None = None

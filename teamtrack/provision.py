@@ -46,8 +46,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
+from teamtrack.ingress.owntracks import OWNTRACKS_ROOT
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP
-from teamtrack.owntracks import OWNTRACKS_ROOT
 from teamtrack.passwords import generate_secret, hash_password, token_digest
 from teamtrack.registry import Registry
 from teamtrack.tls import TLS_DIR, TlsError, TlsFiles, ensure_tls, normalize_hosts
@@ -69,7 +69,7 @@ ALL_TEAMS_FILTER: Final = f"{TOPIC_ROOT}/#"
 # every subscription, and delivers by the plain topic); the brokers' subscription plugin does:
 # only accounts with this line may join the group.
 BRIDGE_SHARE_FILTER: Final = f"$share/{BRIDGE_SHARE_GROUP}/{ALL_TEAMS_FILTER}"
-# What the OwnTracks app publishes (teamtrack.owntracks): only bridges read it, and only as a group.
+# What the OwnTracks app publishes (teamtrack.ingress.owntracks): only bridges read it, as a group.
 OWNTRACKS_FILTER: Final = f"{OWNTRACKS_ROOT}/#"
 BRIDGE_OWNTRACKS_SHARE_FILTER: Final = f"$share/{BRIDGE_SHARE_GROUP}/{OWNTRACKS_FILTER}"
 

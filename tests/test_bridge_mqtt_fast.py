@@ -23,11 +23,11 @@ from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
 
 import bridge.service
-from bridge.batcher import Batcher
 from bridge.mqtt_fast import PublishWriter, install_inbound, publish_packet
 from bridge.service import BridgeConfig, BridgeService
 from teamtrack.backends import Batch, Event, from_url
 from teamtrack.contract import Kind, position_topic, status_topic
+from teamtrack.ingress.batcher import Batcher
 from teamtrack.mqtt import BrokerAddress
 
 

@@ -1,4 +1,4 @@
-"""teamtrack.owntracks: the app's topics and JSON, decoded into the contract (no servers)."""
+"""The OwnTracks app's topics and JSON, decoded into the contract (no servers)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from owntracks_payloads import recorded
 
 from teamtrack.contract import ContractError, decode_position
-from teamtrack.owntracks import (
+from teamtrack.ingress.owntracks import (
     MAX_OWNTRACKS_BYTES,
     OnlineRefresh,
     OwnTracksKind,

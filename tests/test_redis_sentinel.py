@@ -31,10 +31,10 @@ from backend_contract import BackendContract, position
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from bridge.batcher import Batcher
 from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
 from teamtrack.backends.redis import RedisBackend
 from teamtrack.backends.redis_connect import SentinelTarget, parse_backend_url, safe_url
+from teamtrack.ingress.batcher import Batcher
 from teamtrack.servers import SentinelGroup, free_port, start_sentinel_group
 
 PASSWORD = "sentinel-test-secret"

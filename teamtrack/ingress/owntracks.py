@@ -31,10 +31,12 @@ from typing import Any, Final
 
 import orjson
 
+from teamtrack.backends.base import Event
 from teamtrack.contract import (
     MAX_AGE_MS,
     MAX_FUTURE_MS,
     ContractError,
+    Kind,
     Reason,
 )
 from teamtrack.registry import parse_device_username
@@ -282,3 +284,26 @@ class OnlineRefresh:
     def gone(self, team: str, worker: str) -> None:
         """The worker's Last Will came: its next location says "online" again."""
         self._said.pop((team, worker), None)
+
+
+def owntracks_events(
+    message: OwnTracksMessage, address: tuple[str, str], origin: str, received_ms: int, qos: int,
+    refresh: OnlineRefresh,
+) -> list[Event]:
+    """The events a decoded message of (team, worker) `address` becomes, in order: a location
+    its position (after "online" when `refresh` says so), a Last Will "offline"; nothing for
+    the types teamtrack does not use."""
+    team, worker = address
+    if message.kind is OwnTracksKind.LOCATION:
+        position = Event(team, worker, Kind.POSITION, message.position, origin, received_ms,
+                         message.ts, qos)
+        if refresh.due(team, worker):
+            online = Event(team, worker, Kind.STATUS, b"online", origin, received_ms,
+                           received_ms, qos)
+            return [online, position]
+        return [position]
+    if message.kind is OwnTracksKind.LWT:
+        refresh.gone(team, worker)
+        return [Event(team, worker, Kind.STATUS, b"offline", origin, received_ms, received_ms,
+                      qos)]
+    return []
