@@ -36,6 +36,7 @@ from teamtrack.contract import (
     Kind,
     Reason,
     decode_status,
+    event_topic,
     parse_topic,
     position_topic,
     status_topic,
@@ -70,6 +71,8 @@ MIRROR_FLUSH_PACKETS = 1000
 # What the bridge subscribes to: the contract's topics and the OwnTracks app's.
 SUBSCRIBED_FILTERS = (WORKER_TOPIC_FILTER, *OWNTRACKS_FILTERS)
 _OWNTRACKS_PREFIX = OWNTRACKS_ROOT + "/"
+_TOPIC_OF_KIND = {Kind.POSITION: position_topic, Kind.STATUS: status_topic,
+                  Kind.EVENT: event_topic}
 
 
 @dataclass
@@ -350,6 +353,10 @@ class BridgeService:
                 )
             if address.kind is Kind.POSITION:
                 kind, body, ts = Kind.POSITION, payload, validate_position(payload, now)
+            elif address.kind is Kind.EVENT:
+                # Worker events come from the platform (OwnTracks transitions), never a device
+                # topic: the ACL grants no device this topic; a mirror of one was dropped above.
+                raise ContractError(Reason.BAD_TOPIC, f"devices do not publish {topic[:200]!r}")
             else:
                 status = decode_status(address.team, address.worker, payload)
                 kind, body, ts = Kind.STATUS, status.presence.value.encode(), now
@@ -456,7 +463,7 @@ class BridgeService:
             self.counters.mirror_skipped_offline += 1
             return
         is_status = event.kind is Kind.STATUS
-        topic = (status_topic if is_status else position_topic)(event.team, event.worker)
+        topic = _TOPIC_OF_KIND[event.kind](event.team, event.worker)
         origin = (ORIGIN_PROPERTY, event.origin)
         writer = self._mirror_writer
         if event.qos == 0 and writer is not None:

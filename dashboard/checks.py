@@ -23,6 +23,7 @@ from teamtrack.contract import (
     ContractError,
     Presence,
     check_position_object,
+    check_worker_event,
     is_slug,
 )
 
@@ -81,6 +82,12 @@ class EventCheck:
         if kind == "s":
             payload = event.get("p")
             return None if type(payload) is str and payload in _STATUS_WORDS else "bad_status"
+        if kind == "e":
+            try:
+                check_worker_event(event.get("p"))
+            except ContractError as error:
+                return f"event_{error.reason.value}"
+            return None
         return "bad_event"
 
 

@@ -9,6 +9,8 @@
         every worker of the team, by fix time, a page at a time
     GET /api/teams/{team}/presence?since=&until=&worker=&limit=&after=
         online/offline changes, oldest first
+    GET /api/teams/{team}/events?since=&until=&worker=&limit=&after=
+        worker events (a phone's region enter/leave), oldest first
 
 `since` and `until` are ISO-8601 times (a time without zone is UTC) or epoch milliseconds; the
 window is [since, until), by default the hour before now. A manager gets 403 for any team but
@@ -242,6 +244,33 @@ def history_router(
             "next": page.next.encode() if page.next else None,
         })
 
+    @router.get("/api/teams/{team}/events", response_model=None)
+    async def events(
+        team: str,
+        manager: CurrentManager,
+        since: Since = None,
+        until: Until = None,
+        worker: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+        after: After = None,
+    ) -> Response:
+        check(manager, team, worker)
+        since_ms, until_ms = time_window(since, until)
+        cursor = page_cursor(after, "events")
+        try:
+            page = await store.events(
+                team, since_ms, until_ms, worker=worker, limit=limit, after=cursor
+            )
+        except (SQLAlchemyError, OSError) as error:
+            return _unavailable("events", error)
+        return _json({
+            "team": team,
+            "since": since_ms,
+            "until": until_ms,
+            "events": page.items,
+            "next": page.next.encode() if page.next else None,
+        })
+
     return router
 
 
@@ -250,6 +279,7 @@ HISTORY_PATHS: Final = (
     "/api/teams/{team}/workers/{worker}/track/summary",
     "/api/teams/{team}/history",
     "/api/teams/{team}/presence",
+    "/api/teams/{team}/events",
 )
 
 

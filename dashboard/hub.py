@@ -88,7 +88,8 @@ class ViewerLimits:
 
 
 class _LatestPerWorker:
-    """What a viewer that fell behind still needs: each worker's newest position and presence.
+    """What a viewer that fell behind still needs: each worker's newest position and presence
+    (worker events it missed meanwhile are in the history, `/api/teams/{team}/events`).
 
     Entries are the events' JSON, tagged with the cursor of the batch they came in, so that the
     sync frame can leave out what the viewer already has.
@@ -115,7 +116,10 @@ class _LatestPerWorker:
         assert key is not None
         superseded = 0
         for event in orjson.loads(item.raw):
-            store = self.positions if event["k"] == "p" else self.presence
+            kind = event["k"]
+            if kind == "e":
+                continue  # a worker event is news, not state: the history keeps it
+            store = self.positions if kind == "p" else self.presence
             # As str: orjson's bytes keep their oversized write buffer (~4 KiB each).
             encoded = orjson.dumps(event).decode()
             previous = store.get(event["w"])

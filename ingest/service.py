@@ -91,6 +91,8 @@ class IngestCounters:
     positions_duplicate: int = 0
     presence_stored: int = 0
     presence_duplicate: int = 0
+    events_stored: int = 0
+    events_duplicate: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     database_errors: int = 0
     ack_errors: int = 0
@@ -105,6 +107,8 @@ class IngestCounters:
         self.positions_duplicate += result.positions_duplicate
         self.presence_stored += result.presence_stored
         self.presence_duplicate += result.presence_duplicate
+        self.events_stored += result.events_stored
+        self.events_duplicate += result.events_duplicate
 
 
 class _CountersCollector(Collector):
@@ -122,6 +126,9 @@ class _CountersCollector(Collector):
             ("presence_stored", "Presence changes inserted", counters.presence_stored),
             ("presence_duplicate", "Presence changes delivered again and ignored",
              counters.presence_duplicate),
+            ("events_stored", "Worker events inserted", counters.events_stored),
+            ("events_duplicate", "Worker events delivered again and ignored",
+             counters.events_duplicate),
             ("database_errors", "Failed database writes (retried)", counters.database_errors),
             ("ack_errors", "Failed acknowledgements (the batch comes again)",
              counters.ack_errors),
@@ -261,7 +268,7 @@ class IngestService:
                 items.append(item)
                 rows.extend(item[1])
             self.counters.queued_batches = self._queue.qsize()
-            if rows.positions or rows.presence:
+            if rows.positions or rows.presence or rows.events:
                 self.counters.add(await self._write_until_done(rows))
             await self._acknowledge(consumer, [group_batch for group_batch, _rows in items])
             for _item in items:
@@ -275,7 +282,7 @@ class IngestService:
         while True:
             started = time.perf_counter()
             try:
-                result = await self.store.write(rows.positions, rows.presence)
+                result = await self.store.write(rows.positions, rows.presence, rows.events)
             except (SQLAlchemyError, OSError) as error:
                 self.counters.database_errors += 1
                 delay = backoff.next_delay()
@@ -286,7 +293,7 @@ class IngestService:
                 await asyncio.sleep(delay)
                 continue
             self._write_seconds.observe(time.perf_counter() - started)
-            self._write_rows.observe(len(rows.positions) + len(rows.presence))
+            self._write_rows.observe(len(rows.positions) + len(rows.presence) + len(rows.events))
             return result
 
     async def _acknowledge(self, consumer: GroupConsumer, items: list[GroupBatch]) -> None:

@@ -3,6 +3,9 @@
 Topics:
     teams/{team}/workers/{worker}/position   JSON object, see `decode_position`
     teams/{team}/workers/{worker}/status     retained "online" / "offline"
+    teams/{team}/workers/{worker}/event      JSON object, see `check_worker_event`: what
+                                             happened to a worker (an OwnTracks phone's region
+                                             transition); written by the bridges only
 
 Everything that crosses a service boundary is decoded and validated here, once, so that a
 malformed payload is rejected with a reason that can be counted, and never reaches a manager
@@ -36,6 +39,7 @@ WORKER_TOPIC_FILTER: Final = "teams/+/workers/+/+"
 class Kind(StrEnum):
     POSITION = "position"
     STATUS = "status"
+    EVENT = "event"
 
 
 class Presence(StrEnum):
@@ -94,6 +98,10 @@ def position_topic(team: str, worker: str) -> str:
 
 def status_topic(team: str, worker: str) -> str:
     return f"{TOPIC_ROOT}/{team}/workers/{worker}/{Kind.STATUS.value}"
+
+
+def event_topic(team: str, worker: str) -> str:
+    return f"{TOPIC_ROOT}/{team}/workers/{worker}/{Kind.EVENT.value}"
 
 
 def team_topic_filter(team: str) -> str:
@@ -300,3 +308,47 @@ def decode_message(topic: str, payload: bytes, now_ms: int | None = None) -> Pos
 
 def encode_position(position: Position) -> bytes:
     return orjson.dumps(position.payload())
+
+
+# A worker event (Kind.EVENT): what the platform keeps of something that happened to a worker.
+# Today one type: an OwnTracks region transition (teamtrack.ingress.owntracks.transition_body).
+EVENT_TYPES: Final = frozenset({"transition"})
+TRANSITION_EVENTS: Final = frozenset({"enter", "leave"})
+MAX_EVENT_BYTES: Final = 1024
+_EVENT_STRINGS: Final = {"desc": 200, "rid": 64, "trigger": 8}
+_EVENT_NUMBERS: Final = {"lat": (-90.0, 90.0), "lon": (-180.0, 180.0), "acc": (0.0, None)}
+_EVENT_FIELDS: Final = frozenset({"type", "event", "ts", *_EVENT_STRINGS, *_EVENT_NUMBERS})
+
+
+def check_worker_event(body: object) -> int:
+    """The rules of a worker event on a decoded object; its `ts`. For the readers of the
+    backend (dashboards, the ingest), which re-check what a bridge wrote."""
+    if type(body) is not dict:
+        raise ContractError(Reason.NOT_OBJECT, "event is not a JSON object")
+    if not body.keys() <= _EVENT_FIELDS:
+        unknown = ", ".join(sorted(body.keys() - _EVENT_FIELDS))[:100]
+        raise ContractError(Reason.UNKNOWN_FIELD, f"unknown {unknown}")
+    if body.get("type") not in EVENT_TYPES or body.get("event") not in TRANSITION_EVENTS:
+        raise ContractError(Reason.BAD_STATUS, "not a known event type")
+    ts = _integer(body.get("ts"), "ts")
+    if not 0 <= ts <= MAX_INTEGER:
+        raise ContractError(Reason.OUT_OF_RANGE, f"ts must be in [0, {MAX_INTEGER}]")
+    for name, (low, high) in _EVENT_NUMBERS.items():
+        if body.get(name) is not None:
+            _number(body[name], name, low, high)
+    for name, limit in _EVENT_STRINGS.items():
+        value = body.get(name)
+        if value is not None and (type(value) is not str or len(value) > limit):
+            raise ContractError(Reason.BAD_TYPE, f"{name} must be a string of <= {limit}")
+    return ts
+
+
+def decode_worker_event(payload: bytes) -> int:
+    """Check an encoded worker event (`check_worker_event`); its `ts`."""
+    if len(payload) > MAX_EVENT_BYTES:
+        raise ContractError(Reason.TOO_LARGE, f"{len(payload)} bytes > {MAX_EVENT_BYTES}")
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise ContractError(Reason.NOT_JSON, "event is not JSON") from None
+    return check_worker_event(body)

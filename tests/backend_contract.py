@@ -40,6 +40,13 @@ def status(team: str, worker: str, word: str, received_ms: int | None = None) ->
     return Event(team, worker, Kind.STATUS, word.encode(), "b1", now, now, qos=1)
 
 
+def worker_event(team: str, worker: str, ts: int | None = None) -> Event:
+    now = int(time.time() * 1000)
+    when = ts if ts is not None else now
+    body = orjson.dumps({"type": "transition", "event": "enter", "ts": when, "desc": "Depot"})
+    return Event(team, worker, Kind.EVENT, body, "b1", now, when, qos=1)
+
+
 async def next_item(subscription: TeamSubscription) -> Batch | Gap:
     return await asyncio.wait_for(anext(subscription), WAIT)
 
@@ -84,6 +91,21 @@ class BackendContract(abc.ABC):
         assert isinstance(batch, Batch)
         assert batch.team == "alpha"
         assert batch.events() == sent
+        await subscription.close()
+
+    async def test_worker_events_are_logged_but_never_last_known(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        subscription = backend.subscribe()
+        await subscription.add("alpha", (await backend.snapshot("alpha")).cursor)
+        sent = [position("alpha", "w1", 0), worker_event("alpha", "w1"),
+                worker_event("alpha", "w2")]
+        await backend.publish(sent)
+        batch = await next_item(subscription)
+        assert isinstance(batch, Batch)
+        assert batch.events() == sent
+        snapshot = await backend.snapshot("alpha")
+        assert set(snapshot.positions) == {"w1"}
+        assert snapshot.presence == {}
         await subscription.close()
 
     async def test_one_batch_per_team_per_publish(self, open_backend) -> None:  # type: ignore[no-untyped-def]

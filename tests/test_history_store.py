@@ -52,8 +52,8 @@ async def test_migrations_create_the_schema_and_rerun_harmlessly(store: HistoryS
             lambda sync: set(sa.inspect(sync).get_table_names())
         )
         version = await connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
-    assert {"positions", "presence_changes", "alembic_version"} <= tables
-    assert version == "0001"
+    assert {"positions", "presence_changes", "worker_events", "alembic_version"} <= tables
+    assert version == "0002"
     assert await store.ping()
 
 
@@ -239,3 +239,31 @@ async def test_last_known_is_each_workers_newest_position_and_presence(
         ("w1", T0 + 8000, "offline"), ("w4", T0 + 100, "online")
     ]
     assert await store.last_known("nobody") == ([], [])
+
+
+async def test_worker_events_are_stored_once_and_read_by_team_and_worker(
+    store: HistoryStore,
+) -> None:
+    def item(worker: str, ts: int, event: str, region: str) -> dict[str, Any]:
+        return {"w": worker, "k": "e", "o": "b1", "rx": ts + 5, "q": 1,
+                "p": {"type": "transition", "event": event, "ts": ts, "desc": region}}
+
+    sent = [item("w1", T0, "enter", "Depot"), item("w1", T0, "enter", "Gate"),
+            item("w2", T0 + 10, "leave", "Depot")]
+    odd = {**item("w1", T0, "enter", "Depot"), "p": {"type": "transition", "event": "dance",
+                                                      "ts": T0}}
+    decoded = decode_batch("alpha", orjson.dumps([*sent, odd]))
+    assert decoded.skipped == {"bad_worker_event": 1}
+    first = await store.write([], [], decoded.events)
+    again = await store.write([], [], decode_batch("alpha", orjson.dumps(sent[:1])).events)
+    assert (first.events_stored, again.events_stored, again.events_duplicate) == (3, 0, 1)
+    page = await store.events("alpha", T0, T0 + 100)
+    assert [(event["worker"], event["event"], event["desc"]) for event in page.items] == [
+        ("w1", "enter", "Depot"), ("w1", "enter", "Gate"), ("w2", "leave", "Depot")]
+    only_w2 = await store.events("alpha", T0, T0 + 100, worker="w2")
+    assert [event["worker"] for event in only_w2.items] == ["w2"]
+    assert (await store.events("bravo", T0, T0 + 100)).items == []
+    paged = await store.events("alpha", T0, T0 + 100, limit=2)
+    assert paged.next is not None
+    rest = await store.events("alpha", T0, T0 + 100, limit=2, after=paged.next)
+    assert [event["desc"] for event in rest.items] == ["Depot"]

@@ -53,13 +53,16 @@ class StoreThatCrashes(HistoryStore):
         self.crashed = asyncio.Event()
 
     async def write(
-        self, position_rows: Sequence[Mapping[str, Any]], presence_rows: Sequence[Mapping[str, Any]]
+        self,
+        position_rows: Sequence[Mapping[str, Any]],
+        presence_rows: Sequence[Mapping[str, Any]],
+        event_rows: Sequence[Mapping[str, Any]] = (),
     ) -> WriteResult:
         self.writes += 1
         if self.writes == self.crash_on and not self.after_commit:
             self.crashed.set()
             raise asyncio.CancelledError
-        result = await super().write(position_rows, presence_rows)
+        result = await super().write(position_rows, presence_rows, event_rows)
         if self.writes == self.crash_on:
             self.crashed.set()
             raise asyncio.CancelledError

@@ -123,6 +123,16 @@ def history_track(running: RunningCluster, worker: str, since_ms: int) -> list[d
     return list(response.json()["points"])
 
 
+def history_events(running: RunningCluster, worker: str, since_ms: int) -> list[dict[str, Any]]:
+    response = httpx.get(
+        running.endpoints["dashboards"][1] + "/api/teams/alpha/events",
+        params={"since": since_ms, "worker": worker},
+        headers={"Authorization": f"Bearer {running.token_of('alpha')}"}, timeout=WAIT,
+    )
+    response.raise_for_status()
+    return list(response.json()["events"])
+
+
 async def test_a_phone_and_a_native_device_of_one_team_reach_the_manager_and_the_history(
     running: RunningCluster,
 ) -> None:
@@ -165,6 +175,8 @@ async def test_a_phone_and_a_native_device_of_one_team_reach_the_manager_and_the
     shown = next(e["p"] for e in events if e["w"] == "w001" and e["k"] == "p")
     assert set(shown) <= {"lat", "lon", "ts", "seq", "acc", "speed", "heading", "battery"}
     assert [e["p"]["seq"] for e in events if e["w"] == "w002" and e["k"] == "p"] == [1]
+    transitions = [e["p"] for e in events if e["w"] == "w001" and e["k"] == "e"]
+    assert [(t["event"], t["desc"]) for t in transitions] == [("enter", "Depot")]
 
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
@@ -173,6 +185,9 @@ async def test_a_phone_and_a_native_device_of_one_team_reach_the_manager_and_the
             break
         await asyncio.sleep(0.5)
     assert stored == expected
+    kept = await asyncio.to_thread(history_events, running, "w001", expected[0] - 60_000)
+    assert [(event["worker"], event["event"], event["desc"]) for event in kept] == [
+        ("w001", "enter", "Depot")]
 
     counts = bridge_rejections(running)
     for item in items:

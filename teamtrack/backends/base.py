@@ -45,11 +45,12 @@ START_OF_LOG: Cursor = ""
 class Event:
     """One accepted device message, as the bridge forwards it.
 
-    `body` is the validated device payload, byte for byte (a JSON object for positions, the
-    status word for presence), so that mirrors republish exactly what the device sent and
-    dashboards embed it in frames without decoding it again. `ts` orders the events of one
-    worker for the last-known store: the device fix time of a position, the bridge's receive
-    time of a status.
+    `body` is the validated device payload, byte for byte (a JSON object for positions and
+    worker events, the status word for presence), so that mirrors republish exactly what the
+    device sent and dashboards embed it in frames without decoding it again. `ts` orders the
+    events of one worker for the last-known store: the device fix time of a position, the
+    bridge's receive time of a status. Worker events (Kind.EVENT) are logged, never kept in
+    the last-known store.
     """
 
     team: str
@@ -63,7 +64,7 @@ class Event:
 
     def to_json(self) -> bytes:
         """Compact JSON without a generic encoder: ids are slugs and `body` is validated JSON."""
-        payload = self.body if self.kind is Kind.POSITION else b'"' + self.body + b'"'
+        payload = self.body if self.kind is not Kind.STATUS else b'"' + self.body + b'"'
         return b"".join(
             (
                 b'{"w":"', self.worker.encode(),
@@ -86,8 +87,9 @@ _ORIGIN_FIELD = b'"o":"'
 def all_from(raw: bytes, origin: str) -> bool:
     """Whether every event of an encoded batch came in at `origin`, without decoding it.
 
-    Exact for what `encode_events` writes: ids are slugs and device payloads hold numbers (or
-    the status word) only, so `"o":"` appears once per event, as its origin field.
+    Exact for what `encode_events` writes: ids are slugs, device payloads hold numbers (or
+    the status word) only, and a worker event's strings are JSON-escaped values of keys other
+    than `o`, each followed by `,` or `}`: so `"o":"` appears once per event, as its origin.
     """
     return raw.count(_ORIGIN_FIELD) == raw.count(_ORIGIN_FIELD + origin.encode() + b'"')
 
@@ -99,7 +101,7 @@ def decode_event(team: str, item: dict[str, Any]) -> Event:
     payload = item["p"]
     kind = _KIND_BY_LETTER[item["k"]]
     received_ms = int(item["rx"])
-    if kind is Kind.POSITION:
+    if kind is not Kind.STATUS:
         body, ts = orjson.dumps(payload), int(payload["ts"])
     else:
         body, ts = str(payload).encode(), received_ms

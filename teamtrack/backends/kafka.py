@@ -101,7 +101,7 @@ TOPIC_EXISTS = TopicAlreadyExistsError.errno
 # A role without the right to create topics (the admin created them: teamtrack.kafka_users).
 NOT_ALLOWED_TO_CREATE = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
 SASL_MECHANISM = "SCRAM-SHA-512"
-KIND_LETTER = {Kind.POSITION: "p", Kind.STATUS: "s"}
+KIND_LETTER = {Kind.POSITION: "p", Kind.STATUS: "s", Kind.EVENT: "e"}
 
 
 def _failure(what: str, error: BaseException) -> BackendError:
@@ -418,6 +418,8 @@ class KafkaBackend(Backend):
         newest: dict[bytes, Event] = {}
         for event in events:
             by_team[event.team].append(event)
+            if event.kind is Kind.EVENT:
+                continue  # logged only: no last-known worker event
             key = store_key(event.team, event.worker, event.kind)
             current = newest.get(key)
             if current is None or current.ts <= event.ts:
@@ -694,6 +696,8 @@ class _LastKnownStore:
                     break
                 if record.key == key:
                     for event in decode_events(team, record.value):
+                        if event.kind is Kind.EVENT:
+                            continue
                         stored = _Stored(event.ts, record.offset, event.to_json())
                         _keep_newest(entries, (KIND_LETTER[event.kind], event.worker), stored)
             position = int(await self._consumer.position(log_partition))

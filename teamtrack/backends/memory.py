@@ -116,6 +116,8 @@ class MemoryBackend(Backend):
         by_team: dict[str, list[Event]] = defaultdict(list)
         for event in events:
             by_team[event.team].append(event)
+            if event.kind is Kind.EVENT:
+                continue  # logged only: no last-known worker event
             store = self._positions if event.kind is Kind.POSITION else self._presence
             previous = store[event.team].get(event.worker)
             if previous is None or previous.ts <= event.ts:

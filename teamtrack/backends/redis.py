@@ -506,6 +506,8 @@ class RedisBackend(Backend):
             positions: dict[str, int] = {}
             presence: dict[str, int] = {}
             for number, event in enumerate(team_events):
+                if event.kind is Kind.EVENT:
+                    continue  # logged only: no last-known worker event
                 newest = positions if event.kind is Kind.POSITION else presence
                 current = newest.get(event.worker)
                 if current is None or team_events[current].ts <= event.ts:

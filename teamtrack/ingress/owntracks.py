@@ -291,8 +291,8 @@ def owntracks_events(
     refresh: OnlineRefresh,
 ) -> list[Event]:
     """The events a decoded message of (team, worker) `address` becomes, in order: a location
-    its position (after "online" when `refresh` says so), a Last Will "offline"; nothing for
-    the types teamtrack does not use."""
+    its position (after "online" when `refresh` says so), a Last Will "offline", a transition
+    a worker event; nothing for the types teamtrack does not use."""
     team, worker = address
     if message.kind is OwnTracksKind.LOCATION:
         position = Event(team, worker, Kind.POSITION, message.position, origin, received_ms,
@@ -306,4 +306,7 @@ def owntracks_events(
         refresh.gone(team, worker)
         return [Event(team, worker, Kind.STATUS, b"offline", origin, received_ms, received_ms,
                       qos)]
+    if message.kind is OwnTracksKind.TRANSITION:
+        return [Event(team, worker, Kind.EVENT, message.transition, origin, received_ms,
+                      message.ts, qos)]
     return []
