@@ -812,7 +812,8 @@ def _apply_store_record(view: _PartitionView, record: Any) -> None:
 class _RevocationReader:
     """The logouts topic's one partition, read by a consumer without a group that stays open
     between reads: a dashboard asks every second, mostly for nothing new, which costs one
-    ListOffsets round trip and no fetch."""
+    ListOffsets round trip and no fetch. The partition is paused between reads, so the
+    consumer does not poll the broker in the background either."""
 
     def __init__(self, backend: KafkaBackend) -> None:
         self._backend = backend
@@ -840,6 +841,7 @@ class _RevocationReader:
                 await _stop_consumer(consumer)
                 raise _failure("connecting the kafka logouts reader", error) from error
             consumer.assign([self._partition])
+            consumer.pause(self._partition)
             self._consumer = consumer
         return self._consumer
 
@@ -873,9 +875,13 @@ class _RevocationReader:
         if self._next != start:
             consumer.seek(partition, start)
         self._next = None
-        fetched = await consumer.getmany(
-            partition, timeout_ms=READ_TIMEOUT_MS, max_records=limit
-        )
+        consumer.resume(partition)
+        try:
+            fetched = await consumer.getmany(
+                partition, timeout_ms=READ_TIMEOUT_MS, max_records=limit
+            )
+        finally:
+            consumer.pause(partition)
         records = fetched.get(partition, [])
         if not records:
             return [], after
