@@ -11,8 +11,9 @@ role's password it may do what that role does and nothing else (`{prefix}` is th
   needs nothing more since Kafka 3.0), reads `{prefix}.positions` in its mirror groups
   `{prefix}.mirror-*`;
 * `tt-dashboard`: reads both topics, without a consumer group (a dashboard assigns itself
-  partitions): it cannot write a position or a last-known record, create, delete or trim a
-  topic, or join anybody's group;
+  partitions), and writes and reads `{prefix}.revoked-sessions` (logouts every instance must
+  refuse; that Write is also what lets it start an idempotent producer): it cannot write a
+  position or a last-known record, create, delete or trim a topic, or join anybody's group;
 * `tt-ingest`: reads `{prefix}.positions` in its groups `{prefix}.ingest*`, looks up the
   offsets of `{prefix}.last` (Describe) and reads nothing else;
 * `tt-admin`: a super user, for operators and tools; it creates the topics at start
@@ -113,6 +114,7 @@ class AclRule:
 def role_acls(prefix: str = "teamtrack") -> list[AclRule]:
     """The ACLs of the roles (module doc) for the topics and groups of `prefix`."""
     positions, last = f"{prefix}.positions", f"{prefix}.last"
+    revocations = f"{prefix}.revoked-sessions"
 
     def topic(role: str, name: str, operation: int) -> AclRule:
         return AclRule(f"User:tt-{role}", TOPIC, name, LITERAL, operation)
@@ -127,6 +129,9 @@ def role_acls(prefix: str = "teamtrack") -> list[AclRule]:
         groups("bridge", f"{prefix}.mirror-"),
         topic("dashboard", positions, READ),
         topic("dashboard", last, READ),
+        topic("dashboard", revocations, WRITE),
+        topic("dashboard", revocations, READ),
+        topic("dashboard", revocations, DESCRIBE),
         topic("ingest", positions, READ),
         topic("ingest", last, DESCRIBE),
         groups("ingest", f"{prefix}.ingest"),

@@ -21,6 +21,7 @@ from teamtrack.backends import (
     Event,
     Gap,
     GroupBatch,
+    SessionRevocation,
     TeamSubscription,
 )
 from teamtrack.contract import Kind
@@ -59,9 +60,26 @@ async def nothing_within(subscription: TeamSubscription, seconds: float) -> bool
     return False
 
 
+# When the revoked test sessions would have expired: 2100-01-01.
+EXPIRES_AT = 4_102_444_800
+
+
+def logout(number: int) -> SessionRevocation:
+    return SessionRevocation(f"session-{number:04d}", EXPIRES_AT)
+
+
 class BackendContract(abc.ABC):
+    # Whether two instances of one URL share their data (two dashboards on one server do);
+    # memory's live in one process each, so its revocations are read back on the same one.
+    instances_share = True
+
     @abc.abstractmethod
     def make_backend(self, history: int) -> Backend: ...
+
+    async def write_malformed_revocations(self, backend: Backend) -> bool:
+        """Append revocation entries that no dashboard wrote (wrong fields, not a number);
+        False where the backend has no way in for them."""
+        return False
 
     @pytest.fixture
     async def open_backend(self) -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
@@ -330,6 +348,53 @@ class BackendContract(abc.ABC):
         assert seqs == [0, 1, 2, 3]
         # The three were published right after the first read: they wait out the pace.
         assert waited >= pace * 0.9
+
+    async def test_revocations_reach_another_instance_in_order(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        writer = await open_backend()
+        reader = await open_backend() if self.instances_share else writer
+        found, position = await reader.session_revocations("")
+        assert found == []
+        revoked = [logout(number) for number in range(3)]
+        for revocation in revoked:
+            await writer.revoke_session(revocation, 3600)
+        found, position = await reader.session_revocations(position)
+        assert found == revoked
+        # Nothing new: an empty answer at once (a dashboard asks every second), same position.
+        started = time.monotonic()
+        assert await reader.session_revocations(position) == ([], position)
+        assert time.monotonic() - started < 0.5
+        # A later one is all that is read after the position; "" reads every one kept.
+        await writer.revoke_session(logout(3), 3600)
+        assert (await reader.session_revocations(position))[0] == [logout(3)]
+        assert (await reader.session_revocations(""))[0] == [*revoked, logout(3)]
+
+    async def test_revocations_are_read_in_bounded_pages(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        writer = await open_backend()
+        reader = await open_backend() if self.instances_share else writer
+        reader.revocations_per_read = 2
+        revoked = [logout(number) for number in range(5)]
+        for revocation in revoked:
+            await writer.revoke_session(revocation, 3600)
+        pages: list[list[SessionRevocation]] = []
+        position = ""
+        while len(pages) < 10:
+            found, position = await reader.session_revocations(position)
+            if not found:
+                break
+            pages.append(found)
+        assert all(len(page) <= 2 for page in pages)
+        assert [revocation for page in pages for revocation in page] == revoked
+
+    async def test_revocations_no_dashboard_wrote_are_skipped(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        writer = await open_backend()
+        reader = await open_backend() if self.instances_share else writer
+        await writer.revoke_session(logout(0), 3600)
+        if not await self.write_malformed_revocations(writer):
+            pytest.skip("this backend takes revocations through revoke_session only")
+        await writer.revoke_session(logout(1), 3600)
+        found, position = await reader.session_revocations("")
+        assert found == [logout(0), logout(1)]
+        assert await reader.session_revocations(position) == ([], position)
 
 
 async def _drain(consumer: AsyncIterator[GroupBatch], quiet: float) -> list[tuple[str, int]]:

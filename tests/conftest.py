@@ -225,7 +225,9 @@ async def kafka_url(kafka_server_url: str) -> AsyncIterator[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_server_url.removeprefix("kafka://"))
     await admin.start()
     try:
-        await admin.delete_topics([f"{prefix}.positions", f"{prefix}.last"])
+        await admin.delete_topics(
+            [f"{prefix}.positions", f"{prefix}.last", f"{prefix}.revoked-sessions"]
+        )
     except Exception:  # noqa: S110 (a test that never started a backend created no topics)
         pass
     finally:

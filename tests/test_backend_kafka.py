@@ -7,9 +7,10 @@ from collections import defaultdict
 
 import orjson
 import pytest
-from backend_contract import WAIT, BackendContract, position
+from backend_contract import WAIT, BackendContract, logout, position
 
 from teamtrack.backends import Backend, BackendError, Batch, from_url
+from teamtrack.backends import kafka as kafka_module
 from teamtrack.backends.kafka import KafkaBackend, KafkaSubscription, parse_cursor
 
 
@@ -20,6 +21,22 @@ class TestKafkaBackend(BackendContract):
 
     def make_backend(self, history: int) -> Backend:
         return from_url(f"{self.url}&history={history}")
+
+    async def write_malformed_revocations(self, backend: Backend) -> bool:
+        from aiokafka import AIOKafkaProducer
+
+        assert isinstance(backend, KafkaBackend)
+        producer = AIOKafkaProducer(bootstrap_servers=backend.options.bootstrap)
+        await producer.start()
+        try:
+            for value in (b"not json", b'["s", "e"]', b'{"s": "session-x", "e": "soon"}',
+                          b'{"e": 1}', None):
+                await producer.send_and_wait(
+                    backend.revocations_topic, value, key=b"x", partition=0
+                )
+        finally:
+            await producer.stop()
+        return True
 
 
 async def test_unreachable_kafka_is_a_clear_error() -> None:
@@ -37,6 +54,7 @@ def test_url_options_are_checked() -> None:
     assert backend.options.bootstrap == "a:9092,b:9092"
     assert backend.positions_topic == "fleet.positions"
     assert backend.last_topic == "fleet.last"
+    assert backend.revocations_topic == "fleet.revoked-sessions"
     assert backend.options.partitions == 6
     # Replicas: min(3, brokers) when the topics are created, unless the URL says.
     assert backend.options.replication is None
@@ -82,19 +100,18 @@ async def test_topics_are_created_with_explicit_settings(kafka_url: str) -> None
     admin = AIOKafkaAdminClient(bootstrap_servers=backend.options.bootstrap)
     await admin.start()
     try:
+        names = [backend.positions_topic, backend.last_topic, backend.revocations_topic]
         topics = {
             topic["topic"]: len(topic["partitions"])
-            for topic in await admin.describe_topics([backend.positions_topic, backend.last_topic])
+            for topic in await admin.describe_topics(names)
         }
         responses = await admin.describe_configs(
-            [
-                ConfigResource(ConfigResourceType.TOPIC, backend.positions_topic),
-                ConfigResource(ConfigResourceType.TOPIC, backend.last_topic),
-            ]
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
         )
     finally:
         await admin.close()
-    assert topics == {backend.positions_topic: 12, backend.last_topic: 12}
+    assert topics == {backend.positions_topic: 12, backend.last_topic: 12,
+                      backend.revocations_topic: 1}
     configs: dict[str, dict[str, str]] = {}
     for response in responses:
         for resource in response.resources:
@@ -103,6 +120,11 @@ async def test_topics_are_created_with_explicit_settings(kafka_url: str) -> None
     assert configs[backend.positions_topic]["retention.ms"] == "120000"
     assert configs[backend.last_topic]["cleanup.policy"] == "compact"
     assert configs[backend.last_topic]["min.insync.replicas"] == "1"
+    # Logouts outlive any session (12 h by default): two days.
+    revocations = configs[backend.revocations_topic]
+    assert revocations["cleanup.policy"] == "delete"
+    assert revocations["retention.ms"] == str(2 * 24 * 3600 * 1000)
+    assert revocations["min.insync.replicas"] == "1"
 
 
 async def test_a_team_lives_in_one_partition_and_cursors_name_it(kafka_url: str) -> None:
@@ -217,3 +239,58 @@ async def test_removing_the_last_team_of_a_partition_unassigns_it(kafka_url: str
         await subscription.close()
     finally:
         await backend.close()
+
+
+async def test_revocations_are_read_through_one_reader_kept_open(
+    kafka_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dashboard asks every second: one consumer, assigned the topic's one partition, serves
+    every read; closing the backend closes it."""
+    writer, reader = KafkaBackend.from_url(kafka_url), KafkaBackend.from_url(kafka_url)
+    await writer.start()
+    await reader.start()
+    opened: list[object] = []
+
+    class Counted(kafka_module.AIOKafkaConsumer):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            opened.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kafka_module, "AIOKafkaConsumer", Counted)
+    try:
+        position = ""
+        for number in range(3):
+            await writer.revoke_session(logout(number), 3600)
+            found, position = await reader.session_revocations(position)
+            assert found == [logout(number)]
+            started = asyncio.get_running_loop().time()
+            assert (await reader.session_revocations(position))[0] == []
+            assert asyncio.get_running_loop().time() - started < 0.5
+        assert len(opened) == 1
+    finally:
+        await writer.close()
+        await reader.close()
+    assert opened[0]._closed  # type: ignore[attr-defined]
+
+
+async def test_a_revocation_position_outside_the_kept_log_reads_what_is_kept(
+    kafka_url: str,
+) -> None:
+    """Retention dropped the revocations before the position (they have expired anyway), or
+    the topic was made again and the position is past its end: read from the oldest kept."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import RecordsToDelete
+
+    backend = KafkaBackend.from_url(kafka_url)
+    await backend.start()
+    try:
+        for number in range(4):
+            await backend.revoke_session(logout(number), 3600)
+        partition = TopicPartition(backend.revocations_topic, 0)
+        await backend.admin_client().delete_records({partition: RecordsToDelete(2)})
+        found, position = await backend.session_revocations("1")
+        assert (found, position) == ([logout(2), logout(3)], "4")
+        assert (await backend.session_revocations("99"))[0] == [logout(2), logout(3)]
+    finally:
+        await backend.close()
+

@@ -24,6 +24,12 @@ class TestRedisBackend(BackendContract):
         # A short claim time, so that a crashed member's batches reach another one quickly.
         return from_url(f"{self.url}&history={history}&claim_idle_ms=300")
 
+    async def write_malformed_revocations(self, backend: Backend) -> bool:
+        assert isinstance(backend, RedisBackend)
+        for fields in ({"x": "y"}, {"s": "session-x", "e": "soon"}):
+            await backend.client.xadd(backend.revocations_key, fields)
+        return True
+
 
 async def test_a_member_restarted_under_its_name_gets_its_pending_batches_at_once(
     redis_url: str,

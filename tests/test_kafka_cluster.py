@@ -212,16 +212,14 @@ async def test_topics_are_replicated_three_times(
     try:
         assert backend.replication == 3
         admin = backend._admin
-        topics = await admin.describe_topics(
-            [backend.positions_topic, backend.last_topic, "__consumer_offsets"]
-        )
+        names = [backend.positions_topic, backend.last_topic, backend.revocations_topic]
+        topics = await admin.describe_topics([*names, "__consumer_offsets"])
         for topic in topics:
             for partition in topic["partitions"]:
                 assert len(partition["replicas"]) == 3, (topic["topic"], partition)
-        responses = await admin.describe_configs([
-            ConfigResource(ConfigResourceType.TOPIC, backend.positions_topic),
-            ConfigResource(ConfigResourceType.TOPIC, backend.last_topic),
-        ])
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
+        )
         for response in responses:
             for resource in response.resources:
                 configs = {entry[0]: entry[1] for entry in resource[4]}

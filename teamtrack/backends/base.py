@@ -262,6 +262,10 @@ class ReadPace:
 class Backend(abc.ABC):
     """Chosen by URL scheme with `teamtrack.backends.from_url`."""
 
+    # The most revocations one call of `session_revocations` returns; a dashboard catching up
+    # calls again.
+    revocations_per_read: int = 1000
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect and create what the backend needs; raises `BackendError` if unreachable."""
@@ -313,7 +317,8 @@ class Backend(abc.ABC):
 
     async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
         """Revocations recorded after the opaque position `after` ("": every one still kept),
-        at most a bounded number per call, and the position to pass next time."""
+        at most `revocations_per_read` per call, and the position to pass next time. Answers
+        at once when nothing is new: a dashboard asks every `--revocation-poll-s`."""
         raise NotImplementedError
 
     async def recover_last_known(

@@ -13,6 +13,9 @@ explicit settings (the broker's auto-creation is never relied on):
   `?history=N` also keeps only the newest N records per partition (see `_trim`).
 * `{prefix}.last`: the last-known store, compacted. Key `team/worker/p` (position) or
   `team/worker/s` (status), value = `Event.to_json()`, header `ts`. Same partition as the team.
+* `{prefix}.revoked-sessions`: the dashboards' logouts, one partition, one record per logout
+  (`{"s": session id, "e": expiry}`), kept 2 days (longer than any session lives). Every
+  dashboard reads what is new every `--revocation-poll-s`; the position is the next offset.
 
 Cursor: `partition:offset` of a batch in the positions topic (`3:1041`). A team lives in one
 partition, so the offset alone orders the cursors of a team; the partition is kept so that a
@@ -64,6 +67,7 @@ from teamtrack.backends.base import (
     GroupConsumer,
     GroupStart,
     ReadPace,
+    SessionRevocation,
     Snapshot,
     TeamSubscription,
     decode_event,
@@ -101,6 +105,14 @@ TOPIC_EXISTS = TopicAlreadyExistsError.errno
 # A role without the right to create topics (the admin created them: teamtrack.kafka_users).
 NOT_ALLOWED_TO_CREATE = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
 SASL_MECHANISM = "SCRAM-SHA-512"
+# Logouts are kept longer than a session lives (`--session-max-age-s`, 12 h by default), so a
+# restarted dashboard still refuses every revoked cookie that has not expired.
+REVOCATIONS_RETENTION_MS = 2 * 24 * 3_600_000
+# A logout is answered only once recorded, or after this long with an error (the dashboard
+# that answered refuses it anyway; the record stays queued and may still reach Kafka).
+REVOKE_TIMEOUT_S = 5.0
+# A read of the logouts waits at most this long; one with nothing new answers at once.
+REVOCATIONS_READ_TIMEOUT_S = 5.0
 KIND_LETTER = {Kind.POSITION: "p", Kind.STATUS: "s", Kind.EVENT: "e"}
 
 
@@ -196,6 +208,7 @@ class KafkaBackend(Backend):
         self.options = options
         self.positions_topic = f"{options.topic_prefix}.positions"
         self.last_topic = f"{options.topic_prefix}.last"
+        self.revocations_topic = f"{options.topic_prefix}.revoked-sessions"
         # The topic's real partition count, read at start (an existing topic wins over the URL).
         self.partitions = options.partitions
         # Replicas of the topics this backend creates: the URL's, or min(3, brokers) at start.
@@ -204,6 +217,8 @@ class KafkaBackend(Backend):
         self._producer: Any = None
         self._producer_lock = asyncio.Lock()
         self._store: _LastKnownStore | None = None
+        self._revocations: _RevocationReader | None = None
+        self._retention_warned = False
         # Per partition: the offset below which `_trim` already asked Kafka to delete.
         self._trimmed: dict[int, int] = defaultdict(int)
 
@@ -312,7 +327,18 @@ class KafkaBackend(Backend):
                 "segment.ms": "600000",
             },
         )
-        response = await self._admin.create_topics([positions, last_known])
+        revocations = NewTopic(
+            self.revocations_topic,
+            1,
+            self.replication,
+            topic_configs={
+                **common,
+                "cleanup.policy": "delete",
+                "retention.ms": str(REVOCATIONS_RETENTION_MS),
+                "segment.ms": str(REVOCATIONS_RETENTION_MS // 4),
+            },
+        )
+        response = await self._admin.create_topics([positions, last_known, revocations])
         for topic_error in response.topic_errors:
             topic, code = topic_error[0], topic_error[1]
             message = topic_error[2] if len(topic_error) > 2 else ""
@@ -356,6 +382,9 @@ class KafkaBackend(Backend):
         return found
 
     async def close(self) -> None:
+        if self._revocations is not None:
+            await self._revocations.close()
+            self._revocations = None
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -389,9 +418,10 @@ class KafkaBackend(Backend):
         return self._store
 
     async def _writer(self) -> Any:
-        """The producer, started on the first publish: only the bridges write, and Kafka lets
-        a user start an idempotent producer only where it may write (a dashboard's user may
-        not: InitProducerId is refused with ClusterAuthorizationFailed)."""
+        """The producer, started on the first write: the bridges publish, the dashboards
+        record logouts, the ingest never writes. Kafka lets a user start an idempotent
+        producer only where it may write some topic (the ingest's user may not: InitProducerId
+        is refused with ClusterAuthorizationFailed)."""
         self._started()
         if self._producer is None:
             async with self._producer_lock:
@@ -501,6 +531,46 @@ class KafkaBackend(Backend):
         for partition, target in targets.items():
             self._trimmed[partition.partition] = target.before_offset
 
+    # Logouts ------------------------------------------------------------------------------
+    async def revoke_session(self, revocation: SessionRevocation, keep_s: float) -> None:
+        """One record in the logouts topic, confirmed by every in-sync replica. The topic's
+        retention (`REVOCATIONS_RETENTION_MS`) keeps it, whatever `keep_s` says."""
+        if keep_s * 1000 > REVOCATIONS_RETENTION_MS and not self._retention_warned:
+            self._retention_warned = True
+            log.warning(
+                "sessions live %.0f h but kafka topic %s keeps logouts %.0f h: a logout older "
+                "than that is forgotten by a dashboard that starts afterwards",
+                keep_s / 3600, self.revocations_topic, REVOCATIONS_RETENTION_MS / 3_600_000,
+            )
+        value = orjson.dumps({"s": revocation.session_id, "e": revocation.expires_at})
+        producer = await self._writer()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REVOKE_TIMEOUT_S
+        try:
+            sent = await asyncio.wait_for(
+                producer.send(self.revocations_topic, value, partition=0), REVOKE_TIMEOUT_S
+            )
+            # Not wait_for: cancelling the future would not take the record back.
+            done, _pending = await asyncio.wait({sent}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                sent.add_done_callback(_outcome_not_wanted)
+                raise TimeoutError
+            sent.result()
+        except TimeoutError:
+            raise BackendError(
+                f"kafka did not confirm a logout in {self.revocations_topic} within "
+                f"{REVOKE_TIMEOUT_S:.0f}s"
+            ) from None
+        except KafkaError as error:
+            await self._replace_producer(producer)
+            raise _failure(f"recording a logout in {self.revocations_topic}", error) from error
+
+    async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
+        self._started()
+        if self._revocations is None:
+            self._revocations = _RevocationReader(self)
+        return await self._revocations.read(after, self.revocations_per_read)
+
     # Reading -----------------------------------------------------------------------------
     async def snapshot(self, team: str) -> Snapshot:
         store = self._started()
@@ -542,6 +612,12 @@ async def _confirmed(futures: list[asyncio.Future[Any]]) -> list[Any]:
                 len(pending), waited,
             )
     return [future.result() for future in futures]
+
+
+def _outcome_not_wanted(future: asyncio.Future[Any]) -> None:
+    """Retrieves a send's late result, so that asyncio does not report it as never seen."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _stop_producer(producer: Any) -> None:
@@ -735,6 +811,106 @@ def _apply_store_record(view: _PartitionView, record: Any) -> None:
     headers = dict(record.headers)
     stored = _Stored(int(headers.get("ts", b"0")), int(headers.get("batch", b"-1")), record.value)
     _keep_newest(view.teams[team], (kind, worker), stored)
+
+
+class _RevocationReader:
+    """The logouts topic's one partition, read by a consumer without a group that stays open
+    between reads: a dashboard asks every second, mostly for nothing new, which costs one
+    ListOffsets round trip and no fetch. The partition is paused between reads, so the
+    consumer does not poll the broker in the background either."""
+
+    def __init__(self, backend: KafkaBackend) -> None:
+        self._backend = backend
+        self._partition = TopicPartition(backend.revocations_topic, 0)
+        self._consumer: Any = None
+        # The offset the consumer reads next, while it is known (no seek needed then).
+        self._next: int | None = None
+        self._lock = asyncio.Lock()
+
+    async def _opened(self) -> Any:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                client_id=f"teamtrack-logouts-{uuid.uuid4().hex[:8]}",
+                group_id=None,
+                enable_auto_commit=False,
+                # A position retention has dropped: from the oldest logout kept (the dropped
+                # ones have expired anyway).
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+                **self._backend.client_options(),
+            )
+            try:
+                await consumer.start()
+            except (KafkaError, OSError) as error:
+                await _stop_consumer(consumer)
+                raise _failure("connecting the kafka logouts reader", error) from error
+            consumer.assign([self._partition])
+            consumer.pause(self._partition)
+            self._consumer = consumer
+        return self._consumer
+
+    async def read(self, after: str, limit: int) -> tuple[list[SessionRevocation], str]:
+        topic = self._backend.revocations_topic
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(
+                    self._read(after, limit), REVOCATIONS_READ_TIMEOUT_S
+                )
+            except TimeoutError:
+                self._next = None
+                raise BackendError(
+                    f"reading {topic} took longer than {REVOCATIONS_READ_TIMEOUT_S:.0f}s"
+                ) from None
+            except KafkaError as error:
+                self._next = None
+                raise _failure(f"reading {topic}", error) from error
+
+    async def _read(self, after: str, limit: int) -> tuple[list[SessionRevocation], str]:
+        consumer = await self._opened()
+        partition = self._partition
+        end = int((await consumer.end_offsets([partition]))[partition])
+        start = int(after) if after.isascii() and after.isdigit() else -1
+        if start < 0 or start > end:
+            # "" (or not an offset), or past the end (the topic was made again): every logout
+            # kept.
+            start = int((await consumer.beginning_offsets([partition]))[partition])
+        if start >= end:
+            return [], after
+        if self._next != start:
+            consumer.seek(partition, start)
+        self._next = None
+        consumer.resume(partition)
+        try:
+            fetched = await consumer.getmany(
+                partition, timeout_ms=READ_TIMEOUT_MS, max_records=limit
+            )
+        finally:
+            consumer.pause(partition)
+        records = fetched.get(partition, [])
+        if not records:
+            return [], after
+        self._next = int(records[-1].offset) + 1
+        found = [revocation for revocation in map(_revocation, records) if revocation]
+        return found, str(self._next)
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await _stop_consumer(self._consumer)
+            self._consumer = None
+
+
+def _revocation(record: Any) -> SessionRevocation | None:
+    """The logout a record holds; None for one no dashboard wrote."""
+    try:
+        fields = orjson.loads(record.value)
+        session_id, expires_at = fields["s"], fields["e"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not isinstance(session_id, str) or not session_id:
+        return None
+    if not isinstance(expires_at, int) or isinstance(expires_at, bool):
+        return None
+    return SessionRevocation(session_id, expires_at)
 
 
 def _loads(raw: bytes) -> dict[str, Any]:

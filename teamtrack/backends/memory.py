@@ -109,8 +109,12 @@ class MemoryBackend(Backend):
 
     async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
         number = int(after) if after else 0
-        found = [revocation for seen, revocation in self._revocations if seen > number]
-        return found, str(self._revocation_number)
+        found = [
+            (seen, revocation) for seen, revocation in self._revocations if seen > number
+        ][: self.revocations_per_read]
+        if not found:
+            return [], str(self._revocation_number)
+        return [revocation for _seen, revocation in found], str(found[-1][0])
 
     async def publish(self, events: Sequence[Event]) -> None:
         by_team: dict[str, list[Event]] = defaultdict(list)

@@ -103,8 +103,6 @@ READ_COUNT = 500
 GROUP_READ_COUNT = 50
 KEY_CACHE_SIZE = 10_000
 BLOCK_MS = 5_000
-# Logouts read per call of session_revocations; a dashboard catching up calls again.
-REVOCATIONS_PER_READ = 1000
 # A group member that has not read for this long checks, before reading, whether the history
 # was trimmed past its group (`_RedisGroupConsumer._count_missed`).
 MISSED_CHECK_AFTER_S = 1.0
@@ -433,7 +431,7 @@ class RedisBackend(Backend):
         try:
             entries: Any = await self.client.xrange(
                 self.revocations_key, min=f"({after}" if after else "-", max="+",
-                count=REVOCATIONS_PER_READ,
+                count=self.revocations_per_read,
             )
         except RedisError as error:
             raise BackendError(f"redis: reading revocations failed: {error}") from error

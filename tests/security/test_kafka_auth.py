@@ -4,8 +4,9 @@ Found: the Kafka of `teamtrack up --backend kafka` listened with PLAINTEXT and n
 a local user's producer with no credentials at all appended a fake worker to
 `teamtrack.positions` (accepted, acks=all) and could have deleted the topics. Now clients
 authenticate with SASL/SCRAM-SHA-512 and each service has its own user, allowed by ACLs only
-what it does (`teamtrack.kafka_users`): the dashboards' (the most exposed) reads but cannot
-produce, create or delete a topic; the bridges' produces.
+what it does (`teamtrack.kafka_users`): the dashboards' (the most exposed) reads, and produces
+to the logouts topic only (shared revocations), but cannot produce a position or a presence,
+create or delete a topic; the bridges' produces.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
-from teamtrack.backends import Event, from_url
+from teamtrack.backends import BackendError, Event, SessionRevocation, from_url
 from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
 from teamtrack.kafka_server import live_brokers
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.security
 
 USERS_FILE = "kafka-users.json"
 POSITIONS = "teamtrack.positions"
+LAST = "teamtrack.last"
+REVOCATIONS = "teamtrack.revoked-sessions"
 TOPIC_AUTHORIZATION_FAILED = TopicAuthorizationFailedError.errno
 
 
@@ -77,13 +80,13 @@ def ghost(seq: int = 1) -> Event:
     return Event("alpha", "ghost", Kind.POSITION, payload, "b1", now, now, seq)
 
 
-async def produce(options: dict[str, Any]) -> None:
-    """One record into the positions topic, as a plain (non-idempotent) producer."""
+async def produce(options: dict[str, Any], topic: str = POSITIONS) -> None:
+    """One record into `topic`, as a plain (non-idempotent) producer."""
     producer = AIOKafkaProducer(acks=1, **options)
     try:
         await asyncio.wait_for(producer.start(), 15)
         await asyncio.wait_for(
-            producer.send_and_wait(POSITIONS, b'[{"w":"ghost","k":"p"}]', key=b"alpha"), 15
+            producer.send_and_wait(topic, b'[{"w":"ghost","k":"p"}]', key=b"alpha"), 15
         )
     finally:
         await producer.stop()
@@ -111,19 +114,24 @@ async def test_the_dashboards_user_reads_but_cannot_produce_or_delete_topics(
     # The bridge's user publishes, through the backend as the bridge does.
     async with from_url(urls["bridge"]) as bridge:
         await bridge.publish([ghost()])
-    # The dashboard's reads every team, as a dashboard must.
+    # The dashboard's reads every team, as a dashboard must, and shares its logouts: the one
+    # topic it may write, which is also what lets it start an idempotent producer.
+    logout = SessionRevocation("session-of-the-test", int(time.time()) + 60)
     async with from_url(urls["dashboard"]) as dashboard:
         snapshot = await dashboard.snapshot("alpha")
         assert "ghost" in snapshot.positions
-        with pytest.raises(Exception, match="ClusterAuthorizationFailed"):
-            await dashboard.publish([ghost(2)])  # no idempotent producer for it
-    # ... but cannot write to the positions topic even without idempotence.
-    with pytest.raises(TopicAuthorizationFailedError):
-        await produce(sasl(cluster, "dashboard"))
+        await dashboard.revoke_session(logout, 3600)
+        assert logout in (await dashboard.session_revocations(""))[0]
+        with pytest.raises(BackendError, match="TopicAuthorizationFailed"):
+            await dashboard.publish([ghost(2)])
+    # ... but cannot write a position or a presence even without idempotence.
+    for topic in (POSITIONS, LAST):
+        with pytest.raises(TopicAuthorizationFailedError):
+            await produce(sasl(cluster, "dashboard"), topic)
     admin = AIOKafkaAdminClient(**sasl(cluster, "dashboard"))
     await admin.start()
     try:
-        deleted = await admin.delete_topics([POSITIONS, "teamtrack.last"])
+        deleted = await admin.delete_topics([POSITIONS, LAST, REVOCATIONS])
         assert {code for _topic, code, *_rest in deleted.topic_error_codes} == {
             TOPIC_AUTHORIZATION_FAILED
         }
@@ -131,12 +139,17 @@ async def test_the_dashboards_user_reads_but_cannot_produce_or_delete_topics(
         assert all(error[1] != 0 for error in created.topic_errors)
     finally:
         await admin.close()
-    # The ingest's user may not produce either.
-    with pytest.raises(TopicAuthorizationFailedError):
-        await produce(sasl(cluster, "ingest"))
+    # The ingest's user may not produce either, not even a logout.
+    for topic in (POSITIONS, REVOCATIONS):
+        with pytest.raises(TopicAuthorizationFailedError):
+            await produce(sasl(cluster, "ingest"), topic)
+    async with from_url(urls["ingest"]) as ingest:
+        with pytest.raises(BackendError) as refused:
+            await ingest.revoke_session(logout, 3600)
+        assert logout.session_id not in str(refused.value)
     async with from_url(urls["admin"]) as admin_backend:
         assert set(await admin_backend.admin_client().list_topics()) >= {
-            POSITIONS, "teamtrack.last"
+            POSITIONS, LAST, REVOCATIONS
         }
 
 
