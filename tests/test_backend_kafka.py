@@ -10,7 +10,7 @@ import pytest
 from backend_contract import WAIT, BackendContract, logout, position
 
 from teamtrack.backends import Backend, BackendError, Batch, from_url
-from teamtrack.backends import kafka as kafka_module
+from teamtrack.backends import kafka_store as kafka_module
 from teamtrack.backends.kafka import KafkaBackend, KafkaSubscription, parse_cursor
 
 
