@@ -243,7 +243,7 @@ async def test_more_concurrent_commands_than_the_pool_holds_wait_for_a_connectio
     redis_url: str,
 ) -> None:
     """200 managers opening the map at once: 200 snapshots in flight, none refused."""
-    from teamtrack.backends.redis import POOL_CONNECTIONS
+    from teamtrack.backends.redis_common import POOL_CONNECTIONS
 
     backend = from_url(redis_url)
     await backend.start()

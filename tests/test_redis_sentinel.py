@@ -77,9 +77,11 @@ class TestRedisSentinelBackend(BackendContract):
     @pytest.fixture(autouse=True)
     def _server(self, sentinel_group: SentinelGroup) -> None:
         self.group = sentinel_group
+        # One prefix per test: the backends a test opens are instances of one deployment.
+        self.prefix = _prefix()
 
     def make_backend(self, history: int) -> Backend:
-        query = (f"prefix={_prefix()}&history={history}&claim_idle_ms=300"
+        query = (f"prefix={self.prefix}&history={history}&claim_idle_ms=300"
                  "&sentinel_auth=same&wait_replicas=1&wait_timeout_ms=1000")
         return from_url(self.group.url(query=query))
 
