@@ -47,6 +47,7 @@ system-deps:
 	for command in chromium npm; do \
 		command -v "$$command" >/dev/null 2>&1 || { missing="$$missing $$command"; packages="$$packages $$command"; }; \
 	done; \
+	command -v zbarimg >/dev/null 2>&1 || { missing="$$missing zbarimg"; packages="$$packages zbar-tools"; }; \
 	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		missing="$$missing initdb"; packages="$$packages postgresql"; \
 	fi; \

@@ -3,6 +3,7 @@
     teamtrack up          a local cluster (brokers, Redis, bridges, dashboards, simulated teams)
     teamtrack provision   registry.yaml -> Mosquitto password file, ACL, dashboard auth, secrets
     teamtrack provision rotate|revoke|reinstate ACCOUNT   one account, live (brokers: SIGHUP)
+    teamtrack provision enrol TEAM WORKER | enrol-team TEAM   OwnTracks phones: .otrc + QR code
     teamtrack registry    write a starter registry.yaml
     teamtrack simulate    simulated workers (flags: `teamtrack simulate --help`)
 
@@ -15,12 +16,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from teamtrack.settings import ENV_PREFIX
+
+if TYPE_CHECKING:
+    from teamtrack.enrolment import Destination
 
 app = typer.Typer(
     name="teamtrack",
@@ -196,7 +200,8 @@ def _print_endpoints(cluster: object) -> None:
 
 provision_app = typer.Typer(
     help="Registry -> credentials.json, mosquitto.passwd, mosquitto.acl, dashboard-auth.json; "
-    "`provision rotate|revoke|reinstate ACCOUNT` for one account.",
+    "`provision rotate|revoke|reinstate ACCOUNT` for one account; `provision enrol TEAM WORKER` "
+    "and `enrol-team TEAM` for phones running OwnTracks.",
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -240,7 +245,9 @@ def provision_command(
     from teamtrack.tls import split_hosts
 
     if registry is None:
-        raise _fail("--registry is required (or a command: rotate, revoke, reinstate)")
+        raise _fail(
+            "--registry is required (or a command: rotate, revoke, reinstate, enrol, enrol-team)"
+        )
     try:
         result = provision(
             load_registry(registry), out, reuse_existing=not rotate,
@@ -357,6 +364,156 @@ def reinstate_command(
 ) -> None:
     """Give a revoked account new secrets."""
     _one_account("reinstate", account, out, registry, state_dir)
+
+
+_MODE = Annotated[
+    str, typer.Option(envvar=_env("enrol_mode"), help="how phones report: mqtt (over TLS) or http")
+]
+_HOST = Annotated[
+    str | None,
+    typer.Option(envvar=_env("enrol_host"), help="the name or address phones reach the brokers "
+                 "(or the device gateway) at; needed when the endpoints are loopback only"),
+]
+_PORT = Annotated[
+    int | None,
+    typer.Option(help="the port phones connect to (default: each broker's mqtts port in "
+                 "endpoints.json)", min=1, max=65535),
+]
+_HTTP_URL = Annotated[
+    str | None,
+    typer.Option(envvar=_env("enrol_http_url"), help="--mode http: the https:// URL of the "
+                 "device gateway's OwnTracks endpoint as phones reach it (default: "
+                 "endpoints.json's device_http under --host)"),
+]
+_TLS = Annotated[bool, typer.Option(help="MQTT over TLS (phones reach no plain listener)")]
+_MONITORING = Annotated[
+    str, typer.Option(help="move (frequent reports, for a live map) or significant (battery "
+                      "first)")
+]
+_CERTIFICATE_CHECK = Annotated[
+    bool, typer.Option(help="refuse a --host the servers' certificate (OUT/tls) does not name")
+]
+_ENDPOINTS_DIR = Annotated[
+    Path | None,
+    typer.Option(envvar=_env("state_dir"), help="state folder of `teamtrack up` with "
+                 "endpoints.json (default: OUT)"),
+]
+
+
+def _enrolment_destinations(
+    out: Path, state_dir: Path | None, mode: str, host: str | None, port: int | None,
+    http_url: str | None, tls: bool, certificate_check: bool,
+) -> tuple[Destination, ...]:
+    from teamtrack.enrolment import EnrolmentError, resolve_destinations
+
+    try:
+        return resolve_destinations(
+            out, mode=mode, host=host, port=port, tls=tls, http_url=http_url,
+            state_dir=state_dir, check_certificate=certificate_check,
+        )
+    except EnrolmentError as error:
+        raise _fail(str(error)) from None
+
+
+def _enrolment_hints(out: Path, tls: bool) -> None:
+    from teamtrack.tls import CA_CERT, TLS_DIR
+
+    console.print(
+        "they hold the device's password (files 0600): hand each to its worker only",
+        soft_wrap=True, highlight=False,
+    )
+    if tls:
+        console.print(
+            f"phones must trust {out / TLS_DIR / CA_CERT} first (docs/devices.md, "
+            "\"Real phones (OwnTracks)\")",
+            soft_wrap=True, highlight=False,
+        )
+
+
+@provision_app.command("enrol")
+def enrol_command(
+    team: Annotated[str, typer.Argument(help="team id")],
+    worker: Annotated[str, typer.Argument(help="worker id")],
+    out: _OUT = Path("state"),
+    mode: _MODE = "mqtt",
+    host: _HOST = None,
+    port: _PORT = None,
+    http_url: _HTTP_URL = None,
+    tls: _TLS = True,
+    monitoring: _MONITORING = "move",
+    certificate_check: _CERTIFICATE_CHECK = True,
+    state_dir: _ENDPOINTS_DIR = None,
+) -> None:
+    """One worker's phone: OUT/enrol/TEAM/WORKER.otrc (OwnTracks configuration) and .png (its
+    QR code, which the app imports), both 0600."""
+    from teamtrack.enrolment import EnrolmentError, destination_for, enrol_device, find_device
+    from teamtrack.provision import ProvisionError, load_credentials
+
+    try:
+        device = find_device(load_credentials(out), team, worker)
+    except (EnrolmentError, ProvisionError) as error:
+        raise _fail(str(error)) from None
+    destinations = _enrolment_destinations(
+        out, state_dir, mode, host, port, http_url, tls, certificate_check
+    )
+    try:
+        enrolled = enrol_device(
+            out, device, destination_for(destinations, device.username), monitoring=monitoring
+        )
+    except (EnrolmentError, OSError) as error:
+        raise _fail(str(error)) from None
+    console.print(
+        f"enrolled {team}/{worker} (account {enrolled.username}), OwnTracks in {mode.upper()} "
+        f"mode to {enrolled.destination.describe()}:", soft_wrap=True, highlight=False,
+    )
+    console.print(f"  configuration  {enrolled.otrc}", soft_wrap=True, highlight=False)
+    console.print(f"  QR code        {enrolled.png}", soft_wrap=True, highlight=False)
+    _enrolment_hints(out, enrolled.destination.tls)
+
+
+@provision_app.command("enrol-team")
+def enrol_team_command(
+    team: Annotated[str, typer.Argument(help="team id")],
+    out: _OUT = Path("state"),
+    mode: _MODE = "mqtt",
+    host: _HOST = None,
+    port: _PORT = None,
+    http_url: _HTTP_URL = None,
+    tls: _TLS = True,
+    monitoring: _MONITORING = "move",
+    certificate_check: _CERTIFICATE_CHECK = True,
+    state_dir: _ENDPOINTS_DIR = None,
+) -> None:
+    """Every worker of a team (as `enrol`), plus OUT/enrol/TEAM/sheet.html: one QR code per
+    worker, self-contained, for the manager to print or show (0600)."""
+    from teamtrack.enrolment import EnrolmentError, enrol_team
+    from teamtrack.provision import ProvisionError, load_credentials
+
+    try:
+        credentials = load_credentials(out)
+    except ProvisionError as error:
+        raise _fail(str(error)) from None
+    destinations = _enrolment_destinations(
+        out, state_dir, mode, host, port, http_url, tls, certificate_check
+    )
+    try:
+        result = enrol_team(out, credentials, team, destinations, monitoring=monitoring)
+    except (EnrolmentError, OSError) as error:
+        raise _fail(str(error)) from None
+    where = ", ".join(sorted({device.destination.describe() for device in result.devices}))
+    folder = result.sheet.parent
+    console.print(
+        f"enrolled {len(result.devices)} workers of team {team}, OwnTracks in {mode.upper()} "
+        f"mode to {where or 'nowhere'}: WORKER.otrc and WORKER.png in {folder}",
+        soft_wrap=True, highlight=False,
+    )
+    if result.removed:
+        console.print(
+            f"removed the files of {len(result.removed)} workers no longer provisioned: "
+            f"{', '.join(result.removed)}", soft_wrap=True, highlight=False,
+        )
+    console.print(f"  sheet to print or show  {result.sheet}", soft_wrap=True, highlight=False)
+    _enrolment_hints(out, all(device.destination.tls for device in result.devices))
 
 
 @app.command("registry")
