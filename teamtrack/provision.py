@@ -334,7 +334,7 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
         "# observers: read every team (debugging);",
         "# managers: read their own team only (MQTT over WebSockets);",
         "# devices: write their own position and status, and OwnTracks under owntracks/<own",
-        "# account>/, never read.",
+        "# account>/; read nothing but their OwnTracks command topic (nobody writes there).",
         "# A subscription is granted only where a read line covers it (mosquitto/plugin/).",
         "",
     ]
@@ -366,6 +366,9 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
             f"topic write {status_topic(device.team, device.worker)}",
             # The OwnTracks app's own topics, under its account's name only.
             f"topic write {OWNTRACKS_ROOT}/{device.username}/#",
+            # The app subscribes to its own command topic (Android even with `sub` off);
+            # nothing writes there, but a refused subscription may count as a failed login.
+            f"topic read {OWNTRACKS_ROOT}/{device.username}/+/cmd",
             "",
         ]
     return "\n".join(lines)

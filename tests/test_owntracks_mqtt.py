@@ -239,3 +239,28 @@ def test_a_device_cannot_publish_as_another_workers_phone(running: RunningCluste
     points = history_track(running, "w002", int(time.time() * 1000) - 60_000)
     assert all(point["lat"] != 10.0 for point in points)
     assert bridge_rejections(running) == before  # never reached a bridge at all
+
+
+def test_a_phone_may_subscribe_to_its_own_command_topic_and_nothing_else(
+    running: RunningCluster,
+) -> None:
+    """What the app subscribes to: its own `.../cmd` (granted, though nobody writes there) and
+    other workers' locations (refused: a worker never sees another)."""
+    account = running.credentials.device("alpha", "w002")
+    phone = OwnTracksPhone(running.broker_port(0), account.username, account.password)
+    granted: dict[str, int] = {}
+    done = threading.Event()
+
+    def on_subscribe(client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
+        for topic, code in zip(wanted, codes, strict=True):
+            granted[topic] = code.value
+        done.set()
+
+    wanted = [f"{phone.topic}/cmd", "owntracks/+/+", "owntracks/alpha.w001/phone/cmd"]
+    phone.client.on_subscribe = on_subscribe
+    try:
+        phone.client.subscribe([(topic, 1) for topic in wanted])
+        assert done.wait(WAIT)
+    finally:
+        phone.close()
+    assert granted == {wanted[0]: 1, wanted[1]: 0x80, wanted[2]: 0x80}

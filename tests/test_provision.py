@@ -146,6 +146,7 @@ def test_acl_grants_each_role_only_its_topics(registry: Registry, tmp_path: Path
         "topic write teams/alpha/workers/w002/position",
         "topic write teams/alpha/workers/w002/status",
         "topic write owntracks/alpha.w002/#",
+        "topic read owntracks/alpha.w002/+/cmd",
     ]
     assert len(blocks) == 9
     assert "pattern" not in text
