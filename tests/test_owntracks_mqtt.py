@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -24,17 +27,21 @@ from owntracks_payloads import Recorded, recorded, valid_locations
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 from test_end_to_end import RunningCluster, start_cluster, stop_cluster, wait_until_up
+from test_enrolment import zbarimg
 
 from teamtrack.contract import position_topic
+from teamtrack.enrolment import read_config_url
 from teamtrack.provision import load_credentials
 
 WAIT = 15.0
+# The name phones reach the brokers by (the certificate names it); here it resolves to loopback.
+PUBLIC_HOST = "tracks.example.org"
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     state_dir = tmp_path_factory.mktemp("owntracks")
-    process = start_cluster(state_dir, "--no-simulate")
+    process = start_cluster(state_dir, "--no-simulate", "--tls-hosts", PUBLIC_HOST)
     try:
         endpoints = wait_until_up(process, state_dir)
         yield RunningCluster(
@@ -264,3 +271,60 @@ def test_a_phone_may_subscribe_to_its_own_command_topic_and_nothing_else(
     finally:
         phone.close()
     assert granted == {wanted[0]: 1, wanted[1]: 0x80, wanted[2]: 0x80}
+
+
+async def test_a_phone_configured_only_by_scanning_its_qr_code_reaches_the_manager(
+    running: RunningCluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`teamtrack provision enrol`, the QR code read back by a real decoder, and a phone that
+    uses nothing but what the code holds: host, port, TLS with the CA, account, topic base,
+    QoS, keepalive, session; its DNS resolves the public name to this machine."""
+    enrolled = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "teamtrack.cli", "provision", "enrol", "bravo", "w001",
+         "--out", str(running.state_dir), "--host", PUBLIC_HOST],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    [scanned] = await asyncio.to_thread(
+        zbarimg, running.state_dir / "enrol" / "bravo" / "w001.png")
+    config = read_config_url(scanned)
+    assert config["mode"] == 0 and config["tls"] and config["host"] == PUBLIC_HOST
+
+    real_getaddrinfo = socket.getaddrinfo
+
+    def phone_dns(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo("127.0.0.1" if host == PUBLIC_HOST else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", phone_dns)
+    topic = config["pubTopicBase"].replace("%u", config["username"]).replace(
+        "%d", config["deviceId"])
+    phone = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=config["clientId"],
+                        clean_session=config["cleanSession"], protocol=mqtt.MQTTv311)
+    phone.username_pw_set(config["username"], config["password"])
+    phone.tls_set(ca_certs=running.endpoints["ca"])  # the CA the phone was told to trust
+    connected = threading.Event()
+    phone.on_connect = lambda *args: connected.set()
+    now_s = int(time.time())
+
+    def seen(events: list[dict[str, Any]]) -> bool:
+        return any(e["w"] == "w001" and e["k"] == "p" for e in events)
+
+    listening = asyncio.create_task(
+        collect(running.dashboard_ws(0, "bravo"), running.token_of("bravo"), seen, WAIT))
+    await asyncio.sleep(0.5)
+    phone.connect(config["host"], config["port"], keepalive=config["keepalive"])
+    phone.loop_start()
+    try:
+        assert await asyncio.to_thread(connected.wait, WAIT)
+        location = orjson.dumps({"_type": "location", "lat": 48.85, "lon": 2.35, "tst": now_s,
+                                 "tid": config["tid"], "batt": 80})
+        info = phone.publish(topic, location, qos=config["pubQos"])
+        await asyncio.to_thread(info.wait_for_publish, WAIT)
+    finally:
+        phone.disconnect()
+        phone.loop_stop()
+    events = await listening
+    shown = [e["p"] for e in events if e["w"] == "w001" and e["k"] == "p"]
+    assert shown == [{"lat": 48.85, "lon": 2.35, "ts": now_s * 1000, "seq": now_s,
+                      "battery": 80.0}]
