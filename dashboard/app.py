@@ -43,11 +43,12 @@ from dashboard.frames import snapshot_json
 from dashboard.guard import SiteGuard, SiteSecurity, metrics_allowed
 from dashboard.history_api import history_router, unconfigured_history_router
 from dashboard.hub import TeamHub, ViewerLimits
-from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
+from dashboard.live import serve_viewer
 from dashboard.login_guard import LoginGuard, LoginLimits, LoginRefused
 from dashboard.metrics import DashboardMetrics
 from dashboard.page import PageConfig
 from dashboard.revocation import DEFAULT_POLL_S, CredentialWatch, LiveSessions
+from dashboard.watchdog import DEFAULT_STUCK_AFTER_S
 from teamtrack.backends import Backend
 from teamtrack.history import HistoryStore
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
