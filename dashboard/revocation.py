@@ -120,6 +120,12 @@ class CredentialWatch:
                 await self.check_now()
             except Exception:  # the watch must outlive any one bad turn
                 log.exception("checking credentials failed; trying again in %ss", self.poll_s)
+            # A cancellation that the backend's driver lost (Python 3.11's `wait_for`, see
+            # teamtrack.backends.redis_connect.raise_if_cancelled) must still end the loop, or
+            # `stop`, and with it the dashboard's shutdown, waits forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def check_now(self) -> int:
         """One turn: reload the auth file if it changed, read new logouts, end the sockets
