@@ -95,6 +95,12 @@ class DashboardMetrics:
             ["status"],
             registry=registry,
         )
+        self.sse_denied = Counter(
+            f"{PREFIX}_sse_denied",
+            "SSE requests refused before streaming, by HTTP status",
+            ["status"],
+            registry=registry,
+        )
         self.dispatch_failures = Counter(
             f"{PREFIX}_dispatch_failures",
             "Times the backend reader failed and every team was resubscribed",
