@@ -12,6 +12,10 @@ ends a stream whose socket takes nothing for `stuck_after_s`, and `LiveSessions`
 token or session was revoked. A stream the server ends gets a last `close` event carrying the
 WebSocket's close code. Comment lines every `heartbeat_s` keep proxies from closing an idle
 stream, and are the writes through which a client that vanished without a word is found out.
+
+Shutdowns and stuck clients need the HTTP protocol of dashboard/connections.py (what
+`python -m dashboard` runs): under another server a stream hears of no graceful shutdown (give
+that server a shutdown timeout), and a stuck client's connection is closed, not dropped.
 """
 
 from __future__ import annotations
