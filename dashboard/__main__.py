@@ -135,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         auth_file=settings.auth_file,
         revocation_poll_s=settings.revocation_poll_s,
+        sse_heartbeat_s=settings.sse_heartbeat_s,
     )
     log.info(
         "instance %s: %d manager(s), backend %s://, history %s",
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
         server_header=False,
         # The open internet: idle, slowloris and surplus connections are closed
-        # (dashboard/connections.py, docs/security.md).
+        # (dashboard/connections.py, docs/security.md); SSE streams hear of a shutdown.
         http=guarded_http_protocol(settings.header_timeout_s),
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,

@@ -8,10 +8,12 @@
     GET  /api/teams/{team}/positions             the team's snapshot
     GET  /api/teams/{team}/history, .../track... the SQL history (dashboard/history_api.py)
     WS   /ws/teams/{team}[?after=cursor]         snapshot or resume, then live (docs/protocol.md)
+    GET  /sse/teams/{team}[?after=cursor]        the same frames as Server-Sent Events; resumes
+                                                 from Last-Event-ID (dashboard/sse.py)
     GET  /healthz                                for operators and load balancers
     GET  /metrics                                loopback clients only, or a metrics token
 
-Everything under /api and /ws takes `Authorization: Bearer <token>` or the session cookie.
+Everything under /api, /ws and /sse takes `Authorization: Bearer <token>` or the session cookie.
 Every request must name an allowed host; login and logout refuse other sites' forms, and
 password checks are rate limited and bounded (dashboard/guard.py, dashboard/login_guard.py).
 """
@@ -43,11 +45,13 @@ from dashboard.frames import snapshot_json
 from dashboard.guard import SiteGuard, SiteSecurity, metrics_allowed
 from dashboard.history_api import history_router, unconfigured_history_router
 from dashboard.hub import TeamHub, ViewerLimits
-from dashboard.live import DEFAULT_STUCK_AFTER_S, serve_viewer
+from dashboard.live import serve_viewer
 from dashboard.login_guard import LoginGuard, LoginLimits, LoginRefused
 from dashboard.metrics import DashboardMetrics
 from dashboard.page import PageConfig
 from dashboard.revocation import DEFAULT_POLL_S, CredentialWatch, LiveSessions
+from dashboard.sse import DEFAULT_HEARTBEAT_S, EventStreams
+from dashboard.watchdog import DEFAULT_STUCK_AFTER_S
 from teamtrack.backends import Backend
 from teamtrack.history import HistoryStore
 from teamtrack.metrics import CONTENT_TYPE_LATEST, CollectorRegistry, render
@@ -72,13 +76,15 @@ def create_app(
     login_limits: LoginLimits | None = None,
     auth_file: Path | None = None,
     revocation_poll_s: float = DEFAULT_POLL_S,
+    sse_heartbeat_s: float = DEFAULT_HEARTBEAT_S,
 ) -> FastAPI:
     """The app for one instance; its lifespan starts and stops the backend and the hub, and
     closes `history_store` (read only, never migrated here; None: no history configured).
 
     `site` None: any Host, no trusted proxy, `/metrics` for local clients (tests);
     `python -m dashboard` passes its settings. `auth_file`: re-read when it changes (every
-    `revocation_poll_s`, like the other instances' logouts; dashboard/revocation.py)."""
+    `revocation_poll_s`, like the other instances' logouts; dashboard/revocation.py).
+    `sse_heartbeat_s`: how long an SSE stream may stay silent before it gets a comment line."""
     site = site if site is not None else SiteSecurity()
     login_guard = LoginGuard(authenticator.directory, login_limits)
     metrics = DashboardMetrics(registry)
@@ -87,6 +93,10 @@ def create_app(
     watch = CredentialWatch(
         authenticator, backend, live_sessions, auth_file=auth_file, login_guard=login_guard,
         poll_s=revocation_poll_s,
+    )
+    event_streams = EventStreams(
+        authenticator, hub, metrics, live_sessions, stuck_after_s=stuck_after_s,
+        heartbeat_s=sse_heartbeat_s,
     )
     config = page_config if page_config is not None else PageConfig()
     # No inline script, no other origin but the tiles': an injected string can neither run
@@ -249,6 +259,10 @@ def create_app(
             stuck_after_s=stuck_after_s,
             live=live_sessions,
         )
+
+    @app.get("/sse/teams/{team}", response_model=None)
+    async def live_events(request: Request, team: str) -> Response:
+        return event_streams.respond(request, team)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import orjson
 from fastapi import HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import HTTPConnection
 
 from teamtrack.contract import SLUG_PATTERN, is_slug
 from teamtrack.passwords import generate_secret, hash_password, token_digest, verify_password
@@ -287,6 +288,23 @@ def require_team(manager: Manager, team: str) -> None:
     """403 for any team but the manager's own, existing or not: team names are not revealed."""
     if not (is_slug(team) and manager.may_view(team)):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "not your team")
+
+
+def live_refusal(
+    connection: HTTPConnection, team: str, authenticator: Authenticator
+) -> int | None:
+    """The HTTP status that refuses a live view of `team` (WebSocket handshake or SSE
+    request) before anything is streamed, or None to serve it."""
+    identity = authenticator.identify(connection.headers, connection.cookies)
+    if identity is None:
+        return 401
+    # Bearer tokens are never sent by browsers on their own, so only cookie logins can be
+    # abused by another site's page (cross-site WebSocket hijacking, a cross-site EventSource).
+    if identity.by_cookie and not origin_matches_site(connection.headers, connection.url.scheme):
+        return 403
+    if not (is_slug(team) and identity.manager.may_view(team)):
+        return 403
+    return None
 
 
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443"}

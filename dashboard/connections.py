@@ -11,8 +11,13 @@ not one that never sends a request, nor one that sends its headers a byte at a t
   connection gets `408` and is closed;
 * at most `max_header_bytes` of request line and headers (`431` and closed beyond);
 * past `limit_concurrency` open connections (uvicorn's connection cap, which also counts live
-  WebSockets), a new connection gets `503` at once and is closed, instead of waiting for a
-  request to refuse.
+  WebSockets and SSE streams), a new connection gets `503` at once and is closed, instead of
+  waiting for a request to refuse;
+* what a streaming response (an SSE stream) needs of its connection, in each request's scope
+  as the `CONNECTION_EXTENSION`: an event set when the server begins a graceful shutdown
+  (uvicorn closes WebSockets with 1012 but lets a response still being sent run on, and waits
+  for it: forever, for an SSE stream), and a way to drop a connection whose client reads
+  nothing (closing it would wait for its unsent bytes to be read).
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ DEFAULT_MAX_HEADER_BYTES: Final = 64 * 1024
 
 log = logging.getLogger(__name__)
 
+
+# `scope["extensions"][CONNECTION_EXTENSION]`: {"shutdown": an `asyncio.Event` set when the
+# server begins to shut down (it accepts no new connection by then), "abort": a callable that
+# drops the connection at once, unsent bytes and all}.
+CONNECTION_EXTENSION: Final = "teamtrack.connection"
 
 _TIMED_OUT: Final = plain_http_response(408, "Request Timeout")
 _TOO_LARGE: Final = plain_http_response(431, "Request Header Fields Too Large")
@@ -49,6 +59,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # Bytes received since the current request began, while its headers are incomplete;
         # None while no headers are being read.
         self._header_bytes: int | None = None
+        self._shutting_down = asyncio.Event()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -60,6 +71,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
         super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[CONNECTION_EXTENSION] = {"shutdown": self._shutting_down, "abort": self._abort}
+
+    def shutdown(self) -> None:
+        self._shutting_down.set()
+        super().shutdown()
+
+    def _abort(self) -> None:
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         if self._header_bytes is None and (self.cycle is None or self.cycle.response_complete):

@@ -1,13 +1,18 @@
-"""The JSON documents the dashboard sends: the team snapshot and the live WebSocket frames.
+"""The JSON documents the dashboard sends: the team snapshot and the live frames (WebSocket
+messages, SSE events).
 
 Device payloads are embedded byte for byte (they were validated by the bridge), so a frame of
 a thousand events costs a few concatenations, not a thousand decodes and encodes.
+
+Every frame built here begins `{"type":…,"team":…,"cursor":…` (but `pong`, which is only
+`{"type":"pong"}`), so `frame_head` can read those two without parsing the rest.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -75,6 +80,31 @@ def gap_frame(team: str, cursor: str) -> str:
 
 
 PONG_FRAME = '{"type":"pong"}'
+
+
+def close_frame(code: int, reason: str) -> str:
+    """The last event of an SSE stream the server ends: the WebSocket's close code and reason."""
+    return orjson.dumps({"type": "close", "code": code, "reason": reason}).decode()
+
+
+_TYPE_PREFIX: Final = '{"type":"'
+_CURSOR_KEY: Final = ',"cursor":'
+# The cursor key comes after a type word and a team slug (64 characters at most).
+_HEAD_CHARS: Final = 128
+_DECODER: Final = json.JSONDecoder()
+
+
+def frame_head(frame: str) -> tuple[str, str | None]:
+    """The `type` and `cursor` (None for a pong) of a frame built here, read from its first
+    characters: a frame may be 512 KiB, and only its head is needed to label it."""
+    if not frame.startswith(_TYPE_PREFIX):
+        raise ValueError("not a frame of dashboard.frames")
+    kind = frame[len(_TYPE_PREFIX) : frame.index('"', len(_TYPE_PREFIX))]
+    start = frame.find(_CURSOR_KEY, 0, _HEAD_CHARS)
+    if start < 0:
+        return kind, None
+    cursor, _ = _DECODER.raw_decode(frame, start + len(_CURSOR_KEY))
+    return kind, cursor if isinstance(cursor, str) else None
 
 
 def count_events(raw: bytes) -> int:

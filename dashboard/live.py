@@ -21,13 +21,13 @@ import orjson
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from dashboard.auth import Authenticator, origin_matches_site
+from dashboard.auth import Authenticator, live_refusal
 from dashboard.frames import PONG_FRAME
 from dashboard.hub import TeamHub, Viewer
 from dashboard.metrics import DashboardMetrics
 from dashboard.revocation import LiveSessions
+from dashboard.watchdog import DEFAULT_STUCK_AFTER_S, Watchdog
 from teamtrack.backends import BackendError
-from teamtrack.contract import is_slug
 
 log = logging.getLogger(__name__)
 
@@ -37,71 +37,10 @@ CLOSE_TOO_SLOW_REASON: Final = "too slow; resync"
 # The token or session the socket was opened with is no longer valid: log in again.
 CLOSE_REVOKED: Final = 4401
 CLOSE_REVOKED_REASON: Final = "credentials revoked; log in again"
-DEFAULT_STUCK_AFTER_S: Final = 20.0
+CLOSE_BACKEND_FAILED_REASON: Final = "backend unavailable; reconnect"
 # A viewer dropped for being slow is usually not reading at all, so its close frame may never
 # leave the send buffer; it gets this long before the connection is abandoned.
 CLOSE_TIMEOUT_S: Final = 2.0
-
-
-def handshake_refusal(
-    websocket: WebSocket, team: str, authenticator: Authenticator
-) -> int | None:
-    """The HTTP status that refuses this handshake, or None to accept it."""
-    identity = authenticator.identify(websocket.headers, websocket.cookies)
-    if identity is None:
-        return 401
-    # Bearer tokens are never sent by browsers on their own, so only cookie logins can be
-    # abused by another site's page (cross-site WebSocket hijacking).
-    if identity.by_cookie and not origin_matches_site(websocket.headers, websocket.url.scheme):
-        return 403
-    if not (is_slug(team) and identity.manager.may_view(team)):
-        return 403
-    return None
-
-
-class _Watchdog:
-    """Cancels a viewer's sender once one frame has waited `stuck_after_s` for the socket.
-
-    One timer per viewer rather than a timeout around every send: `asyncio.wait_for` costs a
-    task, a loop iteration and a `getpid` per frame (Python 3.11), and nearly every frame is
-    written without waiting at all. The sender only notes when a send began and ended.
-    """
-
-    def __init__(self, stuck_after_s: float) -> None:
-        self.stuck_after_s = stuck_after_s
-        self.clock = asyncio.get_running_loop().time
-        # When the send in progress began; None between sends.
-        self.sending_since: float | None = None
-        self.fired = False
-        self._sender: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-
-    def watch(self, sender: asyncio.Task[None]) -> None:
-        self._sender = sender
-        self._check_in(self.stuck_after_s)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check_in(self, delay: float) -> None:
-        self._timer = asyncio.get_running_loop().call_later(delay, self._check)
-
-    def _check(self) -> None:
-        self._timer = None
-        since = self.sending_since
-        if since is None:
-            self._check_in(self.stuck_after_s)
-            return
-        waited = self.clock() - since
-        if waited < self.stuck_after_s:
-            self._check_in(self.stuck_after_s - waited)
-            return
-        self.fired = True
-        assert self._sender is not None
-        # Cancelling is clean: uvicorn writes nothing of a frame until the buffer has room.
-        self._sender.cancel()
 
 
 async def serve_viewer(
@@ -114,7 +53,7 @@ async def serve_viewer(
     stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
     live: LiveSessions | None = None,
 ) -> None:
-    refusal = handshake_refusal(websocket, team, authenticator)
+    refusal = live_refusal(websocket, team, authenticator)
     if refusal is not None:
         await _refuse(websocket, refusal, metrics)
         return
@@ -129,10 +68,13 @@ async def serve_viewer(
         return
     live = live if live is not None else LiveSessions()
     ended = live.add(websocket, team)
+    connections = metrics.live_connections.labels("ws")
+    connections.inc()
     try:
         await websocket.accept()
         await _converse(websocket, viewer, metrics, stuck_after_s, ended)
     finally:
+        connections.dec()
         live.discard(websocket)
         await hub.leave(viewer)
 
@@ -149,7 +91,7 @@ async def _converse(
     stuck_after_s: float,
     ended: asyncio.Event,
 ) -> None:
-    watchdog = _Watchdog(stuck_after_s)
+    watchdog = Watchdog(stuck_after_s)
     sender = asyncio.create_task(_send_frames(websocket, viewer, metrics, watchdog))
     watchdog.watch(sender)
     receiver = asyncio.create_task(_answer_client(websocket))
@@ -186,7 +128,7 @@ async def _converse(
         "viewer of team %s failed: %s: %s", viewer.team, type(error).__name__, error,
         exc_info=not isinstance(error, BackendError),
     )
-    await _close(websocket, CLOSE_BACKEND_FAILED, "backend unavailable; reconnect")
+    await _close(websocket, CLOSE_BACKEND_FAILED, CLOSE_BACKEND_FAILED_REASON)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
@@ -195,7 +137,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def _send_frames(
-    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, watchdog: _Watchdog
+    websocket: WebSocket, viewer: Viewer, metrics: DashboardMetrics, watchdog: Watchdog
 ) -> None:
     clock = watchdog.clock
     while True:

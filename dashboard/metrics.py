@@ -50,9 +50,17 @@ class DashboardMetrics:
             ["team"],
             registry=registry,
         )
+        self.live_connections = Gauge(
+            f"{PREFIX}_live_connections",
+            "Open live connections, by transport: ws (WebSocket) or sse (Server-Sent Events)",
+            ["transport"],
+            registry=registry,
+        )
+        for transport in ("ws", "sse"):
+            self.live_connections.labels(transport)  # exported as 0 before the first one
         self.viewers_disconnected_slow = Counter(
             f"{PREFIX}_viewers_disconnected_slow",
-            "Viewers closed with 4008 because their socket accepted nothing for too long",
+            "Viewers ended as too slow (4008) because their socket accepted nothing for too long",
             registry=registry,
         )
         self.viewer_conflations = Counter(
@@ -84,6 +92,12 @@ class DashboardMetrics:
         self.ws_denied = Counter(
             f"{PREFIX}_ws_denied",
             "WebSocket handshakes refused, by HTTP status",
+            ["status"],
+            registry=registry,
+        )
+        self.sse_denied = Counter(
+            f"{PREFIX}_sse_denied",
+            "SSE requests refused before streaming, by HTTP status",
             ["status"],
             registry=registry,
         )
@@ -142,6 +156,8 @@ class _PlainCounters(Collector):
         yield events
         yield repeats
         yield rejected
-        frames = CounterMetricFamily(f"{PREFIX}_frames_sent", "WebSocket frames sent to viewers")
+        frames = CounterMetricFamily(
+            f"{PREFIX}_frames_sent", "Frames sent to viewers (WebSocket messages and SSE events)"
+        )
         frames.add_metric([], self._metrics.frames_sent)
         yield frames

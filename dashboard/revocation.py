@@ -9,8 +9,9 @@ Two sources, both read by one loop every `poll_s` (default 1 s), bounded work pe
   (`Backend.revoke_session`) and reads the others' (`Backend.session_revocations`, only what is
   new since its last read). A revocation is kept until the cookie would have expired anyway.
 
-After either changed, every open live socket is checked again with the credentials it was
-opened with, and those no longer valid are closed with 4401 (`LiveSessions`).
+After either changed, every open live connection (WebSocket or SSE stream) is checked again
+with the credentials it was opened with, and those no longer valid are ended with 4401
+(`LiveSessions`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-from starlette.websockets import WebSocket
+from starlette.requests import HTTPConnection
 
 from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory, Session
 from dashboard.login_guard import LoginGuard
@@ -36,30 +37,31 @@ MAX_READS_PER_TURN: Final = 10
 
 
 class LiveSessions:
-    """The open live sockets, each with the team it shows and the event that ends it."""
+    """The open live connections (WebSockets and SSE requests), each with the team it shows and
+    the event that ends it."""
 
     def __init__(self) -> None:
-        self._open: dict[WebSocket, tuple[str, asyncio.Event]] = {}
+        self._open: dict[HTTPConnection, tuple[str, asyncio.Event]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def add(self, websocket: WebSocket, team: str) -> asyncio.Event:
+    def add(self, connection: HTTPConnection, team: str) -> asyncio.Event:
         ended = asyncio.Event()
-        self._open[websocket] = (team, ended)
+        self._open[connection] = (team, ended)
         return ended
 
-    def discard(self, websocket: WebSocket) -> None:
-        self._open.pop(websocket, None)
+    def discard(self, connection: HTTPConnection) -> None:
+        self._open.pop(connection, None)
 
     def recheck(self, authenticator: Authenticator) -> int:
-        """End every socket whose bearer token or cookie no longer lets it see its team; the
-        number ended. One token lookup or cookie check (an HMAC) per open socket."""
+        """End every connection whose bearer token or cookie no longer lets it see its team;
+        the number ended. One token lookup or cookie check (an HMAC) per open connection."""
         ended_now = 0
-        for websocket, (team, ended) in self._open.items():
+        for connection, (team, ended) in self._open.items():
             if ended.is_set():
                 continue
-            identity = authenticator.identify(websocket.headers, websocket.cookies)
+            identity = authenticator.identify(connection.headers, connection.cookies)
             if identity is None or not identity.manager.may_view(team):
                 ended.set()
                 ended_now += 1
@@ -118,6 +120,12 @@ class CredentialWatch:
                 await self.check_now()
             except Exception:  # the watch must outlive any one bad turn
                 log.exception("checking credentials failed; trying again in %ss", self.poll_s)
+            # A cancellation that the backend's driver lost (Python 3.11's `wait_for`, see
+            # teamtrack.backends.redis_connect.raise_if_cancelled) must still end the loop, or
+            # `stop`, and with it the dashboard's shutdown, waits forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def check_now(self) -> int:
         """One turn: reload the auth file if it changed, read new logouts, end the sockets

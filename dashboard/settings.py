@@ -49,7 +49,15 @@ class DashboardSettings(ServiceSettings):
     viewer_stuck_after_s: float = Field(
         20.0,
         gt=0,
-        description="a viewer whose socket accepts nothing for this long is closed (4008)",
+        description="a viewer whose socket accepts nothing for this long is closed (4008), "
+        "WebSocket or SSE stream",
+    )
+    sse_heartbeat_s: float = Field(
+        15.0,
+        gt=0,
+        le=300,
+        description="an SSE stream silent for this long gets a comment line, so that proxies "
+        "keep it open and a client that vanished is found out",
     )
     ws_compression: bool = Field(
         True,
@@ -121,8 +129,8 @@ class DashboardSettings(ServiceSettings):
     )
     max_connections: int = Field(
         1000, ge=1,
-        description="open connections (live WebSockets included); a connection beyond gets 503"
-        " and is closed",
+        description="open connections (live WebSockets and SSE streams included); a connection"
+        " beyond gets 503 and is closed",
     )
     header_timeout_s: float = Field(
         10.0, gt=0,

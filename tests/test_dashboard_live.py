@@ -26,7 +26,7 @@ from test_dashboard_api import bearer, write_auth_file
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory
 from dashboard.hub import TeamHub, ViewerLimits
-from dashboard.live import _Watchdog
+from dashboard.watchdog import Watchdog
 from teamtrack.backends import Backend, from_url
 from teamtrack.servers import LOOPBACK, free_port
 
@@ -164,7 +164,7 @@ async def test_slow_reader_is_conflated_then_closed_while_others_keep_their_late
 
 async def test_watchdog_times_each_send_not_the_connection() -> None:
     """Many quick sends never trip it; one send that waits `stuck_after_s` does."""
-    watchdog = _Watchdog(0.2)
+    watchdog = Watchdog(0.2)
     clock = watchdog.clock
 
     async def slow_but_moving() -> None:
@@ -180,7 +180,7 @@ async def test_watchdog_times_each_send_not_the_connection() -> None:
     watchdog.stop()
     assert not watchdog.fired
 
-    watchdog = _Watchdog(0.2)
+    watchdog = Watchdog(0.2)
     stuck = asyncio.get_running_loop().create_future()
 
     async def never_accepted() -> None:
