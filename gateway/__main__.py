@@ -23,14 +23,19 @@ async def serve(settings: GatewaySettings) -> None:
     config = settings.gateway_config()
     registry = service_registry()
     service = GatewayService(config, from_url(settings.backend_url), registry)
-    async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
-        await service.start()
-        settle_heap()
-        log.info("gateway %s: OwnTracks on %s/v1/owntracks, NDJSON streams on %s/v1/positions "
-                 "(%d device account(s))", config.gateway_id, service.url, service.url,
-                 len(service.accounts))
-        await stopping.wait()
-        log.info("stopping")
+    # Listening before /metrics answers: `teamtrack up` takes the metrics port as ready.
+    await service.start()
+    try:
+        async with serving(
+            log, registry, settings.metrics_host, settings.metrics_port
+        ) as stopping:
+            settle_heap()
+            log.info("gateway %s: OwnTracks on %s/v1/owntracks, NDJSON streams on "
+                     "%s/v1/positions (%d device account(s))", config.gateway_id, service.url,
+                     service.url, len(service.accounts))
+            await stopping.wait()
+            log.info("stopping")
+    finally:
         await service.stop()
 
 
