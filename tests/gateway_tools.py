@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ssl
 from typing import Any
 from urllib.parse import urlsplit
@@ -129,7 +130,5 @@ class NdjsonStream:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
-        except (OSError, TimeoutError):
-            pass
