@@ -61,6 +61,8 @@ _COMMON_HEADERS: Final = (
     (b"cache-control", b"no-store"),
 )
 _EMPTY_ARRAY: Final = b"[]"
+# For answers given before the body was read: the rest of it is not read either.
+_CLOSE: Final = ((b"connection", b"close"),)
 
 
 class Refused(Exception):
@@ -176,7 +178,8 @@ class GatewayApp:
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_OWNTRACKS_BYTES):
-            raise Refused(413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes")
+            raise Refused(413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes",
+                          _CLOSE)
         login, _password = await self.login(scope, headers)
         payload = await self._body(receive)
         who = login.username
@@ -241,12 +244,13 @@ class GatewayApp:
                     body += message.get("body", b"")
                     if len(body) > MAX_OWNTRACKS_BYTES:
                         raise Refused(
-                            413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes"
+                            413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes",
+                            _CLOSE,
                         )
                     if not message.get("more_body", False):
                         return bytes(body)
         except TimeoutError:
-            raise Refused(408, "the body did not arrive in time") from None
+            raise Refused(408, "the body did not arrive in time", _CLOSE) from None
 
     # NDJSON ----------------------------------------------------------------------------------
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
