@@ -109,6 +109,9 @@ class ClusterOptions:
     # Where the mqtts listeners listen: loopback by default; "0.0.0.0" (or "") for every
     # interface, so that devices on the network can connect. Plain listeners stay on loopback.
     mqtts_host: str = LOOPBACK
+    # The device gateways' connection caps, in all and per address (None: the gateway's
+    # defaults, 1,000 and 50); load runs hold every worker's stream from loopback.
+    gateway_max_connections: int | None = None
 
 
 @dataclass
@@ -440,6 +443,9 @@ class LocalCluster:
             argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
         if self.options.device_rate_per_s is not None:
             argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
+        if self.options.gateway_max_connections is not None:
+            cap = str(self.options.gateway_max_connections)
+            argv += ["--max-connections", cap, "--max-connections-per-address", cap]
         self._add(f"gateway-{index + 1}", argv, self._service_env("bridge"),
                   self.ports.gateway_metrics[index])
 
