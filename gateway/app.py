@@ -61,7 +61,11 @@ _COMMON_HEADERS: Final = (
     (b"cache-control", b"no-store"),
 )
 _EMPTY_ARRAY: Final = b"[]"
-# For answers given before the body was read: the rest of it is not read either.
+# For a client too slow to send its body. (A body too large is answered while the connection
+# stays open: what follows is discarded as it comes, and the connection guard counts it against
+# the next request's header bound, so at most 64 KiB more are taken before it is closed;
+# closing at once would make the kernel reset the connection under a client still sending,
+# and lose the answer.)
 _CLOSE: Final = ((b"connection", b"close"),)
 
 
@@ -178,8 +182,7 @@ class GatewayApp:
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > MAX_OWNTRACKS_BYTES):
-            raise Refused(413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes",
-                          _CLOSE)
+            raise Refused(413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes")
         login, _password = await self.login(scope, headers)
         payload = await self._body(receive)
         who = login.username
@@ -244,8 +247,7 @@ class GatewayApp:
                     body += message.get("body", b"")
                     if len(body) > MAX_OWNTRACKS_BYTES:
                         raise Refused(
-                            413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes",
-                            _CLOSE,
+                            413, f"an OwnTracks object is at most {MAX_OWNTRACKS_BYTES} bytes"
                         )
                     if not message.get("more_body", False):
                         return bytes(body)

@@ -23,8 +23,11 @@ from gateway.service import GatewayConfig, GatewayService
 from gateway.settings import GatewaySettings
 from teamtrack.backends import Event
 from teamtrack.backends.memory import MemoryBackend
+from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
 from teamtrack.passwords import hash_mosquitto_password
+from teamtrack.provision import ProvisionResult
+from teamtrack.tls import client_ssl_context
 
 PASSWORDS = {"alpha.w001": "secret-1", "alpha.w002": "secret-2", "bravo.w001": "secret-3"}
 # Accounts of the same file that are not devices: never a way in.
@@ -402,3 +405,44 @@ async def test_metrics_name_every_counter(password_file: Path) -> None:
         'teamtrack_gateway_streams{gateway="g1"} 0.0',
     ):
         assert line in text
+
+
+async def test_https_with_the_clusters_certificate(provisioned: ProvisionResult) -> None:
+    """What `teamtrack up --https` runs: the provisioned server certificate, verified by a
+    device against the cluster's CA, with a device's real (mosquitto_passwd) password."""
+    tls = provisioned.tls
+    assert tls is not None
+    device = provisioned.credentials.device("alpha", "w001")
+    async with running_gateway(provisioned.password_file, tls_cert=tls.server_cert,
+                               tls_key=tls.server_key) as (service, backend):
+        assert service.url.startswith("https://")
+        context = client_ssl_context(tls.ca_cert)
+        async with httpx.AsyncClient(verify=context) as http:
+            response = await http.post(
+                f"{service.url}/v1/owntracks", content=location(),
+                headers={"Authorization": basic(device.username, device.password)},
+            )
+        assert (response.status_code, response.json()) == (200, [])
+        stream = await NdjsonStream.open(f"{service.url}/v1/positions", device.username,
+                                         device.password, ssl_context=context)
+        stream.send_lines([position(3)])
+        stream.finish()
+        assert (await stream.read_all())[-1] == {"ack": 3, "lines": 1, "end": "complete"}
+        await stream.close()
+        async with httpx.AsyncClient() as plain:  # no plain HTTP on the TLS port
+            with pytest.raises(httpx.TransportError):
+                await plain.post(f"http://127.0.0.1:{service.port}/v1/owntracks")
+    assert len(backend.positions("w001")) == 2
+
+
+def test_up_with_https_lists_https_gateways(provisioned: ProvisionResult, tmp_path: Path) -> None:
+    cluster = LocalCluster(ClusterOptions(state_dir=tmp_path, https=True, base_port=18830))
+    cluster.provisioned = provisioned
+    [first, second] = cluster.endpoints()["device_http"]  # type: ignore[misc]
+    assert first == {"owntracks": "https://127.0.0.1:19330/v1/owntracks",
+                     "ndjson": "https://127.0.0.1:19330/v1/positions"}
+    assert second["owntracks"] == "https://127.0.0.1:19331/v1/owntracks"
+    plain = LocalCluster(ClusterOptions(state_dir=tmp_path, base_port=18830))
+    plain.provisioned = provisioned
+    assert plain.endpoints()["gateway_metrics"] == [
+        "http://127.0.0.1:19430/metrics", "http://127.0.0.1:19431/metrics"]

@@ -24,7 +24,8 @@ def password_file(tmp_path: Path) -> Path:
 
 
 async def _answer(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
-    return await asyncio.wait_for(reader.read(), timeout)
+    """The status line and headers of the answer."""
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
 
 
 async def test_slow_headers_are_answered_408_and_closed(password_file: Path) -> None:
