@@ -16,6 +16,7 @@ COPY dashboard ./dashboard
 COPY devices ./devices
 COPY ingest ./ingest
 COPY wsgate ./wsgate
+COPY gateway ./gateway
 COPY mosquitto ./mosquitto
 # Editable, like the development install, so that teamtrack finds mosquitto/ next to it.
 RUN pip install -e .

@@ -22,7 +22,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, AuthFileError, ManagerDirectory
-from dashboard.connections import guarded_http_protocol, redact_uvicorn_logs
 from dashboard.guard import SiteSecurity, split_list
 from dashboard.hub import ViewerLimits
 from dashboard.login_guard import LoginLimits, release_large_buffers
@@ -30,6 +29,7 @@ from dashboard.page import PageConfig
 from dashboard.settings import DashboardSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.history import HistoryStore
+from teamtrack.http_guard import guarded_http_protocol, redact_uvicorn_logs
 from teamtrack.logs import configure_logging
 from teamtrack.metrics import service_registry
 from teamtrack.passwords import generate_secret
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_headers=False,
         server_header=False,
         # The open internet: idle, slowloris and surplus connections are closed
-        # (dashboard/connections.py, docs/security.md); SSE streams hear of a shutdown.
+        # (teamtrack/http_guard.py, docs/security.md); SSE streams hear of a shutdown.
         http=guarded_http_protocol(settings.header_timeout_s),
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=settings.keep_alive_timeout_s,

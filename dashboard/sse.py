@@ -13,7 +13,7 @@ token or session was revoked. A stream the server ends gets a last `close` event
 WebSocket's close code. Comment lines every `heartbeat_s` keep proxies from closing an idle
 stream, and are the writes through which a client that vanished without a word is found out.
 
-Shutdowns and stuck clients need the HTTP protocol of dashboard/connections.py (what
+Shutdowns and stuck clients need the HTTP protocol of teamtrack/http_guard.py (what
 `python -m dashboard` runs): under another server a stream hears of no graceful shutdown (give
 that server a shutdown timeout), and a stuck client's connection is closed, not dropped.
 """
@@ -32,7 +32,6 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from dashboard.auth import Authenticator, live_refusal
-from dashboard.connections import CONNECTION_EXTENSION
 from dashboard.frames import close_frame, frame_head
 from dashboard.hub import TeamHub, Viewer
 from dashboard.live import (
@@ -48,6 +47,7 @@ from dashboard.metrics import DashboardMetrics
 from dashboard.revocation import LiveSessions
 from dashboard.watchdog import DEFAULT_STUCK_AFTER_S, Watchdog
 from teamtrack.backends import BackendError
+from teamtrack.http_guard import CONNECTION_EXTENSION
 
 log = logging.getLogger(__name__)
 

@@ -175,6 +175,9 @@ def _print_endpoints(cluster: object) -> None:
         console.print(
             f"broker     {broker['mqtt']}  (MQTT over WebSockets: {broker['ws']}{tls_url})"
         )
+    for gateway in endpoints["device_http"]:  # type: ignore[attr-defined]
+        console.print(f"devices    {gateway['owntracks']}  (OwnTracks HTTP mode; NDJSON: "
+                      f"{gateway['ndjson']})", soft_wrap=True, highlight=False)
     if "ca" in endpoints:
         console.print(f"TLS CA     {endpoints['ca']}  (clients verify the servers against it)")
     console.print(f"backend    {endpoints['backend']}")

@@ -1,7 +1,7 @@
 """`teamtrack up`: a whole local cluster as child processes, supervised, stopped cleanly.
 
 Order of start: identities, Redis (or Kafka), brokers, their WebSockets gateways, bridges,
-dashboards, ingest, simulator.
+device gateways (HTTP), dashboards, ingest, simulator.
 Order of stop: the reverse, so devices say `offline` while bridges still forward it and nothing is
 left behind; the ingest goes after the bridges, the backend last.
 
@@ -28,7 +28,6 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
+from teamtrack.ports import PortPlan
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.redis_users import load_or_create_users, write_acl_file
 from teamtrack.registry import demo_registry, dump_registry
@@ -62,7 +62,6 @@ from teamtrack.servers import (
     PRIVATE_UMASK,
     ManagedProcess,
     ServerError,
-    free_port,
     port_is_open,
     start_redis,
 )
@@ -110,78 +109,9 @@ class ClusterOptions:
     # Where the mqtts listeners listen: loopback by default; "0.0.0.0" (or "") for every
     # interface, so that devices on the network can connect. Plain listeners stay on loopback.
     mqtts_host: str = LOOPBACK
-
-
-@dataclass(frozen=True)
-class PortPlan:
-    """Where everything listens; `base_port=0` takes free ports instead.
-
-    From the base port: broker i at base + 10 (i-1) (+1 for MQTT over WebSockets: its gateway,
-    `python -m wsgate`; +2 for MQTT over TLS), Redis at base + 100, Kafka at base + 101 with its
-    KRaft controller at base + 102 (only the server of the chosen backend is started), bridge
-    metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1), gateway metrics at
-    base + 400 + (i-1).
-    Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
-    """
-
-    broker_mqtt: list[int]
-    broker_ws: list[int]
-    redis: int
-    bridge_metrics: list[int]
-    dashboards: list[int]
-    wsgate_metrics: list[int] = field(default_factory=list)
-    kafka: int = 0
-    kafka_controller: int = 0
-    # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
-    kafka_more: list[tuple[int, int]] = field(default_factory=list)
-    broker_mqtts: list[int] = field(default_factory=list)
-
-    @property
-    def kafka_nodes(self) -> list[tuple[int, int]]:
-        return [(self.kafka, self.kafka_controller), *self.kafka_more]
-
-    @classmethod
-    def build(cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1) -> PortPlan:
-        if base == 0:
-            return cls(
-                broker_mqtt=[free_port() for _ in range(brokers)],
-                broker_ws=[free_port() for _ in range(brokers)],
-                redis=free_port(),
-                bridge_metrics=[free_port() for _ in range(brokers)],
-                dashboards=[free_port() for _ in range(dashboards)],
-                wsgate_metrics=[free_port() for _ in range(brokers)],
-                kafka=free_port(),
-                kafka_controller=free_port(),
-                kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
-                broker_mqtts=[free_port() for _ in range(brokers)],
-            )
-        return cls(
-            broker_mqtt=[base + 10 * index for index in range(brokers)],
-            broker_ws=[base + 10 * index + 1 for index in range(brokers)],
-            redis=base + 100,
-            bridge_metrics=[base + 200 + index for index in range(brokers)],
-            dashboards=[base + 300 + index for index in range(dashboards)],
-            wsgate_metrics=[base + 400 + index for index in range(brokers)],
-            kafka=base + 101,
-            kafka_controller=base + 102,
-            kafka_more=[
-                (base + 101 + 2 * index, base + 102 + 2 * index)
-                for index in range(1, kafka_nodes)
-            ],
-            broker_mqtts=[base + 10 * index + 2 for index in range(brokers)],
-        )
-
-    def all_ports(self) -> Iterator[int]:
-        yield from self.broker_mqtt
-        yield from self.broker_ws
-        yield from self.broker_mqtts
-        yield self.redis
-        for port, controller_port in self.kafka_nodes:
-            yield port
-            yield controller_port
-        yield from self.bridge_metrics
-        yield from self.dashboards
-        yield from self.wsgate_metrics
+    # The device gateways' connection caps, in all and per address (None: the gateway's
+    # defaults, 1,000 and 50); load runs hold every worker's stream from loopback.
+    gateway_max_connections: int | None = None
 
 
 @dataclass
@@ -313,6 +243,8 @@ class LocalCluster:
             self._start_wsgate(index)
         for index in range(self.options.brokers):
             self._start_bridge(index)
+        for index in range(self.options.dashboards):
+            self._start_gateway(index)
         for index in range(self.options.dashboards):
             self._start_dashboard(index)
         self._start_ingest()
@@ -485,6 +417,38 @@ class LocalCluster:
         env = self._service_env("bridge", TEAMTRACK_MQTT_PASSWORD=bridge.password)
         self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])
 
+    def _gateway_host(self) -> tuple[str, str]:
+        """Where the device gateways listen, and the host in their URLs: with --https where
+        the mqtts listeners do (devices' way in over the network), else loopback (plain HTTP
+        would carry devices' passwords in the clear)."""
+        if self.options.https and self.options.tls:
+            host = self._mqtts_client_host()
+            return self.options.mqtts_host, f"[{host}]" if ":" in host else host
+        return LOOPBACK, LOOPBACK
+
+    def _start_gateway(self, index: int) -> None:
+        """Device gateway j (OwnTracks over HTTP, NDJSON streams): it checks devices' logins
+        against the brokers' password file and publishes with the bridges' backend user."""
+        assert self.provisioned is not None
+        argv = [
+            *_python("gateway"),
+            "--password-file", str(self.provisioned.password_file),
+            "--gateway-id", f"g{index + 1}",
+            "--host", self._gateway_host()[0],
+            "--port", str(self.ports.gateways[index]),
+            "--metrics-port", str(self.ports.gateway_metrics[index]),
+        ]
+        tls = self.provisioned.tls
+        if self.options.https and tls is not None:
+            argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+        if self.options.device_rate_per_s is not None:
+            argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
+        if self.options.gateway_max_connections is not None:
+            cap = str(self.options.gateway_max_connections)
+            argv += ["--max-connections", cap, "--max-connections-per-address", cap]
+        self._add(f"gateway-{index + 1}", argv, self._service_env("bridge"),
+                  self.ports.gateway_metrics[index])
+
     def _start_dashboard(self, index: int) -> None:
         assert self.provisioned is not None
         argv = [
@@ -563,10 +527,24 @@ class LocalCluster:
             "wsgate_metrics": [
                 f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.wsgate_metrics
             ],
+            "device_http": [
+                {"owntracks": f"{base}/v1/owntracks", "ndjson": f"{base}/v1/positions"}
+                for base in self.gateway_urls()
+            ],
+            "gateway_metrics": [
+                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.gateway_metrics
+            ],
         }
         if tls is not None:
             endpoints["ca"] = str(tls.ca_cert)
         return endpoints
+
+    def gateway_urls(self) -> list[str]:
+        """The device gateways' base URLs (https with --https)."""
+        tls = self.provisioned.tls if self.provisioned is not None else None
+        scheme = "https" if self.options.https and tls is not None else "http"
+        host = self._gateway_host()[1]
+        return [f"{scheme}://{host}:{port}" for port in self.ports.gateways]
 
     def _write_endpoints(self) -> None:
         path = self.state_dir / "endpoints.json"
@@ -671,16 +649,20 @@ class LocalCluster:
         table.add_column("forwarded", justify="right")
         table.add_column("rejected", justify="right")
         metrics_by_role = {
-            f"bridge-{index + 1}": port for index, port in enumerate(self.ports.bridge_metrics)
+            f"bridge-{index + 1}": ("bridge", port)
+            for index, port in enumerate(self.ports.bridge_metrics)
+        } | {
+            f"gateway-{index + 1}": ("gateway", port)
+            for index, port in enumerate(self.ports.gateway_metrics)
         }
         for child in self.children:
             state = "[green]running" if child.process.running() else "[red]stopped"
             forwarded = rejected = ""
-            port = metrics_by_role.get(child.role)
-            if port is not None and child.process.running():
+            service, port = metrics_by_role.get(child.role, ("", 0))
+            if port and child.process.running():
                 counters = scrape_totals(f"http://{LOOPBACK}:{port}/metrics")
-                forwarded = _count(counters, "teamtrack_bridge_forwarded_total")
-                rejected = _count(counters, "teamtrack_bridge_rejected_total")
+                forwarded = _count(counters, f"teamtrack_{service}_forwarded_total")
+                rejected = _count(counters, f"teamtrack_{service}_rejected_total")
             table.add_row(child.role, state, str(child.restarts), forwarded, rejected)
         if self.options.backend_url is not None:
             probed = {None: "[yellow]probing", True: "[green]answering", False: "[red]down"}

@@ -274,6 +274,13 @@ def validate_position(payload: bytes, now_ms: int | None = None) -> int:
     return ts
 
 
+def validate_position_key(payload: bytes, now_ms: int | None = None) -> tuple[int, int]:
+    """`validate_position`, and the position's (`ts`, `seq`): for the device gateway, whose
+    acknowledgements name the highest `seq` held."""
+    body = _checked_position(payload, now_ms)
+    return body["ts"], body["seq"]
+
+
 def decode_position(
     team: str, worker: str, payload: bytes, now_ms: int | None = None
 ) -> Position:

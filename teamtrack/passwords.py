@@ -4,6 +4,11 @@ Passwords are hashed with scrypt because managers choose how they are used (type
 form, possibly reused); a hash file that leaks must not be cheap to brute-force. Bearer tokens are
 long random values we generate ourselves, so a plain SHA-256 digest is as strong as any salted
 slow hash would be, and it keeps per-request verification cheap.
+
+Device passwords live in the brokers' password file, hashed by `mosquitto_passwd` (`$7$`:
+PBKDF2-HMAC-SHA512; `$6$`: one salted SHA-512, what Mosquitto 1.x wrote): the device gateway
+checks HTTP logins against that same file, so one `teamtrack provision rotate|revoke` cuts a
+device off everywhere.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ HASH_BYTES: Final = 32
 _MAX_N: Final = 2**20
 _MAX_R: Final = 32
 _MAX_P: Final = 16
+# Mosquitto's hashes: `$7$<iterations>$<salt b64>$<hash b64>` and `$6$<salt b64>$<hash b64>`.
+MOSQUITTO_ITERATIONS: Final = 101  # mosquitto_passwd's own default
+MOSQUITTO_SALT_BYTES: Final = 12
+# Bound on the iterations accepted from a password file (a check then costs at most ~1 s).
+_MAX_PBKDF2_ITERATIONS: Final = 1_000_000
 
 
 def generate_secret(nbytes: int = 18) -> str:
@@ -86,3 +96,37 @@ def verify_token(token: str, digest: str) -> bool:
     # Compared as bytes: compare_digest rejects non-ASCII str, and a digest read from a file or
     # a header is not guaranteed to be ASCII.
     return hmac.compare_digest(token_digest(token).encode("ascii"), digest.lower().encode("utf-8"))
+
+
+def hash_mosquitto_password(password: str, iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """A `$7$` hash as `mosquitto_passwd` writes it (for tests and tools; provisioning runs
+    mosquitto_passwd itself)."""
+    salt = secrets.token_bytes(MOSQUITTO_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+    encoded_salt = base64.b64encode(salt).decode("ascii")
+    return f"$7${iterations}${encoded_salt}${base64.b64encode(digest).decode('ascii')}"
+
+
+def verify_mosquitto_password(password: str, encoded: str) -> bool:
+    """True if `password` matches a hash of Mosquitto's password file (`$7$` or `$6$`);
+    False for a wrong password, an unknown format or cost parameters out of bounds."""
+    parts = encoded.split("$")
+    try:
+        if len(parts) == 5 and parts[:2] == ["", "7"]:
+            iterations = int(parts[2])
+            if not 0 < iterations <= _MAX_PBKDF2_ITERATIONS:
+                return False
+            salt = base64.b64decode(parts[3], validate=True)
+            expected = base64.b64decode(parts[4], validate=True)
+            actual = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
+        elif len(parts) == 4 and parts[:2] == ["", "6"]:
+            salt = base64.b64decode(parts[2], validate=True)
+            expected = base64.b64decode(parts[3], validate=True)
+            actual = hashlib.sha512(password.encode("utf-8") + salt).digest()
+        else:
+            return False
+    except (ValueError, binascii.Error):
+        return False
+    if not salt or len(expected) != len(actual):
+        return False
+    return hmac.compare_digest(actual, expected)

@@ -377,6 +377,27 @@ async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> N
     assert {"bridge-1", "dashboard-2", "kafka"} <= set(step.usage.processes)
 
 
+async def test_http_scenario_streams_ndjson_into_a_gateway_and_out_to_a_manager(
+    tmp_path: Path,
+) -> None:
+    """The `http` path (issue 14): one NDJSON stream per worker into device gateway 1, the
+    manager's WebSocket on dashboard 2; faults injected, every message accounted."""
+    config = _smoke_config(tmp_path / "report", ("http",), generators=1)
+    result = await run_benchmark(config)
+
+    [run] = result.runs
+    assert (run.scenario, run.error) == ("http", None)
+    assert run.connect["connected"] == 4
+    [step] = run.steps
+    delivery, generator = step.delivery, step.generator
+    assert delivery.sent == generator["measured_sent"] > 0
+    assert delivery.lost == generator["injected_drops"] > 0
+    assert generator["injected_duplicates"] > 0
+    assert delivery.duplicated == 0  # a repeated line is shown once, as on the MQTT path
+    assert generator["publish_errors"] == 0  # no line refused
+    assert {"gateway-1", "dashboard-2", "redis"} <= set(step.usage.processes)
+
+
 def test_the_fault_report_has_every_fault_with_its_counts_and_a_plot(tmp_path: Path) -> None:
     from teamtrack.bench.faultbench import fault_table, write_fault_report
     from teamtrack.bench.faults import FaultLoad, FaultOutcome

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from bridge.settings import BridgeSettings
 from dashboard.settings import DashboardSettings
+from gateway.settings import GatewaySettings as DeviceGatewaySettings
 from ingest.settings import IngestSettings
 from teamtrack.cli import app
 from teamtrack.settings import ENV_PREFIX, ServiceSettings
@@ -21,6 +22,7 @@ COMPOSE_FILE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 SETTINGS: dict[str, type[ServiceSettings]] = {
     "bridge": BridgeSettings,
     "dashboard": DashboardSettings,
+    "gateway": DeviceGatewaySettings,
     "ingest": IngestSettings,
     "wsgate": GatewaySettings,
 }
@@ -42,7 +44,7 @@ def test_every_service_of_the_cluster_runs() -> None:
         module for service in _services().values() if (module := _module(service)) is not None
     )
     assert modules == [
-        "bridge", "bridge", "dashboard", "dashboard", "ingest", "wsgate", "wsgate"
+        "bridge", "bridge", "dashboard", "dashboard", "gateway", "ingest", "wsgate", "wsgate"
     ]
     assert {"redis", "mosquitto-1", "mosquitto-2"} <= set(_services())
 
@@ -54,6 +56,14 @@ def test_mqtt_over_websockets_is_published_by_the_gateways_not_the_brokers() -> 
         assert [port.split(":")[-1] for port in broker["ports"]] == ["1883"]
         assert gateway["environment"]["TEAMTRACK_BROKER_URL"] == f"mqtt://mosquitto-{index}:1883"
         assert gateway["ports"] == [f"127.0.0.1:900{index}:9001"]
+
+
+def test_the_device_gateway_reads_the_brokers_password_file_and_publishes_on_loopback() -> None:
+    gateway = _services()["gateway"]
+    environment = gateway["environment"]
+    assert environment["TEAMTRACK_PASSWORD_FILE"] == "/state/mosquitto.passwd"
+    assert "credentials.json" not in str(gateway)  # devices' hashes only, never a plaintext
+    assert gateway["ports"] == ["127.0.0.1:8080:8080"]
 
 
 def test_every_variable_is_a_setting_of_its_service() -> None:

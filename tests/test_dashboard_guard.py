@@ -9,9 +9,8 @@ from starlette.testclient import TestClient
 from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory, form_post_is_own, origin_matches_site
 from dashboard.guard import SiteSecurity, host_allowed, host_name, split_list
-from dashboard.login_guard import RateLimiter
 from teamtrack.backends import from_url
-from teamtrack.netlimits import address_key
+from teamtrack.netlimits import RateLimiter, address_key
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """`GET /sse/teams/{team}`: the live view as Server-Sent Events, on real uvicorn servers over Redis.
 
 The servers run in the test's own event loop with the HTTP protocol `python -m dashboard` uses
-(dashboard/connections.py), as in test_dashboard_live.py, so that a test can look at what the
+(teamtrack/http_guard.py), as in test_dashboard_live.py, so that a test can look at what the
 hub holds while a client reads slowly, and at how a stream ends. Three clients read the streams:
 a line parser as a curl user writes one, httpx-sse, and curl itself.
 """
@@ -32,7 +32,6 @@ from test_dashboard_api import TOKEN, bearer, write_auth_file
 
 from dashboard.app import create_app
 from dashboard.auth import SESSION_COOKIE, Authenticator, Manager, ManagerDirectory
-from dashboard.connections import guarded_http_protocol
 from dashboard.frames import (
     events_frame,
     frame_head,
@@ -44,6 +43,7 @@ from dashboard.frames import (
 from dashboard.hub import ViewerLimits
 from dashboard.sse import RETRY_MS, encode_event
 from teamtrack.backends import Backend, Batch, Snapshot, from_url
+from teamtrack.http_guard import guarded_http_protocol
 from teamtrack.passwords import hash_password, token_digest
 from teamtrack.servers import LOOPBACK, free_port
 

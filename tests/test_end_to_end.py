@@ -264,6 +264,7 @@ def test_every_service_settles_its_heap_after_start_up(running: RunningCluster) 
     collections (teamtrack.runtime.settle_heap), and `/metrics` shows it with the process's
     own figures."""
     pages = [*running.endpoints["bridge_metrics"], *running.endpoints["wsgate_metrics"],
+             *running.endpoints["gateway_metrics"],
              *(f"{url}/metrics" for url in running.endpoints["dashboards"])]
     for page in pages:
         totals = scrape_totals(page, timeout=WAIT)

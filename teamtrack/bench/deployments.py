@@ -34,6 +34,8 @@ CLUSTER_BROKERS = 2
 CLUSTER_DASHBOARDS = 2
 # The backends a local cluster (`teamtrack up --backend ...`) starts by itself.
 LOCAL_BACKENDS = ("redis", "kafka")
+# Streams a device gateway of a bench cluster takes, all from loopback (the `many` shape's).
+BENCH_GATEWAY_CONNECTIONS = 20_000
 
 
 @dataclass
@@ -45,11 +47,18 @@ class Deployment:
     processes: dict[str, int]
     # The bridges' /metrics pages: what they dropped on purpose (a bounded queue) is counted there.
     bridge_metrics_urls: list[str] = field(default_factory=list)
+    # The device gateways' NDJSON stream URLs (`http` scenario).
+    stream_urls: list[str] = field(default_factory=list)
     _stop: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def broker_url(self, index: int) -> str:
         """The broker at `index`, or the last one when there are fewer."""
         return self.broker_urls[min(index, len(self.broker_urls) - 1)]
+
+    def stream_url(self, index: int) -> str:
+        if not self.stream_urls:
+            raise BenchError(f"{self.label} has no device gateway")
+        return self.stream_urls[min(index, len(self.stream_urls) - 1)]
 
     def dashboard_url(self, index: int) -> str:
         if not self.dashboard_urls:
@@ -110,6 +119,8 @@ def cluster_options(
         simulate=False,
         # A load test offers thousands of messages a second per connection, on purpose.
         device_rate_per_s=0.0,
+        # ... and holds every worker's stream to a device gateway from one address.
+        gateway_max_connections=BENCH_GATEWAY_CONNECTIONS,
     )
 
 
@@ -139,6 +150,7 @@ def start_local_cluster(
         bridge_metrics_urls=[
             f"http://{LOOPBACK}:{port}/metrics" for port in cluster.ports.bridge_metrics
         ],
+        stream_urls=[f"{base}/v1/positions" for base in cluster.gateway_urls()],
         _stop=stop,
     )
 
@@ -180,8 +192,9 @@ def running_cluster(spec: DeploymentSpec, endpoints_path: Path, state_dir: Path)
     brokers = endpoints["brokers"]
     dashboards = endpoints.get("dashboards") or []
     bridge_metrics = endpoints.get("bridge_metrics") or []
+    gateways = endpoints.get("device_http") or []
     assert isinstance(brokers, list) and isinstance(dashboards, list)
-    assert isinstance(bridge_metrics, list)
+    assert isinstance(bridge_metrics, list) and isinstance(gateways, list)
     return Deployment(
         label=f"running cluster ({backend}) of {endpoints_path}",
         broker_urls=[str(broker["mqtt"]) for broker in brokers],
@@ -189,4 +202,5 @@ def running_cluster(spec: DeploymentSpec, endpoints_path: Path, state_dir: Path)
         credentials=credentials,
         processes={role: pid for role, pid in processes.items() if role != "simulator"},
         bridge_metrics_urls=[str(url) for url in bridge_metrics],
+        stream_urls=[str(gateway["ndjson"]) for gateway in gateways],
     )

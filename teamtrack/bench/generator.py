@@ -1,17 +1,20 @@
 """`python -m teamtrack.bench.generator`: one load-generator process of the harness.
 
-It holds its share of the workers' MQTT connections (gmqtt, one asyncio loop) and, per step,
-publishes at the rate it is told. A scheduler tick publishes what the clock says is due
-(rate x elapsed, round-robin over the workers), so thousands of workers cost one timer, not one
-sleep per message. Each payload obeys the message contract: `ts` is the send time in epoch
-milliseconds and `seq` counts up per worker. The exact send time of every message in the
-measured window is recorded in nanoseconds (CLOCK_MONOTONIC), keyed by (worker, seq), and
-written to a file the harness joins with what the receivers recorded.
+It holds its share of the workers' MQTT connections (gmqtt, one asyncio loop), or with the
+`http` transport one NDJSON stream per worker to the device gateway
+(`teamtrack.bench.streams`), and, per step, publishes at the rate it is told. A scheduler tick
+publishes what the clock says is due (rate x elapsed, round-robin over the workers), so
+thousands of workers cost one timer, not one sleep per message. Each payload obeys the message
+contract: `ts` is the send time in epoch milliseconds and `seq` counts up per worker. The
+exact send time of every message in the measured window is recorded in nanoseconds
+(CLOCK_MONOTONIC), keyed by (worker, seq), and written to a file the harness joins with what
+the receivers recorded.
 
 Driven over stdin/stdout (see `teamtrack.bench.control`):
 
     config   {"broker_url", "devices": [[index, team, worker, username, password], ...],
-              "qos", "client_id_prefix", "faults": {"drop_every", "duplicate_every"}}
+              "qos", "client_id_prefix", "faults": {"drop_every", "duplicate_every"},
+              "transport": "mqtt" (default) or "http", "gateway_url" (http: the NDJSON URL)}
     connect  -> connected {"connected", "failed", "errors", "seconds", "rss_before", "rss_after"}
     run      {"step", "rate", "warmup_s", "measure_s", "records"} -> step_done {...}
     stop     -> stopped
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -36,6 +40,7 @@ from gmqtt.mqtt.handler import MQTTConnectError
 from teamtrack.bench.config import FaultInjection
 from teamtrack.bench.control import emit, stdin_lines
 from teamtrack.bench.records import RecordLog, message_key
+from teamtrack.bench.streams import NdjsonConnection, StreamRefused
 from teamtrack.bench.system import raise_open_file_limit, rss_bytes
 from teamtrack.contract import position_topic
 from teamtrack.mqtt import BrokerAddress
@@ -66,6 +71,7 @@ class _Device:
     username: str
     password: str
     client: Client | None = None
+    stream: NdjsonConnection | None = None
     connected: bool = False
     seq: int = 0
 
@@ -96,6 +102,9 @@ class Generator:
         self.broker = BrokerAddress.parse(config["broker_url"])
         self.qos = int(config.get("qos", 0))
         self.client_id_prefix = str(config.get("client_id_prefix", "bench"))
+        # "http": positions go as lines of an NDJSON stream per worker to the device gateway.
+        self.gateway_url = str(config.get("gateway_url", "")) if config.get(
+            "transport") == "http" else ""
         faults = config.get("faults") or {}
         self.faults = FaultInjection(
             drop_every=int(faults.get("drop_every", 0)),
@@ -143,6 +152,8 @@ class Generator:
         }
 
     async def _connect(self, device: _Device) -> str | None:
+        if self.gateway_url:
+            return await self._open_stream(device)
         error = "unknown"
         for attempt in range(CONNECT_ATTEMPTS):
             client = Client(f"{self.client_id_prefix}-{device.index}", clean_session=True)
@@ -169,6 +180,31 @@ class Generator:
             await asyncio.sleep(0.2 * (attempt + 1))
         return error
 
+    async def _open_stream(self, device: _Device) -> str | None:
+        error = "unknown"
+        for attempt in range(CONNECT_ATTEMPTS):
+            stream = NdjsonConnection(
+                on_lost=functools.partial(self._on_disconnect, device),
+                on_refused_line=self._count_refused_line,
+            )
+            try:
+                await stream.open(self.gateway_url, device.username, device.password)
+            except StreamRefused as exc:
+                error = f"refused: {exc}"
+            except TimeoutError:
+                error = "timeout"
+            except OSError as exc:
+                error = f"os error: {exc.strerror or exc}"
+            else:
+                device.stream = stream
+                device.connected = True
+                return None
+            await asyncio.sleep(0.2 * (attempt + 1))
+        return error
+
+    def _count_refused_line(self) -> None:
+        self._counters.publish_errors["refused_line"] += 1
+
     def _on_connect(self, device: _Device) -> None:
         device.connected = True
 
@@ -182,6 +218,11 @@ class Generator:
 
         async def disconnect(device: _Device) -> None:
             client = device.client
+            if device.stream is not None:
+                device.connected = False
+                async with slots:
+                    await device.stream.close()
+                return
             if client is None:
                 return
             device.connected = False
@@ -251,7 +292,8 @@ class Generator:
             if cursor == total:
                 cursor = 0
             client = device.client
-            if not device.connected or client is None:
+            stream = device.stream
+            if not device.connected or (client is None and stream is None):
                 counters.skipped_disconnected += 1
                 continue
             seq = device.seq
@@ -267,13 +309,16 @@ class Generator:
                 if drop_every and number % drop_every == 0:
                     counters.injected_drops += 1
                     continue
+            copies = 2 if duplicate_every and number and number % duplicate_every == 0 else 1
             try:
-                client.publish(device.topic, payload, qos=qos)
-                counters.published += 1
-                if duplicate_every and number and number % duplicate_every == 0:
-                    client.publish(device.topic, payload, qos=qos)
+                for _copy in range(copies):
+                    if stream is not None:
+                        stream.send(payload)
+                    else:
+                        assert client is not None
+                        client.publish(device.topic, payload, qos=qos)
                     counters.published += 1
-                    counters.injected_duplicates += 1
+                counters.injected_duplicates += copies - 1
             except Exception as exc:
                 counters.publish_errors[type(exc).__name__] += 1
         self._cursor = cursor

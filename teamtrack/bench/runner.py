@@ -47,6 +47,7 @@ from teamtrack.bench.scenarios import (
     DeploymentSpec,
     ReceiverKind,
     Scenario,
+    SenderKind,
 )
 from teamtrack.bench.system import (
     UsageSampler,
@@ -281,8 +282,11 @@ class BenchRunner:
                     for index, device in enumerate(devices)
                     if index % generator_count == number
                 ]
+                http = scenario.sender is SenderKind.HTTP
                 await generator.start({
                     "broker_url": deployment.broker_url(scenario.sender_broker),
+                    "transport": scenario.sender.value,
+                    "gateway_url": deployment.stream_url(scenario.sender_broker) if http else "",
                     "devices": mine,
                     "qos": config.qos,
                     "client_id_prefix": f"bench-{run.slug}-{shape.value}",
@@ -373,8 +377,9 @@ class BenchRunner:
             raise BenchError(f"no worker could connect: {dict(errors)}")
         # What one more connection costs: the sender broker's growth, read here, and each
         # generator's, which it reads itself around its connects.
+        sender = "gateway" if scenario.sender is SenderKind.HTTP else "broker"
         broker_role = (
-            "broker" if "broker" in processes else f"broker-{scenario.sender_broker + 1}"
+            "broker" if "broker" in processes else f"{sender}-{scenario.sender_broker + 1}"
         )
         grown_from, grown_to = before.get(broker_role), rss_bytes(processes.get(broker_role, -1))
         if grown_from is not None and grown_to is not None:

@@ -18,6 +18,11 @@ class ReceiverKind(StrEnum):
     WEBSOCKET = "websocket"  # one manager WebSocket per team on a dashboard instance
 
 
+class SenderKind(StrEnum):
+    MQTT = "mqtt"  # one MQTT connection per worker to a broker
+    HTTP = "http"  # one NDJSON stream per worker to a device gateway (python -m gateway)
+
+
 class DeploymentKind(StrEnum):
     LONE_BROKER = "lone-broker"  # one Mosquitto, nothing else
     CLUSTER = "cluster"  # brokers, bridges, a backend, dashboards (`teamtrack up`)
@@ -44,11 +49,13 @@ class Scenario:
     path: str  # what a message goes through, for the report
     deployment: DeploymentSpec
     receiver: ReceiverKind
-    # Index of the broker the workers publish to, and of the broker (MQTT receiver) or the
-    # dashboard instance (WebSocket receiver) the far side uses: a different one than the
-    # workers' whenever the deployment has more than one, so every message crosses instances.
+    # Index of the broker (or device gateway) the workers publish to, and of the broker (MQTT
+    # receiver) or the dashboard instance (WebSocket receiver) the far side uses: a different
+    # one than the workers' whenever the deployment has more than one, so every message
+    # crosses instances.
     sender_broker: int = 0
     receiver_endpoint: int = 1
+    sender: SenderKind = SenderKind.MQTT
 
 
 SCENARIOS: Final[dict[str, Scenario]] = {
@@ -74,6 +81,14 @@ SCENARIOS: Final[dict[str, Scenario]] = {
             "mosquitto_sub-style subscriber",
             REDIS_CLUSTER,
             ReceiverKind.MQTT,
+        ),
+        Scenario(
+            "http",
+            "worker -> device gateway A (NDJSON stream) -> Redis -> dashboard instance B -> "
+            "manager WebSocket",
+            REDIS_CLUSTER,
+            ReceiverKind.WEBSOCKET,
+            sender=SenderKind.HTTP,
         ),
         Scenario(
             "kafka",

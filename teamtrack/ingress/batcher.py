@@ -70,10 +70,15 @@ class Batcher:
 
     async def submit(self, event: Event) -> None:
         """Queue an event and return once the backend holds it (QoS 1: then it may be acked)."""
+        await self.wait_for_room()
+        await self.submit_nowait(event)
+
+    async def wait_for_room(self) -> None:
+        """Until fewer than `max_pending` events wait for the backend (a reader that can hold
+        its sender back, an HTTP stream, stops reading meanwhile)."""
         while len(self._events) >= self._max_pending:
             self._has_room.clear()
             await self._has_room.wait()
-        await self.submit_nowait(event)
 
     def submit_nowait(self, event: Event) -> asyncio.Future[None]:
         """Queue an event whatever the bound; the future is done once the backend holds it.

@@ -59,6 +59,23 @@ class DeviceRateLimit:
         bucket[0] = tokens - 1.0
         return True
 
+    def reserve(self, team: str, worker: str, now: float | None = None) -> float:
+        """Takes a token now or from the future: 0.0 when one was there, else the seconds to
+        wait before the message fits the rate (a stream holds its next line that long instead
+        of dropping it). Tokens owed are at most `burst` beyond 0: a caller waits its turn."""
+        if now is None:
+            now = time.monotonic()
+        key = (team, worker)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if now >= self._next_prune:
+                self._prune(now)
+            self._buckets[key] = [self._burst - 1.0, now]
+            return 0.0
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate) - 1.0
+        bucket[0], bucket[1] = max(tokens, -self._burst), now
+        return 0.0 if tokens >= 0.0 else -tokens / self._rate
+
     def _prune(self, now: float) -> None:
         self._next_prune = now + PRUNE_EVERY_S
         full_after = self._burst / self._rate

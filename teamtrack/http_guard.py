@@ -1,5 +1,6 @@
 """What uvicorn lacks for the open internet: a deadline for request headers, a bound on their
-size, a connection cap answered at once, and access logs without query strings.
+size, a connection cap answered at once (in all, and per address), and access logs without
+query strings. For every uvicorn server that faces clients: the dashboards, the device gateway.
 
 uvicorn closes a keep-alive connection left idle after a response (`timeout_keep_alive`), but
 not one that never sends a request, nor one that sends its headers a byte at a time
@@ -17,18 +18,26 @@ not one that never sends a request, nor one that sends its headers a byte at a t
   as the `CONNECTION_EXTENSION`: an event set when the server begins a graceful shutdown
   (uvicorn closes WebSockets with 1012 but lets a response still being sent run on, and waits
   for it: forever, for an SSE stream), and a way to drop a connection whose client reads
-  nothing (closing it would wait for its unsent bytes to be read).
+  nothing (closing it would wait for its unsent bytes to be read);
+* with `max_connections_per_address`, past that many open connections from one address (IPv6:
+  its /64, `teamtrack.netlimits.address_key`), the same `503`: long-lived requests (the
+  gateway's streams) from one host cannot take every slot.
+
+`on_refused`, when given, is told each refusal's reason (`connection_cap`, `address_limit`,
+`header_timeout`, `headers_too_large`), for a service's metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, ClassVar, Final
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from teamtrack.netlimits import plain_http_response
+from teamtrack.netlimits import address_key, plain_http_response
 
 DEFAULT_HEADER_TIMEOUT_S: Final = 10.0
 DEFAULT_MAX_HEADER_BYTES: Final = 64 * 1024
@@ -52,6 +61,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections_per_address: int | None = None
+    on_refused: Callable[[str], None] | None = None
+    # Open connections by address key, shared by the connections of one server (one class
+    # per `guarded_http_protocol` call).
+    open_by_address: ClassVar[Counter[str]] = Counter()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -60,16 +74,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # None while no headers are being read.
         self._header_bytes: int | None = None
         self._shutting_down = asyncio.Event()
+        self._address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self.limit_concurrency is not None and len(self.connections) > self.limit_concurrency:
-            self._refuse(_OVER_CAP)
+            self._refuse(_OVER_CAP, "connection_cap")
             return
+        if self.max_connections_per_address is not None:
+            peer = transport.get_extra_info("peername")
+            address = address_key(peer[0] if isinstance(peer, tuple) and peer else None)
+            if self.open_by_address[address] >= self.max_connections_per_address:
+                self._refuse(_OVER_CAP, "address_limit")
+                return
+            self._address = address
+            self.open_by_address[address] += 1
         self._expect_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
+        address, self._address = self._address, None
+        if address is not None:
+            self.open_by_address[address] -= 1
+            if self.open_by_address[address] <= 0:
+                del self.open_by_address[address]
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -94,7 +122,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._header_bytes is not None:
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
-                self._refuse(_TOO_LARGE)
+                self._refuse(_TOO_LARGE, "headers_too_large")
 
     def on_headers_complete(self) -> None:
         self._stop_deadline()
@@ -113,10 +141,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _timed_out(self) -> None:
         self._header_deadline = None
-        self._refuse(_TIMED_OUT)
+        self._refuse(_TIMED_OUT, "header_timeout")
 
-    def _refuse(self, answer: bytes) -> None:
+    def _refuse(self, answer: bytes, reason: str) -> None:
         self._stop_deadline()
+        if self.on_refused is not None:
+            self.on_refused(reason)
         if not self.transport.is_closing():
             self.transport.write(answer)
             self.transport.close()
@@ -125,12 +155,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 def guarded_http_protocol(
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    *,
+    max_connections_per_address: int | None = None,
+    on_refused: Callable[[str], None] | None = None,
 ) -> type[GuardedHttpProtocol]:
-    """The protocol class to give uvicorn as `http=`, with these bounds."""
+    """The protocol class to give uvicorn as `http=`, with these bounds (and a count of open
+    connections per address of its own)."""
     return type(
         "GuardedHttpProtocol",
         (GuardedHttpProtocol,),
-        {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes},
+        {
+            "header_timeout_s": header_timeout_s,
+            "max_header_bytes": max_header_bytes,
+            "max_connections_per_address": max_connections_per_address,
+            "on_refused": staticmethod(on_refused) if on_refused is not None else None,
+            "open_by_address": Counter(),
+        },
     )
 
 

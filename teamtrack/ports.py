@@ -1,0 +1,89 @@
+"""Where the processes of `teamtrack up` listen (`PortPlan`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from teamtrack.servers import free_port
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """Where everything listens; `base_port=0` takes free ports instead.
+
+    From the base port: broker i at base + 10 (i-1) (+1 for MQTT over WebSockets: its gateway,
+    `python -m wsgate`; +2 for MQTT over TLS), Redis at base + 100, Kafka at base + 101 with its
+    KRaft controller at base + 102 (only the server of the chosen backend is started), bridge
+    metrics at base + 200 + (i-1), dashboards at base + 300 + (j-1), gateway metrics at
+    base + 400 + (i-1), device gateways (one per dashboard, `python -m gateway`) at
+    base + 500 + (j-1) and their metrics at base + 600 + (j-1).
+    Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
+    """
+
+    broker_mqtt: list[int]
+    broker_ws: list[int]
+    redis: int
+    bridge_metrics: list[int]
+    dashboards: list[int]
+    wsgate_metrics: list[int] = field(default_factory=list)
+    kafka: int = 0
+    kafka_controller: int = 0
+    # Kafka nodes 2..N, (port, controller port) each; node 1 is kafka / kafka_controller.
+    kafka_more: list[tuple[int, int]] = field(default_factory=list)
+    broker_mqtts: list[int] = field(default_factory=list)
+    gateways: list[int] = field(default_factory=list)
+    gateway_metrics: list[int] = field(default_factory=list)
+
+    @property
+    def kafka_nodes(self) -> list[tuple[int, int]]:
+        return [(self.kafka, self.kafka_controller), *self.kafka_more]
+
+    @classmethod
+    def build(cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1) -> PortPlan:
+        if base == 0:
+            return cls(
+                broker_mqtt=[free_port() for _ in range(brokers)],
+                broker_ws=[free_port() for _ in range(brokers)],
+                redis=free_port(),
+                bridge_metrics=[free_port() for _ in range(brokers)],
+                dashboards=[free_port() for _ in range(dashboards)],
+                wsgate_metrics=[free_port() for _ in range(brokers)],
+                kafka=free_port(),
+                kafka_controller=free_port(),
+                kafka_more=[(free_port(), free_port()) for _ in range(kafka_nodes - 1)],
+                broker_mqtts=[free_port() for _ in range(brokers)],
+                gateways=[free_port() for _ in range(dashboards)],
+                gateway_metrics=[free_port() for _ in range(dashboards)],
+            )
+        return cls(
+            broker_mqtt=[base + 10 * index for index in range(brokers)],
+            broker_ws=[base + 10 * index + 1 for index in range(brokers)],
+            redis=base + 100,
+            bridge_metrics=[base + 200 + index for index in range(brokers)],
+            dashboards=[base + 300 + index for index in range(dashboards)],
+            wsgate_metrics=[base + 400 + index for index in range(brokers)],
+            kafka=base + 101,
+            kafka_controller=base + 102,
+            kafka_more=[
+                (base + 101 + 2 * index, base + 102 + 2 * index)
+                for index in range(1, kafka_nodes)
+            ],
+            broker_mqtts=[base + 10 * index + 2 for index in range(brokers)],
+            gateways=[base + 500 + index for index in range(dashboards)],
+            gateway_metrics=[base + 600 + index for index in range(dashboards)],
+        )
+
+    def all_ports(self) -> Iterator[int]:
+        yield from self.broker_mqtt
+        yield from self.broker_ws
+        yield from self.broker_mqtts
+        yield self.redis
+        for port, controller_port in self.kafka_nodes:
+            yield port
+            yield controller_port
+        yield from self.bridge_metrics
+        yield from self.dashboards
+        yield from self.wsgate_metrics
+        yield from self.gateways
+        yield from self.gateway_metrics
