@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,10 +45,46 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Ports handed out by `free_port`, never handed out twice by one process.
+_GIVEN: set[int] = set()
+# Below the kernel's ephemeral range, above `teamtrack up`'s default ports (18830 ...).
+_FREE_PORTS_FROM = 20_000
+
+
+def _ephemeral_start() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now, for a server started a moment later.
+
+    Not one the kernel hands out to outgoing connections (its ephemeral range): a port taken
+    with `bind(0)` is such a port, and between this probe and the server's own bind any client
+    socket of the machine (a test's Redis client, a bridge's connection) could get it as its
+    source port, which made servers fail with "Address already in use" in busy test runs.
+    Picked at random below that range, and never twice by one process."""
+    ephemeral = _ephemeral_start()
+    if ephemeral > _FREE_PORTS_FROM + 1000:
+        for _ in range(200):
+            port = random.randrange(_FREE_PORTS_FROM, ephemeral)
+            if port in _GIVEN:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+        port = int(probe.getsockname()[1])
+    _GIVEN.add(port)
+    return port
 
 
 def port_is_open(host: str, port: int) -> bool:
