@@ -25,7 +25,7 @@ from typing import Any
 from gmqtt import Client as MQTTClient
 from gmqtt import Subscription
 from gmqtt.mqtt.constants import MQTTv50
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,7 +42,7 @@ from teamtrack.contract import (
     status_topic,
     validate_position,
 )
-from teamtrack.ingress.batcher import Batcher
+from teamtrack.ingress.batcher import Batcher, BatchMetrics
 from teamtrack.ingress.owntracks import (
     OWNTRACKS_FILTERS,
     OWNTRACKS_ROOT,
@@ -182,21 +182,12 @@ class BridgeService:
         self.backend = backend
         self.counters = BridgeCounters()
         registry.register(_CountersCollector(self.counters, config.broker_id))
-        self._batch_sizes = Histogram(
-            "teamtrack_bridge_batch_size", "Events per backend publish", ["broker"],
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
-            registry=registry,
-        ).labels(config.broker_id)
-        self._publish_seconds = Histogram(
-            "teamtrack_bridge_publish_seconds", "Backend publish round trip", ["broker"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
-            registry=registry,
-        ).labels(config.broker_id)
+        self._batch_metrics = BatchMetrics(registry, "teamtrack_bridge", "broker", config.broker_id)
         self.batcher = Batcher(
             self._publish,
             max_batch=config.batch_max_events,
             max_pending=config.max_pending_events,
-            on_batch=self._observe_batch,
+            on_batch=self._batch_metrics.observe,
             on_backend_error=self._count_backend_error,
             min_interval=config.batch_interval_s,
         )
@@ -428,10 +419,6 @@ class BridgeService:
     async def _publish(self, events: Any) -> None:
         await self.backend.publish(events)
         self.counters.forwarded += len(events)
-
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        self._batch_sizes.observe(size)
-        self._publish_seconds.observe(seconds)
 
     def _count_backend_error(self) -> None:
         self.counters.backend_errors += 1

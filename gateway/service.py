@@ -32,14 +32,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from uvicorn.server import ServerState
 
 from teamtrack.backends import Backend, Event
 from teamtrack.contract import ContractError, require_slug
 from teamtrack.device_auth import DeviceAccounts
 from teamtrack.http_guard import guarded_http_protocol
-from teamtrack.ingress.batcher import Batcher
+from teamtrack.ingress.batcher import Batcher, BatchMetrics
 from teamtrack.ingress.owntracks import OnlineRefresh
 from teamtrack.ingress.ratelimit import DeviceRateLimit
 from teamtrack.logs import RateLimitedLog
@@ -129,21 +129,14 @@ class GatewayService:
         self.backend = backend
         self.counters = GatewayCounters()
         registry.register(GatewayCollector(self.counters, config.gateway_id))
-        self._batch_sizes = Histogram(
-            "teamtrack_gateway_batch_size", "Events per backend publish", ["gateway"],
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
-            registry=registry,
-        ).labels(config.gateway_id)
-        self._publish_seconds = Histogram(
-            "teamtrack_gateway_publish_seconds", "Backend publish round trip", ["gateway"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
-            registry=registry,
-        ).labels(config.gateway_id)
+        self._batch_metrics = BatchMetrics(
+            registry, "teamtrack_gateway", "gateway", config.gateway_id
+        )
         self.batcher = Batcher(
             self._publish,
             max_batch=config.batch_max_events,
             max_pending=config.max_pending_events,
-            on_batch=self._observe_batch,
+            on_batch=self._batch_metrics.observe,
             on_backend_error=self._count_backend_error,
             min_interval=config.batch_interval_s,
         )
@@ -292,10 +285,6 @@ class GatewayService:
     async def _publish(self, events: Any) -> None:
         await self.backend.publish(events)
         self.counters.forwarded += len(events)
-
-    def _observe_batch(self, size: int, seconds: float) -> None:
-        self._batch_sizes.observe(size)
-        self._publish_seconds.observe(seconds)
 
     def _count_backend_error(self) -> None:
         self.counters.backend_errors += 1

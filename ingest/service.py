@@ -33,13 +33,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from teamtrack.backends import Backend, BackendError, Event, GroupBatch, GroupConsumer
 from teamtrack.contract import Kind
-from teamtrack.history import (
-    DecodedBatch,
-    HistoryStore,
-    StoredPosition,
-    WriteResult,
-    decode_batch,
-)
+from teamtrack.history import HistoryStore, StoredPosition, WriteResult
+from teamtrack.history_decode import DecodedBatch, decode_batch
 from teamtrack.logs import RateLimitedLog
 from teamtrack.retry import Backoff
 

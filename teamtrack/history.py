@@ -1,4 +1,5 @@
-"""The position history in SQL: tables, batch decoding, the store (writes and queries).
+"""The position history in SQL: tables and the store (writes and queries); a backend batch
+becomes rows in `teamtrack.history_decode`.
 
 Both the ingest (writes) and the dashboard (reads) use it; exports and summaries are in
 `teamtrack.history_export`. SQLite (`sqlite+aiosqlite:///path`) by default, PostgreSQL
@@ -21,10 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
@@ -35,15 +34,6 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-
-from teamtrack.contract import (
-    OPTIONAL_RANGES,
-    REQUIRED_NUMBERS,
-    ContractError,
-    Presence,
-    check_worker_event,
-    is_slug,
-)
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
 HISTORY_FILE_NAME: Final = "history.sqlite3"
@@ -114,148 +104,6 @@ worker_events = sa.Table(
 def default_database_url(state_dir: Path | str) -> str:
     """The SQLite file of a state folder, as the ingest and the dashboard both default to."""
     return f"sqlite+aiosqlite:///{Path(state_dir) / HISTORY_FILE_NAME}"
-
-
-# Decoding ------------------------------------------------------------------------------------
-
-POSITION_COLUMNS: Final = (
-    "team", "worker", "ts", "seq", "lat", "lon", "acc", "speed", "heading", "battery",
-    "origin", "received_ms",
-)
-# The contract's ranges, open bounds as infinities: one comparison per bound.
-_LAT_RANGE, _LON_RANGE = ((low, high) for _name, low, high in REQUIRED_NUMBERS)
-_OPTIONAL_RANGES: Final = tuple(
-    (name, low, math.inf if high is None else high) for name, (low, high) in OPTIONAL_RANGES.items()
-)
-_STATUS_WORDS: Final = frozenset(presence.value for presence in Presence)
-
-
-class OddEvent(ValueError):
-    """An event that should never have passed a bridge; `reason` labels the skip counter."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass
-class DecodedBatch:
-    """Rows ready for `HistoryStore.write`, and what was skipped, by reason."""
-
-    positions: list[dict[str, Any]] = field(default_factory=list)
-    presence: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    skipped: Counter[str] = field(default_factory=Counter)
-
-    def extend(self, other: DecodedBatch) -> None:
-        self.positions += other.positions
-        self.presence += other.presence
-        self.events += other.events
-        self.skipped.update(other.skipped)
-
-
-def _bounded(value: object, low: float, high: float, reason: str) -> float:
-    # `type(...) is` rather than isinstance: bool is an int subclass, and JSON gives exact types.
-    kind = type(value)
-    if kind is float:
-        if low <= value <= high:  # type: ignore[operator]  # also false for NaN
-            return value  # type: ignore[return-value]
-    elif kind is int and low <= value <= high:  # type: ignore[operator]
-        return float(value)  # type: ignore[arg-type]
-    raise OddEvent(reason)
-
-
-def _integer(value: object, reason: str) -> int:
-    if type(value) is not int or not 0 <= value < 2**63:
-        raise OddEvent(reason)
-    return value
-
-
-def _worker_event_row(
-    team: str, worker: str, payload: object, origin: str, received_ms: int
-) -> dict[str, Any]:
-    try:
-        ts = check_worker_event(payload)
-    except ContractError:
-        raise OddEvent("bad_worker_event") from None
-    assert isinstance(payload, dict)
-    return {
-        "team": team, "worker": worker, "ts": ts, "type": payload["type"],
-        "event": payload["event"], "region": payload.get("rid") or payload.get("desc") or "",
-        "body": orjson.dumps(payload).decode(), "origin": origin, "received_ms": received_ms,
-    }
-
-
-def decode_event_row(team: str, item: object) -> tuple[str, dict[str, Any]]:
-    """("p", position row), ("s", presence row) or ("e", worker event row) of one event of a
-    backend batch.
-
-    Runs for every event the ingest stores: plain dict lookups and exact type checks, at most
-    one call per field (about 3 us per position instead of 5).
-    """
-    if type(item) is not dict:
-        raise OddEvent("bad_event")
-    get = item.get
-    worker, kind, origin = get("w"), get("k"), get("o")
-    if type(worker) is not str or not is_slug(worker):
-        raise OddEvent("bad_worker")
-    if type(origin) is not str or len(origin) > 64:
-        raise OddEvent("bad_event")
-    received_ms = _integer(get("rx"), "bad_event")
-    payload = get("p")
-    if kind == "s":
-        if payload not in _STATUS_WORDS:
-            raise OddEvent("bad_status")
-        status = {
-            "team": team, "worker": worker, "ts": received_ms, "status": payload, "origin": origin
-        }
-        return "s", status
-    if kind == "e":
-        return "e", _worker_event_row(team, worker, payload, origin, received_ms)
-    if kind != "p":
-        raise OddEvent("bad_event")
-    if type(payload) is not dict:
-        raise OddEvent("bad_position")
-    field = payload.get
-    row = {
-        "team": team,
-        "worker": worker,
-        "ts": _integer(field("ts"), "bad_position"),
-        "seq": _integer(field("seq"), "bad_position"),
-        "lat": _bounded(field("lat"), *_LAT_RANGE, "bad_position"),
-        "lon": _bounded(field("lon"), *_LON_RANGE, "bad_position"),
-        "origin": origin,
-        "received_ms": received_ms,
-    }
-    for name, low, high in _OPTIONAL_RANGES:
-        value = field(name)
-        row[name] = None if value is None else _bounded(value, low, high, "bad_position")
-    return "p", row
-
-
-def decode_batch(team: str, raw: bytes) -> DecodedBatch:
-    """The rows of one backend batch; never raises: what does not fit is counted and skipped."""
-    decoded = DecodedBatch()
-    if not is_slug(team):
-        decoded.skipped["bad_team"] += 1
-        return decoded
-    try:
-        items = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        decoded.skipped["not_json"] += 1
-        return decoded
-    if not isinstance(items, list):
-        decoded.skipped["bad_batch"] += 1
-        return decoded
-    for item in items:
-        try:
-            kind, row = decode_event_row(team, item)
-        except OddEvent as odd:
-            decoded.skipped[odd.reason] += 1
-            continue
-        rows = {"p": decoded.positions, "s": decoded.presence}.get(kind, decoded.events)
-        rows.append(row)
-    return decoded
 
 
 # Reading -------------------------------------------------------------------------------------
@@ -589,6 +437,30 @@ class HistoryStore:
             raise TooManyPoints(f"more than {max_points} positions in this window")
         return page.items
 
+    async def _time_page(
+        self, name: str, table: sa.Table, columns: Sequence[sa.ColumnElement[Any]], team: str,
+        window: tuple[int, int], worker: str | None, limit: int, after: PageCursor | None,
+    ) -> tuple[list[Any], PageCursor | None]:
+        """Rows of `table` for a team (or one worker) in [since, until), by (ts, id), a page
+        at a time: the query of every team-wide listing."""
+        since_ms, until_ms = window
+        where = [table.c.team == team, table.c.ts >= since_ms, table.c.ts < until_ms]
+        if worker is not None:
+            where.append(table.c.worker == worker)
+        if after is not None:
+            where.append(_after(table.c.ts, table.c.id, after))
+        query = (
+            sa.select(*columns, table.c.id)
+            .where(*where)
+            .order_by(table.c.ts, table.c.id)
+            .limit(limit + 1)
+        )
+        async with self.engine.connect() as connection:
+            rows = list((await connection.execute(query)).all())
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, PageCursor(name, rows[-1].ts, rows[-1].id) if more else None
+
     async def team_window(
         self,
         team: str,
@@ -599,20 +471,9 @@ class HistoryStore:
         after: PageCursor | None = None,
     ) -> Page[StoredPosition]:
         """Every worker's positions of a team in [since, until), by fix time, a page at a time."""
-        where = [positions.c.team == team, positions.c.ts >= since_ms, positions.c.ts < until_ms]
-        if after is not None:
-            where.append(_after(positions.c.ts, positions.c.id, after))
-        query = (
-            sa.select(*_POSITION_FIELDS, positions.c.id)
-            .where(*where)
-            .order_by(positions.c.ts, positions.c.id)
-            .limit(limit + 1)
+        rows, next_cursor = await self._time_page(
+            "team", positions, _POSITION_FIELDS, team, (since_ms, until_ms), None, limit, after
         )
-        async with self.engine.connect() as connection:
-            rows = (await connection.execute(query)).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = PageCursor("team", rows[-1].ts, rows[-1].id) if more else None
         return Page([_stored(row) for row in rows], next_cursor)
 
     async def presence(
@@ -627,22 +488,10 @@ class HistoryStore:
     ) -> Page[PresenceChange]:
         """Online/offline changes of a team (or one worker) in [since, until), oldest first."""
         table = presence_changes
-        where = [table.c.team == team, table.c.ts >= since_ms, table.c.ts < until_ms]
-        if worker is not None:
-            where.append(table.c.worker == worker)
-        if after is not None:
-            where.append(_after(table.c.ts, table.c.id, after))
-        query = (
-            sa.select(table.c.team, table.c.worker, table.c.ts, table.c.status, table.c.id)
-            .where(*where)
-            .order_by(table.c.ts, table.c.id)
-            .limit(limit + 1)
+        rows, next_cursor = await self._time_page(
+            "presence", table, (table.c.team, table.c.worker, table.c.ts, table.c.status), team,
+            (since_ms, until_ms), worker, limit, after,
         )
-        async with self.engine.connect() as connection:
-            rows = (await connection.execute(query)).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = PageCursor("presence", rows[-1].ts, rows[-1].id) if more else None
         changes = [PresenceChange(row.team, row.worker, row.ts, row.status) for row in rows]
         return Page(changes, next_cursor)
 
@@ -653,22 +502,10 @@ class HistoryStore:
         """Worker events of a team (or one worker) in [since, until), oldest first: each the
         contract's JSON with its `worker`."""
         table = worker_events
-        where = [table.c.team == team, table.c.ts >= since_ms, table.c.ts < until_ms]
-        if worker is not None:
-            where.append(table.c.worker == worker)
-        if after is not None:
-            where.append(_after(table.c.ts, table.c.id, after))
-        query = (
-            sa.select(table.c.worker, table.c.ts, table.c.body, table.c.id)
-            .where(*where)
-            .order_by(table.c.ts, table.c.id)
-            .limit(limit + 1)
+        rows, next_cursor = await self._time_page(
+            "events", table, (table.c.worker, table.c.ts, table.c.body), team,
+            (since_ms, until_ms), worker, limit, after,
         )
-        async with self.engine.connect() as connection:
-            rows = (await connection.execute(query)).all()
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_cursor = PageCursor("events", rows[-1].ts, rows[-1].id) if more else None
         return Page([{"worker": row.worker, **orjson.loads(row.body)} for row in rows],
                     next_cursor)
 
@@ -745,9 +582,7 @@ __all__ = [
     "DEFAULT_PAGE_SIZE",
     "MAX_PAGE_SIZE",
     "BadCursor",
-    "DecodedBatch",
     "HistoryStore",
-    "OddEvent",
     "Page",
     "PageCursor",
     "PresenceChange",
@@ -755,10 +590,9 @@ __all__ = [
     "TooManyPoints",
     "WriteResult",
     "create_engine",
-    "decode_batch",
-    "decode_event_row",
     "default_database_url",
     "metadata",
     "positions",
     "presence_changes",
+    "worker_events",
 ]

@@ -14,8 +14,8 @@ from teamtrack.history import (
     HistoryStore,
     PageCursor,
     TooManyPoints,
-    decode_batch,
 )
+from teamtrack.history_decode import decode_batch
 from teamtrack.history_export import runs
 
 T0 = 1_795_000_000_000

@@ -20,6 +20,8 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from teamtrack.backends import BackendError, Event
 from teamtrack.retry import Backoff
 
@@ -163,3 +165,27 @@ class Batcher:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class BatchMetrics:
+    """What a way in's publishes look like: events per publish and the backend's round trip,
+    as `{prefix}_batch_size` and `{prefix}_publish_seconds` labelled `label=value`; pass
+    `observe` as a Batcher's `on_batch`."""
+
+    def __init__(
+        self, registry: CollectorRegistry, prefix: str, label: str, value: str
+    ) -> None:
+        self._sizes = Histogram(
+            f"{prefix}_batch_size", "Events per backend publish", [label],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+            registry=registry,
+        ).labels(value)
+        self._seconds = Histogram(
+            f"{prefix}_publish_seconds", "Backend publish round trip", [label],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
+            registry=registry,
+        ).labels(value)
+
+    def observe(self, size: int, seconds: float) -> None:
+        self._sizes.observe(size)
+        self._seconds.observe(seconds)

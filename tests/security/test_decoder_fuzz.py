@@ -22,7 +22,7 @@ from teamtrack.contract import (
     decode_status,
     validate_position,
 )
-from teamtrack.history import OddEvent, decode_event_row
+from teamtrack.history_decode import OddEvent, decode_event_row
 
 pytestmark = pytest.mark.security
 NOW = int(time.time() * 1000)
