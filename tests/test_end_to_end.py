@@ -97,10 +97,10 @@ def stop_cluster(process: subprocess.Popen[bytes]) -> tuple[int, str]:
     return process.returncode, output.decode()
 
 
-@pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
-    state_dir = tmp_path_factory.mktemp("cluster")
-    process = start_cluster(state_dir, "--no-simulate")
+@contextlib.contextmanager
+def cluster_running(state_dir: Path, *extra: str) -> Iterator[RunningCluster]:
+    """`teamtrack up --no-simulate` (and `extra`) in `state_dir`, until the block ends."""
+    process = start_cluster(state_dir, "--no-simulate", *extra)
     try:
         endpoints = wait_until_up(process, state_dir)
         yield RunningCluster(
@@ -109,6 +109,12 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
     finally:
         if process.poll() is None:
             stop_cluster(process)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    with cluster_running(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
 
 
 def payload(seq: int) -> bytes:

@@ -22,28 +22,19 @@ from gateway_tools import NdjsonStream, basic
 from mqtt_tools import MosquittoSub
 from owntracks_payloads import recorded, valid_locations
 from prometheus_client.parser import text_string_to_metric_families
-from test_end_to_end import RunningCluster, start_cluster, stop_cluster, wait_until_up
+from test_end_to_end import RunningCluster, cluster_running
 from test_owntracks_mqtt import collect, history_events, history_track
 from typer.testing import CliRunner
 
 from teamtrack.cli import app
-from teamtrack.provision import load_credentials
 
 WAIT = 15.0
 
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
-    state_dir = tmp_path_factory.mktemp("gateway")
-    process = start_cluster(state_dir, "--no-simulate")
-    try:
-        endpoints = wait_until_up(process, state_dir)
-        yield RunningCluster(
-            process, state_dir, endpoints, load_credentials(state_dir / "credentials.json")
-        )
-    finally:
-        if process.poll() is None:
-            stop_cluster(process)
+    with cluster_running(tmp_path_factory.mktemp("gateway")) as cluster:
+        yield cluster
 
 
 def gateway_metric(running: RunningCluster, name: str, label: str) -> Counter[str]:

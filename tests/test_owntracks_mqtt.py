@@ -26,12 +26,11 @@ import websockets
 from owntracks_payloads import Recorded, recorded, valid_locations
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
-from test_end_to_end import RunningCluster, start_cluster, stop_cluster, wait_until_up
+from test_end_to_end import RunningCluster, cluster_running
 from test_enrolment import zbarimg
 
 from teamtrack.contract import position_topic
 from teamtrack.enrolment import read_config_url
-from teamtrack.provision import load_credentials
 
 WAIT = 15.0
 # The name phones reach the brokers by (the certificate names it); here it resolves to loopback.
@@ -41,15 +40,8 @@ PUBLIC_HOST = "tracks.example.org"
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
     state_dir = tmp_path_factory.mktemp("owntracks")
-    process = start_cluster(state_dir, "--no-simulate", "--tls-hosts", PUBLIC_HOST)
-    try:
-        endpoints = wait_until_up(process, state_dir)
-        yield RunningCluster(
-            process, state_dir, endpoints, load_credentials(state_dir / "credentials.json")
-        )
-    finally:
-        if process.poll() is None:
-            stop_cluster(process)
+    with cluster_running(state_dir, "--tls-hosts", PUBLIC_HOST) as cluster:
+        yield cluster
 
 
 class OwnTracksPhone:
