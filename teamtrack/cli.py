@@ -83,6 +83,14 @@ def up(
             "any one may crash)",
         ),
     ] = 1,
+    bridges_per_broker: Annotated[
+        int,
+        typer.Option(
+            envvar=_env("bridges_per_broker"),
+            help="bridge processes per broker, in one shared subscription, each with its own "
+            "MQTT account (bridge-b<i>-<n>): more throughput per broker",
+        ),
+    ] = 1,
     simulate: Annotated[
         bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
     ] = True,
@@ -134,7 +142,7 @@ def up(
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
         interval=interval, qos=qos, duration=duration, backend=backend,
         kafka_nodes=kafka_nodes, tls=tls, https=https, tls_hosts=split_hosts(tls_hosts),
-        mqtts_host=mqtts_host,
+        mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker,
     )
     cluster = LocalCluster(options, console)
     try:
@@ -615,6 +623,10 @@ def bench_command(
     fault_backend: Annotated[
         str, typer.Option(help="the cluster of --scenarios faults: redis, or kafka (3 nodes)")
     ] = "redis",
+    bridges_per_broker: Annotated[
+        int, typer.Option(help="bridge processes per broker of the local cluster, in one "
+                          "shared subscription (as `teamtrack up --bridges-per-broker`)")
+    ] = 1,
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -627,6 +639,7 @@ def bench_command(
             few_workers=few_workers, teams=teams, generators=generators, qos=qos,
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
             rounds=rounds, fault_backend=fault_backend,
+            bridges_per_broker=bridges_per_broker,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

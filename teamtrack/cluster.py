@@ -52,7 +52,7 @@ from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
-from teamtrack.ports import PortPlan
+from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.redis_users import load_or_create_users, write_acl_file
 from teamtrack.registry import demo_registry, dump_registry
@@ -92,6 +92,9 @@ class ClusterOptions:
     backend: str = "redis"
     # Nodes of the Kafka started for --backend kafka: 3 gives every topic 3 replicas.
     kafka_nodes: int = 1
+    # Bridge processes per broker, in one shared subscription: each its own MQTT account and
+    # client id (bridge-b{i}-{n}) and /metrics port. 1 keeps a plain subscription with No Local.
+    bridges_per_broker: int = 1
     simulate: bool = True
     interval: float = 1.0
     qos: int = 0
@@ -139,6 +142,12 @@ class ClusterError(RuntimeError):
     """The cluster could not start; the message says what to change."""
 
 
+def bridge_role(index: int, instance: int) -> str:
+    """The child name of bridge `instance` (from 1) of broker `index` (from 0): `bridge-1`,
+    `bridge-1-2`, ...; the first keeps the name it had when every broker had one bridge."""
+    return f"bridge-{index + 1}" if instance == 1 else f"bridge-{index + 1}-{instance}"
+
+
 def _python(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
@@ -150,7 +159,8 @@ class LocalCluster:
         self.state_dir = options.state_dir.resolve()
         self.logs_dir = self.state_dir / "logs"
         self.ports = PortPlan.build(
-            options.base_port, options.brokers, options.dashboards, options.kafka_nodes
+            options.base_port, options.brokers, options.dashboards, options.kafka_nodes,
+            max(options.bridges_per_broker, 1),
         )
         self.children: list[Child] = []
         self.redis: ManagedProcess | None = None
@@ -186,6 +196,13 @@ class LocalCluster:
             raise ClusterError("--backend must be redis or kafka")
         if options.kafka_nodes < 1:
             raise ClusterError("--kafka-nodes must be at least 1")
+        if options.bridges_per_broker < 1:
+            raise ClusterError("--bridges-per-broker must be at least 1")
+        if options.base_port and options.bridges_per_broker > MAX_BRIDGES_PER_BROKER:
+            raise ClusterError(
+                f"--bridges-per-broker must be at most {MAX_BRIDGES_PER_BROKER} with a fixed "
+                "--base-port (their ports would collide); --base-port 0 takes free ports"
+            )
         if options.https and not options.tls:
             raise ClusterError("--https needs the certificates of --tls")
         if options.backend_url is not None and not options.backend_url.startswith(
@@ -224,9 +241,10 @@ class LocalCluster:
         make_private(self.state_dir)
 
     def _start(self) -> None:
-        # One bridge account per broker: each bridge holds its own session (client id).
+        # One account per bridge process: each holds its own session (client id).
         registry = demo_registry(
-            self.options.teams, self.options.workers, brokers=self.options.brokers
+            self.options.teams, self.options.workers, brokers=self.options.brokers,
+            bridges_per_broker=self.options.bridges_per_broker,
         )
         dump_registry(registry, self.state_dir / "registry.yaml")
         self.provisioned = provision(
@@ -241,8 +259,8 @@ class LocalCluster:
             self._start_broker(index)
         for index in range(self.options.brokers):
             self._start_wsgate(index)
-        for index in range(self.options.brokers):
-            self._start_bridge(index)
+        for index, instance, port in self.ports.bridges():
+            self._start_bridge(index, instance, port)
         for index in range(self.options.dashboards):
             self._start_gateway(index)
         for index in range(self.options.dashboards):
@@ -293,7 +311,7 @@ class LocalCluster:
         positions for its bridges whoever reconnects first.
         """
         deadline = time.monotonic() + timeout
-        for port in self.ports.bridge_metrics:
+        for _, _, port in self.ports.bridges():
             url = f"http://{LOOPBACK}:{port}/metrics"
             while scrape_totals(url).get("teamtrack_bridge_subscribed", 0.0) < 1:
                 if time.monotonic() > deadline:
@@ -399,23 +417,28 @@ class LocalCluster:
         env.update(secrets)
         return env
 
-    def _start_bridge(self, index: int) -> None:
+    def _start_bridge(self, index: int, instance: int, metrics_port: int) -> None:
+        """Bridge `instance` of broker `index`: `bridge-{i}` for the first (the name it had
+        when a broker had one bridge), `bridge-{i}-{n}` for the others."""
         assert self.provisioned is not None
-        bridge = self.provisioned.credentials.bridge(bridge_username(f"b{index + 1}"))
+        bridge = self.provisioned.credentials.bridge(bridge_username(f"b{index + 1}", instance))
         argv = [
             *_python("bridge"),
             "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",
             "--broker-id", f"b{index + 1}",
+            "--instance", str(instance),
             "--mqtt-username", bridge.username,
-            "--metrics-port", str(self.ports.bridge_metrics[index]),
-            # The broker's only bridge: no share group, and its mirrored messages (No Local)
-            # never come back to it.
-            "--no-shared-subscription",
+            "--metrics-port", str(metrics_port),
         ]
+        if self.options.bridges_per_broker == 1:
+            # The broker's only bridge: no share group, and its mirrored messages (No Local)
+            # never come back to it. Several split the broker in the share group and drop
+            # their mirrored messages as echoes (bridge/service.py).
+            argv.append("--no-shared-subscription")
         if self.options.device_rate_per_s is not None:
             argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
         env = self._service_env("bridge", TEAMTRACK_MQTT_PASSWORD=bridge.password)
-        self._add(f"bridge-{index + 1}", argv, env, self.ports.bridge_metrics[index])
+        self._add(bridge_role(index, instance), argv, env, metrics_port)
 
     def _gateway_host(self) -> tuple[str, str]:
         """Where the device gateways listen, and the host in their URLs: with --https where
@@ -522,7 +545,7 @@ class LocalCluster:
             "dashboards": [f"{scheme}://{LOOPBACK}:{port}" for port in self.ports.dashboards],
             "backend": _without_password(self.backend_url),
             "bridge_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.bridge_metrics
+                f"http://{LOOPBACK}:{port}/metrics" for _, _, port in self.ports.bridges()
             ],
             "wsgate_metrics": [
                 f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.wsgate_metrics
@@ -649,8 +672,8 @@ class LocalCluster:
         table.add_column("forwarded", justify="right")
         table.add_column("rejected", justify="right")
         metrics_by_role = {
-            f"bridge-{index + 1}": ("bridge", port)
-            for index, port in enumerate(self.ports.bridge_metrics)
+            bridge_role(index, instance): ("bridge", port)
+            for index, instance, port in self.ports.bridges()
         } | {
             f"gateway-{index + 1}": ("gateway", port)
             for index, port in enumerate(self.ports.gateway_metrics)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from teamtrack.servers import free_port
 
+# Bridges a broker may have with a fixed base port: their /metrics ports are base + 700 + 10 (i-1)
+# + (n-2), ten a broker after the first (base 0 takes free ports and has no such limit).
+MAX_BRIDGES_PER_BROKER = 11
+
 
 @dataclass(frozen=True)
 class PortPlan:
@@ -19,6 +23,8 @@ class PortPlan:
     base + 400 + (i-1), device gateways (one per dashboard, `python -m gateway`) at
     base + 500 + (j-1) and their metrics at base + 600 + (j-1).
     Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
+    Bridges 2..N of broker i (`bridges_per_broker`) have their metrics at
+    base + 700 + 10 (i-1) + (n-2): bridge n of broker i, so at most 11 bridges per broker.
     """
 
     broker_mqtt: list[int]
@@ -34,13 +40,31 @@ class PortPlan:
     broker_mqtts: list[int] = field(default_factory=list)
     gateways: list[int] = field(default_factory=list)
     gateway_metrics: list[int] = field(default_factory=list)
+    # Per broker, the /metrics ports of its bridges 2..N (bridge 1's is in bridge_metrics).
+    more_bridge_metrics: list[list[int]] = field(default_factory=list)
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int]]:
         return [(self.kafka, self.kafka_controller), *self.kafka_more]
 
+    def bridges(self) -> list[tuple[int, int, int]]:
+        """(broker index from 0, bridge instance from 1, /metrics port) of every bridge,
+        broker by broker: b1's bridges 1..N, then b2's."""
+        return [
+            (index, instance, port)
+            for index, first in enumerate(self.bridge_metrics)
+            for instance, port in enumerate(
+                [first, *(self.more_bridge_metrics[index] if self.more_bridge_metrics else [])],
+                start=1,
+            )
+        ]
+
     @classmethod
-    def build(cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1) -> PortPlan:
+    def build(
+        cls, base: int, brokers: int, dashboards: int, kafka_nodes: int = 1,
+        bridges_per_broker: int = 1,
+    ) -> PortPlan:
+        more_bridges = range(bridges_per_broker - 1)
         if base == 0:
             return cls(
                 broker_mqtt=[free_port() for _ in range(brokers)],
@@ -55,6 +79,9 @@ class PortPlan:
                 broker_mqtts=[free_port() for _ in range(brokers)],
                 gateways=[free_port() for _ in range(dashboards)],
                 gateway_metrics=[free_port() for _ in range(dashboards)],
+                more_bridge_metrics=[
+                    [free_port() for _ in more_bridges] for _ in range(brokers)
+                ],
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -72,6 +99,10 @@ class PortPlan:
             broker_mqtts=[base + 10 * index + 2 for index in range(brokers)],
             gateways=[base + 500 + index for index in range(dashboards)],
             gateway_metrics=[base + 600 + index for index in range(dashboards)],
+            more_bridge_metrics=[
+                [base + 700 + 10 * index + extra for extra in more_bridges]
+                for index in range(brokers)
+            ],
         )
 
     def all_ports(self) -> Iterator[int]:
@@ -83,6 +114,8 @@ class PortPlan:
             yield port
             yield controller_port
         yield from self.bridge_metrics
+        for ports in self.more_bridge_metrics:
+            yield from ports
         yield from self.dashboards
         yield from self.wsgate_metrics
         yield from self.gateways

@@ -25,7 +25,7 @@ from teamtrack.bench.accounting import (
     percentile,
 )
 from teamtrack.bench.command import build_config, parse_rates
-from teamtrack.bench.deployments import Deployment, running_cluster
+from teamtrack.bench.deployments import Deployment, cluster_options, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
 from teamtrack.bench.report import write_report
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
@@ -239,6 +239,25 @@ def test_rates_and_options_are_parsed() -> None:
     assert config.scenarios == ("baseline", "redis")
     assert config.shapes == (Shape.FEW,)
     assert config.step_rates() == [(1000, False)]
+
+
+def test_bridges_per_broker_reach_the_cluster_and_the_report(tmp_path: Path) -> None:
+    config = build_config(
+        scenarios="redis", rates="1k", fixed_rates="", step_seconds=3, warmup_seconds=1,
+        drain_seconds=2, shape="few", workers=None, few_workers=3, teams=1, generators=1,
+        qos=0, endpoints=None, state_dir=None, out=tmp_path, progress=False,
+        bridges_per_broker=3,
+    )
+    options = cluster_options(REDIS_CLUSTER, tmp_path, 1, 3, config.bridges_per_broker)
+    assert options.bridges_per_broker == 3
+    write_report(BenchResult(config, {}, "", runs=[]), tmp_path)
+    assert orjson.loads((tmp_path / "result.json").read_bytes())["config"][
+        "bridges_per_broker"] == 3
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- bridges per broker of the local cluster: 3 (one shared subscription)" in summary
+    refused = CliRunner().invoke(app, ["bench", "--bridges-per-broker", "0"])
+    assert refused.exit_code == 2
+    assert "--bridges-per-broker must be at least 1" in refused.output
 
 
 def test_devices_are_taken_from_every_team_in_turn(provisioned: ProvisionResult) -> None:

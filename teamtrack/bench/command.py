@@ -75,6 +75,7 @@ def build_config(
     progress: bool,
     rounds: int = 1,
     fault_backend: str = "redis",
+    bridges_per_broker: int = 1,
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -98,6 +99,7 @@ def build_config(
         show_progress=progress,
         rounds=rounds,
         fault_backend=fault_backend,
+        bridges_per_broker=bridges_per_broker,
     )
 
 

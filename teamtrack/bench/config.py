@@ -74,6 +74,8 @@ class BenchConfig:
     rounds: int = 1
     # The cluster `--scenarios faults` runs on: "redis" or "kafka" (three nodes).
     fault_backend: str = "redis"
+    # Bridge processes per broker of the local cluster (`teamtrack up --bridges-per-broker`).
+    bridges_per_broker: int = 1
 
     def __post_init__(self) -> None:
         if not self.scenarios:
@@ -100,6 +102,8 @@ class BenchConfig:
             raise ValueError("qos must be 0 or 1")
         if self.rounds < 1:
             raise ValueError("rounds must be at least 1")
+        if self.bridges_per_broker < 1:
+            raise ValueError("--bridges-per-broker must be at least 1")
 
     def workers_for(self, shape: Shape) -> int:
         return self.many_workers if shape is Shape.MANY else self.few_workers

@@ -100,7 +100,8 @@ def start_lone_broker(state_dir: Path, work_dir: Path) -> Deployment:
 
 
 def cluster_options(
-    spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int
+    spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int,
+    bridges_per_broker: int = 1,
 ) -> ClusterOptions:
     """The `teamtrack up` options of a cluster deployment (free ports, no simulator)."""
     if spec.backend not in LOCAL_BACKENDS:
@@ -112,6 +113,7 @@ def cluster_options(
         state_dir=state_dir,
         backend=spec.backend,
         brokers=CLUSTER_BROKERS,
+        bridges_per_broker=bridges_per_broker,
         dashboards=CLUSTER_DASHBOARDS,
         teams=teams,
         workers=workers_per_team,
@@ -125,10 +127,11 @@ def cluster_options(
 
 
 def start_local_cluster(
-    spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int
+    spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int,
+    bridges_per_broker: int = 1,
 ) -> Deployment:
     """What `teamtrack up --base-port 0 --no-simulate` starts, in this process's care."""
-    options = cluster_options(spec, state_dir, teams, workers_per_team)
+    options = cluster_options(spec, state_dir, teams, workers_per_team, bridges_per_broker)
     cluster = LocalCluster(options)
     try:
         cluster.start()
@@ -148,7 +151,7 @@ def start_local_cluster(
         credentials=cluster.provisioned.credentials,
         processes=processes,
         bridge_metrics_urls=[
-            f"http://{LOOPBACK}:{port}/metrics" for port in cluster.ports.bridge_metrics
+            f"http://{LOOPBACK}:{port}/metrics" for _, _, port in cluster.ports.bridges()
         ],
         stream_urls=[f"{base}/v1/positions" for base in cluster.gateway_urls()],
         _stop=stop,

@@ -150,6 +150,11 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
         )
     if config.endpoints is not None:
         lines.append(f"- against the running cluster of `{config.endpoints}`")
+    else:
+        lines.append(
+            f"- bridges per broker of the local cluster: {config.bridges_per_broker}"
+            + (" (one shared subscription)" if config.bridges_per_broker > 1 else "")
+        )
     if config.faults.drop_every or config.faults.duplicate_every:
         lines.append(
             f"- **fault injection on**: drop every {config.faults.drop_every}th, duplicate "

@@ -336,6 +336,7 @@ class BenchResult:
                 "generator_processes": config.generator_processes,
                 "qos": config.qos,
                 "rounds": config.rounds,
+                "bridges_per_broker": config.bridges_per_broker,
                 "max_p99_ms": config.max_p99_ms,
                 "endpoints": str(config.endpoints) if config.endpoints else None,
                 "faults": asdict(config.faults),

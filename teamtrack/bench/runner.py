@@ -229,7 +229,8 @@ class BenchRunner:
             deployment = running_cluster(spec, config.endpoints, self._state_dir)
         else:
             deployment = await asyncio.to_thread(
-                start_local_cluster, spec, self._state_dir, config.teams, self._workers_per_team()
+                start_local_cluster, spec, self._state_dir, config.teams,
+                self._workers_per_team(), config.bridges_per_broker,
             )
         self._deployments[spec] = deployment
         return deployment
