@@ -25,7 +25,7 @@ the dashboard has a database URL (and closes the store when the app stops), and
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
@@ -42,7 +42,9 @@ from teamtrack.history import (
     MAX_PAGE_SIZE,
     BadCursor,
     HistoryStore,
+    Page,
     PageCursor,
+    PresenceChange,
     TooManyPoints,
 )
 from teamtrack.history_export import ExportFormat, export, summarize
@@ -217,6 +219,27 @@ def history_router(
             "next": page.next.encode() if page.next else None,
         })
 
+    async def team_listing(
+        name: str, key: str, fetch: Callable[..., Awaitable[Page[Any]]],
+        document: Callable[[Any], Any], team: str, manager: Manager,
+        window: tuple[str | None, str | None], worker: str | None, limit: int, after: str | None,
+    ) -> Response:
+        """A team's (or one worker's) `name` rows of a window, a page at a time, as `key`."""
+        check(manager, team, worker)
+        since_ms, until_ms = time_window(*window)
+        cursor = page_cursor(after, name)
+        try:
+            page = await fetch(team, since_ms, until_ms, worker=worker, limit=limit, after=cursor)
+        except (SQLAlchemyError, OSError) as error:
+            return _unavailable(name, error)
+        return _json({
+            "team": team,
+            "since": since_ms,
+            "until": until_ms,
+            key: [document(item) for item in page.items],
+            "next": page.next.encode() if page.next else None,
+        })
+
     @router.get("/api/teams/{team}/presence", response_model=None)
     async def presence(
         team: str,
@@ -227,22 +250,10 @@ def history_router(
         limit: Limit = DEFAULT_PAGE_SIZE,
         after: After = None,
     ) -> Response:
-        check(manager, team, worker)
-        since_ms, until_ms = time_window(since, until)
-        cursor = page_cursor(after, "presence")
-        try:
-            page = await store.presence(
-                team, since_ms, until_ms, worker=worker, limit=limit, after=cursor
-            )
-        except (SQLAlchemyError, OSError) as error:
-            return _unavailable("presence", error)
-        return _json({
-            "team": team,
-            "since": since_ms,
-            "until": until_ms,
-            "changes": [change.document() for change in page.items],
-            "next": page.next.encode() if page.next else None,
-        })
+        return await team_listing(
+            "presence", "changes", store.presence, PresenceChange.document, team, manager,
+            (since, until), worker, limit, after,
+        )
 
     @router.get("/api/teams/{team}/events", response_model=None)
     async def events(
@@ -254,22 +265,10 @@ def history_router(
         limit: Limit = DEFAULT_PAGE_SIZE,
         after: After = None,
     ) -> Response:
-        check(manager, team, worker)
-        since_ms, until_ms = time_window(since, until)
-        cursor = page_cursor(after, "events")
-        try:
-            page = await store.events(
-                team, since_ms, until_ms, worker=worker, limit=limit, after=cursor
-            )
-        except (SQLAlchemyError, OSError) as error:
-            return _unavailable("events", error)
-        return _json({
-            "team": team,
-            "since": since_ms,
-            "until": until_ms,
-            "events": page.items,
-            "next": page.next.encode() if page.next else None,
-        })
+        return await team_listing(
+            "events", "events", store.events, dict, team, manager, (since, until), worker,
+            limit, after,
+        )
 
     return router
 
