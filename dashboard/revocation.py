@@ -97,7 +97,6 @@ class CredentialWatch:
         self.poll_s = poll_s
         self._signature = _file_signature(auth_file) if auth_file is not None else None
         self._after = ""
-        self._shared = True
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -144,13 +143,9 @@ class CredentialWatch:
         """Refuse `session` here at once, end its sockets here, and tell the other instances."""
         self.authenticator.revoke(session.session_id, session.expires_at)
         self.live.recheck(self.authenticator)
-        if not self._shared:
-            return
         revocation = SessionRevocation(session.session_id, session.expires_at)
         try:
             await self.backend.revoke_session(revocation, self.authenticator.session_max_age_s)
-        except NotImplementedError:
-            self._not_shared()
         except Exception as error:  # BackendError, or a driver's own
             log.error(
                 "logout of %s is refused on this instance only: the backend did not record "
@@ -177,8 +172,6 @@ class CredentialWatch:
         return True
 
     async def _read_revocations(self) -> bool:
-        if not self._shared:
-            return False
         found = False
         try:
             for _ in range(MAX_READS_PER_TURN):
@@ -189,15 +182,6 @@ class CredentialWatch:
                     ) or found
                 if not revocations:
                     break
-        except NotImplementedError:
-            self._not_shared()
         except (BackendError, OSError) as error:
             log.warning("reading logouts from the backend failed: %s", error)
         return found
-
-    def _not_shared(self) -> None:
-        self._shared = False
-        log.warning(
-            "this backend shares no logouts between dashboard instances: a logout is "
-            "refused on the instance that answered it only (docs/security.md)"
-        )

@@ -306,20 +306,17 @@ class Backend(abc.ABC):
     async def ping(self) -> bool:
         """True when the backend answers; used by health checks."""
 
+    @abc.abstractmethod
     async def revoke_session(self, revocation: SessionRevocation, keep_s: float) -> None:
         """Record a revocation for every dashboard instance (`session_revocations`). Entries
         recorded more than `keep_s` ago may be dropped: pass the longest session life, after
-        which every session they name has expired anyway.
+        which every session they name has expired anyway."""
 
-        A backend that cannot share revocations raises NotImplementedError (a dashboard then
-        refuses the revoked session on its own instance only, and says so in its log)."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     async def session_revocations(self, after: str) -> tuple[list[SessionRevocation], str]:
         """Revocations recorded after the opaque position `after` ("": every one still kept),
         at most `revocations_per_read` per call, and the position to pass next time. Answers
         at once when nothing is new: a dashboard asks every `--revocation-poll-s`."""
-        raise NotImplementedError
 
     async def recover_last_known(
         self, load: Callable[[], Awaitable[Sequence[Event]]]
