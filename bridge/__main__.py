@@ -1,8 +1,14 @@
-"""`python -m bridge`: one broker's devices into the backend, other brokers' traffic back out."""
+"""`python -m bridge`: one broker's devices into the backend, other brokers' traffic back out.
+
+SIGTERM stops it and keeps its session on the broker (it comes back for it); SIGUSR2 drains it
+and ends its session (`BridgeService.leave`): the broker sends its share to the other bridges.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import sys
 
 from bridge.service import BridgeConfig, BridgeService
@@ -40,12 +46,25 @@ async def serve(settings: BridgeSettings) -> None:
     registry = service_registry()
     service = BridgeService(config, from_url(settings.backend_url), registry)
     async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
+        # SIGUSR2: leave the broker for good (`teamtrack scale` took this bridge away).
+        leaving = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def leave() -> None:
+            leaving.set()
+            stopping.set()
+
+        loop.add_signal_handler(signal.SIGUSR2, leave)
         await service.start()
         settle_heap()
         log.info("bridge %s ready on %s", config.client_id, config.broker)
         await stopping.wait()
-        log.info("stopping")
-        await service.stop()
+        if leaving.is_set():
+            log.info("leaving the broker for good: draining")
+            await service.leave()
+        else:
+            log.info("stopping")
+            await service.stop()
 
 
 def main() -> None:

@@ -223,6 +223,8 @@ class BridgeService:
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self._stopping = False
+        # Set by `leave`: no subscription is made again on a reconnect.
+        self._leaving = False
 
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -252,6 +254,48 @@ class BridgeService:
         self._tasks.clear()
         await self.backend.close()
 
+    async def leave(self, quiet_s: float = 0.5, limit_s: float = 30.0) -> None:
+        """Leave the broker for good (`teamtrack scale` took this bridge away): nothing that
+        the broker handed over or still queues for this bridge may be lost, since no process
+        will come back for its session.
+
+        The bridge unsubscribes, so that the broker sends the share group's next messages to
+        the other bridges; takes in what the broker still had queued for it until nothing
+        arrived for `quiet_s`; flushes all of it into the backend and acknowledges it; then
+        disconnects with a session expiry of 0, so the broker forgets the session at once
+        instead of queueing for it (a shared subscription's member that is merely away would
+        still get its share). Past `limit_s` it stops as `stop` does and keeps its session.
+        """
+        self._leaving = True
+        deadline = time.monotonic() + limit_s
+        if self.counters.connected:
+            self._client.unsubscribe([*self._shared_filters(), *SUBSCRIBED_FILTERS])
+        seen, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now_seen = self._inbound_total()
+            if now_seen != seen:
+                seen, quiet_since = now_seen, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.batcher.wait_idle(), max(deadline - time.monotonic(), 0.1))
+        await asyncio.sleep(0.05)  # the acknowledgements of the last batch go out
+        expired = time.monotonic() < deadline and self.batcher.idle
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            if expired:
+                await self._client.disconnect(session_expiry_interval=0)
+            else:
+                log.warning("could not drain within %.0fs; the session is kept", limit_s)
+        log.info("left %s (%d messages taken in)", self.config.broker, seen)
+        await self.stop()
+
+    def _inbound_total(self) -> int:
+        counters = self.counters
+        return (sum(counters.received.values()) + sum(counters.rejected.values())
+                + sum(counters.owntracks_ignored.values()) + counters.mirror_echoes)
+
     async def _connect_with_backoff(self) -> None:
         broker = self.config.broker
         backoff = Backoff(initial=0.2, maximum=10.0)
@@ -273,17 +317,26 @@ class BridgeService:
         # when it expired while the bridge was away. The persistent session may still hold the
         # other kind of subscription (the bridge ran with the other setting): it would deliver
         # every message twice, so it goes.
-        group = self.config.share_group
-        shared = [f"$share/{group}/{topic_filter}" for topic_filter in SUBSCRIBED_FILTERS]
+        # The new subscription goes first: between an UNSUBSCRIBE and the SUBSCRIBE after it the
+        # broker would answer devices "no matching subscribers" and drop their positions; the
+        # other way round, a message sent meanwhile arrives twice, and repeats are dropped
+        # downstream (history key, dashboards' seq window).
+        if self._leaving:
+            return
+        shared = self._shared_filters()
         if self.config.shared_subscription:
-            client.unsubscribe(list(SUBSCRIBED_FILTERS))
             client.subscribe([Subscription(topic_filter, qos=1) for topic_filter in shared])
+            client.unsubscribe(list(SUBSCRIBED_FILTERS))
         else:
-            client.unsubscribe(shared)
             client.subscribe([
                 Subscription(topic_filter, qos=1, no_local=True)
                 for topic_filter in SUBSCRIBED_FILTERS
             ])
+            client.unsubscribe(shared)
+
+    def _shared_filters(self) -> list[str]:
+        group = self.config.share_group
+        return [f"$share/{group}/{topic_filter}" for topic_filter in SUBSCRIBED_FILTERS]
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         codes = [int(code) for code in (qos if isinstance(qos, list | tuple) else [qos])]

@@ -130,6 +130,7 @@ def up(
 
     from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster, ServerError
     from teamtrack.provision import ProvisionError
+    from teamtrack.scaling import Scaler
     from teamtrack.tls import split_hosts
 
     if qos not in (0, 1):
@@ -155,7 +156,9 @@ def up(
     if duration:
         threading.Timer(duration, cluster.request_stop).start()
     try:
-        cluster.run_until_stopped(show_status=status and console.is_terminal)
+        cluster.run_until_stopped(
+            show_status=status and console.is_terminal, tick=Scaler(cluster).poll
+        )
     finally:
         with console.status("stopping..."):
             results = cluster.stop()
@@ -572,11 +575,65 @@ def endpoints_command(
     state_dir: Annotated[Path, typer.Option(envvar=_env("state_dir"))] = Path("state"),
 ) -> None:
     """Print the endpoints of the cluster started by `teamtrack up`."""
+    from teamtrack.scaling import running_supervisor
+
     path = state_dir / "endpoints.json"
     if not path.exists():
         raise _fail(f"{path} not found: is `teamtrack up` running with this --state-dir?")
+    if running_supervisor(state_dir) is None:
+        raise _fail(f"the cluster of {state_dir} is not running (`teamtrack up` starts it)")
     json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@app.command("scale")
+def scale_command(
+    state_dir: Annotated[Path, typer.Option(envvar=_env("state_dir"))] = Path("state"),
+    brokers: Annotated[int | None, typer.Option(help="Mosquitto brokers")] = None,
+    bridges_per_broker: Annotated[
+        int | None, typer.Option(help="bridge processes per broker (a shared subscription)")
+    ] = None,
+    dashboards: Annotated[
+        int | None, typer.Option(help="dashboard instances (each with its device gateway)")
+    ] = None,
+    wait: Annotated[float, typer.Option(help="longest wait for the change, seconds")] = 300.0,
+) -> None:
+    """Grow or shrink a running `teamtrack up`: what joins is ready before it is listed, what
+    leaves drains first (docs/operations.md, scaling)."""
+    from rich.table import Table
+
+    from teamtrack.scaling import ScaleError, ScaleRequest, running_supervisor, submit, wait_result
+
+    if brokers is None and bridges_per_broker is None and dashboards is None:
+        raise _fail("say what to change: --brokers, --bridges-per-broker and/or --dashboards")
+    if running_supervisor(state_dir) is None:
+        raise _fail(f"no `teamtrack up` is running with --state-dir {state_dir}")
+    request = ScaleRequest.new(brokers, bridges_per_broker, dashboards)
+    submit(state_dir, request)
+    try:
+        with console.status("scaling...") as status:
+
+            def show(step: str) -> None:
+                console.print(f"  {step}")
+                status.update(step)
+
+            result = wait_result(state_dir, request.id, wait, show)
+    except ScaleError as error:
+        raise _fail(str(error)) from None
+    table = Table(title="teamtrack processes")
+    table.add_column("process")
+    table.add_column("pid", justify="right")
+    processes = result.get("processes", {})
+    assert isinstance(processes, dict)
+    for role, pid in processes.items():
+        table.add_row(role, str(pid))
+    console.print(table)
+    scale = result.get("scale", {})
+    assert isinstance(scale, dict)
+    summary = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in scale.items())
+    if result.get("state") != "done":
+        raise _fail(f"scaling failed: {result.get('error')} (now: {summary})")
+    console.print(f"scaled: {summary}")
 
 
 @app.command("bench")

@@ -28,14 +28,17 @@ import stat
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from teamtrack.files import hold_supervisor_lock, write_json_atomically
 from teamtrack.history import default_database_url
 from teamtrack.kafka_server import (
     KafkaCluster,
@@ -55,7 +58,7 @@ from teamtrack.passwords import generate_secret
 from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.redis_users import load_or_create_users, write_acl_file
-from teamtrack.registry import demo_registry, dump_registry
+from teamtrack.registry import bridge_usernames, demo_registry, dump_registry, load_registry
 from teamtrack.retry import Backoff
 from teamtrack.servers import (
     LOOPBACK,
@@ -163,6 +166,12 @@ class LocalCluster:
             max(options.bridges_per_broker, 1),
         )
         self.children: list[Child] = []
+        # What runs now: the options' counts until `teamtrack scale` changes them.
+        self.brokers = options.brokers
+        self.dashboards = options.dashboards
+        self.bridges_per_broker = max(options.bridges_per_broker, 1)
+        # Bridges share their broker in a share group (several per broker, or once scaled).
+        self.shared_subscriptions = options.bridges_per_broker > 1
         self.redis: ManagedProcess | None = None
         self.kafka: ManagedProcess | None = None
         # --kafka-nodes 2+: the nodes, listed and stopped with the backend
@@ -186,6 +195,8 @@ class LocalCluster:
         self._backend_probed_at = -math.inf
         self._backend_down_since = 0.0
         self._outage_logged_at = 0.0
+        # Held while this supervisor runs (`teamtrack scale` and `endpoints` look for it).
+        self._lock: IO[bytes] | None = None
 
     # Start -------------------------------------------------------------------------------
     def check_options(self) -> None:
@@ -231,6 +242,11 @@ class LocalCluster:
         folders, 0600 files): it holds every team's track, the logs and the secrets."""
         self.check_options()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._lock = hold_supervisor_lock(self.state_dir)
+        if self._lock is None:
+            raise ClusterError(
+                f"another teamtrack up is running with the state folder {self.state_dir}"
+            )
         # What an older run left with wider modes, then what this process writes meanwhile.
         make_private(self.state_dir)
         previous = os.umask(PRIVATE_UMASK)
@@ -256,24 +272,46 @@ class LocalCluster:
             self.redis = self._start_redis()
             self.children.append(Child("redis", self.redis, self.ports.redis))
         for index in range(self.options.brokers):
-            self._start_broker(index)
+            self.start_broker(index)
         for index in range(self.options.brokers):
-            self._start_wsgate(index)
-        for index, instance, port in self.ports.bridges():
-            self._start_bridge(index, instance, port)
+            self.start_wsgate(index)
+        for index, instance, port in self.active_bridges():
+            self.start_bridge(index, instance, port)
         for index in range(self.options.dashboards):
-            self._start_gateway(index)
+            self.start_gateway(index)
         for index in range(self.options.dashboards):
-            self._start_dashboard(index)
+            self.start_dashboard(index)
         self._start_ingest()
         for child in self.children:
             if child.ready_port is not None:
                 child.process.wait_for_port(LOOPBACK, child.ready_port, timeout=30)
-        self._save_bridge_sessions()
+        self.save_bridge_sessions(range(self.brokers))
         if self.options.simulate:
             self._start_simulator()
-        self._write_endpoints()
-        self._write_processes()
+        self.write_endpoints()
+
+    def grow_ports(self, brokers: int, dashboards: int, bridges_per_broker: int) -> None:
+        """Room in the port plan for this many (`teamtrack scale`); planned ports stay."""
+        self.ports = self.ports.grown(
+            self.options.base_port, brokers, dashboards, bridges_per_broker
+        )
+
+    def provision_bridges(self, brokers: int, bridges_per_broker: int) -> None:
+        """Accounts for exactly the bridges of `brokers` brokers with `bridges_per_broker`
+        each (the registry's other entries and every secret stay); the running brokers read
+        the password file and the ACL again (SIGHUP)."""
+        path = self.state_dir / "registry.yaml"
+        registry = load_registry(path).model_copy(
+            update={"bridges": bridge_usernames(brokers, bridges_per_broker)}
+        )
+        dump_registry(registry, path)
+        self.provisioned = provision(
+            registry, self.state_dir, tls=self.options.tls, tls_hosts=self._tls_hosts()
+        )
+        for child in self.children:
+            if child.role.startswith("broker-") and child.process.running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGHUP)
 
     def _tls_hosts(self) -> tuple[str, ...]:
         """The configured names, and the mqtts listeners' own address when it is one."""
@@ -300,7 +338,7 @@ class LocalCluster:
         self._role_urls = {role: user.url(LOOPBACK, port) for role, user in users.items()}
         return start_redis(port, data_dir, aclfile=aclfile)
 
-    def _save_bridge_sessions(self, timeout: float = 30.0) -> None:
+    def save_bridge_sessions(self, brokers: Iterable[int], timeout: float = 30.0) -> None:
         """Once every bridge's subscription is granted, have every broker save its database.
 
         Mosquitto's persistence is a snapshot (every `autosave_interval`, and on SIGUSR1). A
@@ -311,14 +349,12 @@ class LocalCluster:
         positions for its bridges whoever reconnects first.
         """
         deadline = time.monotonic() + timeout
-        for _, _, port in self.ports.bridges():
-            url = f"http://{LOOPBACK}:{port}/metrics"
-            while scrape_totals(url).get("teamtrack_bridge_subscribed", 0.0) < 1:
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"the bridge at {url} did not subscribe in {timeout:.0f}s")
-                time.sleep(0.05)
-        brokers = [child for child in self.children if child.role.startswith("broker-")]
-        for child in brokers:
+        indices = set(brokers)
+        for index, _, port in self.active_bridges():
+            if index in indices:
+                self.wait_subscribed(port, deadline)
+        roles = {f"broker-{index + 1}" for index in indices}
+        for child in [child for child in self.children if child.role in roles]:
             database = self.state_dir / "brokers" / child.role / "mosquitto.db"
             saved_before = database.stat().st_mtime_ns if database.exists() else 0
             os.kill(child.process.pid, signal.SIGUSR1)
@@ -326,6 +362,21 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise ClusterError(f"{child.role} did not save {database} in {timeout:.0f}s")
                 time.sleep(0.02)
+
+    def wait_subscribed(self, metrics_port: int, deadline: float) -> None:
+        """Until the bridge serving /metrics on `metrics_port` holds its subscription."""
+        url = f"http://{LOOPBACK}:{metrics_port}/metrics"
+        while scrape_totals(url).get("teamtrack_bridge_subscribed", 0.0) < 1:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the bridge at {url} did not subscribe in time")
+            time.sleep(0.05)
+
+    def active_bridges(self) -> list[tuple[int, int, int]]:
+        """(broker index, instance, /metrics port) of the bridges that run now."""
+        return [
+            (index, instance, port) for index, instance, port in self.ports.bridges()
+            if index < self.brokers and instance <= self.bridges_per_broker
+        ]
 
     def _start_kafka(self) -> None:
         """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from
@@ -360,16 +411,29 @@ class LocalCluster:
 
     def _add(
         self, role: str, argv: list[str], env: dict[str, str] | None, port: int | None
-    ) -> None:
+    ) -> Child:
         process = ManagedProcess(role, argv, self.logs_dir / f"{role}.log", env=env)
         process.start()
-        self.children.append(Child(role, process, port))
+        child = Child(role, process, port)
+        self.children.append(child)
+        return child
 
-    def _start_broker(self, index: int) -> None:
+    def retire(self, role: str) -> Child | None:
+        """Take `role` off the supervised children (it is not restarted any more); the caller
+        stops it."""
+        for child in self.children:
+            if child.role == role:
+                self.children.remove(child)
+                return child
+        return None
+
+    def start_broker(self, index: int, drain_port: int | None = None) -> Child:
+        """Broker `index`; with `drain_port`, the same broker (its saved sessions) on that
+        port alone, no TLS listener: no device knows it, its bridges empty their sessions."""
         assert self.provisioned is not None
         tls = self.provisioned.tls
         mqtts = None
-        if tls is not None:
+        if tls is not None and drain_port is None:
             mqtts = MqttsListener(
                 port=self.ports.broker_mqtts[index],
                 certfile=tls.server_cert,
@@ -377,20 +441,18 @@ class LocalCluster:
                 cafile=tls.ca_cert,
                 host=self.options.mqtts_host,
             )
+        port = drain_port or self.ports.broker_mqtt[index]
         config = render_broker_config(
-            mqtt_port=self.ports.broker_mqtt[index],
+            mqtt_port=port,
             state_dir=self.state_dir / "brokers",
             password_file=self.provisioned.password_file,
             acl_file=self.provisioned.acl_file,
             broker_name=f"broker-{index + 1}",
             mqtts=mqtts,
         )
-        self._add(
-            f"broker-{index + 1}", ["mosquitto", "-c", str(config)], None,
-            self.ports.broker_mqtt[index],
-        )
+        return self._add(f"broker-{index + 1}", ["mosquitto", "-c", str(config)], None, port)
 
-    def _start_wsgate(self, index: int) -> None:
+    def start_wsgate(self, index: int) -> None:
         """Broker i's MQTT over WebSockets (the brokers have no WebSockets listener), on
         loopback like everything else `teamtrack up` starts; it holds no secret."""
         argv = [
@@ -417,20 +479,24 @@ class LocalCluster:
         env.update(secrets)
         return env
 
-    def _start_bridge(self, index: int, instance: int, metrics_port: int) -> None:
+    def start_bridge(
+        self, index: int, instance: int, metrics_port: int, broker_port: int | None = None
+    ) -> Child:
         """Bridge `instance` of broker `index`: `bridge-{i}` for the first (the name it had
-        when a broker had one bridge), `bridge-{i}-{n}` for the others."""
+        when a broker had one bridge), `bridge-{i}-{n}` for the others; `broker_port` when
+        its broker is not where the plan puts it (draining, `teamtrack scale`)."""
         assert self.provisioned is not None
         bridge = self.provisioned.credentials.bridge(bridge_username(f"b{index + 1}", instance))
+        broker_port = broker_port or self.ports.broker_mqtt[index]
         argv = [
             *_python("bridge"),
-            "--broker-url", f"mqtt://{LOOPBACK}:{self.ports.broker_mqtt[index]}",
+            "--broker-url", f"mqtt://{LOOPBACK}:{broker_port}",
             "--broker-id", f"b{index + 1}",
             "--instance", str(instance),
             "--mqtt-username", bridge.username,
             "--metrics-port", str(metrics_port),
         ]
-        if self.options.bridges_per_broker == 1:
+        if not self.shared_subscriptions:
             # The broker's only bridge: no share group, and its mirrored messages (No Local)
             # never come back to it. Several split the broker in the share group and drop
             # their mirrored messages as echoes (bridge/service.py).
@@ -438,7 +504,7 @@ class LocalCluster:
         if self.options.device_rate_per_s is not None:
             argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
         env = self._service_env("bridge", TEAMTRACK_MQTT_PASSWORD=bridge.password)
-        self._add(bridge_role(index, instance), argv, env, metrics_port)
+        return self._add(bridge_role(index, instance), argv, env, metrics_port)
 
     def _gateway_host(self) -> tuple[str, str]:
         """Where the device gateways listen, and the host in their URLs: with --https where
@@ -449,7 +515,7 @@ class LocalCluster:
             return self.options.mqtts_host, f"[{host}]" if ":" in host else host
         return LOOPBACK, LOOPBACK
 
-    def _start_gateway(self, index: int) -> None:
+    def start_gateway(self, index: int) -> None:
         """Device gateway j (OwnTracks over HTTP, NDJSON streams): it checks devices' logins
         against the brokers' password file and publishes with the bridges' backend user."""
         assert self.provisioned is not None
@@ -472,7 +538,7 @@ class LocalCluster:
         self._add(f"gateway-{index + 1}", argv, self._service_env("bridge"),
                   self.ports.gateway_metrics[index])
 
-    def _start_dashboard(self, index: int) -> None:
+    def start_dashboard(self, index: int) -> None:
         assert self.provisioned is not None
         argv = [
             *_python("dashboard"),
@@ -515,10 +581,10 @@ class LocalCluster:
             host = self._mqtts_client_host()
             host = f"[{host}]" if ":" in host else host
             argv += ["--ca-file", str(tls.ca_cert)]
-            for port in self.ports.broker_mqtts:
+            for port in self.ports.broker_mqtts[: self.brokers]:
                 argv += ["--broker-url", f"mqtts://{host}:{port}"]
         else:
-            for port in self.ports.broker_mqtt:
+            for port in self.ports.broker_mqtt[: self.brokers]:
                 argv += ["--broker-url", f"mqtt://{LOOPBACK}:{port}"]
         if self.options.duration:
             argv += ["--duration", str(self.options.duration)]
@@ -530,7 +596,7 @@ class LocalCluster:
         tls = self.provisioned.tls if self.provisioned is not None else None
         brokers: list[dict[str, str]] = []
         for index, (mqtt, ws) in enumerate(
-            zip(self.ports.broker_mqtt, self.ports.broker_ws, strict=True)
+            zip(self.ports.broker_mqtt[: self.brokers], self.ports.broker_ws, strict=False)
         ):
             ws_scheme = "wss" if self.options.https and tls is not None else "ws"
             broker = {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"{ws_scheme}://{LOOPBACK}:{ws}"}
@@ -542,41 +608,54 @@ class LocalCluster:
         scheme = "https" if self.options.https and tls is not None else "http"
         endpoints: dict[str, object] = {
             "brokers": brokers,
-            "dashboards": [f"{scheme}://{LOOPBACK}:{port}" for port in self.ports.dashboards],
+            "dashboards": [
+                f"{scheme}://{LOOPBACK}:{port}" for port in self.ports.dashboards[: self.dashboards]
+            ],
             "backend": _without_password(self.backend_url),
             "bridge_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics" for _, _, port in self.ports.bridges()
+                f"http://{LOOPBACK}:{port}/metrics" for _, _, port in self.active_bridges()
             ],
             "wsgate_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.wsgate_metrics
+                f"http://{LOOPBACK}:{port}/metrics"
+                for port in self.ports.wsgate_metrics[: self.brokers]
             ],
             "device_http": [
                 {"owntracks": f"{base}/v1/owntracks", "ndjson": f"{base}/v1/positions"}
                 for base in self.gateway_urls()
             ],
             "gateway_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics" for port in self.ports.gateway_metrics
+                f"http://{LOOPBACK}:{port}/metrics"
+                for port in self.ports.gateway_metrics[: self.dashboards]
             ],
+            "scale": {
+                "brokers": self.brokers,
+                "bridges_per_broker": self.bridges_per_broker,
+                "dashboards": self.dashboards,
+            },
+            # The supervisor (`teamtrack up`, which `teamtrack scale` talks to) and every child.
+            "supervisor": os.getpid(),
+            "processes": self.processes(),
         }
         if tls is not None:
             endpoints["ca"] = str(tls.ca_cert)
         return endpoints
+
+    def processes(self) -> dict[str, int]:
+        """role -> pid of every child."""
+        return {child.role: child.process.pid for child in self.children}
 
     def gateway_urls(self) -> list[str]:
         """The device gateways' base URLs (https with --https)."""
         tls = self.provisioned.tls if self.provisioned is not None else None
         scheme = "https" if self.options.https and tls is not None else "http"
         host = self._gateway_host()[1]
-        return [f"{scheme}://{host}:{port}" for port in self.ports.gateways]
+        return [f"{scheme}://{host}:{port}" for port in self.ports.gateways[: self.dashboards]]
 
-    def _write_endpoints(self) -> None:
-        path = self.state_dir / "endpoints.json"
-        path.write_text(json.dumps(self.endpoints(), indent=2) + "\n")
-
-    def _write_processes(self) -> None:
-        """`processes.json`: role -> pid, for operators (and the test that checks for orphans)."""
-        processes = {child.role: child.process.pid for child in self.children}
-        (self.state_dir / PROCESSES_FILE).write_text(json.dumps(processes, indent=2) + "\n")
+    def write_endpoints(self) -> None:
+        """`endpoints.json` and `processes.json` (role -> pid, for operators and the test
+        that checks for orphans), each replaced in one step: a reader sees the old or the new."""
+        write_json_atomically(self.state_dir / "endpoints.json", self.endpoints())
+        write_json_atomically(self.state_dir / PROCESSES_FILE, self.processes())
 
     # Run ---------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -604,7 +683,7 @@ class LocalCluster:
                 child.next_restart_at = 0.0
                 child.started_at = now
                 process.start()
-                self._write_processes()
+                self.write_endpoints()
         if self.options.backend_url is not None:
             self._watch_backend(now)
 
@@ -629,7 +708,10 @@ class LocalCluster:
                       now - self._backend_down_since)
         self.backend_up = up
 
-    def run_until_stopped(self, show_status: bool = True) -> None:
+    def run_until_stopped(
+        self, show_status: bool = True, tick: Callable[[], None] | None = None
+    ) -> None:
+        """Supervise until stopped; `tick` runs between rounds (`teamtrack scale` requests)."""
         previous = {
             signum: signal.signal(signum, lambda *_: self.request_stop())
             for signum in (signal.SIGINT, signal.SIGTERM)
@@ -637,12 +719,16 @@ class LocalCluster:
         try:
             if show_status:
                 with Live(self.status(), console=self.console, refresh_per_second=1) as live:
-                    while not self._stop_requested.wait(1.0):
+                    while not self._stop_requested.wait(0.5):
                         self.supervise_once()
+                        if tick is not None:
+                            tick()
                         live.update(self.status())
             else:
                 while not self._stop_requested.wait(0.5):
                     self.supervise_once()
+                    if tick is not None:
+                        tick()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -661,6 +747,9 @@ class LocalCluster:
         ]
         if self.kafka_cluster is not None:
             results += self.kafka_cluster.stop()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
         return results
 
     # Status ------------------------------------------------------------------------------

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from teamtrack.servers import free_port
 
 # Bridges a broker may have with a fixed base port: their /metrics ports are base + 700 + 10 (i-1)
 # + (n-2), ten a broker after the first (base 0 takes free ports and has no such limit).
 MAX_BRIDGES_PER_BROKER = 11
+# Brokers and dashboards with a fixed base port: broker 11 would be at base + 100 (Redis), and
+# dashboard 101 at base + 400 (the WebSockets gateways' metrics).
+MAX_BROKERS = 10
+MAX_DASHBOARDS = 100
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,40 @@ class PortPlan:
         yield from self.wsgate_metrics
         yield from self.gateways
         yield from self.gateway_metrics
+
+    def grown(
+        self, base: int, brokers: int, dashboards: int, bridges_per_broker: int
+    ) -> PortPlan:
+        """This plan with room for at least `brokers`, `dashboards` and `bridges_per_broker`
+        (`teamtrack scale`): what is planned keeps its ports; with a base port the new ones
+        are where `build` would put them, with base 0 they are free ports."""
+        have_brokers = len(self.broker_mqtt)
+        have_dashboards = len(self.dashboards)
+        have_more = max((len(ports) for ports in self.more_bridge_metrics), default=0)
+        if (brokers <= have_brokers and dashboards <= have_dashboards
+                and bridges_per_broker - 1 <= have_more):
+            return self
+        brokers = max(brokers, have_brokers)
+        dashboards = max(dashboards, have_dashboards)
+        bridges_per_broker = max(bridges_per_broker, have_more + 1)
+        if base:
+            wider = PortPlan.build(base, brokers, dashboards, len(self.kafka_nodes),
+                                   bridges_per_broker)
+            return replace(wider, kafka_more=self.kafka_more)
+
+        def extend(ports: list[int], size: int) -> list[int]:
+            return [*ports, *(free_port() for _ in range(size - len(ports)))]
+
+        more = [*self.more_bridge_metrics, *([] for _ in range(brokers - have_brokers))]
+        return replace(
+            self,
+            broker_mqtt=extend(self.broker_mqtt, brokers),
+            broker_ws=extend(self.broker_ws, brokers),
+            broker_mqtts=extend(self.broker_mqtts, brokers),
+            bridge_metrics=extend(self.bridge_metrics, brokers),
+            wsgate_metrics=extend(self.wsgate_metrics, brokers),
+            more_bridge_metrics=[extend(ports, bridges_per_broker - 1) for ports in more],
+            dashboards=extend(self.dashboards, dashboards),
+            gateways=extend(self.gateways, dashboards),
+            gateway_metrics=extend(self.gateway_metrics, dashboards),
+        )

@@ -35,7 +35,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,6 +45,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
+from teamtrack.files import temporary_sibling, write_atomically
 from teamtrack.ingress.owntracks import OWNTRACKS_ROOT
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP
 from teamtrack.passwords import generate_secret, hash_password, token_digest
@@ -398,23 +398,6 @@ def _mqtt_logins(credentials: Credentials) -> Iterator[tuple[str, str]]:
         yield service.username, service.password
 
 
-def _temporary_sibling(target: Path, mode: int) -> Path:
-    descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(descriptor)
-    temporary = Path(name)
-    temporary.chmod(mode)
-    return temporary
-
-
-def _write_atomically(target: Path, content: bytes, mode: int) -> None:
-    temporary = _temporary_sibling(target, mode)
-    try:
-        temporary.write_bytes(content)
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_password_file(
     target: Path, logins: Iterable[tuple[str, str]], hash_tool: str = HASH_TOOL
 ) -> None:
@@ -430,7 +413,7 @@ def write_password_file(
             "(`make system-deps` installs it)"
         )
     plaintext = "".join(f"{username}:{password}\n" for username, password in logins)
-    temporary = _temporary_sibling(target, PRIVATE_MODE)
+    temporary = temporary_sibling(target, PRIVATE_MODE)
     try:
         temporary.write_text(plaintext, encoding="utf-8")
         completed = subprocess.run(
@@ -469,7 +452,7 @@ def write_observer_options(credentials: Credentials, config_dir: Path) -> Path |
     config_dir.chmod(0o700)
     path = config_dir / "mosquitto_sub"
     text = f"-V mqttv5\n-u {observer.username}\n-P {observer.password}\n"
-    _write_atomically(path, text.encode("utf-8"), PRIVATE_MODE)
+    write_atomically(path, text.encode("utf-8"), PRIVATE_MODE)
     return path
 
 
@@ -583,14 +566,14 @@ def _provision(
 
     # credentials.json first: it is the source of truth, so if a later step fails, running
     # provisioning again reuses these secrets and produces matching files.
-    _write_atomically(credentials_path, _json_bytes(credentials.document()), PRIVATE_MODE)
+    write_atomically(credentials_path, _json_bytes(credentials.document()), PRIVATE_MODE)
     password_file = directory / PASSWORD_FILE
     write_password_file(password_file, _mqtt_logins(credentials), hash_tool)
     acl_file = directory / ACL_FILE
     acl = acl_text(registry, frozenset(credentials.revoked))
-    _write_atomically(acl_file, acl.encode("utf-8"), PUBLIC_MODE)
+    write_atomically(acl_file, acl.encode("utf-8"), PUBLIC_MODE)
     dashboard_auth_path = directory / DASHBOARD_AUTH_FILE
-    _write_atomically(
+    write_atomically(
         dashboard_auth_path, _json_bytes(dashboard_auth_document(credentials)), PRIVATE_MODE
     )
     write_observer_options(credentials, directory / OBSERVER_CONFIG_DIR)

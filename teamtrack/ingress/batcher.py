@@ -63,6 +63,11 @@ class Batcher:
     def pending(self) -> int:
         return len(self._events)
 
+    @property
+    def idle(self) -> bool:
+        """True when everything queued so far has reached the backend."""
+        return self._idle.is_set()
+
     def offer(self, event: Event) -> bool:
         """Queue an event nobody waits for (QoS 0); False when the buffer is full."""
         if len(self._events) >= self._max_pending:
