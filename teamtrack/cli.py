@@ -641,8 +641,10 @@ def bench_command(
     scenarios: Annotated[
         str | None,
         typer.Option(help="comma-separated: baseline,redis,mqtt-mirror,kafka (default: all "
-                     "four), and faults (the fault suite under load, with recovery times; "
-                     "the rate is the first of --fixed-rates, the load --step-seconds long)"),
+                     "four), faults (the fault suite under load, with recovery times; "
+                     "the rate is the first of --fixed-rates, the load --step-seconds long) "
+                     "and spike (the load doubled and halved while `teamtrack scale` "
+                     "changes the cluster; phases of --step-seconds, at least 10)"),
     ] = None,
     rates: Annotated[
         str | None, typer.Option(help="offered-rate ladder, msg/s (default 1k,2k,5k,...,50k)")
@@ -684,6 +686,9 @@ def bench_command(
         int, typer.Option(help="bridge processes per broker of the local cluster, in one "
                           "shared subscription (as `teamtrack up --bridges-per-broker`)")
     ] = 1,
+    spike_workers: Annotated[
+        int, typer.Option(help="--scenarios spike: workers at 1 Hz before the peak doubles them")
+    ] = 200,
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -696,7 +701,7 @@ def bench_command(
             few_workers=few_workers, teams=teams, generators=generators, qos=qos,
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
             rounds=rounds, fault_backend=fault_backend,
-            bridges_per_broker=bridges_per_broker,
+            bridges_per_broker=bridges_per_broker, spike_workers=spike_workers,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

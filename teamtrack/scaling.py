@@ -225,15 +225,14 @@ class Scaler:
 
     # Bridges -----------------------------------------------------------------------------
     def _add_bridges(self, count: int) -> None:
+        """The new bridges join the share group first; then, if each broker had one bridge
+        with a plain subscription, that one is restarted into the group. Meanwhile its
+        session still queues every message for it while the group delivers them too: nothing
+        waits for its restart, and what arrives twice is dropped downstream."""
         cluster = self.cluster
         cluster.provision_bridges(cluster.brokers, count)
-        if not cluster.shared_subscriptions:
-            cluster.shared_subscriptions = True
-            for index, instance, port in cluster.active_bridges():
-                self._stop(cluster.retire(bridge_role(index, instance)))
-                cluster.start_bridge(index, instance, port)
-                cluster.wait_subscribed(port, time.monotonic() + READY_LIMIT_S)
-                self._step(f"{bridge_role(index, instance)} now in its broker's share group")
+        plain = not cluster.shared_subscriptions
+        cluster.shared_subscriptions = True
         previous = cluster.bridges_per_broker
         cluster.bridges_per_broker = count
         started = [(index, instance, port) for index, instance, port in cluster.active_bridges()
@@ -243,6 +242,13 @@ class Scaler:
         for index, instance, port in started:
             self._wait_subscribed(port)
             self._step(f"{bridge_role(index, instance)} joined")
+        if plain:
+            for index, instance, port in cluster.active_bridges():
+                if instance == 1:
+                    self._stop(cluster.retire(bridge_role(index, instance)))
+                    cluster.start_bridge(index, instance, port)
+                    self._wait_subscribed(port)
+                    self._step(f"{bridge_role(index, instance)} now in its broker's share group")
         cluster.save_bridge_sessions(range(cluster.brokers))
 
     def _remove_bridges(self, count: int) -> None:

@@ -21,7 +21,7 @@ from teamtrack.bench.config import (
 )
 from teamtrack.bench.report import print_summary, write_report
 from teamtrack.bench.runner import run_benchmark
-from teamtrack.bench.scenarios import FAULTS, SCENARIOS, parse_scenarios
+from teamtrack.bench.scenarios import FAULTS, SCENARIOS, SPIKE, parse_scenarios
 
 REPORTS_DIR = Path("reports")
 
@@ -76,6 +76,7 @@ def build_config(
     rounds: int = 1,
     fault_backend: str = "redis",
     bridges_per_broker: int = 1,
+    spike_workers: int = 200,
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -100,6 +101,7 @@ def build_config(
         rounds=rounds,
         fault_backend=fault_backend,
         bridges_per_broker=bridges_per_broker,
+        spike_workers=spike_workers,
     )
 
 
@@ -107,10 +109,21 @@ def run_command(config: BenchConfig, console: Console) -> int:
     """Run, report, print the summary; 1 if a scenario could not be measured at all (or a
     fault lost or doubled a position)."""
     code = 0
+    if SPIKE in config.scenarios:
+        from teamtrack.bench.spike import run_spike_bench
+
+        code = run_spike_bench(
+            config.out_dir, console, workers=config.spike_workers,
+            phase_s=max(config.step_seconds, 10.0),
+        )
+        rest = tuple(name for name in config.scenarios if name != SPIKE)
+        if not rest:
+            return code
+        config = dataclasses.replace(config, scenarios=rest)
     if FAULTS in config.scenarios:
         from teamtrack.bench.faultbench import run_fault_bench
 
-        code = run_fault_bench(
+        code |= run_fault_bench(
             config.out_dir, console, backend=config.fault_backend,
             rate=float(config.fixed_rates[0]) if config.fixed_rates else 300.0,
             duration_s=config.step_seconds, show_progress=config.show_progress,

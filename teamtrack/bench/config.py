@@ -76,6 +76,8 @@ class BenchConfig:
     fault_backend: str = "redis"
     # Bridge processes per broker of the local cluster (`teamtrack up --bridges-per-broker`).
     bridges_per_broker: int = 1
+    # Workers of each half of `--scenarios spike` (the load doubles from this, then halves).
+    spike_workers: int = 200
 
     def __post_init__(self) -> None:
         if not self.scenarios:

@@ -200,17 +200,24 @@ class _Devices:
 
     def publish_for(self, duration_s: float, rate: float, stop: threading.Event) -> None:
         """Every worker in turn, `rate` positions a second in all, for `duration_s`."""
-        interval = 1.0 / rate
+        self.publish_shaped(duration_s, lambda _elapsed: rate, stop)
+
+    def publish_shaped(
+        self, duration_s: float, rate_at: Callable[[float], float], stop: threading.Event
+    ) -> None:
+        """Every worker in turn, `rate_at(seconds since the start)` positions a second in all
+        (at least one a second), for `duration_s`."""
         seqs = dict.fromkeys(self.sent, 0)
         started = time.monotonic()
+        due = started
         count = 0
         while not stop.is_set():
-            due = started + count * interval
             now = time.monotonic()
             if now - started >= duration_s:
                 return
             if due > now:
                 time.sleep(due - now)
+            due += 1.0 / max(rate_at(due - started), 1.0)
             worker, client = self.clients[count % len(self.clients)]
             seq = seqs[worker]
             seqs[worker] = seq + 1

@@ -103,15 +103,17 @@ SCENARIOS: Final[dict[str, Scenario]] = {
 # Not a path measured on a ladder of rates: the fault suite under load, with recovery times
 # (`teamtrack/bench/faultbench.py`); only run when named.
 FAULTS: Final = "faults"
+# Nor is a season's peak with the cluster scaled during it (`teamtrack/bench/spike.py`).
+SPIKE: Final = "spike"
 
 
 def parse_scenarios(names: str) -> tuple[str, ...]:
     """`baseline,redis` -> ("baseline", "redis"); ValueError naming the known ones otherwise."""
     chosen = tuple(name.strip() for name in names.split(",") if name.strip())
-    unknown = [name for name in chosen if name not in SCENARIOS and name != FAULTS]
+    unknown = [name for name in chosen if name not in SCENARIOS and name not in (FAULTS, SPIKE)]
     if unknown or not chosen:
         raise ValueError(
             f"unknown scenario(s) {', '.join(unknown) or '(none given)'}; "
-            f"known: {', '.join(SCENARIOS)}, {FAULTS}"
+            f"known: {', '.join(SCENARIOS)}, {FAULTS}, {SPIKE}"
         )
     return chosen
