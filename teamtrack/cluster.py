@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
 import shutil
 import signal
-import socket
-import stat
 import sys
 import threading
 import time
@@ -36,14 +33,19 @@ from typing import IO
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
 
+from teamtrack.cluster_support import (
+    PROCESSES_FILE,
+    backend_answers,
+    make_private,
+    reload_brokers,
+    without_password,
+)
+from teamtrack.cluster_view import endpoints_of, status_of
 from teamtrack.files import hold_supervisor_lock, write_json_atomically
 from teamtrack.history import default_database_url
 from teamtrack.kafka_server import (
     KafkaCluster,
-    SaslUser,
-    broker_answers_metadata,
     start_kafka,
     start_kafka_cluster,
 )
@@ -55,7 +57,7 @@ from teamtrack.metrics import scrape_totals
 from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
-from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan
+from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan, bridge_role
 from teamtrack.provision import ProvisionResult, provision
 from teamtrack.redis_users import load_or_create_users, write_acl_file
 from teamtrack.registry import bridge_usernames, demo_registry, dump_registry, load_registry
@@ -78,8 +80,6 @@ BACKEND_PROBE_INTERVAL_S = 2.0
 OUTAGE_REMINDER_S = 30.0
 BACKEND_ROLES = ("redis", "kafka")
 BACKEND_RANK = 2
-# role -> pid of every child, rewritten when one is restarted.
-PROCESSES_FILE = "processes.json"
 
 
 @dataclass(frozen=True)
@@ -143,12 +143,6 @@ class Child:
 
 class ClusterError(RuntimeError):
     """The cluster could not start; the message says what to change."""
-
-
-def bridge_role(index: int, instance: int) -> str:
-    """The child name of bridge `instance` (from 1) of broker `index` (from 0): `bridge-1`,
-    `bridge-1-2`, ...; the first keeps the name it had when every broker had one bridge."""
-    return f"bridge-{index + 1}" if instance == 1 else f"bridge-{index + 1}-{instance}"
 
 
 def _python(module: str) -> list[str]:
@@ -319,7 +313,7 @@ class LocalCluster:
         bound = () if host in ("", "0.0.0.0", "::") else (host,)
         return (*self.options.tls_hosts, *bound)
 
-    def _mqtts_client_host(self) -> str:
+    def mqtts_client_host(self) -> str:
         """The address local clients (the simulator) reach the mqtts listeners at."""
         host = self.options.mqtts_host
         return LOOPBACK if host in ("", "0.0.0.0", "::") else host
@@ -511,7 +505,7 @@ class LocalCluster:
         the mqtts listeners do (devices' way in over the network), else loopback (plain HTTP
         would carry devices' passwords in the clear)."""
         if self.options.https and self.options.tls:
-            host = self._mqtts_client_host()
+            host = self.mqtts_client_host()
             return self.options.mqtts_host, f"[{host}]" if ":" in host else host
         return LOOPBACK, LOOPBACK
 
@@ -578,7 +572,7 @@ class LocalCluster:
         if tls is not None:
             # The devices' path over the network: MQTT over TLS, the broker's certificate
             # verified against the cluster's authority (and its host name against the SANs).
-            host = self._mqtts_client_host()
+            host = self.mqtts_client_host()
             host = f"[{host}]" if ":" in host else host
             argv += ["--ca-file", str(tls.ca_cert)]
             for port in self.ports.broker_mqtts[: self.brokers]:
@@ -591,54 +585,8 @@ class LocalCluster:
         self._add("simulator", argv, self._service_env(None), None)
 
     def endpoints(self) -> dict[str, object]:
-        """What `endpoints.json` lists: with TLS, each broker's `mqtts` URL and the authority
-        (`ca`) that clients verify it (and the dashboards' `https://` URLs) against."""
-        tls = self.provisioned.tls if self.provisioned is not None else None
-        brokers: list[dict[str, str]] = []
-        for index, (mqtt, ws) in enumerate(
-            zip(self.ports.broker_mqtt[: self.brokers], self.ports.broker_ws, strict=False)
-        ):
-            ws_scheme = "wss" if self.options.https and tls is not None else "ws"
-            broker = {"mqtt": f"mqtt://{LOOPBACK}:{mqtt}", "ws": f"{ws_scheme}://{LOOPBACK}:{ws}"}
-            if tls is not None:
-                host = self._mqtts_client_host()
-                host = f"[{host}]" if ":" in host else host
-                broker["mqtts"] = f"mqtts://{host}:{self.ports.broker_mqtts[index]}"
-            brokers.append(broker)
-        scheme = "https" if self.options.https and tls is not None else "http"
-        endpoints: dict[str, object] = {
-            "brokers": brokers,
-            "dashboards": [
-                f"{scheme}://{LOOPBACK}:{port}" for port in self.ports.dashboards[: self.dashboards]
-            ],
-            "backend": _without_password(self.backend_url),
-            "bridge_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics" for _, _, port in self.active_bridges()
-            ],
-            "wsgate_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics"
-                for port in self.ports.wsgate_metrics[: self.brokers]
-            ],
-            "device_http": [
-                {"owntracks": f"{base}/v1/owntracks", "ndjson": f"{base}/v1/positions"}
-                for base in self.gateway_urls()
-            ],
-            "gateway_metrics": [
-                f"http://{LOOPBACK}:{port}/metrics"
-                for port in self.ports.gateway_metrics[: self.dashboards]
-            ],
-            "scale": {
-                "brokers": self.brokers,
-                "bridges_per_broker": self.bridges_per_broker,
-                "dashboards": self.dashboards,
-            },
-            # The supervisor (`teamtrack up`, which `teamtrack scale` talks to) and every child.
-            "supervisor": os.getpid(),
-            "processes": self.processes(),
-        }
-        if tls is not None:
-            endpoints["ca"] = str(tls.ca_cert)
-        return endpoints
+        """What `endpoints.json` lists (`teamtrack.cluster_view.endpoints_of`)."""
+        return endpoints_of(self)
 
     def processes(self) -> dict[str, int]:
         """role -> pid of every child."""
@@ -693,7 +641,7 @@ class LocalCluster:
             return
         self._backend_probed_at = now
         up = backend_answers(self.backend_url)
-        safe_url = _without_password(self.backend_url)
+        safe_url = without_password(self.backend_url)
         if up:
             if self.backend_up is False:
                 log.warning("backend %s is back after %.0fs", safe_url,
@@ -754,126 +702,14 @@ class LocalCluster:
 
     # Status ------------------------------------------------------------------------------
     def status(self) -> Group:
-        table = Table(title="teamtrack cluster", expand=False)
-        table.add_column("process")
-        table.add_column("state")
-        table.add_column("restarts", justify="right")
-        table.add_column("forwarded", justify="right")
-        table.add_column("rejected", justify="right")
-        metrics_by_role = {
-            bridge_role(index, instance): ("bridge", port)
-            for index, instance, port in self.ports.bridges()
-        } | {
-            f"gateway-{index + 1}": ("gateway", port)
-            for index, port in enumerate(self.ports.gateway_metrics)
-        }
-        for child in self.children:
-            state = "[green]running" if child.process.running() else "[red]stopped"
-            forwarded = rejected = ""
-            service, port = metrics_by_role.get(child.role, ("", 0))
-            if port and child.process.running():
-                counters = scrape_totals(f"http://{LOOPBACK}:{port}/metrics")
-                forwarded = _count(counters, f"teamtrack_{service}_forwarded_total")
-                rejected = _count(counters, f"teamtrack_{service}_rejected_total")
-            table.add_row(child.role, state, str(child.restarts), forwarded, rejected)
-        if self.options.backend_url is not None:
-            probed = {None: "[yellow]probing", True: "[green]answering", False: "[red]down"}
-            table.add_row("backend (external)", probed[self.backend_up], "-", "", "")
-        return Group(table, f"logs: {self.logs_dir}   stop: Ctrl-C")
-
-
-def reload_brokers(state_dir: Path) -> list[str]:
-    """SIGHUP to the brokers of the `teamtrack up` running in `state_dir` (its processes.json):
-    they read the password file and the ACL again, and their subscription plugin too. Only a
-    pid that still runs mosquitto is signalled (a stale file's pid may be anybody's now).
-    Returns the roles signalled; none when no cluster runs there."""
-    try:
-        processes = json.loads((state_dir / PROCESSES_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    signalled = []
-    for role, pid in sorted(processes.items()):
-        if not (role.startswith("broker-") and isinstance(pid, int) and _runs_mosquitto(pid)):
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGHUP)
-            signalled.append(role)
-    return signalled
-
-
-def _runs_mosquitto(pid: int) -> bool:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return bool(argv) and Path(argv[0].decode(errors="replace")).name == "mosquitto"
-
-
-def make_private(folder: Path) -> None:
-    """Take group and other permissions off `folder` and everything in it (0755 -> 0700,
-    0644 -> 0600; the owner's bits stay as they are, links are left alone)."""
-    for root, folders, files in os.walk(folder):
-        for name in (*folders, *files):
-            _owner_only(os.path.join(root, name))
-    _owner_only(str(folder))
-
-
-def _owner_only(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):  # a server's temporary file, gone meanwhile
-        status = os.lstat(path)
-        if not stat.S_ISLNK(status.st_mode) and status.st_mode & 0o077:
-            os.chmod(path, stat.S_IMODE(status.st_mode) & 0o700)
+        return status_of(self)
 
 
 def _exit_code(process: ManagedProcess) -> int | None:
     return process.process.returncode if process.process is not None else None
 
 
-def backend_answers(url: str, timeout: float = 0.5) -> bool:
-    """Whether the backend at `url` answers on any of its hosts: Redis (or a Sentinel) a PING
-    (an error reply such as NOAUTH is an answer too), Kafka a Metadata request (after SASL,
-    as the URL's user, when it names one); over TLS (`rediss://`), a connection that opens."""
-    from urllib.parse import unquote, urlsplit
-
-    parts = urlsplit(url)
-    kafka_user = None
-    if parts.scheme == "kafka" and parts.username and parts.password:
-        kafka_user = SaslUser(unquote(parts.username), unquote(parts.password))
-    default_port = {"kafka": 9092, "redis+sentinel": 26379}.get(parts.scheme, 6379)
-    for server in parts.netloc.rsplit("@", 1)[-1].split(","):
-        host, _, port = server.rpartition(":") if ":" in server else (server, "", "")
-        address = (host.strip("[]") or LOOPBACK, int(port) if port.isdigit() else default_port)
-        if parts.scheme == "kafka":
-            if broker_answers_metadata(*address, timeout, kafka_user):
-                return True
-            continue
-        try:
-            with socket.create_connection(address, timeout=timeout) as connection:
-                if parts.scheme == "rediss":
-                    return True
-                connection.settimeout(timeout)
-                connection.sendall(b"PING\r\n")
-                if connection.recv(64)[:1] in (b"+", b"-"):
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def _count(counters: dict[str, float], name: str) -> str:
-    return f"{int(counters[name]):,}" if name in counters else "-"
-
-
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
 __all__ = [
-    "ClusterError", "ClusterOptions", "LocalCluster", "PortPlan", "ServerError", "reload_brokers",
+    "ClusterError", "ClusterOptions", "LocalCluster", "PortPlan", "ServerError", "bridge_role",
+    "reload_brokers",
 ]

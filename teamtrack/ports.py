@@ -16,6 +16,12 @@ MAX_BROKERS = 10
 MAX_DASHBOARDS = 100
 
 
+def bridge_role(index: int, instance: int) -> str:
+    """The child name of bridge `instance` (from 1) of broker `index` (from 0): `bridge-1`,
+    `bridge-1-2`, ...; the first keeps the name it had when every broker had one bridge."""
+    return f"bridge-{index + 1}" if instance == 1 else f"bridge-{index + 1}-{instance}"
+
+
 @dataclass(frozen=True)
 class PortPlan:
     """Where everything listens; `base_port=0` takes free ports instead.

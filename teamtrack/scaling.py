@@ -42,9 +42,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from teamtrack.cluster import Child, LocalCluster, bridge_role
+from teamtrack.cluster import Child, LocalCluster
 from teamtrack.files import supervisor_running, write_json_atomically
-from teamtrack.ports import MAX_BRIDGES_PER_BROKER, MAX_BROKERS, MAX_DASHBOARDS
+from teamtrack.ports import MAX_BRIDGES_PER_BROKER, MAX_BROKERS, MAX_DASHBOARDS, bridge_role
 from teamtrack.servers import LOOPBACK, PRIVATE_UMASK, free_port, port_is_open
 
 REQUEST_FILE = "scale-request.json"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from teamtrack import cluster as cluster_module
+from teamtrack import cluster_support
 from teamtrack.backends import Event, from_url
 from teamtrack.cluster import Child, ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
@@ -160,9 +161,9 @@ def test_the_probe_reads_every_kind_of_backend_url(tmp_path: Path) -> None:
     try:
         up = f"{LOOPBACK}:{port}"
         down = f"{LOOPBACK}:{closed}"
-        assert cluster_module.backend_answers(f"redis://:secret@{up}/0")
-        assert cluster_module.backend_answers(f"redis+sentinel://{down},{up}/teamtrack/0")
-        assert not cluster_module.backend_answers(f"redis+sentinel://{down}/teamtrack/0")
-        assert not cluster_module.backend_answers(f"kafka://{down}")
+        assert cluster_support.backend_answers(f"redis://:secret@{up}/0")
+        assert cluster_support.backend_answers(f"redis+sentinel://{down},{up}/teamtrack/0")
+        assert not cluster_support.backend_answers(f"redis+sentinel://{down}/teamtrack/0")
+        assert not cluster_support.backend_answers(f"kafka://{down}")
     finally:
         redis.stop()
