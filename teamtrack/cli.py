@@ -1,6 +1,7 @@
 """`teamtrack`: the command line of the platform.
 
     teamtrack up          a local cluster (brokers, Redis, bridges, dashboards, simulated teams)
+    teamtrack scale       grow or shrink a running `teamtrack up` (brokers, bridges, dashboards)
     teamtrack provision   registry.yaml -> Mosquitto password file, ACL, dashboard auth, secrets
     teamtrack provision rotate|revoke|reinstate ACCOUNT   one account, live (brokers: SIGHUP)
     teamtrack provision enrol TEAM WORKER | enrol-team TEAM   OwnTracks phones: .otrc + QR code
@@ -35,6 +36,28 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            console.print(f"teamtrack {version('teamtrack')}", highlight=False)
+        except PackageNotFoundError:
+            console.print("teamtrack (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True,
+                     help="print the version and exit"),
+    ] = False,
+) -> None:
+    """Live positions of field teams for their managers."""
 
 
 def _env(name: str) -> str:
@@ -598,8 +621,7 @@ def scale_command(
     ] = None,
     wait: Annotated[float, typer.Option(help="longest wait for the change, seconds")] = 300.0,
 ) -> None:
-    """Grow or shrink a running `teamtrack up`: what joins is ready before it is listed, what
-    leaves drains first (docs/operations.md, scaling)."""
+    """Grow or shrink a running `teamtrack up` (what leaves drains first, nothing is lost)."""
     from rich.table import Table
 
     from teamtrack.scaling import ScaleError, ScaleRequest, running_supervisor, submit, wait_result
