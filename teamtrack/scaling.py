@@ -23,8 +23,9 @@ Leaving:
   its broker still queued for it, stores and acknowledges all of it, and ends its session;
 * a dashboard is unlisted, then stopped (SIGTERM): its viewers are closed with 1012 (service
   restart) and resume on another instance with their cursor, as after any restart;
-* a broker is unlisted and stopped (SIGTERM): Mosquitto disconnects its devices, which move to
-  another broker (docs/devices.md, failover), and saves its sessions. It is then started again
+* a broker is unlisted, its bridges stopped (their sessions keep what arrives), and it is
+  stopped (SIGTERM): Mosquitto disconnects its devices, which move to another broker
+  (docs/devices.md, failover), and saves its sessions. It is then started again
   on a port no device knows, its bridges empty their sessions there and leave, and it stops
   for good: what it acknowledged to devices reaches the backend even so.
 """
@@ -304,6 +305,10 @@ class Scaler:
             cluster.brokers = index  # unlisted: nobody is sent there any more
             self._step(f"{name} unlisted")
             self._stop(cluster.retire(f"wsgate-{index + 1}"))
+            # Its bridges first (SIGTERM keeps their sessions: what arrives meanwhile is queued
+            # there), so that none of them is left retrying a broker that went away.
+            for instance, _ in bridges:
+                self._stop(cluster.retire(bridge_role(index, instance)))
             self._stop(cluster.retire(name))
             self._step(f"{name} stopped: its devices move to another broker")
             # Its sessions, saved as it stopped, hold what it acknowledged to devices and had
@@ -312,8 +317,6 @@ class Scaler:
             cluster.start_broker(index, drain_port=drain_port)
             self._wait_port(drain_port)
             for instance, metrics_port in bridges:
-                role = bridge_role(index, instance)
-                self._stop(cluster.retire(role))
                 cluster.start_bridge(index, instance, metrics_port, broker_port=drain_port)
             for _, metrics_port in bridges:
                 self._wait_subscribed(metrics_port)
