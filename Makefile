@@ -19,8 +19,10 @@ export PATH := $(PATH):/usr/sbin:/sbin
 
 PYTHON ?= python3
 VENV := .venv
-# Touched after a successful install, so the install re-runs only when pyproject.toml changes.
-VENV_STAMP := $(VENV)/.installed-from-pyproject
+# Touched after a successful install, so the install re-runs only when the lock file changes.
+VENV_STAMP := $(VENV)/.installed-from-lock
+# Every Python dependency pinned with its hashes (`make lock` writes them from pyproject.toml).
+LOCK := requirements-dev.lock
 TEST_OUTPUT := test-output
 SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server cc
 SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server gcc libc6-dev
@@ -28,9 +30,11 @@ SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server gcc libc6-dev
 FRONTEND := dashboard/frontend
 VENDOR := dashboard/static/vendor
 ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
+# The tests' own tools (Chromium, zbar, PostgreSQL); `make demo` needs none of them.
+TEST_TOOLS := yes
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv assets kafka-jars test faults demo bench lint clean
+.PHONY: bootstrap system-deps venv assets kafka-jars test faults demo bench lint clean lock
 
 bootstrap: system-deps venv
 
@@ -44,12 +48,13 @@ system-deps:
 	if ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		missing="$$missing python3-venv"; packages="$$packages python3 python3-venv"; \
 	fi; \
-	for command in chromium npm; do \
-		command -v "$$command" >/dev/null 2>&1 || { missing="$$missing $$command"; packages="$$packages $$command"; }; \
-	done; \
-	command -v zbarimg >/dev/null 2>&1 || { missing="$$missing zbarimg"; packages="$$packages zbar-tools"; }; \
-	if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-		missing="$$missing initdb"; packages="$$packages postgresql"; \
+	command -v npm >/dev/null 2>&1 || { missing="$$missing npm"; packages="$$packages npm"; }; \
+	if [ "$(TEST_TOOLS)" = yes ]; then \
+		command -v chromium >/dev/null 2>&1 || { missing="$$missing chromium"; packages="$$packages chromium"; }; \
+		command -v zbarimg >/dev/null 2>&1 || { missing="$$missing zbarimg"; packages="$$packages zbar-tools"; }; \
+		if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+			missing="$$missing initdb"; packages="$$packages postgresql"; \
+		fi; \
 	fi; \
 	if [ -z "$$missing" ]; then \
 		echo "system-deps: all present, nothing to install"; \
@@ -62,13 +67,26 @@ system-deps:
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): $(LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "venv: $(PYTHON) is $$($(PYTHON) --version 2>&1); teamtrack needs Python >= 3.11" >&2; \
 		exit 1; }
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
+
+# After a change of pyproject.toml's dependencies: the newest versions that satisfy it, pinned
+# with their hashes (requirements.lock: the services' image; requirements-dev.lock: make test).
+lock:
+	[ -x $(VENV)-lock/bin/pip-compile ] || { $(PYTHON) -m venv $(VENV)-lock && \
+		$(VENV)-lock/bin/pip install --quiet pip-tools; }
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)-lock/bin/pip-compile --quiet --generate-hashes \
+		--strip-extras --allow-unsafe --no-emit-find-links --no-annotate \
+		-o requirements.lock pyproject.toml
+	CUSTOM_COMPILE_COMMAND="make lock" $(VENV)-lock/bin/pip-compile --quiet --generate-hashes \
+		--strip-extras --allow-unsafe --no-emit-find-links --no-annotate --extra dev --extra bench \
+		-o requirements-dev.lock pyproject.toml
 
 assets: $(ASSETS_STAMP)
 
@@ -101,7 +119,9 @@ faults: bootstrap assets kafka-jars
 	$(VENV)/bin/pytest -q -s -p no:cacheprovider -m faults \
 		--junitxml=$(TEST_OUTPUT)/faults.xml 2>&1 | tee $(TEST_OUTPUT)/faults.log
 
-demo: bootstrap assets kafka-jars
+# The Redis demo: no Java, Maven, Kafka jars, Chromium or PostgreSQL (`make test` installs them).
+demo: TEST_TOOLS := no
+demo: bootstrap assets
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 # The reference run: every scenario, both load shapes, the default ladder and fixed rates.

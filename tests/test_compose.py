@@ -103,3 +103,86 @@ def test_provisioning_for_compose_makes_the_history_folder(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert (out / "history").is_dir()
     assert (out / "compose" / "mosquitto-1.conf").is_file()
+
+
+SCHEMA_FILE = Path(__file__).resolve().parent / "data" / "compose-spec.json"
+ROOT = COMPOSE_FILE.parent
+
+
+def test_the_file_is_valid_against_the_compose_specification() -> None:
+    import json
+
+    import jsonschema
+
+    # The Compose Specification's own schema (draft 7), from github.com/compose-spec/compose-spec
+    # (schema/compose-spec.json, Apache License 2.0).
+    validator = jsonschema.Draft7Validator(json.loads(SCHEMA_FILE.read_text()))
+    document = yaml.safe_load(COMPOSE_FILE.read_text())
+    validator.validate(document)
+    # The check itself can fail: a misspelt key is refused.
+    broken = {**document, "services": {**document["services"], "redis": {"imagee": "redis"}}}
+    try:
+        validator.validate(broken)
+    except jsonschema.ValidationError:
+        pass
+    else:
+        raise AssertionError("the schema let a misspelt key through")
+
+
+def test_every_service_has_a_health_check_on_a_port_it_serves() -> None:
+    defaults = {module: settings.model_fields for module, settings in SETTINGS.items()}
+    for name, service in _services().items():
+        check = service.get("healthcheck")
+        assert check and check.get("test"), f"{name} has no health check"
+        module = _module(service)
+        if module is None:
+            continue
+        test = " ".join(check["test"])
+        port = int(re.search(r"127\.0\.0\.1:(\d+)/", test).group(1))  # type: ignore[union-attr]
+        environment = service.get("environment", {})
+        served = {
+            int(environment.get("TEAMTRACK_PORT", 0)),
+            defaults[module]["metrics_port"].default if "metrics_port" in defaults[module] else 0,
+        }
+        assert port in served, f"{name} checks port {port}, serves {served}"
+
+
+def test_every_image_is_pinned_to_a_version() -> None:
+    pinned = re.compile(r"^[\w./-]+:\d+\.\d+(\.\d+)?[\w.-]*(@sha256:[0-9a-f]{64})?$")
+    images = [service["image"] for service in _services().values()
+              if "image" in service and "build" not in service]
+    for dockerfile in (ROOT / "Dockerfile", ROOT / "mosquitto" / "Dockerfile"):
+        images += re.findall(r"^FROM\s+(\S+)", dockerfile.read_text(), flags=re.MULTILINE)
+    assert images
+    for image in images:
+        assert pinned.match(image), f"{image} is not pinned to a version"
+
+
+def test_the_python_dependencies_are_locked_with_hashes() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for lock, extras in (("requirements.lock", ()), ("requirements-dev.lock", ("dev", "bench"))):
+        text = (ROOT / lock).read_text()
+        pins = {
+            name.lower().replace("_", "-"): version
+            for name, version in re.findall(
+                r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?: ;[^\\\n]*)? \\", text, re.MULTILINE
+            )
+        }
+        blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", text)
+        assert all("--hash=sha256:" in block for block in blocks[1:]), f"{lock}: a pin lacks hashes"
+        wanted = list(project["dependencies"])
+        for extra in extras:
+            wanted += project["optional-dependencies"][extra]
+        for line in wanted:
+            requirement = Requirement(line)
+            name = requirement.name.lower().replace("_", "-")
+            assert name in pins, f"{lock} does not pin {name} (run `make lock`)"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"{lock} pins {name}=={pins[name]}, pyproject.toml asks {requirement.specifier}"
+            )
+    assert "--require-hashes -r requirements.lock" in (ROOT / "Dockerfile").read_text()
+    assert "--require-hashes -r $(LOCK)" in (ROOT / "Makefile").read_text()
