@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 LOGIN_ERROR_MARK: Final = "<!-- login-error -->"
+# The fields of login.html, as written there: a failed login fills the username back in.
+LOGIN_USERNAME_FIELD: Final = '<input name="username" autocomplete="username" required autofocus>'
+LOGIN_PASSWORD_FIELD: Final = (  # noqa: S105 (markup, not a secret)
+    '<input name="password" type="password" autocomplete="current-password" required>'
+)
 
 
 def create_app(
@@ -149,13 +154,17 @@ def create_app(
     else:
         app.include_router(unconfigured_history_router())
 
-    def login_form(error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    def login_form(
+        error: str | None = None, status_code: int = 200, username: str = ""
+    ) -> HTMLResponse:
         notice = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-        return HTMLResponse(
-            login_page.replace(LOGIN_ERROR_MARK, notice),
-            status_code=status_code,
-            headers=page_headers,
-        )
+        page = login_page.replace(LOGIN_ERROR_MARK, notice)
+        if username:
+            # The name typed stays (escaped); the focus goes to the password.
+            page = page.replace(LOGIN_USERNAME_FIELD, LOGIN_USERNAME_FIELD.replace(
+                ' autofocus', f' value="{html.escape(username, quote=True)}"'
+            )).replace(LOGIN_PASSWORD_FIELD, LOGIN_PASSWORD_FIELD[:-1] + " autofocus>")
+        return HTMLResponse(page, status_code=status_code, headers=page_headers)
 
     @app.get("/login", response_class=HTMLResponse)
     async def show_login() -> HTMLResponse:
@@ -176,12 +185,14 @@ def create_app(
             manager = await login_guard.check(client, username, password)
         except LoginRefused as refused:
             metrics.logins.labels("limited" if refused.status == 429 else "busy").inc()
-            refusal = login_form(refused.reason, refused.status)
+            refusal = login_form(refused.reason, refused.status, username)
             refusal.headers["Retry-After"] = str(refused.retry_after_s)
             return refusal
         if manager is None:
             metrics.logins.labels("failed").inc()
-            return login_form("Wrong username or password.", status.HTTP_401_UNAUTHORIZED)
+            return login_form(
+                "Wrong username or password.", status.HTTP_401_UNAUTHORIZED, username
+            )
         metrics.logins.labels("ok").inc()
         response = RedirectResponse("/", status.HTTP_303_SEE_OTHER)
         response.set_cookie(

@@ -314,3 +314,16 @@ def test_the_auth_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
             assert closed.value.code == 4401
         assert client.get("/api/me", headers=bearer(ALICE_TOKEN)).status_code == 401
         assert client.get("/api/me", headers=bearer(BOB_TOKEN)).status_code == 200
+
+
+def test_a_failed_login_keeps_the_username_typed_escaped(client: TestClient) -> None:
+    response = client.post("/login", data={"username": "alice", "password": "nope"})
+    assert '<input name="username" autocomplete="username" required value="alice">' in (
+        response.text
+    )
+    # The password field gets the focus, the password itself is never echoed.
+    assert "nope" not in response.text
+    hostile = '"><script>alert(1)</script>'
+    response = client.post("/login", data={"username": hostile, "password": "nope"})
+    assert "<script>" not in response.text
+    assert 'value="&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in response.text
