@@ -62,8 +62,8 @@ STATIC_DIR: Final = Path(__file__).parent / "static"
 LOGIN_ERROR_MARK: Final = "<!-- login-error -->"
 # The fields of login.html, as written there: a failed login fills the username back in.
 LOGIN_USERNAME_FIELD: Final = '<input name="username" autocomplete="username" required autofocus>'
-LOGIN_PASSWORD_FIELD: Final = (  # noqa: S105 (markup, not a secret)
-    '<input name="password" type="password" autocomplete="current-password" required>'
+LOGIN_PASSWORD_FIELD: Final = (
+    '<input name="password" type="password" autocomplete="current-password" required>'  # noqa: S105
 )
 
 
