@@ -6,6 +6,7 @@
     teamtrack provision rotate|revoke|reinstate ACCOUNT   one account, live (brokers: SIGHUP)
     teamtrack provision enrol TEAM WORKER | enrol-team TEAM   OwnTracks phones: .otrc + QR code
     teamtrack registry    write a starter registry.yaml
+    teamtrack credentials one secret of credentials.json, printed or in a 0600 file
     teamtrack simulate    simulated workers (flags: `teamtrack simulate --help`)
 
 Every option is also read from `TEAMTRACK_<OPTION>` (dashes as underscores).
@@ -607,6 +608,15 @@ def endpoints_command(
         raise _fail(f"the cluster of {state_dir} is not running (`teamtrack up` starts it)")
     json.dump(json.loads(path.read_text()), sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def _credentials_command() -> None:
+    from teamtrack.credentials_cli import credentials_command
+
+    app.command("credentials")(credentials_command)
+
+
+_credentials_command()
 
 
 @app.command("scale")
