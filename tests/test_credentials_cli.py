@@ -27,7 +27,8 @@ def run(*args: str) -> tuple[int, str, str]:
 def test_a_managers_password_token_and_mqtt_login_are_printed_alone(state: Path) -> None:
     credentials = load_credentials(state)
     lead = credentials.manager("alpha-lead")
-    assert run("--state-dir", str(state), "--manager", "alpha-lead") == (0, lead.password + "\n", "")
+    printed = run("--state-dir", str(state), "--manager", "alpha-lead")
+    assert printed == (0, lead.password + "\n", "")
     assert run("--state-dir", str(state), "--team", "alpha", "--token")[1] == lead.token + "\n"
     assert run("--state-dir", str(state), "--team", "alpha", "--mqtt")[1] == (
         lead.mqtt_password + "\n"
@@ -40,9 +41,11 @@ def test_files_are_written_for_the_owner_alone_and_never_overwritten(state: Path
     code, printed, _ = run("--state-dir", str(state), "--team", "alpha", "--token",
                            "--out", str(header))
     assert code == 0 and printed == ""  # nothing secret on the terminal
-    assert header.read_text() == f"Authorization: Bearer {credentials.manager('alpha-lead').token}\n"
+    token = credentials.manager("alpha-lead").token
+    assert header.read_text() == f"Authorization: Bearer {token}\n"
     assert stat.S_IMODE(header.stat().st_mode) == 0o600
-    assert run("--state-dir", str(state), "--team", "alpha", "--token", "--out", str(header))[0] == 2
+    again = run("--state-dir", str(state), "--team", "alpha", "--token", "--out", str(header))
+    assert again[0] == 2
     options = state / "w001" / "mosquitto_pub"
     assert run("--state-dir", str(state), "--device", "alpha/w001", "--out", str(options))[0] == 0
     device = credentials.device("alpha", "w001")
