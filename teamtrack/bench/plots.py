@@ -22,6 +22,10 @@ from teamtrack.bench.config import Shape
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
 
 PERCENTILE_LINES = (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max"))
+# Never red: red marks the failing steps.
+PERCENTILE_COLOURS = {
+    "p50": "tab:blue", "p90": "tab:green", "p99": "tab:orange", "max": "tab:purple",
+}
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -54,7 +58,7 @@ def latency_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
         rates = [rate for rate, _, _ in points]
         for attribute, label in PERCENTILE_LINES:
             axis.plot(rates, [values[attribute] for _, _, values in points], marker="o",
-                      label=label)
+                      label=label, color=PERCENTILE_COLOURS[label])
         for step in run.steps:
             if not step.passed:
                 axis.axvline(step.offered_rate, color="red", alpha=0.2)

@@ -132,13 +132,15 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
         "- load shapes: "
         + ", ".join(f"{shape.value} ({config.workers_for(shape):,} connections)"
                     for shape in config.shapes),
-        f"- {config.teams} teams; {config.generator_processes} generator processes; "
+        f"- {_count(config.teams, 'team')}; "
+        f"{_count(config.generator_processes, 'generator process', 'generator processes')}; "
         f"QoS {config.qos}",
         f"- each step: {config.warmup_seconds:g} s warm-up (not measured), "
         f"{config.step_seconds:g} s measured, drain up to {config.drain_seconds:g} s",
-        f"- ladder: {', '.join(f'{rate:,}' for rate in sorted(config.rates))} msg/s, stopped at "
-        f"the first step with a loss, a position shed by viewer conflation, a duplicate, "
-        f"p99 >= {config.max_p99_ms:,.0f} ms or a generator that could not offer the rate",
+        (f"- ladder: {', '.join(f'{rate:,}' for rate in sorted(config.rates))} msg/s, stopped "
+         f"at the first step with a loss, a position shed by viewer conflation, a duplicate, "
+         f"p99 >= {config.max_p99_ms:,.0f} ms or a generator that could not offer the rate"
+         if config.rates else "- ladder: none (fixed rates only)"),
         "- fixed rates, always run: "
         + (", ".join(f"{rate:,}" for rate in sorted(config.fixed_rates)) or "none"),
     ]
@@ -337,3 +339,8 @@ def print_summary(result: BenchResult, written: list[Path], console: Console) ->
             )
     for path in written:
         console.print(f"wrote {path}", highlight=False)
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    """`1 team`, `3 teams`."""
+    return f"{number:,} {singular if number == 1 else plural or singular + 's'}"
