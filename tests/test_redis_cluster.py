@@ -79,7 +79,7 @@ def test_a_cluster_url_names_seed_nodes_and_options() -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("redis+cluster://n1:7000/0", "no database"),
+        ("redis+cluster://n1:7000/0", "takes no database"),
         ("redis+cluster://n1:7000,,n2/", "empty node address"),
         ("redis+cluster://n1:port/", "bad node port"),
         ("redis+cluster://n1/?shards=0", "shards must be from 1"),
@@ -109,8 +109,9 @@ def test_every_key_of_a_team_and_its_feed_shard_share_one_slot() -> None:
                 layout.newest_key(shard), layout.marker_key(shard), layout.wake_key(shard, "x")]
         assert len({key_slot(key.encode()) for key in keys}) == 1, keys
     # The shards' slots spread evenly over the slot space, so over the primaries.
-    slots = [key_slot(layout.feed_key(shard).encode()) for shard in range(12)]
-    assert [slot * 12 // 16384 for slot in slots] == list(range(12))
+    for shard in range(12):
+        slot = key_slot(layout.feed_key(shard).encode())
+        assert shard * 16384 // 12 <= slot < (shard + 1) * 16384 // 12
 
 
 def test_a_single_server_keeps_its_key_layout() -> None:
