@@ -81,6 +81,29 @@ class RedisClusterGroup:
                 return port
         raise ServerError(f"no primary serves slot {slot}")
 
+    def replicas_of(self, primary: int) -> list[int]:
+        """The running nodes that replicate `primary` (ROLE of each)."""
+        import redis
+
+        found = []
+        for port in self.running_ports():
+            client = self.node_client(port)
+            try:
+                role: Any = client.execute_command("ROLE")
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+            if bytes(role[0]) == b"slave" and int(role[2]) == primary:
+                found.append(port)
+        return found
+
+    def pause(self, port: int, paused: bool) -> None:
+        """SIGSTOP (or SIGCONT) one node: a node that stops answering without closing."""
+        node = self.nodes[port]
+        if node.process is not None and node.running():
+            os.kill(node.process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def kill_node(self, port: int) -> None:
         """SIGKILL one node (no shutdown, no last write)."""
         node = self.nodes[port]

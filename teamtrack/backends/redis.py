@@ -82,6 +82,7 @@ from teamtrack.backends.redis_common import (
     RESTORE_SCRIPT,
     broken_chain,
     decode_stored,
+    execute_on_pool,
     execute_packed,
     packed_command,
     stream_id,
@@ -419,20 +420,25 @@ class RedisBackend(Backend):
             raise BackendError(f"publish to redis failed: {error}") from error
 
     async def _execute_on_cluster(self, shard: int, command: list[bytes]) -> Any:
+        """The script on the primary of the shard's slot, as the slot map has it, packed once
+        as on one server. Any error but NOSCRIPT (a MOVED, a node gone, a failover under
+        way) asks for a fresh slot map and fails the publish; the caller's retry goes where
+        the map says then. (redis-py's own retries of `execute_command` would hide the
+        failure for longer: measured 3.5 s instead of 2.2 s from a kill to the next publish.)
+        With `wait_replicas`, script and WAIT go out together on that connection: WAIT counts
+        the replicas of the connection's own writes."""
         cluster = self._connector.cluster
         assert cluster is not None
-        if self._wait is None:
-            # redis-py routes it by its keys, follows MOVED, refreshes and retries on errors.
-            return await self.client.execute_command("EVALSHA", *command[1:])
-        # WAIT counts the replicas of this connection's own writes: script and WAIT go out
-        # together on one connection of the shard's primary.
         node = await cluster.node_of(self.layout.feed_key(shard))
+        pool = NodePool(node)
         try:
-            return await self._wait.execute_on(NodePool(node), packed_command(command))
+            if self._wait is not None:
+                return await self._wait.execute_on(pool, packed_command(command))
+            return await execute_on_pool(pool, packed_command(command))
         except NoScriptError:
             raise
         except RedisError:
-            cluster.refresh_soon(node)  # moved, failed over, or gone: a fresh map first
+            cluster.refresh_soon(node)
             raise
 
     def log_key_bytes(self, team: str) -> bytes:
