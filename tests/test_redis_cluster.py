@@ -340,7 +340,9 @@ def _stored(group: RedisClusterGroup, backend: RedisBackend) -> list[tuple[str, 
     return stored
 
 
+# About a minute for the four: `make faults` (and `-m faults`) runs them, `make test` does not.
 @pytest.mark.faults
+@pytest.mark.extended
 @pytest.mark.parametrize(
     ("wait", "replicas", "lagging"),
     [
