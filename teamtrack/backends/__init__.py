@@ -3,6 +3,7 @@
     memory://                 one process (single-process mode, demos)
     redis://host:port/db      Redis Streams
     redis+sentinel://host:port,host:port/service/db
+    redis+cluster://host:port,host:port/
                               Redis Streams on the primary that Redis Sentinel names
     kafka://host:port         Apache Kafka (a partitioned positions topic, a compacted store)
 """
@@ -26,7 +27,7 @@ from teamtrack.backends.base import (
     TeamSubscription,
 )
 
-SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "kafka")
+SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster", "kafka")
 
 
 def from_url(url: str) -> Backend:
@@ -35,7 +36,7 @@ def from_url(url: str) -> Backend:
         from teamtrack.backends.memory import MemoryBackend
 
         return MemoryBackend.from_url(url)
-    if scheme in ("redis", "rediss", "redis+sentinel"):
+    if scheme in ("redis", "rediss", "redis+sentinel", "redis+cluster"):
         from teamtrack.backends.redis import RedisBackend
 
         return RedisBackend.from_url(url)

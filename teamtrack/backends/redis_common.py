@@ -183,7 +183,11 @@ async def execute_packed(client: aioredis.Redis, command: bytes) -> Any:
     through redis-py's per-command conversions. Replies come as the connection's protocol
     gives them (RESP3 maps with redis-py 8, arrays with RESP2); readers accept both.
     """
-    pool: Any = client.connection_pool
+    return await execute_on_pool(client.connection_pool, command)
+
+
+async def execute_on_pool(pool: Any, command: bytes) -> Any:
+    """`execute_packed` on a connection of `pool` (a client's pool, or a cluster node's)."""
     connection = await pool.get_connection()
     try:
         await connection.send_packed_command(command, check_health=False)

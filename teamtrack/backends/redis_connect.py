@@ -1,9 +1,10 @@
 """Where the Redis backend connects, its URL options, and the publish that waits for replicas.
 
-Two kinds of URL:
+Three kinds of URL:
 
     redis://[user:password@]host:port/db?options          one server (rediss:// for TLS)
     redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]?options
+    redis+cluster://[user:password@]host:port[,host:port...][/]?options   (`redis_cluster`)
 
 A `redis+sentinel://` URL names Redis Sentinels (port 26379 when left out) and the service
 (`sentinel monitor <service> ...`) whose primary the backend uses; `db` defaults to 0. The
@@ -32,9 +33,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError, ResponseError
+
+from teamtrack.backends.redis_cluster import (
+    CLUSTER_SCHEME,
+    ClusterConnector,
+    ClusterTarget,
+)
 
 SENTINEL_SCHEME = "redis+sentinel"
 SERVER_SCHEMES = ("redis", "rediss")
@@ -56,6 +64,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "wait_replicas": int,
     "wait_timeout_ms": int,
     "sentinel_auth": str,
+    "shards": int,
 }
 SENTINEL_AUTH = {"none": False, "same": True}
 
@@ -86,7 +95,7 @@ def parse_backend_url(url: str) -> tuple[str, dict[str, Any]]:
         parts = urlsplit(url)
     except ValueError as error:  # e.g. an unclosed [IPv6 address
         raise ValueError(f"redis URL does not parse: {error}") from None
-    if parts.scheme not in (*SERVER_SCHEMES, SENTINEL_SCHEME):
+    if parts.scheme not in (*SERVER_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise ValueError(f"not a redis URL: {parts.scheme}://")
     query = parse_qs(parts.query, keep_blank_values=True)
     options: dict[str, Any] = {}
@@ -193,15 +202,21 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
 
 
 class RedisConnector:
-    """Makes the backend's clients: of one server, or of a Sentinel service's current primary."""
+    """Makes the backend's clients: of one server, of a Sentinel service's current primary,
+    or (`cluster`) of a Redis Cluster's nodes."""
 
     def __init__(self, url: str, *, sentinel_auth: bool = False) -> None:
         self.url = url
         self.safe_url = safe_url(url)
         scheme = urlsplit(url).scheme
         self.target: SentinelTarget | None = None
+        self.cluster: ClusterConnector | None = None
         if scheme == SENTINEL_SCHEME:
             self.target = SentinelTarget.parse(url)
+        elif scheme == CLUSTER_SCHEME:
+            self.cluster = ClusterConnector(ClusterTarget.parse(url))
+            if sentinel_auth:
+                raise ValueError(f"sentinel_auth applies to {SENTINEL_SCHEME}:// URLs only")
         elif scheme not in SERVER_SCHEMES:
             raise ValueError(f"not a redis URL: {scheme}://")
         elif sentinel_auth:
@@ -220,8 +235,11 @@ class RedisConnector:
 
     def pooled_client(
         self, *, max_connections: int, timeout: float, **options: Any
-    ) -> aioredis.Redis:
-        """A client whose commands wait (up to `timeout`) for one of `max_connections`."""
+    ) -> aioredis.Redis | RedisCluster:
+        """A client whose commands wait (up to `timeout`) for one of `max_connections`; on a
+        cluster, a `RedisCluster` with up to `max_connections` per node (`redis_cluster`)."""
+        if self.cluster is not None:
+            return self.cluster.shared_client(max_connections=max_connections, **options)
         if self.target is None:
             pool = BlockingConnectionPool.from_url(
                 self.url, max_connections=max_connections, timeout=timeout, **options
@@ -260,6 +278,8 @@ class RedisConnector:
         """Close the connections to the Sentinels (a later client opens them again)."""
         if self._manager is not None:
             await self._manager.aclose()
+        if self.cluster is not None:
+            await self.cluster.aclose()
 
 
 class ReplicaWait:
@@ -283,7 +303,10 @@ class ReplicaWait:
         """Send a packed command and WAIT together; the command's reply once enough replicas
         hold it. An error reply of the command is raised after WAIT's reply was read (the
         connection stays clean); too few replicas raise `ReplicasBehindError`."""
-        pool: Any = client.connection_pool
+        return await self.execute_on(client.connection_pool, command)
+
+    async def execute_on(self, pool: Any, command: bytes) -> Any:
+        """`execute` on a connection of `pool` (a client's pool, or a cluster node's)."""
         connection = await pool.get_connection()
         failure: ResponseError | None = None
         try:

@@ -1,5 +1,8 @@
 """The Redis backend's stream readers: blocking connections of their own, team subscriptions
-(XREAD over the teams' logs) and consumer group members (XREADGROUP on `tt:all`)."""
+(XREAD over the teams' logs) and consumer group members (XREADGROUP on `tt:all`).
+
+Each reads one shard (`redis_layout`): on one server the only one; on a cluster,
+`redis_shards` runs one per shard."""
 
 from __future__ import annotations
 
@@ -56,9 +59,10 @@ log = logging.getLogger(__name__)
 class BlockingReader:
     """A connection of its own for blocking reads, dropped and re-opened with backoff on errors."""
 
-    def __init__(self, backend: RedisBackend, what: str) -> None:
+    def __init__(self, backend: RedisBackend, what: str, shard: int = 0) -> None:
         self.backend = backend
         self.what = what
+        self.shard = shard
         self.connection: aioredis.Redis | None = None
         self._backoff = Backoff()
 
@@ -66,7 +70,7 @@ class BlockingReader:
         """The connection, and whether it was just opened."""
         if self.connection is not None:
             return self.connection, False
-        self.connection = self.backend.new_client()
+        self.connection = await self.backend.reader_client(self.shard)
         return self.connection, True
 
     async def read_until(
@@ -81,10 +85,11 @@ class BlockingReader:
             try:
                 await read()
                 self._backoff.reset()
-            except RedisError as error:
+            except (RedisError, BackendError) as error:
                 delay = self._backoff.next_delay()
                 log.warning("redis %s failed (%s); retrying in %.1fs", self.what, error, delay)
                 await self.close()
+                self.backend.reader_failed()
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:
@@ -97,13 +102,13 @@ class BlockingReader:
 class RedisSubscription(TeamSubscription):
     """One blocking XREAD over all the teams of interest, woken when that set changes."""
 
-    def __init__(self, backend: RedisBackend) -> None:
+    def __init__(self, backend: RedisBackend, shard: int) -> None:
         self._backend = backend
         self._cursors: dict[str, Cursor] = {}
-        self._wake_key = f"{backend.prefix}:wake:{uuid.uuid4().hex}"
+        self._wake_key = backend.layout.wake_key(shard, uuid.uuid4().hex)
         self._wake_cursor = "$"
         self._ready: deque[Batch | Gap] = deque()
-        self._reader = BlockingReader(backend, "read")
+        self._reader = BlockingReader(backend, "read", shard)
         self._closed = False
 
     @property
@@ -189,19 +194,25 @@ class _EntryAcknowledger(Acknowledgeable):
     """XACKs a `tt:all` entry once every team batch cut from it has been acknowledged."""
 
     def __init__(self, consumer: RedisGroupConsumer, entry_id: bytes, parts: int) -> None:
-        self._consumer = consumer
+        self.consumer = consumer
         self._entry_id = entry_id
         self._remaining = parts
 
     async def ack(self) -> None:
         entry_id = self.settle()
         if entry_id is not None:
-            await self._consumer.ack(entry_id)
+            await self.consumer.ack(entry_id)
 
     def settle(self) -> bytes | None:
         """Count one team batch as done; the entry's id once all of them are."""
         self._remaining -= 1
         return self._entry_id if self._remaining == 0 else None
+
+
+def entry_acknowledger_consumer(item: GroupBatch) -> RedisGroupConsumer | None:
+    """The member that settles `item` (None for a batch consumed without acknowledgement)."""
+    acknowledger = item.acknowledger
+    return acknowledger.consumer if isinstance(acknowledger, _EntryAcknowledger) else None
 
 
 class _NoAck(Acknowledgeable):
@@ -222,6 +233,7 @@ class RedisGroupConsumer(GroupConsumer):
     def __init__(
         self,
         backend: RedisBackend,
+        shard: int,
         group: str,
         consumer: str,
         *,
@@ -230,12 +242,13 @@ class RedisGroupConsumer(GroupConsumer):
         pace_s: float = 0.0,
     ) -> None:
         self._backend = backend
+        self._feed_key = backend.layout.feed_key(shard)
         self._group = group
         self._pace = ReadPace(pace_s)
         self._consumer = consumer
         self._start_id = "$" if start == "latest" else "0"
         self._acknowledge = acknowledge
-        self._reader = BlockingReader(backend, "group read")
+        self._reader = BlockingReader(backend, "group read", shard)
         self._ready: deque[GroupBatch] = deque()
         self._closed = False
         self._claim_idle_ms = backend.claim_idle_ms if acknowledge else 0
@@ -259,14 +272,14 @@ class RedisGroupConsumer(GroupConsumer):
         # consistent whatever is published in between.
         start_id, skipped = self._start_id, None
         with contextlib.suppress(ResponseError):  # no stream yet: nothing skipped
-            stream: Any = await reader.xinfo_stream(self._backend.all_key)
+            stream: Any = await reader.xinfo_stream(self._feed_key)
             if start_id == "$":
                 start_id, skipped = stream["last-generated-id"], stream["entries-added"]
             else:
                 skipped = stream["entries-added"] - stream["length"]
         try:
             await reader.xgroup_create(
-                self._backend.all_key, self._group, id=start_id, mkstream=True,
+                self._feed_key, self._group, id=start_id, mkstream=True,
                 entries_read=skipped,
             )
         except ResponseError as error:
@@ -275,7 +288,7 @@ class RedisGroupConsumer(GroupConsumer):
 
     async def ack(self, entry_id: bytes) -> None:
         self._in_flight.discard(entry_id)
-        await self._backend.client.xack(self._backend.all_key, self._group, entry_id)
+        await self._backend.client.xack(self._feed_key, self._group, entry_id)
 
     async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
         settled = []
@@ -287,7 +300,7 @@ class RedisGroupConsumer(GroupConsumer):
                     settled.append(entry_id)
                     self._in_flight.discard(entry_id)
         if settled:
-            await self._backend.client.xack(self._backend.all_key, self._group, *settled)
+            await self._backend.client.xack(self._feed_key, self._group, *settled)
 
     async def close(self) -> None:
         self._closed = True
@@ -311,7 +324,7 @@ class RedisGroupConsumer(GroupConsumer):
                    b"COUNT", b"%d" % GROUP_READ_COUNT, b"BLOCK", b"%d" % self._block_ms()]
         if not self._acknowledge:
             command.append(b"NOACK")
-        command += [b"STREAMS", self._backend.all_key.encode(), b">"]
+        command += [b"STREAMS", self._feed_key.encode(), b">"]
         reply = await execute_packed(connection, packed_command(command))
         read = 0
         for _key, entries in stream_entries(reply):
@@ -331,7 +344,7 @@ class RedisGroupConsumer(GroupConsumer):
         (`entries-read`) from its creation (`_ensure_group` sets it) unless it cannot; then the
         loss cannot be counted. Several members checking at once can each count the same loss.
         """
-        all_key = self._backend.all_key
+        all_key = self._feed_key
         pipe = connection.pipeline(transaction=False)
         pipe.xinfo_stream(all_key)
         pipe.xinfo_groups(all_key)
@@ -364,7 +377,7 @@ class RedisGroupConsumer(GroupConsumer):
 
     async def _read_own_pending(self, connection: aioredis.Redis, after: str) -> None:
         reply: Any = await connection.xreadgroup(
-            self._group, self._consumer, {self._backend.all_key: after}, count=GROUP_READ_COUNT
+            self._group, self._consumer, {self._feed_key: after}, count=GROUP_READ_COUNT
         )
         entries = [entry for _key, key_entries in reply or [] for entry in key_entries]
         if not entries:
@@ -376,7 +389,7 @@ class RedisGroupConsumer(GroupConsumer):
     async def _claim_abandoned(self, connection: aioredis.Redis) -> None:
         """One step of a sweep over the group's pending entries; a sweep ends at `0-0`."""
         reply: Any = await connection.xautoclaim(
-            self._backend.all_key,
+            self._feed_key,
             self._group,
             self._consumer,
             min_idle_time=self._claim_idle_ms,
@@ -388,7 +401,7 @@ class RedisGroupConsumer(GroupConsumer):
         if trimmed:
             log.warning(
                 "group %s: %d pending entries were trimmed from %s before being acknowledged",
-                self._group, len(trimmed), self._backend.all_key,
+                self._group, len(trimmed), self._feed_key,
             )
         if self._claim_cursor == "0-0":
             self._next_claim_at = time.monotonic() + self._claim_idle_ms / 2000
