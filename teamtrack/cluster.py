@@ -211,11 +211,12 @@ class LocalCluster:
         if options.https and not options.tls:
             raise ClusterError("--https needs the certificates of --tls")
         if options.backend_url is not None and not options.backend_url.startswith(
-            ("redis://", "rediss://", "redis+sentinel://", "kafka://")
+            ("redis://", "rediss://", "redis+sentinel://", "redis+cluster://", "kafka://")
         ):
             raise ClusterError(
-                "--backend-url must be a redis://, redis+sentinel:// or kafka:// URL: the"
-                " cluster's processes share the backend (memory:// lives inside one process)"
+                "--backend-url must be a redis://, redis+sentinel://, redis+cluster:// or "
+                "kafka:// URL: the cluster's processes share the backend (memory:// lives "
+                "inside one process)"
             )
         planned = list(self.ports.all_ports())
         if options.backend_url is not None or options.backend != "redis":
