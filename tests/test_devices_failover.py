@@ -57,7 +57,7 @@ FAILOVER_BOUND_S = 10.0
 
 def test_devices_of_one_broker_spread_over_the_others() -> None:
     orders = [broker_order(device, 3) for device in range(300)]
-    assert orders[:4] == [(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1)]
+    assert orders[:4] == [(0, 1, 2), (1, 0, 2), (2, 0, 1), (0, 2, 1)]
     for dead in range(3):
         # Where the devices of the dead broker go first: half to each survivor.
         seconds = Counter(order[1] for order in orders if order[0] == dead)
