@@ -249,16 +249,13 @@ def _config(brokers: list[str], **overrides: object) -> SimulationConfig:
 
 
 def _homed_on(credentials: Path, index: int, brokers: int) -> set[str]:
-    """The workers whose home is broker `index`: round-robin over the bring-up order, which
-    interleaves the teams (t0/w000, t1/w000, ..., t0/w001, ...)."""
+    """The workers whose home is broker `index`: round-robin in the file's order."""
     identities = load_device_identities(credentials)
-    by_team: dict[str, list[str]] = defaultdict(list)
-    for identity in identities:
-        by_team[identity.team].append(f"{identity.team}/{identity.worker}")
-    columns = list(by_team.values())
-    order = [column[row] for row in range(max(map(len, columns))) for column in columns
-             if row < len(column)]
-    return {worker for position, worker in enumerate(order) if position % brokers == index}
+    return {
+        f"{identity.team}/{identity.worker}"
+        for position, identity in enumerate(identities)
+        if position % brokers == index
+    }
 
 
 def assert_contiguous_after(seqs: list[int], start: int) -> None:
@@ -318,8 +315,8 @@ async def test_devices_of_a_killed_broker_move_to_the_other_and_resend_in_order(
 
 class RemovedBroker:
     """A minimal MQTT 5 server playing a broker being removed from the cluster: it accepts
-    every CONNECT, acknowledges no PUBLISH, and after `hold_s` sends each client DISCONNECT
-    0x9C (Use another server) with a Server Reference, then closes the connection."""
+    every CONNECT, acknowledges statuses but no position, and after `hold_s` sends each client
+    DISCONNECT 0x9C (Use another server) with a Server Reference, then closes the connection."""
 
     def __init__(self, reference: str, hold_s: float) -> None:
         self.reference = reference
@@ -360,10 +357,13 @@ class RemovedBroker:
                     header, body = await asyncio.wait_for(self._packet(reader), left)
                 except TimeoutError:
                     break
-                if header >> 4 == 3:  # PUBLISH, kept unacknowledged
+                if header >> 4 == 3:  # PUBLISH: statuses acknowledged, positions not
                     (topic_length,) = struct.unpack_from("!H", body)
                     topic = body[2 : 2 + topic_length].decode()
-                    if topic.endswith("/position"):
+                    packet_id = body[2 + topic_length : 4 + topic_length]
+                    if topic.endswith("/status"):
+                        writer.write(b"\x40\x02" + packet_id)
+                    else:
                         address = parse_topic(topic)
                         # packet id, then properties (length 0 from gmqtt), then the payload
                         payload = body[2 + topic_length + 2 + 1 :]
@@ -469,7 +469,7 @@ async def test_the_devices_of_a_dead_broker_reach_the_survivor_spread_out(
     assert peak <= len(moved) // 2
 
 
-# --- the whole path: nothing acknowledged is lost --------------------------------------------------
+# --- the whole path: nothing acknowledged is lost -----------------------------------------
 
 
 def _stored(database: Path) -> Counter[tuple[str, str, int]]:
