@@ -217,7 +217,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m devices") -> 
         print(
             f"sent {summary.messages_sent} messages in {summary.duration_s:.1f} s,"
             f" peak {summary.workers_peak} workers, {summary.error_count} errors,"
-            f" {summary.reconnects} reconnects"
+            f" {summary.reconnects} reconnects ({summary.failovers} failovers),"
+            f" {summary.resent} resent"
         )
     # A run in which no worker ever got online is a failed run (wrong URL or credentials).
     return 0 if summary.workers_peak > 0 or summary.workers_selected == 0 else 1

@@ -3,8 +3,10 @@
 All clients share one asyncio event loop and one scheduler loop: a heap of (next fix due, worker)
 is drained every few milliseconds, so a thousand workers cost a thousand heap operations a
 second instead of a thousand sleeping tasks. Connects and clean disconnects are short-lived
-tasks, bounded in number; reconnects after a lost connection are left to gmqtt, with an
-exponential backoff per client.
+tasks, bounded in number, and so are reconnects: a worker whose connection ends gets a task
+that waits a jittered delay and connects again, on the broker its failover rules pick
+(`devices.failover`), with a fresh gmqtt client each time. QoS 1 positions stay in the worker's
+outbox until their PUBACK and are sent again, in order, on the next connection.
 
 A run is: build the workers (profile, start point, broker) from the seed; every control tick
 compare the online count with the schedule's target and bring workers online or offline;
@@ -25,16 +27,19 @@ import random
 import ssl
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gmqtt import Client, Message
 from gmqtt.mqtt.handler import MQTTConnectError
+from gmqtt.storage import PersistentStorage
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from devices.failover import BrokerFailover, Disconnect, broker_order, parse_disconnect
 from devices.identities import DeviceIdentity, load_device_identities, select_identities
 from devices.movement import (
     CENTRAL_BERLIN,
@@ -48,7 +53,6 @@ from devices.schedule import LoadSchedule, SchedulePoint, parse_schedule
 from teamtrack.contract import Position, Presence, encode_position, position_topic, status_topic
 from teamtrack.logs import RateLimitedLog, RateLimitFilter
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.retry import Backoff
 from teamtrack.tls import client_ssl_context
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "DeviceIdentity",
     "LoadSchedule",
     "ProfileMix",
+    "ReconnectSample",
     "SchedulePoint",
     "SimulationConfig",
     "SimulationSummary",
@@ -75,7 +80,6 @@ _gmqtt_log = logging.getLogger("devices.gmqtt")
 _gmqtt_log.addFilter(RateLimitFilter(period=5.0))
 
 DEFAULT_BROKER_URL: Final = "mqtt://127.0.0.1:1883"
-UNLIMITED_RECONNECTS: Final = -1
 # How often the online count is compared with the schedule.
 CONTROL_INTERVAL_S: Final = 0.1
 # The scheduler never sleeps less than this, so fixes due within it are published in one batch.
@@ -83,6 +87,10 @@ MIN_SLEEP_S: Final = 0.005
 DISCONNECT_TIMEOUT_S: Final = 5.0
 # Enough for one hour of progress refreshes at 0.5 s.
 TIMELINE_SAMPLES: Final = 7200
+# The reconnects the summary lists (the most recent), for connect rates and failover times.
+RECONNECT_SAMPLES: Final = 100_000
+# At shutdown, how long a worker waits for the PUBACKs of what it sent before it disconnects.
+DRAIN_TIMEOUT_S: Final = 5.0
 _ONLINE: Final = Presence.ONLINE.value.encode()
 _OFFLINE: Final = Presence.OFFLINE.value.encode()
 
@@ -112,8 +120,12 @@ class SimulationConfig:
     keepalive: int = 60
     connect_timeout: float = 10.0
     max_concurrent_connects: int = 100
-    reconnect_initial_delay: float = 1.0
+    # Full jitter: attempt k after a loss waits uniform(0, min(max, initial * 2^k)) seconds.
+    reconnect_initial_delay: float = 0.5
     reconnect_max_delay: float = 30.0
+    # QoS 1 positions a worker keeps until the broker acknowledges them (sent again on the next
+    # connection, wherever it is); beyond this the oldest is dropped and counted.
+    max_unacknowledged: int = 1000
     # The certificate authority mqtts:// brokers must prove themselves with (the cluster's
     # state/tls/ca.crt); None: the system's trusted authorities. The host name is checked too.
     ca_file: str | None = None
@@ -144,6 +156,8 @@ class SimulationConfig:
             raise ValueError("max concurrent connects must be at least 1")
         if not 0 < self.reconnect_initial_delay <= self.reconnect_max_delay:
             raise ValueError("reconnect delays need 0 < initial <= max")
+        if self.max_unacknowledged < 1:
+            raise ValueError("max unacknowledged must be at least 1")
 
     @property
     def run_seconds(self) -> float:
@@ -164,8 +178,28 @@ class TimelineSample:
 
 
 @dataclass(frozen=True, slots=True)
+class ReconnectSample:
+    """A worker connected again after losing its connection: when (seconds into the run),
+    where, how long it had been without a connection, and whether that is another broker."""
+
+    elapsed_s: float
+    worker: str
+    broker: str
+    outage_s: float
+    failover: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SimulationSummary:
-    """The numbers of one run. `timeline` keeps the last hour of progress samples."""
+    """The numbers of one run. `timeline` keeps the last hour of progress samples,
+    `reconnect_log` the last 100,000 reconnects.
+
+    `failovers`: reconnects to another broker than the one lost. `resent`: QoS 1 positions sent
+    again on a new connection because the previous one ended before their PUBACK (duplicates
+    at the backend are possible, losses are not). `unacknowledged`: positions still without a
+    PUBACK when the run ended; `outbox_dropped`: the oldest unacknowledged ones dropped because
+    a worker's outbox was full (`max_unacknowledged`).
+    """
 
     duration_s: float
     seed: int
@@ -178,10 +212,32 @@ class SimulationSummary:
     fixes_skipped: int
     workers_by_broker: dict[str, int]
     timeline: tuple[TimelineSample, ...]
+    failovers: int = 0
+    resent: int = 0
+    unacknowledged: int = 0
+    outbox_dropped: int = 0
+    reconnect_log: tuple[ReconnectSample, ...] = ()
 
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    def peak_reconnects(self, window_s: float = 1.0) -> dict[str, int]:
+        """Per broker, the most reconnects it took within any `window_s` seconds: the connect
+        rate a broker sees when another one dies."""
+        times: dict[str, list[float]] = {}
+        for sample in self.reconnect_log:
+            times.setdefault(sample.broker, []).append(sample.elapsed_s)
+        return {broker: _peak_in_window(sorted(ts), window_s) for broker, ts in times.items()}
+
+
+def _peak_in_window(times: list[float], window_s: float) -> int:
+    peak = first = 0
+    for last, at in enumerate(times):
+        while at - times[first] >= window_s:
+            first += 1
+        peak = max(peak, last - first + 1)
+    return peak
 
 
 class _Phase(enum.Enum):
@@ -192,86 +248,106 @@ class _Phase(enum.Enum):
     STOPPING = "stopping"
 
 
-class _DeviceClient(Client):  # type: ignore[misc]  # gmqtt ships no type information
-    """A gmqtt client whose reconnects back off exponentially and stop at `disconnect()`.
+class _AckedStorage(PersistentStorage):  # type: ignore[misc]  # gmqtt ships no type information
+    """gmqtt's store of the QoS 1 packets a client has in flight, telling the simulator of each
+    PUBACK and of the packet id of the last publish (gmqtt's `publish` returns neither)."""
 
-    gmqtt waits a fixed delay between reconnects and, if `disconnect()` is called during that
-    delay, connects again anyway; both are fixed by waiting here instead.
+    def __init__(self, on_ack: Callable[[int], None]) -> None:
+        super().__init__()
+        self.on_ack = on_ack
+        self.last_mid = 0
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        self.last_mid = mid
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self.on_ack(mid)
+
+    async def wait_empty(self) -> None:
+        """gmqtt's `connect()` waits here for what it replays to be acknowledged; the worker's
+        outbox follows the acknowledgements instead, so a connection is up at its CONNACK
+        (and a slow PUBACK of the `online` status is no connect timeout)."""
+        return
+
+
+class _DeviceClient(Client):  # type: ignore[misc]  # gmqtt ships no type information
+    """A gmqtt client for one connection: it never reconnects on its own.
+
+    The simulator decides where and when a worker connects again (its failover rules) and uses
+    a fresh client for it. gmqtt would reconnect to the same broker only, and a client that
+    reconnects without a session present drops its unacknowledged QoS 1 packets and leaks
+    their packet ids; the worker's own outbox keeps the positions instead.
     """
 
-    def __init__(self, client_id: str, *, backoff: Backoff, **kwargs: Any) -> None:
-        super().__init__(client_id, **kwargs)
-        self.backoff = backoff
-        self._closed = asyncio.Event()
-        self._waiting_to_reconnect = False
-
     async def reconnect(self, delay: bool = False) -> None:
-        if self._closed.is_set():
-            return
-        if delay:
-            if self._waiting_to_reconnect:
-                return
-            self._waiting_to_reconnect = True
-            try:
-                await asyncio.wait_for(self._closed.wait(), self.backoff.next_delay())
-                return
-            except TimeoutError:
-                pass
-            finally:
-                self._waiting_to_reconnect = False
-        await super().reconnect(delay=False)
-
-    async def disconnect(self, reason_code: int = 0, **properties: Any) -> None:
-        self._closed.set()
-        await super().disconnect(reason_code, **properties)
+        return
 
 
 class _Worker:
     __slots__ = (
-        "broker",
         "client",
-        "connect_backoff",
         "connected",
+        "failover",
         "generation",
-        "has_connected",
         "identity",
         "index",
+        "inflight",
+        "last_broker",
         "last_fix_at",
+        "loss",
+        "lost_at",
         "mover",
+        "name",
+        "pending",
         "phase",
         "position_topic",
+        "reconnect_task",
         "retry_at",
         "seq",
         "status_topic",
+        "storage",
+        "unacked",
     )
 
     def __init__(
-        self,
-        index: int,
-        identity: DeviceIdentity,
-        broker: BrokerAddress,
-        mover: Mover,
-        connect_backoff: Backoff,
+        self, index: int, identity: DeviceIdentity, failover: BrokerFailover, mover: Mover
     ) -> None:
         self.index = index
         self.identity = identity
-        self.broker = broker
+        self.name = f"{identity.team}/{identity.worker}"
+        self.failover = failover
         self.mover = mover
         self.position_topic = position_topic(identity.team, identity.worker)
         self.status_topic = status_topic(identity.team, identity.worker)
         self.client: _DeviceClient | None = None
+        self.storage: _AckedStorage | None = None
         self.phase = _Phase.IDLE
         # Whether the current client's connection is up (between CONNACK and its loss).
         self.connected = False
-        # Whether the current client was connected before, so its next CONNACK is a reconnect.
-        self.has_connected = False
+        # The broker of the last connection that got a CONNACK (None: never connected).
+        self.last_broker: BrokerAddress | None = None
+        # When the connection was lost and what the broker said (None: no DISCONNECT); a
+        # CONNACK while lost_at is set is a reconnect.
+        self.lost_at: float | None = None
+        self.loss: Disconnect | None = None
+        self.reconnect_task: asyncio.Task[None] | None = None
         # Bumped whenever the worker goes offline, so its stale heap entries are skipped.
         self.generation = 0
         self.seq = 0
         self.last_fix_at = 0.0
         self.retry_at = 0.0
-        # Retrying a failed connect; gmqtt's own reconnects use the client's backoff.
-        self.connect_backoff = connect_backoff
+        # QoS 1 outbox: seq -> payload until its PUBACK, in seq order; the seqs not yet sent on
+        # the current connection (the broker's receive maximum holds them back, or they were
+        # in flight on a connection that ended); packet id -> seq of what is in flight.
+        self.unacked: dict[int, bytes] = {}
+        self.pending: deque[int] = deque()
+        self.inflight: dict[int, int] = {}
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return self.failover.broker
 
 
 class _RateMeter:
@@ -324,6 +400,11 @@ class _Simulation:
         self.messages_sent = 0
         self.fixes_skipped = 0
         self.reconnects = 0
+        self.failovers = 0
+        self.resent = 0
+        self.outbox_dropped = 0
+        self.reconnect_log: deque[ReconnectSample] = deque(maxlen=RECONNECT_SAMPLES)
+        self.started = 0.0
         self.connected_count = 0
         self.peak = 0
         self.active_count = 0  # workers CONNECTING or ONLINE
@@ -335,6 +416,7 @@ class _Simulation:
         self.rate = 0.0
         self.due: list[tuple[float, int, int]] = []
         self.connect_tasks: set[asyncio.Task[None]] = set()
+        self.reconnect_tasks: set[asyncio.Task[None]] = set()
         self.disconnect_tasks: set[asyncio.Task[None]] = set()
         self.timing_rng = random.Random(f"{self.seed}/timing")
         self.workers = self._build_workers(
@@ -355,15 +437,19 @@ class _Simulation:
             rng = random.Random(f"{self.seed}/worker/{identity.team}/{identity.worker}")
             start = start_near(bases[identity.team], config.bbox, rng)
             movers.append(Mover(profile, config.bbox, rng, start))
-        # Brokers go round-robin in file order, so each team is spread over all brokers;
+        # Home brokers go round-robin in file order, so each team is spread over all brokers;
         # the bring-up order interleaves teams.
         return [
             _Worker(
                 position,
                 selected[index],
-                self.brokers[index % len(self.brokers)],
+                BrokerFailover(
+                    tuple(self.brokers[b] for b in broker_order(index, len(self.brokers))),
+                    initial=config.reconnect_initial_delay,
+                    maximum=config.reconnect_max_delay,
+                    uniform=self.timing_rng.uniform,
+                ),
                 movers[index],
-                Backoff(config.reconnect_initial_delay, config.reconnect_max_delay),
             )
             for position, index in enumerate(_bring_up_order(selected))
         ]
@@ -399,7 +485,7 @@ class _Simulation:
                 len(self.workers),
             )
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self.started = loop.time()
         console = Console()
         live = (
             Live(console=console, auto_refresh=False, transient=False)
@@ -473,10 +559,11 @@ class _Simulation:
                 if worker.phase is _Phase.ONLINE:
                     self._take_offline(worker)
 
-    def _start(self, tasks: set[asyncio.Task[None]], coroutine: Any) -> None:
+    def _start(self, tasks: set[asyncio.Task[None]], coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
+        return task
 
     def _publish_due(self, now: float) -> None:
         due = self.due
@@ -517,47 +604,116 @@ class _Simulation:
             fix.heading,
             fix.battery,
         )
-        try:
-            client.publish(worker.position_topic, encode_position(position), qos=self.config.qos)
-        except Exception as exc:
-            self._fail("publish", worker, exc)
-            return
+        payload = encode_position(position)
+        if self.config.qos == 1:
+            # Into the outbox, behind anything still waiting there: sent now if the broker's
+            # receive maximum allows, kept until its PUBACK either way.
+            self._keep(worker, worker.seq, payload)
+            self._send_pending(worker)
+        else:
+            try:
+                client.publish(worker.position_topic, payload, qos=0)
+            except Exception as exc:
+                self._fail("publish", worker, exc)
+                return
         worker.seq += 1
         self.messages_sent += 1
+
+    # --- the QoS 1 outbox ---------------------------------------------------------------
+
+    def _keep(self, worker: _Worker, seq: int, payload: bytes) -> None:
+        unacked = worker.unacked
+        if len(unacked) >= self.config.max_unacknowledged:
+            # Full: the oldest goes (a live map wants the newest), counted as lost.
+            oldest = next(iter(unacked))
+            del unacked[oldest]
+            if worker.pending and worker.pending[0] == oldest:
+                worker.pending.popleft()
+            self.outbox_dropped += 1
+            self._fail("outbox_full", worker, f"seq {oldest} dropped unacknowledged")
+        unacked[seq] = payload
+        worker.pending.append(seq)
+
+    def _send_pending(self, worker: _Worker) -> None:
+        """Sends the outbox's unsent positions, oldest first, while the connection is up and
+        the broker's receive maximum allows; the rest follow as PUBACKs come in."""
+        client, storage = worker.client, worker.storage
+        if client is None or storage is None or not worker.connected:
+            return
+        pending, unacked = worker.pending, worker.unacked
+        while pending:
+            seq = pending[0]
+            payload = unacked.get(seq)
+            if payload is None:  # dropped from a full outbox meanwhile
+                pending.popleft()
+                continue
+            try:
+                client.publish(worker.position_topic, payload, qos=1)
+            except OverflowError:
+                return  # every packet id of the receive maximum is in flight
+            except Exception as exc:
+                self._fail("publish", worker, exc)
+                return
+            worker.inflight[storage.last_mid] = seq
+            pending.popleft()
+
+    def _on_ack(self, worker: _Worker, client: _DeviceClient, mid: int) -> None:
+        if worker.client is not client:
+            return  # a late PUBACK of a connection left behind: that position is sent again
+        seq = worker.inflight.pop(mid, None)
+        if seq is None:
+            return  # a status message
+        worker.unacked.pop(seq, None)
+        if worker.pending:
+            self._send_pending(worker)
+
+    def _resend_outbox(self, worker: _Worker) -> None:
+        """On a new connection: everything unacknowledged goes again, in seq order, before any
+        new fix (those are appended behind it)."""
+        worker.inflight.clear()
+        worker.pending = deque(worker.unacked)
+        self.resent += len(worker.pending)
+        self._send_pending(worker)
 
     # --- connections --------------------------------------------------------------------
 
     def _new_client(self, worker: _Worker) -> _DeviceClient:
-        config = self.config
         identity = worker.identity
+        client: _DeviceClient
+        storage = _AckedStorage(lambda mid: self._on_ack(worker, client, mid))
         client = _DeviceClient(
             identity.client_id,
-            backoff=Backoff(config.reconnect_initial_delay, config.reconnect_max_delay),
             will_message=Message(worker.status_topic, _OFFLINE, qos=1, retain=True),
+            persistent_storage=storage,
             logger=_gmqtt_log,
         )
         client.set_auth_credentials(identity.username, identity.password)
-        client.reconnect_retries = UNLIMITED_RECONNECTS
         client.on_connect = functools.partial(self._on_connect, worker)
         client.on_disconnect = functools.partial(self._on_disconnect, worker)
+        worker.storage = storage
         return client
 
-    async def _connect(self, worker: _Worker) -> None:
+    async def _attempt(self, worker: _Worker) -> bool:
+        """One connection attempt to the worker's current broker, with a fresh client. A
+        failure is counted, the client closed and the failover told; True on a CONNACK."""
         config = self.config
+        broker = worker.broker
         client = self._new_client(worker)
         worker.client = client
-        worker.has_connected = False
         failure: tuple[str, object] | None = None
         try:
             await asyncio.wait_for(
                 client.connect(
-                    worker.broker.host,
-                    worker.broker.port,
-                    ssl=self.ssl_context if worker.broker.tls else False,
+                    broker.host,
+                    broker.port,
+                    ssl=self.ssl_context if broker.tls else False,
                     keepalive=config.keepalive,
                 ),
                 config.connect_timeout,
             )
+        except asyncio.CancelledError:
+            self._abandon(worker, client)
+            raise
         except MQTTConnectError as exc:
             failure = ("connect_refused", exc)
         except ssl.SSLError as exc:
@@ -569,25 +725,66 @@ class _Simulation:
             failure = ("connect_failed", exc)
         except Exception as exc:
             failure = ("connect_error", repr(exc))
+        if failure is None:
+            return True
+        self._fail(failure[0], worker, failure[1])
+        self._abandon(worker, client)
+        return False
+
+    def _abandon(self, worker: _Worker, client: _DeviceClient) -> None:
+        """Leaves a client behind: closed in the background, its callbacks ignored."""
+        if worker.client is client:
+            self._mark_disconnected(worker)
+            worker.client = None
+            worker.storage = None
+        self._start(self.disconnect_tasks, self._close_quietly(client))
+
+    async def _connect(self, worker: _Worker) -> None:
+        """Brings a worker online (the schedule asked for it): one attempt; after a failure the
+        worker waits its backoff on the next broker of its list until the schedule retries."""
+        worker.lost_at = None
+        try:
+            connected = await self._attempt(worker)
         finally:
             self.connects_in_flight -= 1
         loop = asyncio.get_running_loop()
-        if failure is not None:
-            self._fail(failure[0], worker, failure[1])
-            await self._close_quietly(client)
-            self._mark_disconnected(worker)
-            worker.client = None
+        if not connected:
             worker.phase = _Phase.IDLE
             self.active_count -= 1
-            worker.retry_at = loop.time() + worker.connect_backoff.next_delay()
+            worker.retry_at = loop.time() + worker.failover.after_failure()
             return
-        worker.connect_backoff.reset()
         worker.phase = _Phase.ONLINE
         now = loop.time()
         worker.last_fix_at = now
         # Spread the first fixes of workers that connect together over one interval.
-        first_due = now + self.timing_rng.uniform(0.0, config.interval)
+        first_due = now + self.timing_rng.uniform(0.0, self.config.interval)
         heapq.heappush(self.due, (first_due, worker.generation, worker.index))
+        if not worker.connected:
+            self._start_reconnect(worker)  # lost between its CONNACK and now
+
+    def _start_reconnect(self, worker: _Worker) -> None:
+        now = asyncio.get_running_loop().time()
+        delay = worker.failover.after_loss(worker.loss, now)
+        worker.reconnect_task = self._start(self.reconnect_tasks, self._reconnect(worker, delay))
+
+    async def _reconnect(self, worker: _Worker, delay: float) -> None:
+        """Connects a worker that lost its connection again, wherever its failover rules say,
+        until it is connected or no longer wanted online."""
+        try:
+            while worker.phase is _Phase.ONLINE:
+                await asyncio.sleep(delay)
+                if worker.phase is not _Phase.ONLINE:
+                    return
+                if not await self._attempt(worker):
+                    delay = worker.failover.after_failure()
+                    continue
+                if worker.connected:
+                    return
+                # Lost again right after its CONNACK.
+                delay = worker.failover.after_loss(worker.loss, asyncio.get_running_loop().time())
+        finally:
+            if worker.reconnect_task is asyncio.current_task():
+                worker.reconnect_task = None
 
     def _mark_disconnected(self, worker: _Worker) -> None:
         if worker.connected:
@@ -599,31 +796,64 @@ class _Simulation:
     ) -> None:
         if worker.client is not client or worker.phase not in (_Phase.CONNECTING, _Phase.ONLINE):
             return
-        client.backoff.reset()
+        now = asyncio.get_running_loop().time()
+        broker = worker.broker
+        worker.failover.connected(now)
         try:
             # Re-sent on every reconnect: the broker may have published the Will meanwhile.
             client.publish(worker.status_topic, _ONLINE, qos=1, retain=True)
         except Exception as exc:
             self._fail("publish_status", worker, exc)
-        if worker.has_connected:
-            self.reconnects += 1
-            log.info("%s reconnected to %s", worker.identity.client_id, worker.broker)
-        worker.has_connected = True
+        if worker.lost_at is not None:
+            self._record_reconnect(worker, broker, now)
+        worker.last_broker = broker
         if not worker.connected:
             worker.connected = True
             self.connected_count += 1
             self.peak = max(self.peak, self.connected_count)
-        self.broker_workers[worker.broker].add(worker.index)
+        self.broker_workers[broker].add(worker.index)
+        if worker.unacked:
+            self._resend_outbox(worker)
+
+    def _record_reconnect(self, worker: _Worker, broker: BrokerAddress, now: float) -> None:
+        assert worker.lost_at is not None
+        failover = broker != worker.last_broker
+        self.reconnects += 1
+        self.failovers += failover
+        self.reconnect_log.append(
+            ReconnectSample(
+                round(now - self.started, 4),
+                worker.name,
+                str(broker),
+                round(now - worker.lost_at, 4),
+                failover,
+            )
+        )
+        log.info("%s reconnected to %s", worker.identity.client_id, broker)
+        worker.lost_at = None
 
     def _on_disconnect(
         self, worker: _Worker, client: _DeviceClient, packet: Any, exc: Any = None
     ) -> None:
-        if worker.client is not client:
-            return
-        was_connected = worker.connected
-        self._mark_disconnected(worker)
-        if was_connected and worker.phase is _Phase.ONLINE:
+        """The connection ended. gmqtt calls this with the body of the broker's DISCONNECT, and
+        (again) with an empty one when the socket closes: the first call counts."""
+        if worker.client is not client or not worker.connected:
+            return  # an attempt that failed (counted there), or a client left behind
+        loss = parse_disconnect(bytes(packet)) if isinstance(packet, bytes | bytearray) else None
+        self._abandon(worker, client)
+        worker.loss = loss
+        if worker.lost_at is None:
+            worker.lost_at = asyncio.get_running_loop().time()
+        if worker.phase is not _Phase.ONLINE:
+            return  # stopping, or still in _connect, which reconnects it
+        if loss is not None and loss.moves:
+            self._fail("told_to_move", worker, f"DISCONNECT {loss.reason:#04x}")
+        elif loss is not None:
+            self._fail("disconnected", worker, f"DISCONNECT {loss.reason:#04x}")
+        else:
             self._fail("connection_lost", worker, exc or "broker closed the connection")
+        if worker.reconnect_task is None:
+            self._start_reconnect(worker)
 
     def _take_offline(self, worker: _Worker) -> None:
         worker.phase = _Phase.STOPPING
@@ -632,8 +862,14 @@ class _Simulation:
         self._start(self.disconnect_tasks, self._disconnect(worker))
 
     async def _disconnect(self, worker: _Worker) -> None:
+        reconnecting = worker.reconnect_task
+        if reconnecting is not None:
+            reconnecting.cancel()
+            await asyncio.wait({reconnecting})
         client = worker.client
         if client is not None:
+            if worker.connected:
+                await self._drain(worker)
             if worker.connected:
                 try:
                     # Sent before DISCONNECT on the same connection, so the broker stores it
@@ -652,7 +888,18 @@ class _Simulation:
             except Exception as exc:
                 self._fail("disconnect", worker, repr(exc))
         worker.client = None
+        worker.storage = None
+        worker.lost_at = None
         worker.phase = _Phase.IDLE
+
+    async def _drain(self, worker: _Worker) -> None:
+        """Waits (a bounded while) for the PUBACKs of the outbox before a clean disconnect: a
+        worker that leaves does not leave what it sent unconfirmed."""
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        while worker.unacked and worker.connected:
+            if asyncio.get_running_loop().time() >= deadline:
+                return
+            await asyncio.sleep(0.02)
 
     async def _close_quietly(self, client: _DeviceClient) -> None:
         with contextlib.suppress(Exception):
@@ -666,6 +913,9 @@ class _Simulation:
             if worker.phase in (_Phase.CONNECTING, _Phase.ONLINE):
                 self._take_offline(worker)
         await asyncio.gather(*self.disconnect_tasks, return_exceptions=True)
+        for task in self.reconnect_tasks:
+            task.cancel()
+        await asyncio.gather(*self.reconnect_tasks, return_exceptions=True)
 
     # --- reporting ----------------------------------------------------------------------
 
@@ -682,6 +932,11 @@ class _Simulation:
             fixes_skipped=self.fixes_skipped,
             workers_by_broker={str(b): len(ws) for b, ws in self.broker_workers.items()},
             timeline=tuple(self.timeline),
+            failovers=self.failovers,
+            resent=self.resent,
+            unacknowledged=sum(len(worker.unacked) for worker in self.workers),
+            outbox_dropped=self.outbox_dropped,
+            reconnect_log=tuple(self.reconnect_log),
         )
 
     def _progress_view(self, elapsed: float, state: str = "running") -> Group:
@@ -706,7 +961,10 @@ class _Simulation:
             "errors",
             Text(f"{errors:,}" + (f" ({kinds})" if kinds else ""), style="red" if errors else ""),
         )
-        grid.add_row("reconnects", f"{self.reconnects:,}")
+        grid.add_row(
+            "reconnects",
+            f"{self.reconnects:,}  failovers {self.failovers:,}  resent {self.resent:,}",
+        )
         return Group(Text("teamtrack device simulator", style="bold cyan"), grid)
 
 
@@ -730,6 +988,15 @@ def summary_table(summary: SimulationSummary) -> Table:
     table.add_row("mean rate", f"{summary.mean_rate:,.1f} msg/s")
     table.add_row("fixes skipped (offline)", f"{summary.fixes_skipped:,}")
     table.add_row("reconnects", f"{summary.reconnects:,}")
+    table.add_row("  to another broker (failovers)", f"{summary.failovers:,}")
+    if summary.reconnect_log:
+        longest = max(sample.outage_s for sample in summary.reconnect_log)
+        table.add_row("  longest time without a broker", f"{longest:,.2f} s")
+    for broker, peak in summary.peak_reconnects(1.0).items():
+        table.add_row(f"  peak reconnects/s on {broker}", f"{peak:,}")
+    table.add_row("QoS 1 positions resent", f"{summary.resent:,}")
+    table.add_row("  unacknowledged at the end", f"{summary.unacknowledged:,}")
+    table.add_row("  dropped from a full outbox", f"{summary.outbox_dropped:,}")
     table.add_row("errors", f"{summary.error_count:,}")
     for kind, count in summary.errors.items():
         table.add_row(f"  {kind}", f"{count:,}")

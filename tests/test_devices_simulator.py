@@ -296,7 +296,7 @@ async def test_online_count_follows_the_schedule_up_and_down(
     assert len(offline_early) == 3
 
 
-async def test_failed_devices_are_counted_and_the_rest_keep_reporting(
+async def test_failed_devices_are_counted_and_move_to_a_broker_that_answers(
     brokers: list[Broker], credentials_path: Path, tmp_path: Path
 ) -> None:
     identities = load_device_identities(credentials_path)
@@ -305,17 +305,20 @@ async def test_failed_devices_are_counted_and_the_rest_keep_reporting(
     config = config_for(
         [brokers[0]],
         broker_urls=(brokers[0].url, f"mqtt://{LOOPBACK}:{closed_port}"),
-        duration=1.2,
+        duration=1.5,
     )
     watcher = Watcher(brokers[0].port)
     summary = await run_simulation(config, [wrong_password, *identities[1:]])
     watcher.stop()
 
-    # alpha/w1 (refused) and alpha/w3, bravo/w2 on the first broker; the others on no broker.
+    # alpha/w1 is refused everywhere; alpha/w2, bravo/w1 and bravo/w3, whose home broker does
+    # not answer, fail over to the first broker, next in their lists.
     assert summary.errors["connect_refused"] >= 1
     assert summary.errors["connect_failed"] >= 3
-    assert summary.workers_peak == 2
-    assert set(positions_by_worker(watcher)) == {("alpha", "w3"), ("bravo", "w2")}
+    assert summary.workers_peak == 5
+    assert set(positions_by_worker(watcher)) == {
+        (team, worker) for team in TEAMS for worker in WORKERS
+    } - {("alpha", "w1")}
 
 
 async def test_workers_reconnect_after_a_broker_restart(
@@ -328,13 +331,22 @@ async def test_workers_reconnect_after_a_broker_restart(
     await asyncio.sleep(0.3)
     await asyncio.to_thread(brokers[1].restart)
     await asyncio.sleep(0.9)
-    # The restarted broker lost its retained messages; the devices published `online` again.
-    retained = await asyncio.to_thread(read_retained_statuses, brokers[1].port)
+    # Each worker of the restarted broker tried it once more, then moved on to the other one
+    # if it was still down: wherever it is, it published `online` again (the restarted
+    # broker lost its retained messages).
+    first, second = await read_retained_everywhere(brokers)
     summary = await run
 
-    assert summary.errors == {"connection_lost": 3}
+    moved = {("alpha", "w2"), ("bravo", "w1"), ("bravo", "w3")}
+    assert summary.errors["connection_lost"] == 3
+    assert set(summary.errors) <= {"connection_lost", "connect_failed"}
     assert summary.reconnects == 3
-    assert sorted(retained.values()) == ["online"] * 3
+    assert {sample.worker for sample in summary.reconnect_log} == {
+        f"{team}/{worker}" for team, worker in moved
+    }
+    assert {worker: second.get(worker, first.get(worker)) for worker in moved} == dict.fromkeys(
+        moved, "online"
+    )
     assert summary.fixes_skipped > 0
 
 
