@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_end_to_end import RunningCluster, cluster_running, stop_cluster
 
 from teamtrack.contract import position_topic
+from teamtrack.files import write_json_atomically
 
 pytestmark = pytest.mark.faults
 
@@ -40,6 +42,8 @@ WAIT = 20.0
 WORKERS = 16
 INTERVAL_S = 0.15
 STEP_LIMIT_S = 180
+# The longest the simulated phones of team bravo report (they are stopped once checked).
+SIMULATED_S = 120
 
 
 @pytest.fixture
@@ -195,12 +199,31 @@ def wait_for_request(running: RunningCluster) -> None:
         time.sleep(0.01)
 
 
-def stored(running: RunningCluster, workers: list[str]) -> Counter[tuple[str, int]]:
-    headers = {"Authorization": f"Bearer {running.token_of('alpha')}"}
+def start_simulator(running: RunningCluster, brokers: list[str]) -> subprocess.Popen[bytes]:
+    """`python -m devices` for team bravo's workers (their logins alone in a 0600 file), QoS 1,
+    every broker given: each device's home is one of them, the others its failover."""
+    credentials = running.credentials
+    bravo = credentials.model_copy(update={
+        "devices": tuple(d for d in credentials.devices if d.team == "bravo"),
+    })
+    path = running.state_dir / "bravo-devices.json"
+    write_json_atomically(path, bravo.document())
+    urls = [argument for url in brokers for argument in ("--broker-url", url)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "devices", "--credentials", str(path), *urls,
+         "--interval", "0.5", "--qos", "1", "--duration", str(SIMULATED_S), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+
+
+def stored(
+    running: RunningCluster, workers: list[str], team: str = "alpha", since_ms: int = 0
+) -> Counter[tuple[str, int]]:
+    headers = {"Authorization": f"Bearer {running.token_of(team)}"}
     found: Counter[tuple[str, int]] = Counter()
     for worker in workers:
-        url = running.endpoints["dashboards"][0] + f"/api/teams/alpha/workers/{worker}/track"
-        after = 0
+        url = running.endpoints["dashboards"][0] + f"/api/teams/{team}/workers/{worker}/track"
+        after = since_ms
         while True:
             response = httpx.get(url, params={"since": after, "limit": 1000}, headers=headers,
                                  timeout=WAIT)
@@ -252,6 +275,8 @@ async def test_scale_out_and_in_under_qos1_load_loses_and_repeats_nothing(
         pids_seen |= set(endpoints["processes"].values())
         broker_3 = int(endpoints["brokers"][2]["mqtt"].rsplit(":", 1)[1])
         on_broker_3 = start_devices(workers[12:], broker_3)
+        # Team bravo's phones, simulated, know every broker; a third of them live on broker 3.
+        simulator = start_simulator(running, [b["mqtt"] for b in endpoints["brokers"]])
         await asyncio.sleep(3)
         # Broker 3's bridges stall for a second, then crash as it is taken away: the positions
         # it acknowledged to devices meanwhile wait in their sessions, and no bridge comes back
@@ -266,6 +291,7 @@ async def test_scale_out_and_in_under_qos1_load_loses_and_repeats_nothing(
         for pid in crashing:
             os.kill(pid, signal.SIGKILL)
         endpoints = await scaling_in
+        removed_at_ms = int(time.time() * 1000)
         check_listing(endpoints, 2, 3, 3)
         assert all(device.acked for device in on_broker_3)
         endpoints = await asyncio.to_thread(scale, running, "--dashboards", "2")
@@ -278,6 +304,19 @@ async def test_scale_out_and_in_under_qos1_load_loses_and_repeats_nothing(
         stop.set()
         for thread in threads:
             await asyncio.to_thread(thread.join, 10)
+    # Every phone of broker 3 moved to a broker that stayed, and each phone kept reporting.
+    reporting: set[str] = set()
+    deadline = time.monotonic() + WAIT
+    while reporting != set(workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        after = await asyncio.to_thread(stored, running, workers, "bravo", removed_at_ms + 1000)
+        reporting = {worker for worker, _ in after}
+    simulator.send_signal(signal.SIGTERM)
+    output, _ = await asyncio.to_thread(simulator.communicate, timeout=30)
+    summary = output.decode()
+    assert reporting == set(workers), summary
+    failovers = re.search(r"\((\d+) failovers\)", summary)
+    assert simulator.returncode == 0 and failovers and int(failovers.group(1)) >= 1, summary
     acked = {(device.worker, ts): sent_at for device in devices
              for ts, sent_at in device.acked.items()}
     assert len(acked) > 1000
