@@ -591,7 +591,7 @@ def simulate_command(context: typer.Context) -> None:
     """Simulated workers moving through a city (`teamtrack simulate --help` for the flags)."""
     from devices.__main__ import main as simulate_main
 
-    raise typer.Exit(simulate_main(list(context.args)) or 0)
+    raise typer.Exit(simulate_main(list(context.args), prog="teamtrack simulate") or 0)
 
 
 @app.command("endpoints")
