@@ -276,6 +276,19 @@ class RedisBackend(Backend):
             raise BackendError(f"recovering the last-known store failed: {error}") from error
         return len(events)
 
+    async def forget_worker(self, team: str, worker: str) -> int:
+        """See `Backend.forget_worker`: HDEL from both hashes of each store, in one MULTI."""
+        pipe = self.client.pipeline(transaction=True)
+        for kind in (Kind.POSITION, Kind.STATUS):
+            values, stamps = self._store_keys(kind, team)
+            pipe.hdel(values, worker)
+            pipe.hdel(stamps, worker)
+        try:
+            removed = await pipe.execute()
+        except RedisError as error:
+            raise BackendError(f"forgetting a worker in redis failed: {error}") from error
+        return int(removed[0]) + int(removed[2])
+
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
         """One EVALSHA of the publish script for the whole batch (see `PUBLISH_SCRIPT`)."""
