@@ -169,7 +169,7 @@ def export_person_command(
     target = out if out is not None else Path(f"{team}-{worker}-export.zip")
     summary = asyncio.run(_export(targets, team, worker, target))
     counts = ", ".join(f"{count} {name}" for name, count in summary.counts.items())
-    console.print(f"wrote {summary.path}: {counts}", highlight=False)
+    console.print(f"wrote {summary.path}: {counts}", highlight=False, soft_wrap=True)
 
 
 async def _export(targets: Targets, team: str, worker: str, out: Path) -> ExportSummary:
@@ -215,6 +215,10 @@ def erase_command(
         bool, typer.Option(help="erase the history even when no backend is known (its "
                            "last-known position of the worker then stays)")
     ] = False,
+    settle_s: Annotated[
+        float, typer.Option(help="seconds before the history is erased once more (rows the "
+                            "ingest was still writing)")
+    ] = SETTLE_S,
     operator: Annotated[
         str | None, typer.Option(help="who erases, for the erasure log (default: the login "
                                  "name and host)", show_default=False)
@@ -242,12 +246,13 @@ def erase_command(
     if not yes and not typer.confirm(f"erase everything stored about {what} in {where}?"):
         raise _fail("nothing erased", code=1)
     who = operator or f"{getpass.getuser()}@{socket.gethostname()}"
-    line = asyncio.run(_erase(targets, team, worker, before_ms, who))
-    console.print(line, highlight=False)
+    line = asyncio.run(_erase(targets, team, worker, before_ms, who, settle_s))
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 async def _erase(
-    targets: Targets, team: str, worker: str, before_ms: int | None, operator: str
+    targets: Targets, team: str, worker: str, before_ms: int | None, operator: str,
+    settle_s: float,
 ) -> str:
     from teamtrack.history import HistoryStore
     from teamtrack.history_privacy import erase_worker, record_erasure
@@ -260,7 +265,7 @@ async def _erase(
         if targets.backend_url is not None:
             last_known = await _forget(targets.backend_url, team, worker, before_ms)
         # Rows the ingest was still writing (from batches already in the backend's log).
-        await asyncio.sleep(SETTLE_S)
+        await asyncio.sleep(settle_s)
         late = await erase_worker(store, team, worker, before_ms=before_ms)
         deleted.positions += late.positions
         deleted.presence += late.presence

@@ -76,29 +76,36 @@ def _csv_line(values: Sequence[Any]) -> bytes:
 async def _write_positions(
     archive: zipfile.ZipFile, store: HistoryStore, team: str, worker: str
 ) -> int:
+    """positions.csv, then positions.geojson: two reads of the history, as a zip archive
+    takes one file at a time."""
     count = 0
-    runs_csv, runs_geojson = _Runs(), _Runs()
-    with archive.open("positions.csv", "w") as table, \
-            archive.open("positions.geojson", "w") as geojson:
+    runs = _Runs()
+    with archive.open("positions.csv", "w") as table:
         table.write(_csv_line(CSV_COLUMNS))
-        geojson.write(b'{"type":"FeatureCollection","features":[')
         async for page in person_positions(store, team, worker):
             for point in page:
                 table.write(_csv_line((
-                    team, worker, iso_time(point.ts), point.ts, point.seq, runs_csv.of(point),
+                    team, worker, iso_time(point.ts), point.ts, point.seq, runs.of(point),
                     point.lat, point.lon,
                     *("" if value is None else value
                       for value in (point.acc, point.speed, point.heading, point.battery)),
                 )))
+                count += 1
+    written = 0
+    runs = _Runs()
+    with archive.open("positions.geojson", "w") as geojson:
+        geojson.write(b'{"type":"FeatureCollection","features":[')
+        async for page in person_positions(store, team, worker):
+            for point in page:
                 properties = point.document()
-                properties.update(team=team, time=iso_time(point.ts), run=runs_geojson.of(point))
+                properties.update(team=team, time=iso_time(point.ts), run=runs.of(point))
                 feature = {
                     "type": "Feature",
                     "geometry": {"type": "Point", "coordinates": [point.lon, point.lat]},
                     "properties": properties,
                 }
-                geojson.write((b"," if count else b"") + orjson.dumps(feature))
-                count += 1
+                geojson.write((b"," if written else b"") + orjson.dumps(feature))
+                written += 1
         geojson.write(b"]}")
     return count
 
