@@ -28,7 +28,10 @@ async def serve(settings: IngestSettings) -> None:
         max_pending_batches=settings.max_pending_batches,
         write_interval_s=settings.write_interval_ms / 1000,
         retention_days=settings.retention_days,
+        registry_path=settings.registry,
         retention_interval_s=settings.retention_interval_s,
+        retention_chunk=settings.retention_batch,
+        retention_pause_s=settings.retention_pause_ms / 1000,
         recover_interval_s=settings.recover_interval_s,
     )
     registry = service_registry()

@@ -21,8 +21,9 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,12 +36,13 @@ from teamtrack.backends import Backend, BackendError, Event, GroupBatch, GroupCo
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, StoredPosition, WriteResult
 from teamtrack.history_decode import DecodedBatch, decode_batch
+from teamtrack.history_privacy import DEFAULT_RETENTION_DAYS, Deleted, sweep
 from teamtrack.logs import RateLimitedLog
+from teamtrack.registry import RegistryError, load_registry
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-DAY_MS = 86_400_000
 # The origin of what the history gives back to a backend's last-known store.
 RECOVERED_ORIGIN = "history"
 
@@ -68,9 +70,14 @@ class IngestConfig:
     # transaction writes gathers this long: a read, a commit and an acknowledgement per backend
     # batch (every few milliseconds at any rate) would cost more than the rows themselves.
     write_interval_s: float = 0.05
-    retention_days: float = 0.0
-    retention_interval_s: float = 3600.0
-    retention_chunk: int = 5000
+    # Days of history kept (0: all), per team where the registry says (`retention_teams`,
+    # re-read from `registry_path` before each sweep when one is given).
+    retention_days: float = DEFAULT_RETENTION_DAYS
+    retention_teams: Mapping[str, float] = field(default_factory=dict)
+    registry_path: Path | None = None
+    retention_interval_s: float = 600.0
+    retention_chunk: int = 2000
+    retention_pause_s: float = 0.02
     # How often to check whether the backend lost its last-known store (a Redis restarted
     # without its data) and give it back from the history; 0: never.
     recover_interval_s: float = 5.0
@@ -92,6 +99,7 @@ class IngestCounters:
     database_errors: int = 0
     ack_errors: int = 0
     retention_deleted: int = 0
+    retention_sweeps: int = 0
     queued_batches: int = 0
     log_entries_missed: int = 0
     last_known_recovered: int = 0
@@ -128,6 +136,7 @@ class _CountersCollector(Collector):
             ("ack_errors", "Failed acknowledgements (the batch comes again)",
              counters.ack_errors),
             ("retention_deleted", "Rows deleted by retention", counters.retention_deleted),
+            ("retention_sweeps", "Retention passes completed", counters.retention_sweeps),
             ("log_entries_missed",
              "Backend log entries trimmed before the ingest read them (lost for the history)",
              counters.log_entries_missed),
@@ -177,6 +186,11 @@ class IngestService:
             buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000),
             registry=registry,
         )
+        self._retention_seconds = Histogram(
+            "teamtrack_ingest_retention_seconds", "One retention pass over every team",
+            buckets=(0.01, 0.1, 1.0, 10.0, 60.0, 600.0), registry=registry,
+        )
+        self._retention_teams: Mapping[str, float] = dict(config.retention_teams)
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._written = asyncio.Condition()
@@ -194,7 +208,9 @@ class IngestService:
         )
         self._tasks.append(asyncio.create_task(self._read(consumer), name="ingest-reader"))
         self._tasks.append(asyncio.create_task(self._write(consumer), name="ingest-writer"))
-        if self.config.retention_days > 0:
+        if self.config.retention_days > 0 or any(self.config.retention_teams.values()) or (
+            self.config.registry_path is not None
+        ):
             self._tasks.append(asyncio.create_task(self._retain(), name="ingest-retention"))
         if self.config.recover_interval_s > 0:
             self._tasks.append(
@@ -332,19 +348,48 @@ class IngestService:
             ]
         return events
 
+    def _team_retention(self) -> Mapping[str, float]:
+        """The registry's per-team retention, read again (an operator may have edited it);
+        the last good one if it cannot be read now."""
+        path = self.config.registry_path
+        if path is None:
+            return self._retention_teams
+        try:
+            registry = load_registry(path)
+        except RegistryError as error:
+            self._database_log.warning(
+                "registry", "retention: registry unreadable, keeping the last one (%s)", error
+            )
+        else:
+            self._retention_teams = {
+                team.id: team.retention_days for team in registry.teams
+                if team.retention_days is not None
+            }
+        return self._retention_teams
+
+    async def retain_once(self) -> Deleted:
+        """One retention pass (the background task runs one every `retention_interval_s`)."""
+        deleted = await sweep(
+            self.store, self._team_retention(), self.config.retention_days,
+            chunk=self.config.retention_chunk, pause_s=self.config.retention_pause_s,
+        )
+        self.counters.retention_deleted += deleted.total
+        self.counters.retention_sweeps += 1
+        self._retention_seconds.observe(deleted.seconds)
+        if deleted.total:
+            log.info(
+                "retention: deleted %d positions, %d presence changes, %d events of %d "
+                "team(s) in %d statements, %.2fs", deleted.positions, deleted.presence,
+                deleted.events, len(deleted.by_team), deleted.statements, deleted.seconds,
+            )
+        return deleted
+
     async def _retain(self) -> None:
-        keep_ms = int(self.config.retention_days * DAY_MS)
         while True:
-            cutoff = int(time.time() * 1000) - keep_ms
             try:
-                deleted = await self.store.delete_older_than(cutoff, self.config.retention_chunk)
+                await self.retain_once()
             except (SQLAlchemyError, OSError) as error:
                 self.counters.database_errors += 1
                 log.warning("retention failed (%s); next try in %.0fs",
                             error, self.config.retention_interval_s)
-            else:
-                self.counters.retention_deleted += deleted
-                if deleted:
-                    log.info("retention: deleted %d rows older than %.1f days",
-                             deleted, self.config.retention_days)
             await asyncio.sleep(self.config.retention_interval_s)

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import Field
 
 from teamtrack.history import default_database_url
+from teamtrack.history_privacy import DEFAULT_RETENTION_DAYS
 from teamtrack.settings import ServiceSettings
 
 
@@ -33,9 +34,22 @@ class IngestSettings(ServiceSettings):
         "ingest is behind (then it writes at once)"
     )
     retention_days: float = Field(
-        30.0, ge=0, description="delete positions and presence older than this (0: keep all)"
+        DEFAULT_RETENTION_DAYS, ge=0, description="days of history kept (positions, presence, "
+        "events) for teams whose registry entry sets no retention_days (0: keep all)"
     )
-    retention_interval_s: float = Field(3600.0, gt=0, description="how often retention runs")
+    registry: Path | None = Field(
+        None, description="registry.yaml whose teams' retention_days override "
+        "--retention-days; read again before each retention pass"
+    )
+    retention_interval_s: float = Field(
+        600.0, gt=0, description="seconds between retention passes"
+    )
+    retention_batch: int = Field(
+        2000, ge=1, description="most rows one retention statement deletes"
+    )
+    retention_pause_ms: float = Field(
+        20.0, ge=0, description="pause between two retention statements"
+    )
     recover_interval_s: float = Field(
         5.0, ge=0, description="how often to check whether the backend lost its last-known "
         "positions, and give them back from the history (0: never)"

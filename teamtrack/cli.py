@@ -7,6 +7,7 @@
     teamtrack provision enrol TEAM WORKER | enrol-team TEAM   OwnTracks phones: .otrc + QR code
     teamtrack registry    write a starter registry.yaml
     teamtrack credentials one secret of credentials.json, printed or in a 0600 file
+    teamtrack history export-person|erase TEAM WORKER   a tracked person's data (docs/privacy.md)
     teamtrack simulate    simulated workers (flags: `teamtrack simulate --help`)
 
 Every option is also read from `TEAMTRACK_<OPTION>` (dashes as underscores).
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from teamtrack.history_cli import history_app
 from teamtrack.settings import ENV_PREFIX
 
 if TYPE_CHECKING:
@@ -244,6 +246,7 @@ provision_app = typer.Typer(
     no_args_is_help=False,
 )
 app.add_typer(provision_app, name="provision")
+app.add_typer(history_app, name="history")
 
 
 @provision_app.callback()

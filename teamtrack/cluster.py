@@ -554,6 +554,7 @@ class LocalCluster:
         argv = [
             *_python("ingest"),
             "--database-url", self.database_url,
+            "--registry", str(self.state_dir / "registry.yaml"),
             "--metrics-port", "0",
         ]
         self._add("ingest", argv, self._service_env("ingest"), None)

@@ -543,29 +543,6 @@ class HistoryStore:
                 newest_presence.append(PresenceChange(team, worker, change.ts, change.status))
         return newest_positions, newest_presence
 
-    async def delete_older_than(self, cutoff_ms: int, chunk: int = 5000) -> int:
-        """Delete positions and presence changes before `cutoff_ms`, `chunk` rows per
-        transaction, so that writers never wait long. Returns how many rows went."""
-        deleted = 0
-        for team in await self.teams():
-            for table in (positions, presence_changes):
-                while True:
-                    oldest = (
-                        sa.select(table.c.id)
-                        .where(table.c.team == team, table.c.ts < cutoff_ms)
-                        .order_by(table.c.ts)
-                        .limit(chunk)
-                        .scalar_subquery()
-                    )
-                    async with self.engine.begin() as connection:
-                        result = await connection.execute(
-                            sa.delete(table).where(table.c.id.in_(oldest))
-                        )
-                    deleted += max(result.rowcount, 0)
-                    if result.rowcount < chunk:
-                        break
-        return deleted
-
     async def count(self, team: str | None = None) -> tuple[int, int]:
         """(positions, presence changes) stored, of one team or all."""
         counts = []

@@ -8,6 +8,8 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
         workers: [w001, w002]         # explicit list, and/or:
         worker_count: 50              # ensures w001..w050 exist (zero-padded to 3+ digits)
         managers: [alpha-lead]
+        retention_days: 30            # optional: history kept this long (default: the
+                                      # ingest's --retention-days, 90); 0 keeps it forever
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
@@ -32,7 +34,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from teamtrack.contract import SLUG_PATTERN, is_slug
 from teamtrack.mqtt import bridge_username
@@ -124,6 +133,9 @@ class Team(BaseModel):
     name: str | None = None
     workers: tuple[str, ...] = ()
     managers: tuple[str, ...] = ()
+    # Days of history (positions, presence, events) the ingest keeps for this team; None: its
+    # `--retention-days`. 0 keeps everything (docs/privacy.md).
+    retention_days: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -263,6 +275,13 @@ class Registry(BaseModel):
             raise KeyError(f"no worker {worker!r} in team {team_id!r}")
         return device_username(team_id, worker)
 
+    def retention_days(self, default: float) -> dict[str, float]:
+        """Each team's days of history: its `retention_days`, else `default`."""
+        return {
+            team.id: default if team.retention_days is None else team.retention_days
+            for team in self.teams
+        }
+
     def team_of_manager(self, username: str) -> str | None:
         return self._team_of_manager.get(username)
 
@@ -333,6 +352,8 @@ def _team_document(team: Team) -> dict[str, Any]:
     else:
         document["workers"] = list(team.workers)
     document["managers"] = list(team.managers)
+    if team.retention_days is not None:
+        document["retention_days"] = team.retention_days
     return document
 
 

@@ -156,6 +156,28 @@ class BackendContract(abc.ABC):
         assert snapshot.presence["w1"].body == b"online"
         assert (await backend.snapshot("nobody")).positions == {}
 
+    async def test_forget_worker_removes_only_that_worker(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        backend = await open_backend()
+        await backend.snapshot("alpha")  # a store already read before the erasure, too
+        await backend.publish([
+            position("alpha", "w1", 1), status("alpha", "w1", "online"),
+            position("alpha", "w2", 1), status("alpha", "w2", "online"),
+            position("bravo", "w1", 1),
+        ])
+        assert await backend.forget_worker("alpha", "w1") == 2
+        assert await backend.forget_worker("alpha", "w1") == 0
+        readers = [backend]
+        if self.instances_share:
+            readers.append(await open_backend())  # one that reads the store afresh
+        for reader in readers:
+            snapshot = await reader.snapshot("alpha")
+            assert set(snapshot.positions) == {"w2"}
+            assert set(snapshot.presence) == {"w2"}
+            assert set((await reader.snapshot("bravo")).positions) == {"w1"}
+        # The worker comes back with its next message, like any other.
+        await backend.publish([position("alpha", "w1", 2)])
+        assert set((await backend.snapshot("alpha")).positions) == {"w1", "w2"}
+
     async def test_snapshot_cursor_then_live_misses_nothing(self, open_backend) -> None:  # type: ignore[no-untyped-def]
         backend = await open_backend()
         await backend.publish([position("alpha", "w1", 0)])

@@ -293,3 +293,16 @@ async def test_a_redis_that_lost_its_data_is_a_gap_for_every_reader(tmp_path: Pa
         await live.close()
         await backend.close()
         server.stop()
+
+
+async def test_forget_worker_trims_a_quiet_teams_log_to_its_age(redis_url: str) -> None:
+    """A team log is trimmed on writes: one that went quiet keeps its entries until the team
+    writes again, unless an erasure trims it (to `history_ms`) at once."""
+
+    async with from_url(f"{redis_url}&history_ms=200") as backend:
+        await backend.publish([position("alpha", "w1", 1)])
+        assert isinstance(backend, RedisBackend)
+        assert await backend.client.xlen(backend.log_key("alpha")) == 1
+        await asyncio.sleep(0.3)
+        await backend.forget_worker("alpha", "w1")
+        assert await backend.client.xlen(backend.log_key("alpha")) == 0

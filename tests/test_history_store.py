@@ -52,8 +52,9 @@ async def test_migrations_create_the_schema_and_rerun_harmlessly(store: HistoryS
             lambda sync: set(sa.inspect(sync).get_table_names())
         )
         version = await connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
-    assert {"positions", "presence_changes", "worker_events", "alembic_version"} <= tables
-    assert version == "0002"
+    assert {"positions", "presence_changes", "worker_events", "erasures",
+            "alembic_version"} <= tables
+    assert version == "0003_erasures"
     assert await store.ping()
 
 
@@ -158,19 +159,6 @@ async def test_whole_track_refuses_more_than_its_limit(store: HistoryStore) -> N
     assert len(await store.whole_track("alpha", "w1", T0, T0 + 100, max_points=10)) == 10
     with pytest.raises(TooManyPoints):
         await store.whole_track("alpha", "w1", T0, T0 + 100, max_points=9)
-
-
-async def test_retention_deletes_old_rows_in_chunks(store: HistoryStore) -> None:
-    rows = [position_row("w1", seq, T0 + seq * 1000) for seq in range(25)]
-    rows += [position_row("w1", seq, T0 + seq * 1000, team="bravo") for seq in range(5)]
-    await store.write(rows, [presence_row("w1", "online", T0), presence_row("w1", "offline",
-                                                                            T0 + 20_000)])
-    assert await store.teams() == ["alpha", "bravo"]
-    deleted = await store.delete_older_than(T0 + 10_000, chunk=3)
-    assert deleted == 10 + 5 + 1
-    remaining = await store.track("alpha", "w1", 0, T0 + 100_000)
-    assert [point.seq for point in remaining.items] == list(range(10, 25))
-    assert await store.count() == (15, 1)
 
 
 def test_cursors_are_opaque_and_bound_to_their_query() -> None:

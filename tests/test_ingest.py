@@ -197,28 +197,43 @@ async def crash_and_restart(
     await publisher.close()
 
 
-async def test_retention_deletes_what_is_older_than_the_setting(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+async def test_retention_follows_each_teams_registry_entry_while_ingesting(
+    tmp_path: Path, history_url: str
+) -> None:
+    """alpha keeps 1 day (its registry entry), bravo the ingest's default (30 days): the
+    ingest's sweeps delete alpha's 3-day-old rows, keep bravo's, and keep storing meanwhile."""
+    registry = tmp_path / "registry.yaml"
+    registry.write_text("teams:\n  - id: alpha\n    workers: [w001]\n    retention_days: 1\n"
+                        "  - id: bravo\n    workers: [w001]\n")
     now = int(time.time() * 1000)
     backend = from_url("memory://")
     service = IngestService(
-        IngestConfig(retention_days=1, retention_interval_s=0.1),
-        backend,
-        HistoryStore.from_url(url),
-        CollectorRegistry(),
+        IngestConfig(retention_days=30, registry_path=registry, retention_interval_s=0.1,
+                     retention_chunk=2, recover_interval_s=0),
+        backend, HistoryStore.from_url(history_url), CollectorRegistry(),
     )
     await backend.start()
     await service.start()
-    await backend.publish([
-        position_event("alpha", "w001", 0, now - 3 * 86_400_000),
-        position_event("alpha", "w001", 1, now - 60_000),
-    ])
+    old = now - 3 * 86_400_000
+    await backend.publish([position_event(team, "w001", seq, old + seq)
+                           for team in ("alpha", "bravo") for seq in range(5)])
+    await backend.publish([position_event(team, "w001", 10, now - 60_000)
+                           for team in ("alpha", "bravo")])
 
-    async def only_the_recent_one_left() -> bool:
-        return [row[3] for row in await stored_rows(url)] == [1]
+    async def alphas_old_rows_gone() -> bool:
+        stored = await stored_rows(history_url)
+        return sorted((team, seq) for team, _worker, _ts, seq in stored) == [
+            ("alpha", 10), *(("bravo", seq) for seq in (0, 1, 2, 3, 4, 10))]
 
-    await wait_for(only_the_recent_one_left, timeout=10)
-    assert service.counters.retention_deleted >= 1
+    await wait_for(alphas_old_rows_gone, timeout=10)
+
+    async def counted() -> bool:  # once the pass that deleted them is over
+        return service.counters.retention_deleted == 5
+
+    await wait_for(counted, timeout=5)
+    # Inserts go on between sweeps.
+    await backend.publish([position_event("alpha", "w001", 11, now)])
+    await service.wait_stored(13)
     await service.stop()
 
 

@@ -215,3 +215,17 @@ def test_every_bridge_process_has_an_account_of_its_own() -> None:
     registry = demo_registry(1, 1, brokers=2, bridges_per_broker=2)
     assert registry.bridges == ("bridge-b1-1", "bridge-b1-2", "bridge-b2-1", "bridge-b2-2")
     assert Registry(teams=registry.teams).bridges == ("bridge-b1-1", "bridge-b2-1")
+
+
+def test_retention_days_is_optional_per_team_and_round_trips(tmp_path: Path) -> None:
+    # A registry written before the field existed stays valid: every team takes the default.
+    older = load_registry(write(tmp_path, EXAMPLE))
+    assert older.retention_days(90) == {"alpha": 90, "bravo": 90}
+    text = EXAMPLE.replace("    workers: [b1]\n", "    workers: [b1]\n    retention_days: 7\n")
+    registry = load_registry(write(tmp_path, text))
+    assert registry.retention_days(90) == {"alpha": 90, "bravo": 7}
+    assert load_registry(dump_registry(registry, tmp_path / "copy.yaml")) == registry
+    assert "retention_days" not in yaml.safe_load((tmp_path / "copy.yaml").read_text())[
+        "teams"][0]
+    problem = problem_of({"teams": [{"id": "alpha", "retention_days": -1}]})
+    assert "teams[0] (id 'alpha').retention_days" in problem

@@ -318,6 +318,15 @@ class Backend(abc.ABC):
         at most `revocations_per_read` per call, and the position to pass next time. Answers
         at once when nothing is new: a dashboard asks every `--revocation-poll-s`."""
 
+    @abc.abstractmethod
+    async def forget_worker(self, team: str, worker: str) -> int:
+        """Remove `worker`'s last-known position and presence from the store (the tracked
+        person's data erased: `teamtrack history erase`); how many entries went (0 to 2).
+
+        Snapshots no longer name the worker. The logs are not touched: their batches age out
+        with the log's bound (docs/privacy.md). A later publish of the worker stores it again.
+        """
+
     async def recover_last_known(
         self, load: Callable[[], Awaitable[Sequence[Event]]]
     ) -> int:

@@ -540,6 +540,33 @@ class KafkaBackend(Backend):
             raise failure(f"snapshot of {team} from kafka", error) from error
         return Snapshot(team, f"{partition}:{cursor}", positions, presence)
 
+    async def forget_worker(self, team: str, worker: str) -> int:
+        """See `Backend.forget_worker`: a tombstone for each of the worker's keys in the
+        compacted store (compaction then drops the older records from disk). Each tombstone
+        names the newest batch of the team's log as it is written, so that a snapshot's
+        replay of the log's last seconds does not bring the worker back from batches before
+        the erasure."""
+        store = self._started()
+        partition = self.partition_of(team)
+        try:
+            _cursor, positions, presence = await store.snapshot_state(partition, team)
+            newest_batch = await store.end_offset(
+                TopicPartition(self.positions_topic, partition)
+            ) - 1
+            producer = await self._writer()
+            sent = [
+                await producer.send(
+                    self.last_topic, None, key=store_key(team, worker, kind),
+                    partition=partition,
+                    headers=[("batch", str(newest_batch).encode())],
+                )
+                for kind in (Kind.POSITION, Kind.STATUS)
+            ]
+            await confirmed(sent)
+        except KafkaError as error:
+            raise failure(f"forgetting a worker of {team} in kafka", error) from error
+        return int(worker in positions) + int(worker in presence)
+
     def subscribe(self) -> KafkaSubscription:
         return KafkaSubscription(self)
 

@@ -60,6 +60,9 @@ StoreEntries = dict[tuple[str, str], _Stored]
 class _PartitionView:
     next_offset: int = 0
     teams: dict[str, StoreEntries] = field(default_factory=lambda: defaultdict(dict))
+    # (team, kind letter, worker) -> the newest batch of the log when the worker was erased
+    # (a tombstone): the snapshot's replay skips the worker's events up to that batch.
+    erased: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 def _keep_newest(entries: StoreEntries, key: tuple[str, str], stored: _Stored) -> None:
@@ -144,7 +147,12 @@ class LastKnownStore:
             cursor = max([newest_batch, *(stored.batch for stored in entries.values())])
             replay_from = await self._replay_start(log_partition, newest_batch)
             if replay_from <= cursor:
-                await self._replay(log_partition, team, replay_from, cursor, entries)
+                erased = {
+                    (kind, worker): batch
+                    for (erased_team, kind, worker), batch in view.erased.items()
+                    if erased_team == team
+                }
+                await self._replay(log_partition, team, replay_from, cursor, entries, erased)
         positions: dict[str, Event] = {}
         presence: dict[str, Event] = {}
         for (kind, worker), stored in entries.items():
@@ -160,7 +168,8 @@ class LastKnownStore:
         return int(at.offset) if at is not None else newest_batch + 1
 
     async def _replay(
-        self, log_partition: Any, team: str, start: int, cursor: int, entries: StoreEntries
+        self, log_partition: Any, team: str, start: int, cursor: int, entries: StoreEntries,
+        erased: dict[tuple[str, str], int],
     ) -> None:
         key = team.encode()
         self._consumer.assign([log_partition])
@@ -182,8 +191,11 @@ class LastKnownStore:
                     for event in decode_events(team, record.value):
                         if event.kind is Kind.EVENT:
                             continue
+                        entry = (KIND_LETTER[event.kind], event.worker)
+                        if record.offset <= erased.get(entry, -1):
+                            continue  # from before the worker's erasure
                         stored = _Stored(event.ts, record.offset, event.to_json())
-                        _keep_newest(entries, (KIND_LETTER[event.kind], event.worker), stored)
+                        _keep_newest(entries, entry, stored)
             position = int(await self._consumer.position(log_partition))
 
     async def _caught_up(self, partition: int) -> _PartitionView:
@@ -212,11 +224,16 @@ class LastKnownStore:
 
 
 def _apply_store_record(view: _PartitionView, record: Any) -> None:
-    if record.key is None or record.value is None:
+    if record.key is None:
         return
     team, _, rest = record.key.decode().partition("/")
     worker, _, kind = rest.rpartition("/")
     headers = dict(record.headers)
+    if record.value is None:
+        # A tombstone (`KafkaBackend.forget_worker`): the worker's entry is erased.
+        view.teams[team].pop((kind, worker), None)
+        view.erased[(team, kind, worker)] = int(headers.get("batch", b"-1"))
+        return
     stored = _Stored(int(headers.get("ts", b"0")), int(headers.get("batch", b"-1")), record.value)
     _keep_newest(view.teams[team], (kind, worker), stored)
 

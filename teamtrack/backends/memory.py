@@ -141,6 +141,12 @@ class MemoryBackend(Backend):
             presence=dict(self._presence.get(team, {})),
         )
 
+    async def forget_worker(self, team: str, worker: str) -> int:
+        return sum(
+            store.get(team, {}).pop(worker, None) is not None
+            for store in (self._positions, self._presence)
+        )
+
     def subscribe(self) -> TeamSubscription:
         return _MemorySubscription(self)
 

@@ -331,6 +331,28 @@ class RedisBackend(Backend):
             raise BackendError(f"recovering the last-known store failed: {error}") from error
         return len(events)
 
+    async def forget_worker(self, team: str, worker: str) -> int:
+        """See `Backend.forget_worker`: HDEL from both hashes of each store, in one MULTI.
+        The team's log and `tt:all` are trimmed to their age caps now as well: they are
+        trimmed on writes, so the log of a team that went quiet would otherwise keep its last
+        entries (with the worker's positions) until the team writes again."""
+        pipe = self.client.pipeline(transaction=True)
+        for kind in (Kind.POSITION, Kind.STATUS):
+            values, stamps = self._store_keys(kind, team)
+            pipe.hdel(values, worker)
+            pipe.hdel(stamps, worker)
+        try:
+            seconds, microseconds = await self.client.time()
+            now_ms = int(seconds) * 1000 + int(microseconds) // 1000
+            for key, age in ((self.log_key(team), self.history_ms),
+                             (self.all_key, self.group_history_ms)):
+                if age > 0:
+                    pipe.xtrim(key, minid=f"{now_ms - age}")
+            removed = await pipe.execute()
+        except RedisError as error:
+            raise BackendError(f"forgetting a worker in redis failed: {error}") from error
+        return int(removed[0]) + int(removed[2])
+
     # Writing -----------------------------------------------------------------------------
     async def publish(self, events: Sequence[Event]) -> None:
         """One EVALSHA of the publish script for the whole batch (see `PUBLISH_SCRIPT`)."""
