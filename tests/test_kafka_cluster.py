@@ -347,6 +347,7 @@ async def test_publish_latency_of_three_replicas_against_one(
               f"({LATENCY_SAMPLES} publishes of {len(WORKERS)} positions)")
 
 
+@pytest.mark.extended
 async def test_with_two_nodes_down_publish_waits_and_loses_nothing(
     kafka_cluster: KafkaCluster, cluster_url: str
 ) -> None:

@@ -24,14 +24,15 @@ SCENARIOS = [
     Fault("bridge-1"),
     # Redis comes back from its append-only file with everything it had acknowledged.
     Fault("redis"),
-    # The viewer's dashboard dies: the viewer resumes on the other one, from its cursor.
-    Fault("dashboard-2"),
     # A dashboard that could not read for 3 s takes in the backlog at once: a viewer that reads
     # gets all of it (it was pushed into state-sync).
     Fault("dashboard-2", "stall", stall_s=3.0),
-    Fault("ingest"),
 ]
 EXTENDED = [
+    # The viewer's dashboard dies: the viewer resumes on the other one, from its cursor (a
+    # dashboard stopped under load: tests/test_scale.py, in `make test`).
+    Fault("dashboard-2"),
+    Fault("ingest"),
     Fault("bridge-1", "stall", stall_s=10.0),
     Fault("redis", "stall", stall_s=5.0),
     Fault("redis", "down", stall_s=3.0),
