@@ -36,6 +36,7 @@ from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, StoredPosition, WriteResult
 from teamtrack.history_decode import DecodedBatch, decode_batch
 from teamtrack.logs import RateLimitedLog
+from teamtrack.metrics import LAG_BUCKETS
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,17 @@ class _CountersCollector(Collector):
 _Queued = tuple[GroupBatch, DecodedBatch]
 
 
+def first_received_ms(rows: DecodedBatch) -> int | None:
+    """When the first event of a backend batch came in (a presence row's `ts` is its receipt)."""
+    if rows.positions:
+        return int(rows.positions[0]["received_ms"])
+    if rows.presence:
+        return int(rows.presence[0]["ts"])
+    if rows.events:
+        return int(rows.events[0]["received_ms"])
+    return None
+
+
 class IngestService:
     def __init__(
         self,
@@ -176,6 +188,12 @@ class IngestService:
             "teamtrack_ingest_write_rows", "Rows per database transaction",
             buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000),
             registry=registry,
+        )
+        self._lag = Histogram(
+            "teamtrack_ingest_lag_seconds",
+            "A way in's receipt of a backend batch's first event to the commit holding it (one"
+            " sample per backend batch)",
+            buckets=LAG_BUCKETS, registry=registry,
         )
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
@@ -269,8 +287,18 @@ class IngestService:
             for _item in items:
                 self._queue.task_done()
             self.counters.batches += len(items)
+            self._observe_lag(items)
             async with self._written:
                 self._written.notify_all()
+
+    def _observe_lag(self, items: list[_Queued]) -> None:
+        """One sample per backend batch, from its first event's receipt (`rx`, stamped by the
+        bridge or gateway on this host's clock) to now, after the commit and acknowledgement."""
+        now_ms = time.time() * 1000
+        for _item, rows in items:
+            received_ms = first_received_ms(rows)
+            if received_ms is not None:
+                self._lag.observe(max(now_ms - received_ms, 0.0) / 1000)
 
     async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
         backoff = Backoff(initial=0.2, maximum=10.0)
