@@ -2,7 +2,8 @@
 every `/metrics` endpoint of the cluster, as a file_sd target file.
 
 The supervisor serves its children's restarts and state on `PortPlan.supervisor_metrics`
-(`teamtrack_supervisor_restarts_total{role}`, `teamtrack_supervisor_child_up{role}`): a process
+(`teamtrack_supervisor_restarts_total{child}`, `teamtrack_supervisor_child_up{child}`, the
+child's name in `teamtrack up`; not `role`, which Prometheus gives every target): a process
 caught in a restart loop cannot report on itself, so its supervisor does.
 
 `state/prometheus/targets.json` lists every endpoint, one target group per process, labelled
@@ -43,15 +44,15 @@ class _SupervisorCollector(Collector):
     def collect(self) -> Iterator[Any]:
         restarts = CounterMetricFamily(
             "teamtrack_supervisor_restarts",
-            "Times the supervisor restarted a child that had exited, by child", labels=["role"],
+            "Times the supervisor restarted a child that had exited, by child", labels=["child"],
         )
         up = GaugeMetricFamily(
             "teamtrack_supervisor_child_up", "1 while the child runs, 0 while it waits for its"
-            " restart", labels=["role"],
+            " restart", labels=["child"],
         )
         uptime = GaugeMetricFamily(
             "teamtrack_supervisor_child_uptime_seconds",
-            "Seconds since the child was last started", labels=["role"],
+            "Seconds since the child was last started", labels=["child"],
         )
         now = time.monotonic()
         # A copy: the supervisor's thread may add or retire children meanwhile.
