@@ -355,8 +355,9 @@ class Viewer:
         while not self._ready_frames:
             await self._build_frames()
         frame = self._ready_frames.popleft()
-        sampled = self._sampled
-        self.device_ts = sampled[1] if sampled is not None and sampled[0] is frame else None
+        sampled, self.device_ts = self._sampled, None
+        if sampled is not None and sampled[0] is frame:
+            self._sampled, self.device_ts = None, sampled[1]  # the frame is not held here
         return frame
 
     async def _build_frames(self) -> None:

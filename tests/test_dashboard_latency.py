@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import orjson
+from backend_contract import position, status
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from dashboard.hub import TeamHub
 from dashboard.latency import MAX_AGE_MS, LatencyTally, first_device_ts
 from dashboard.metrics import DashboardMetrics
 from teamtrack.backends import Event
 from teamtrack.backends.base import encode_events
+from teamtrack.backends.memory import MemoryBackend
 from teamtrack.contract import Kind
 from teamtrack.metrics import render
 
@@ -63,3 +68,24 @@ def test_the_dashboard_exports_a_histogram_per_team() -> None:
     assert samples[(f"{name}_count", (("team", "bravo"),))] == 0
     unmeasured = "teamtrack_dashboard_latency_unmeasured_total"
     assert samples[(unmeasured, (("reason", "clock_ahead"), ("team", "bravo")))] == 1
+
+
+async def test_a_live_frame_carries_its_oldest_positions_fix_time_and_a_snapshot_none() -> None:
+    backend = MemoryBackend()
+    await backend.start()
+    hub = TeamHub(backend, DashboardMetrics(CollectorRegistry()))
+    await hub.start()
+    try:
+        await backend.publish([position("alpha", "w1", 0)])
+        viewer = await hub.join("alpha")
+        assert orjson.loads(await viewer.next_frame())["type"] == "snapshot"
+        assert viewer.device_ts is None
+        await backend.publish([status("alpha", "w2", "online"), position("alpha", "w2", 1, ts=7),
+                               position("alpha", "w1", 1, ts=5)])
+        frame = orjson.loads(await asyncio.wait_for(viewer.next_frame(), 5))
+        assert frame["type"] == "events" and len(frame["events"]) == 3
+        assert viewer.device_ts == 7
+        await hub.leave(viewer)
+    finally:
+        await hub.stop()
+        await backend.close()
