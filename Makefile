@@ -7,7 +7,9 @@
 #   make faults  the same bootstrap, then every fault scenario (tests/faults/, the Kafka cluster's
 #                node kills), the long ones included: `make test` runs a representative subset
 #
-# Runs as root on a fresh machine (CI) or as a user with sudo.
+# Runs as root on a fresh machine (CI) or as a user with sudo. Debian's `prometheus` package
+# (prometheus and promtool, for tests/test_prometheus.py) would start a system-wide service where
+# systemd runs; system-deps stops and disables it: the tests start their own on loopback.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -52,6 +54,9 @@ system-deps:
 	if [ "$(TEST_TOOLS)" = yes ]; then \
 		command -v chromium >/dev/null 2>&1 || { missing="$$missing chromium"; packages="$$packages chromium"; }; \
 		command -v zbarimg >/dev/null 2>&1 || { missing="$$missing zbarimg"; packages="$$packages zbar-tools"; }; \
+		for command in prometheus promtool; do \
+			command -v "$$command" >/dev/null 2>&1 || { missing="$$missing $$command"; packages="$$packages prometheus"; }; \
+		done; \
 		if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 			missing="$$missing initdb"; packages="$$packages postgresql"; \
 		fi; \
@@ -63,6 +68,10 @@ system-deps:
 		$(SUDO) apt-get update; \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y --no-install-recommends $$packages; \
+		if [[ " $$packages " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then \
+			echo "system-deps: the tests start their own Prometheus; stopping the package's service"; \
+			$(SUDO) systemctl disable --now prometheus.service || true; \
+		fi; \
 	fi
 
 venv: $(VENV_STAMP)

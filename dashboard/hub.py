@@ -46,6 +46,7 @@ from dashboard.frames import (
     snapshot_frame,
     sync_frame,
 )
+from dashboard.latency import first_device_ts
 from dashboard.metrics import DashboardMetrics, TeamCounts
 from dashboard.repeats import RepeatFilter
 from teamtrack.backends import Backend, Batch, Cursor, Gap, Snapshot, TeamSubscription
@@ -214,6 +215,10 @@ class Viewer:
         self._latest: _LatestPerWorker | None = None
         self._replay: _Replay | None = None
         self._ready_frames: deque[str] = deque()
+        # The newest live events frame and its oldest event's device time (dashboard.latency);
+        # `device_ts` is the one of the frame `next_frame` returned last (None: no sample).
+        self._sampled: tuple[str, int] | None = None
+        self.device_ts: int | None = None
         # Nothing is sent until the first frame is decided; `None` would let a queued batch through.
         self._sent_key: CursorKey | None = None
 
@@ -349,7 +354,11 @@ class Viewer:
         """
         while not self._ready_frames:
             await self._build_frames()
-        return self._ready_frames.popleft()
+        frame = self._ready_frames.popleft()
+        sampled, self.device_ts = self._sampled, None
+        if sampled is not None and sampled[0] is frame:
+            self._sampled, self.device_ts = None, sampled[1]  # the frame is not held here
+        return frame
 
     async def _build_frames(self) -> None:
         if self._replay is not None:
@@ -380,7 +389,10 @@ class Viewer:
                 batches.append(item)
                 size += len(item.raw)
         if batches:
-            self._ready_frames.append(events_frame(self.team, batches))
+            frame = events_frame(self.team, batches)
+            self._ready_frames.append(frame)
+            ts = first_device_ts(batches[0].raw)
+            self._sampled = (frame, ts) if ts is not None else None
 
     async def _build_replay_frames(self, replay: _Replay) -> None:
         batches: list[Batch] = []

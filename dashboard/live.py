@@ -146,6 +146,8 @@ async def _send_frames(
         await websocket.send_text(frame)
         watchdog.sending_since = None
         metrics.frames_sent += 1
+        if viewer.device_ts is not None:
+            metrics.observe_latency(viewer.team, viewer.device_ts)
 
 
 async def _answer_client(websocket: WebSocket) -> None:

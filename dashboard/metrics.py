@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from dashboard.latency import LatencyTally
 
 PREFIX = "teamtrack_dashboard"
 
@@ -25,6 +28,9 @@ class TeamCounts:
     # Events (and snapshot entries) read from the backend that no bridge could have written,
     # by reason (dashboard.checks): dropped before any viewer.
     rejected: Tally[str] = field(default_factory=Tally)
+    # Device fix time to the frame leaving this instance, one sample per live frame
+    # (dashboard.latency).
+    latency: LatencyTally = field(default_factory=LatencyTally)
 
 
 class DashboardMetrics:
@@ -114,6 +120,10 @@ class DashboardMetrics:
             registry=registry,
         )
 
+    def observe_latency(self, team: str, device_ts: int) -> None:
+        """A live frame of `team` left, its oldest event fixed at `device_ts` (epoch ms)."""
+        self.team_counts(team).latency.observe_ms(time.time() * 1000 - device_ts)
+
     def team_counts(self, team: str) -> TeamCounts:
         """The counts of `team`, to keep and add to (exported from the first call on)."""
         counts = self._teams.get(team)
@@ -146,7 +156,23 @@ class _PlainCounters(Collector):
             " dropped before any viewer, by reason",
             labels=["team", "reason"],
         )
+        latency = HistogramMetricFamily(
+            f"{PREFIX}_latency_seconds",
+            "Device fix time (ts) to the live frame leaving this instance, one sample per frame"
+            " (its oldest event)",
+            labels=["team"],
+        )
+        unmeasured = CounterMetricFamily(
+            f"{PREFIX}_latency_unmeasured",
+            "Frames whose sample was left out of the latency histogram, by reason: clock_ahead"
+            " (the device's clock ahead of this host's), too_old (older than 10 minutes)",
+            labels=["team", "reason"],
+        )
         for team, counts in sorted(self._metrics._teams.items()):
+            tally = counts.latency
+            latency.add_metric([team], tally.cumulative(), tally.sum)
+            unmeasured.add_metric([team, "clock_ahead"], tally.clock_ahead)
+            unmeasured.add_metric([team, "too_old"], tally.too_old)
             batches.add_metric([team], counts.batches)
             events.add_metric([team], counts.events)
             repeats.add_metric([team], counts.repeats)
@@ -156,6 +182,8 @@ class _PlainCounters(Collector):
         yield events
         yield repeats
         yield rejected
+        yield latency
+        yield unmeasured
         frames = CounterMetricFamily(
             f"{PREFIX}_frames_sent", "Frames sent to viewers (WebSocket messages and SSE events)"
         )

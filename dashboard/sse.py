@@ -236,6 +236,8 @@ class _Writer:
             await self.write(encode_event(frame, retry_ms))
             retry_ms = None
             metrics.frames_sent += 1
+            if viewer.device_ts is not None:
+                metrics.observe_latency(viewer.team, viewer.device_ts)
 
     async def keep_alive(self, interval_s: float) -> None:
         clock = self._watchdog.clock

@@ -38,6 +38,7 @@ from teamtrack.history import HistoryStore, StoredPosition, WriteResult
 from teamtrack.history_decode import DecodedBatch, decode_batch
 from teamtrack.history_privacy import DEFAULT_RETENTION_DAYS, Deleted, sweep
 from teamtrack.logs import RateLimitedLog
+from teamtrack.metrics import LAG_BUCKETS
 from teamtrack.registry import RegistryError, load_registry
 from teamtrack.retry import Backoff
 
@@ -163,6 +164,17 @@ class _CountersCollector(Collector):
 _Queued = tuple[GroupBatch, DecodedBatch]
 
 
+def first_received_ms(rows: DecodedBatch) -> int | None:
+    """When the first event of a backend batch came in (a presence row's `ts` is its receipt)."""
+    if rows.positions:
+        return int(rows.positions[0]["received_ms"])
+    if rows.presence:
+        return int(rows.presence[0]["ts"])
+    if rows.events:
+        return int(rows.events[0]["received_ms"])
+    return None
+
+
 class IngestService:
     def __init__(
         self,
@@ -191,6 +203,12 @@ class IngestService:
             buckets=(0.01, 0.1, 1.0, 10.0, 60.0, 600.0), registry=registry,
         )
         self._retention_teams: Mapping[str, float] = dict(config.retention_teams)
+        self._lag = Histogram(
+            "teamtrack_ingest_lag_seconds",
+            "A way in's receipt of a backend batch's first event to the commit holding it (one"
+            " sample per backend batch)",
+            buckets=LAG_BUCKETS, registry=registry,
+        )
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._written = asyncio.Condition()
@@ -285,8 +303,18 @@ class IngestService:
             for _item in items:
                 self._queue.task_done()
             self.counters.batches += len(items)
+            self._observe_lag(items)
             async with self._written:
                 self._written.notify_all()
+
+    def _observe_lag(self, items: list[_Queued]) -> None:
+        """One sample per backend batch, from its first event's receipt (`rx`, stamped by the
+        bridge or gateway on this host's clock) to now, after the commit and acknowledgement."""
+        now_ms = time.time() * 1000
+        for _item, rows in items:
+            received_ms = first_received_ms(rows)
+            if received_ms is not None:
+                self._lag.observe(max(now_ms - received_ms, 0.0) / 1000)
 
     async def _write_until_done(self, rows: DecodedBatch) -> WriteResult:
         backoff = Backoff(initial=0.2, maximum=10.0)

@@ -34,6 +34,7 @@ from typing import IO
 from rich.console import Console, Group
 from rich.live import Live
 
+from teamtrack.cluster_metrics import start_supervisor_metrics, write_targets
 from teamtrack.cluster_support import (
     PROCESSES_FILE,
     backend_answers,
@@ -53,7 +54,7 @@ from teamtrack.kafka_users import ROLES as KAFKA_ROLES
 from teamtrack.kafka_users import load_or_create_users as load_kafka_users
 from teamtrack.kafka_users import prepare_backend as prepare_kafka_backend
 from teamtrack.kafka_users import sasl_config as kafka_sasl_config
-from teamtrack.metrics import scrape_totals
+from teamtrack.metrics import MetricsServer, scrape_totals
 from teamtrack.mosquitto_config import MqttsListener, render_broker_config
 from teamtrack.mqtt import bridge_username
 from teamtrack.passwords import generate_secret
@@ -191,6 +192,8 @@ class LocalCluster:
         self._outage_logged_at = 0.0
         # Held while this supervisor runs (`teamtrack scale` and `endpoints` look for it).
         self._lock: IO[bytes] | None = None
+        # The supervisor's own /metrics: its children's restarts (teamtrack.cluster_metrics).
+        self._metrics: MetricsServer | None = None
 
     # Start -------------------------------------------------------------------------------
     def check_options(self) -> None:
@@ -252,6 +255,7 @@ class LocalCluster:
         make_private(self.state_dir)
 
     def _start(self) -> None:
+        self._metrics = start_supervisor_metrics(self)
         # One account per bridge process: each holds its own session (client id).
         registry = demo_registry(
             self.options.teams, self.options.workers, brokers=self.options.brokers,
@@ -555,7 +559,7 @@ class LocalCluster:
             *_python("ingest"),
             "--database-url", self.database_url,
             "--registry", str(self.state_dir / "registry.yaml"),
-            "--metrics-port", "0",
+            "--metrics-port", str(self.ports.ingest_metrics),
         ]
         self._add("ingest", argv, self._service_env("ingest"), None)
 
@@ -603,7 +607,9 @@ class LocalCluster:
 
     def write_endpoints(self) -> None:
         """`endpoints.json` and `processes.json` (role -> pid, for operators and the test
-        that checks for orphans), each replaced in one step: a reader sees the old or the new."""
+        that checks for orphans), each replaced in one step: a reader sees the old or the new;
+        Prometheus' target files first (`teamtrack.cluster_metrics`)."""
+        write_targets(self)
         write_json_atomically(self.state_dir / "endpoints.json", self.endpoints())
         write_json_atomically(self.state_dir / PROCESSES_FILE, self.processes())
 
@@ -697,6 +703,8 @@ class LocalCluster:
         ]
         if self.kafka_cluster is not None:
             results += self.kafka_cluster.stop()
+        if self._metrics is not None:
+            self._metrics.stop()
         if self._lock is not None:
             self._lock.close()
             self._lock = None

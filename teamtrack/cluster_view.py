@@ -55,6 +55,8 @@ def endpoints_of(cluster: LocalCluster) -> dict[str, object]:
             f"http://{LOOPBACK}:{port}/metrics"
             for port in cluster.ports.gateway_metrics[: cluster.dashboards]
         ],
+        "ingest_metrics": f"http://{LOOPBACK}:{cluster.ports.ingest_metrics}/metrics",
+        "supervisor_metrics": f"http://{LOOPBACK}:{cluster.ports.supervisor_metrics}/metrics",
         "scale": {
             "brokers": cluster.brokers,
             "bridges_per_broker": cluster.bridges_per_broker,

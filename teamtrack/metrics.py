@@ -21,12 +21,19 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
+    "LAG_BUCKETS",
     "CollectorRegistry",
     "MetricsServer",
     "render",
     "scrape_totals",
     "service_registry",
 ]
+
+# The buckets (seconds) of every lag and latency histogram, from a millisecond to a minute:
+# the same everywhere, so that one dashboard panel can compare the stages.
+LAG_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
 
 
 class _FrozenObjects(Collector):

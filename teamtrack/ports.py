@@ -35,6 +35,8 @@ class PortPlan:
     Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
     Bridges 2..N of broker i (`bridges_per_broker`) have their metrics at
     base + 700 + 10 (i-1) + (n-2): bridge n of broker i, so at most 11 bridges per broker.
+    The supervisor's own metrics (`teamtrack.cluster_metrics`) at base + 800, the ingest's at
+    base + 801.
     """
 
     broker_mqtt: list[int]
@@ -52,6 +54,8 @@ class PortPlan:
     gateway_metrics: list[int] = field(default_factory=list)
     # Per broker, the /metrics ports of its bridges 2..N (bridge 1's is in bridge_metrics).
     more_bridge_metrics: list[list[int]] = field(default_factory=list)
+    supervisor_metrics: int = 0
+    ingest_metrics: int = 0
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int]]:
@@ -92,6 +96,8 @@ class PortPlan:
                 more_bridge_metrics=[
                     [free_port() for _ in more_bridges] for _ in range(brokers)
                 ],
+                supervisor_metrics=free_port(),
+                ingest_metrics=free_port(),
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -113,6 +119,8 @@ class PortPlan:
                 [base + 700 + 10 * index + extra for extra in more_bridges]
                 for index in range(brokers)
             ],
+            supervisor_metrics=base + 800,
+            ingest_metrics=base + 801,
         )
 
     def all_ports(self) -> Iterator[int]:
@@ -130,6 +138,8 @@ class PortPlan:
         yield from self.wsgate_metrics
         yield from self.gateways
         yield from self.gateway_metrics
+        yield self.supervisor_metrics
+        yield self.ingest_metrics
 
     def grown(
         self, base: int, brokers: int, dashboards: int, bridges_per_broker: int

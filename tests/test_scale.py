@@ -64,6 +64,11 @@ def scale(running: RunningCluster, *args: str) -> dict[str, Any]:
     assert completed.returncode == 0, output
     assert "scaled:" in output, output
     endpoints: dict[str, Any] = json.loads((running.state_dir / "endpoints.json").read_text())
+    # Prometheus' target file follows: every process with a /metrics, and the supervisor.
+    targets = json.loads((running.state_dir / "prometheus" / "targets.json").read_text())
+    assert {group["labels"]["role"] for group in targets} == {"supervisor"} | {
+        role for role in endpoints["processes"] if not role.startswith(("broker-", "redis"))
+    }
     return endpoints
 
 

@@ -23,12 +23,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from prometheus_client import CollectorRegistry, Histogram
 
 from teamtrack.backends import BackendError, Event
+from teamtrack.metrics import LAG_BUCKETS
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Sequence[Event]], Awaitable[None]]
-BatchObserver = Callable[[int, float], None]
+# Called once per accepted publish with its events and the backend's round trip in seconds.
+BatchObserver = Callable[[Sequence[Event], float], None]
 
 
 class Batcher:
@@ -163,7 +165,7 @@ class Batcher:
                 await asyncio.sleep(delay)
                 continue
             if self._on_batch is not None:
-                self._on_batch(len(events), time.perf_counter() - started)
+                self._on_batch(events, time.perf_counter() - started)
             return
 
 
@@ -173,9 +175,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class BatchMetrics:
-    """What a way in's publishes look like: events per publish and the backend's round trip,
-    as `{prefix}_batch_size` and `{prefix}_publish_seconds` labelled `label=value`; pass
-    `observe` as a Batcher's `on_batch`."""
+    """What a way in's publishes look like: events per publish, the backend's round trip and
+    the lag, as `{prefix}_batch_size`, `{prefix}_publish_seconds` and `{prefix}_lag_seconds`
+    labelled `label=value`; pass `observe` as a Batcher's `on_batch`.
+
+    The lag is one sample per publish: from the receipt of its oldest event (the batch's first,
+    `Event.received_ms`, this process's clock) to the backend accepting the batch. It covers the
+    wait in the batcher's queue and the publish; a backend that slows down shows here first.
+    """
 
     def __init__(
         self, registry: CollectorRegistry, prefix: str, label: str, value: str
@@ -190,7 +197,17 @@ class BatchMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0),
             registry=registry,
         ).labels(value)
+        self._lag = Histogram(
+            f"{prefix}_lag_seconds",
+            "Receipt of a batch's oldest event to the backend accepting the batch (one sample"
+            " per publish)", [label],
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        ).labels(value)
 
-    def observe(self, size: int, seconds: float) -> None:
-        self._sizes.observe(size)
+    def observe(self, events: Sequence[Event], seconds: float) -> None:
+        self._sizes.observe(len(events))
         self._seconds.observe(seconds)
+        if events:
+            # Same host, same clock; a clock stepped back reads as 0, not as a negative lag.
+            self._lag.observe(max(time.time() - events[0].received_ms / 1000, 0.0))
