@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from teamtrack.mqtt import MirrorMode
 from teamtrack.settings import ENV_PREFIX
 
 if TYPE_CHECKING:
@@ -91,6 +92,14 @@ def up(
             "MQTT account (bridge-b<i>-<n>): more throughput per broker",
         ),
     ] = 1,
+    mirror: Annotated[
+        MirrorMode,
+        typer.Option(
+            envvar=_env("mirror"),
+            help="other brokers' traffic mirrored into each broker: on-demand (presence always, "
+            "positions while the broker has a subscriber besides its bridges), all, or off",
+        ),
+    ] = MirrorMode.ON_DEMAND,
     simulate: Annotated[
         bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
     ] = True,
@@ -142,7 +151,7 @@ def up(
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
         interval=interval, qos=qos, duration=duration, backend=backend,
         kafka_nodes=kafka_nodes, tls=tls, https=https, tls_hosts=split_hosts(tls_hosts),
-        mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker,
+        mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker, mirror=mirror.value,
     )
     cluster = LocalCluster(options, console)
     try:
@@ -627,6 +636,10 @@ def bench_command(
         int, typer.Option(help="bridge processes per broker of the local cluster, in one "
                           "shared subscription (as `teamtrack up --bridges-per-broker`)")
     ] = 1,
+    mirror: Annotated[
+        MirrorMode, typer.Option(help="what the local cluster's bridges mirror into their "
+                                 "brokers (as `teamtrack up --mirror`)")
+    ] = MirrorMode.ON_DEMAND,
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -639,7 +652,7 @@ def bench_command(
             few_workers=few_workers, teams=teams, generators=generators, qos=qos,
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
             rounds=rounds, fault_backend=fault_backend,
-            bridges_per_broker=bridges_per_broker,
+            bridges_per_broker=bridges_per_broker, mirror=mirror.value,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

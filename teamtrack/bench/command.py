@@ -76,6 +76,7 @@ def build_config(
     rounds: int = 1,
     fault_backend: str = "redis",
     bridges_per_broker: int = 1,
+    mirror: str = "on-demand",
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -100,6 +101,7 @@ def build_config(
         rounds=rounds,
         fault_backend=fault_backend,
         bridges_per_broker=bridges_per_broker,
+        mirror=mirror,
     )
 
 

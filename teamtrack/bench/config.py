@@ -76,6 +76,8 @@ class BenchConfig:
     fault_backend: str = "redis"
     # Bridge processes per broker of the local cluster (`teamtrack up --bridges-per-broker`).
     bridges_per_broker: int = 1
+    # What the local cluster's bridges mirror into their brokers (`teamtrack up --mirror`).
+    mirror: str = "on-demand"
 
     def __post_init__(self) -> None:
         if not self.scenarios:

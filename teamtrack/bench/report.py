@@ -197,6 +197,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             f"- bridges per broker of the local cluster: {config.bridges_per_broker}"
             + (" (one shared subscription)" if config.bridges_per_broker > 1 else "")
         )
+        lines.append(f"- the bridges' mirror: {config.mirror}")
     if config.faults.drop_every or config.faults.duplicate_every:
         lines.append(
             f"- **fault injection on**: drop every {config.faults.drop_every}th, duplicate "

@@ -425,6 +425,7 @@ class BenchResult:
                 "qos": config.qos,
                 "rounds": config.rounds,
                 "bridges_per_broker": config.bridges_per_broker,
+                "mirror": config.mirror,
                 "max_p99_ms": config.max_p99_ms,
                 "endpoints": str(config.endpoints) if config.endpoints else None,
                 "faults": asdict(config.faults),
