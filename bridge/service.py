@@ -16,9 +16,10 @@ positions only while the broker holds a subscription other than its bridges' own
 says so itself: `$SYS/broker/subscriptions/count` (plain subscriptions only; shared ones are not
 counted), which it publishes retained every `sys_interval` (1 s) when it changed: a reader is
 known at most a second after it subscribed. Positions read while nobody subscribed are held for
-`MIRROR_REPLAY_S` (that second, the idle read pace and a margin for the count's delivery) and
-republished, first, when a reader appears: a new subscriber misses nothing sent after it
-subscribed, and may get what was sent up to that long before. Without a reader the mirror reads
+`MIRROR_REPLAY_S` (that second, the idle read pace and room for a busy machine) and those read
+since the last count that found no reader are republished, first, when a reader appears: a new
+subscriber misses nothing sent after it subscribed, and may get some of what was sent before
+(at most that long before). Without a reader the mirror reads
 the backend every `MIRROR_IDLE_PACE_S` instead of once per publish.
 """
 
@@ -92,10 +93,12 @@ _TOPIC_OF_KIND = {Kind.POSITION: position_topic, Kind.STATUS: status_topic,
 # On-demand mirroring: the pace of the mirror's reads while nobody subscribed (presence then
 # reaches the broker up to this late); how long positions read meanwhile are held, to be
 # republished when a reader turns up: the brokers' `sys_interval` (1 s; a reader is counted at
-# the next tick after it subscribed), that pace and a margin for the count's way to the bridge;
-# and how many batches are held at most.
+# the next tick after it subscribed), that pace, and room for a busy machine delaying the
+# count's way to the bridge; how much earlier than the last count that found no reader they are
+# still republished; and how many batches are held at most.
 MIRROR_IDLE_PACE_S = 0.25
-MIRROR_REPLAY_S = 2.0
+MIRROR_REPLAY_S = 4.0
+MIRROR_REPLAY_MARGIN_S = 0.5
 MIRROR_HELD_BATCHES = 20_000
 # What marks a batch's positions and its other events in its raw JSON (`encode_events`: ids
 # are slugs, device payloads numbers, the strings of worker events JSON-escaped).
@@ -273,6 +276,7 @@ class BridgeService:
         # On-demand mirroring: positions are mirrored until the broker's count says otherwise.
         self._demand = True
         self._demand_mid: int | None = None
+        self._no_reader_counted_at = 0.0
         self._mirror_consumer: GroupConsumer | None = None
         self._held: deque[tuple[float, Batch]] = deque(maxlen=MIRROR_HELD_BATCHES)
 
@@ -510,6 +514,8 @@ class BridgeService:
     def _set_demand(self, demand: bool) -> None:
         was = self.counters.mirror_demand
         self.counters.mirror_demand = demand
+        if not demand:
+            self._no_reader_counted_at = time.monotonic()
         if demand == was:
             return
         log.info("%s: %s", self.config.broker,
@@ -522,9 +528,11 @@ class BridgeService:
             self._replay_held()
 
     def _replay_held(self) -> None:
-        """The positions of the last `MIRROR_REPLAY_S`: a reader counted at the tick after it
+        """The positions read since the last count that found no reader (it subscribed after
+        that count), at most `MIRROR_REPLAY_S` old: a reader counted at the tick after it
         subscribed gets what was sent since it subscribed."""
-        since = time.monotonic() - MIRROR_REPLAY_S
+        since = max(self._no_reader_counted_at - MIRROR_REPLAY_MARGIN_S,
+                    time.monotonic() - MIRROR_REPLAY_S)
         own = self.config.broker_id
         for read_at, batch in self._held:
             if read_at < since:

@@ -15,7 +15,7 @@ from conftest import Cluster
 from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
 
-from bridge.service import BridgeConfig, BridgeService
+from bridge.service import MIRROR_REPLAY_S, BridgeConfig, BridgeService
 from teamtrack.backends import Backend, Batch, from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.metrics import MetricsServer
@@ -444,7 +444,7 @@ async def test_on_demand_mirror_sends_positions_only_while_the_broker_has_a_read
     await publish_lines(port, device.username, device.password,
                         position_topic("alpha", "w001"), [payload(seq) for seq in range(10)])
     await _until(lambda: mirror.counters.mirrored == 1)  # the presence
-    await asyncio.sleep(2.0)  # longer than positions are held for a reader to come
+    await asyncio.sleep(MIRROR_REPLAY_S + 0.5)  # longer than positions are held for a reader
     assert mirror.counters.mirrored == 1
 
     observer = cluster.credentials.observer
