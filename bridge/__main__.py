@@ -16,7 +16,7 @@ from bridge.settings import BridgeSettings
 from teamtrack.backends import BackendError, from_url
 from teamtrack.logs import configure_logging
 from teamtrack.metrics import service_registry
-from teamtrack.mqtt import BrokerAddress
+from teamtrack.mqtt import BrokerAddress, MirrorMode
 from teamtrack.runtime import run, serving, settle_heap
 from teamtrack.settings import load_settings
 
@@ -35,7 +35,9 @@ async def serve(settings: BridgeSettings) -> None:
         share_group=settings.share_group,
         shared_subscription=settings.shared_subscription,
         session_expiry_s=settings.session_expiry_s,
-        mirror=settings.mirror,
+        mirror=settings.mirror is not MirrorMode.OFF,
+        mirror_on_demand=settings.mirror is MirrorMode.ON_DEMAND,
+        broker_bridges=settings.broker_bridges,
         mirror_teams=settings.mirrored_teams(),
         batch_max_events=settings.batch_max_events,
         batch_interval_s=settings.batch_interval_ms / 1000,

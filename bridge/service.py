@@ -9,6 +9,18 @@ Outbound (mirroring): a consumer group per broker on the backend's all-teams fee
 message from another broker is republished into this broker exactly once, however many bridges
 serve it. Mirrored messages carry the `teamtrack-origin` user property; inbound messages with it
 are dropped before decoding, which is what keeps mirroring free of loops and duplicates.
+
+On demand (`mirror_on_demand`, what `python -m bridge` and `teamtrack up` run): presence and
+worker events are always mirrored (retained presence is what a later subscriber sees first),
+positions only while the broker holds a subscription other than its bridges' own. The broker
+says so itself: `$SYS/broker/subscriptions/count` (plain subscriptions only; shared ones are not
+counted), which it publishes retained every `sys_interval` (1 s) when it changed: a reader is
+known at most a second after it subscribed. Positions read while nobody subscribed are held for
+`MIRROR_REPLAY_S` (that second, the idle read pace and room for a busy machine) and those read
+since the last count that found no reader are republished, first, when a reader appears: a new
+subscriber misses nothing sent after it subscribed, and may get some of what was sent before
+(at most that long before). Without a reader the mirror reads
+the backend every `MIRROR_IDLE_PACE_S` instead of once per publish.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from teamtrack.backends import Backend, Event
+from teamtrack.backends import Backend, Batch, Event, GroupConsumer
 from teamtrack.contract import (
     WORKER_TOPIC_FILTER,
     ContractError,
@@ -53,7 +65,12 @@ from teamtrack.ingress.owntracks import (
 )
 from teamtrack.ingress.ratelimit import DeviceRateLimit
 from teamtrack.logs import RateLimitedLog
-from teamtrack.mqtt import BRIDGE_SHARE_GROUP, ORIGIN_PROPERTY, BrokerAddress
+from teamtrack.mqtt import (
+    BRIDGE_SHARE_GROUP,
+    ORIGIN_PROPERTY,
+    SUBSCRIPTION_COUNT_TOPIC,
+    BrokerAddress,
+)
 from teamtrack.retry import Backoff
 
 from .mqtt_fast import PublishWriter, install_inbound
@@ -73,6 +90,20 @@ SUBSCRIBED_FILTERS = (WORKER_TOPIC_FILTER, *OWNTRACKS_FILTERS)
 _OWNTRACKS_PREFIX = OWNTRACKS_ROOT + "/"
 _TOPIC_OF_KIND = {Kind.POSITION: position_topic, Kind.STATUS: status_topic,
                   Kind.EVENT: event_topic}
+# On-demand mirroring: the pace of the mirror's reads while nobody subscribed (presence then
+# reaches the broker up to this late); how long positions read meanwhile are held, to be
+# republished when a reader turns up: the brokers' `sys_interval` (1 s; a reader is counted at
+# the next tick after it subscribed), that pace, and room for a busy machine delaying the
+# count's way to the bridge; how much earlier than the last count that found no reader they are
+# still republished; and how many batches are held at most.
+MIRROR_IDLE_PACE_S = 0.25
+MIRROR_REPLAY_S = 4.0
+MIRROR_REPLAY_MARGIN_S = 0.5
+MIRROR_HELD_BATCHES = 20_000
+# What marks a batch's positions and its other events in its raw JSON (`encode_events`: ids
+# are slugs, device payloads numbers, the strings of worker events JSON-escaped).
+_POSITION_MARK = b'"k":"p"'
+_OTHER_MARKS = (b'"k":"s"', b'"k":"e"')
 
 
 @dataclass
@@ -88,6 +119,10 @@ class BridgeCounters:
     mirror_echoes: int = 0
     mirrored: int = 0
     mirror_skipped_offline: int = 0
+    # On-demand mirroring: positions republished from those held when a reader turned up, and
+    # whether the broker has a reader (None: not known, everything is mirrored).
+    mirror_replayed: int = 0
+    mirror_demand: bool | None = None
     backend_errors: int = 0
     reconnects: int = 0
     connected: bool = False
@@ -133,6 +168,8 @@ class _CountersCollector(Collector):
              counters.mirrored),
             ("mirror_skipped_offline", "Mirror messages skipped while the broker was away",
              counters.mirror_skipped_offline),
+            ("mirror_replayed", "Positions held while the broker had no reader, mirrored when "
+             "one subscribed", counters.mirror_replayed),
             ("backend_errors", "Failed backend publishes (retried)", counters.backend_errors),
             ("mqtt_reconnects", "Connections to the broker lost", counters.reconnects),
         ):
@@ -150,6 +187,13 @@ class _CountersCollector(Collector):
         )
         subscribed.add_metric([broker], 1 if counters.subscribed else 0)
         yield subscribed
+        demand = GaugeMetricFamily(
+            "teamtrack_bridge_mirror_demand",
+            "1 while positions are mirrored into the broker (always, or on demand: it has a "
+            "subscriber besides its bridges), 0 while only presence is", labels=["broker"],
+        )
+        demand.add_metric([broker], 0 if counters.mirror_demand is False else 1)
+        yield demand
 
 
 @dataclass(frozen=True)
@@ -165,6 +209,12 @@ class BridgeConfig:
     shared_subscription: bool = True
     session_expiry_s: int = 3600
     mirror: bool = True
+    # Positions mirrored only while the broker has a subscriber besides its bridges (module
+    # docstring); presence and worker events always.
+    mirror_on_demand: bool = False
+    # Bridges subscribed to the broker, this one included: their own subscriptions (each its
+    # `$SYS` count; the plain one of a broker's only bridge) are not readers.
+    broker_bridges: int = 1
     mirror_teams: frozenset[str] | None = None
     batch_max_events: int = 2000
     max_pending_events: int = 20000
@@ -225,6 +275,12 @@ class BridgeService:
         self._stopping = False
         # Set by `leave`: no subscription is made again on a reconnect.
         self._leaving = False
+        # On-demand mirroring: positions are mirrored until the broker's count says otherwise.
+        self._demand = True
+        self._demand_mid: int | None = None
+        self._no_reader_counted_at = 0.0
+        self._mirror_consumer: GroupConsumer | None = None
+        self._held: deque[tuple[float, Batch]] = deque(maxlen=MIRROR_HELD_BATCHES)
 
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -333,6 +389,10 @@ class BridgeService:
                 for topic_filter in SUBSCRIBED_FILTERS
             ])
             client.unsubscribe(shared)
+        if self.config.mirror and self.config.mirror_on_demand:
+            # Its own SUBSCRIBE, so that a refusal (an ACL provisioned before on-demand
+            # mirroring) is told apart; the count arrives retained at once.
+            self._demand_mid = client.subscribe(Subscription(SUBSCRIPTION_COUNT_TOPIC, qos=0))
 
     def _shared_filters(self) -> list[str]:
         group = self.config.share_group
@@ -340,6 +400,15 @@ class BridgeService:
 
     def _on_subscribe(self, client: MQTTClient, mid: int, qos: Any, properties: Any) -> None:
         codes = [int(code) for code in (qos if isinstance(qos, list | tuple) else [qos])]
+        if mid == self._demand_mid:
+            if any(code >= SUBACK_FAILURE for code in codes):
+                log.warning(
+                    "the broker refused %s %s (%s): mirroring every position; provision again "
+                    "for on-demand mirroring", self.config.client_id, SUBSCRIPTION_COUNT_TOPIC,
+                    ", ".join(f"0x{code:02x}" for code in codes),
+                )
+                self._set_demand(True)
+            return
         if any(code >= SUBACK_FAILURE for code in codes[:1]):
             # Only accounts the ACL lets read `$share/<group>/teams/#` may join the group.
             log.error(
@@ -384,6 +453,10 @@ class BridgeService:
                 if name == ORIGIN_PROPERTY:
                     self.counters.mirror_echoes += 1
                     return None
+        if topic[:1] == "$":
+            if topic == SUBSCRIPTION_COUNT_TOPIC:
+                self._on_subscription_count(payload)
+            return None
         now = int(time.time() * 1000)
         if topic.startswith(_OWNTRACKS_PREFIX):
             return self._accept_owntracks(topic, payload, qos, now)
@@ -477,6 +550,67 @@ class BridgeService:
         self.counters.backend_errors += 1
 
     # Outbound ------------------------------------------------------------------------------
+    @property
+    def own_subscriptions(self) -> int:
+        """What the broker counts of its bridges: each one's `$SYS` subscription, and the
+        plain subscription of a broker's only bridge (shared ones are not counted)."""
+        own = 0 if self.config.shared_subscription else len(SUBSCRIBED_FILTERS)
+        return self.config.broker_bridges * (1 + own)
+
+    def _on_subscription_count(self, payload: bytes) -> None:
+        try:
+            count = int(payload)
+        except ValueError:
+            return
+        self._set_demand(count > self.own_subscriptions)
+
+    def _set_demand(self, demand: bool) -> None:
+        was = self.counters.mirror_demand
+        self.counters.mirror_demand = demand
+        if not demand:
+            self._no_reader_counted_at = time.monotonic()
+        if demand == was:
+            return
+        log.info("%s: %s", self.config.broker,
+                 "a reader subscribed: mirroring positions" if demand
+                 else "no reader besides the bridges: mirroring presence only")
+        self._demand = demand
+        if self._mirror_consumer is not None:
+            self._mirror_consumer.set_pace(0.0 if demand else MIRROR_IDLE_PACE_S)
+        if demand:
+            self._replay_held()
+
+    def _replay_held(self) -> None:
+        """The positions read since the last count that found no reader (it subscribed after
+        that count), at most `MIRROR_REPLAY_S` old: a reader counted at the tick after it
+        subscribed gets what was sent since it subscribed."""
+        since = max(self._no_reader_counted_at - MIRROR_REPLAY_MARGIN_S,
+                    time.monotonic() - MIRROR_REPLAY_S)
+        own = self.config.broker_id
+        for read_at, batch in self._held:
+            if read_at < since:
+                continue
+            for event in batch.events():
+                if event.kind is Kind.POSITION and event.origin != own:
+                    self._republish(event)
+                    self.counters.mirror_replayed += 1
+        self._held.clear()
+
+    def _hold(self, batch: Batch) -> None:
+        """No reader: presence and worker events mirrored, positions held a while."""
+        raw = batch.raw
+        now = time.monotonic()
+        held = self._held
+        while held and held[0][0] < now - MIRROR_REPLAY_S:
+            held.popleft()
+        if _POSITION_MARK in raw:
+            held.append((now, batch))
+        if any(mark in raw for mark in _OTHER_MARKS):
+            own = self.config.broker_id
+            for event in batch.events():
+                if event.kind is not Kind.POSITION and event.origin != own:
+                    self._republish(event)
+
     async def _mirror(self) -> None:
         """Republish other brokers' messages into this broker, once per broker."""
         consumer = self.backend.consume(
@@ -487,6 +621,9 @@ class BridgeService:
             acknowledge=False,
         )
         wanted = self.config.mirror_teams
+        self._mirror_consumer = consumer
+        if not self._demand:
+            consumer.set_pace(MIRROR_IDLE_PACE_S)
         async with consumer:
             async for item in consumer:
                 batch = item.batch
@@ -494,6 +631,9 @@ class BridgeService:
                     continue
                 if batch.all_from(self.config.broker_id):
                     continue  # this broker's own traffic (most of what it reads): not decoded
+                if not self._demand:
+                    self._hold(batch)
+                    continue
                 for event in batch.events():
                     if event.origin != self.config.broker_id:
                         self._republish(event)

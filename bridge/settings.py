@@ -3,7 +3,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from teamtrack.contract import require_slug
-from teamtrack.mqtt import BRIDGE_SHARE_GROUP, bridge_username
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP, MirrorMode, bridge_username
 from teamtrack.settings import ServiceSettings
 
 
@@ -34,7 +34,18 @@ class BridgeSettings(ServiceSettings):
     session_expiry_s: int = Field(
         3600, ge=0, description="how long the broker keeps QoS 1 messages for a stopped bridge"
     )
-    mirror: bool = Field(True, description="mirror other brokers' traffic into this broker")
+    mirror: MirrorMode = Field(
+        MirrorMode.ON_DEMAND,
+        description="other brokers' traffic into this broker: all, off, or on-demand "
+        "(presence always; positions while the broker has a subscriber besides its bridges, "
+        "read from its $SYS subscription count)",
+    )
+    broker_bridges: int = Field(
+        1,
+        ge=1,
+        description="bridge processes subscribed to this broker, this one included (on-demand "
+        "mirroring does not count their own subscriptions as readers)",
+    )
     mirror_teams: str = Field("", description="comma-separated teams to mirror (empty: all)")
     batch_max_events: int = Field(2000, ge=1, description="largest batch sent to the backend")
     batch_interval_ms: float = Field(

@@ -27,6 +27,8 @@ async def serve(settings: IngestSettings) -> None:
         max_batch_positions=settings.max_batch_positions,
         max_pending_batches=settings.max_pending_batches,
         write_interval_s=settings.write_interval_ms / 1000,
+        quiet_write_interval_s=settings.quiet_write_interval_ms / 1000,
+        quiet_rows_per_s=settings.quiet_rows_per_s,
         retention_days=settings.retention_days,
         registry_path=settings.registry,
         retention_interval_s=settings.retention_interval_s,

@@ -71,6 +71,12 @@ class IngestConfig:
     # transaction writes gathers this long: a read, a commit and an acknowledgement per backend
     # batch (every few milliseconds at any rate) would cost more than the rows themselves.
     write_interval_s: float = 0.05
+    # Below `quiet_rows_per_s` (what the last write took, per second since the one before) the
+    # reads are paced at `quiet_write_interval_s` instead: a transaction, a read and an
+    # acknowledgement cost about as much for a handful of rows as for hundreds, and the bursts
+    # that a longer interval makes are small at such rates (0: always `write_interval_s`).
+    quiet_write_interval_s: float = 0.25
+    quiet_rows_per_s: float = 400.0
     # Days of history kept (0: all), per team where the registry says (`retention_teams`,
     # re-read from `registry_path` before each sweep when one is given).
     retention_days: float = DEFAULT_RETENTION_DAYS
@@ -212,6 +218,7 @@ class IngestService:
         self._queue: asyncio.Queue[_Queued] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._written = asyncio.Condition()
+        self._pace_s = config.write_interval_s
         self._odd_log = RateLimitedLog(log)
         self._database_log = RateLimitedLog(log)
 
@@ -252,9 +259,10 @@ class IngestService:
         delivers it again to the next ingest of the group."""
         reader = self._tasks[0] if self._tasks else None
         if reader is not None and not reader.done():
-            # The reader reads at most every `write_interval_s`: one more of its reads takes
-            # the tail (the last moments before a cluster stops) instead of leaving it unread.
-            await asyncio.sleep(2 * self.config.write_interval_s)
+            # The reader reads at most every `write_interval_s` (or quiet one): one more of its
+            # reads takes the tail (the last moments before a cluster stops) instead of leaving
+            # it unread.
+            await asyncio.sleep(2 * self._pace_s)
         if reader is not None:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -287,7 +295,16 @@ class IngestService:
             )
 
     # Writing -------------------------------------------------------------------------------
+    def _pace_for(self, rows: int, seconds: float) -> float:
+        """The read pace after a write of `rows` that came `seconds` after the previous one."""
+        config = self.config
+        quiet = config.quiet_write_interval_s
+        if quiet <= config.write_interval_s or rows >= config.quiet_rows_per_s * seconds:
+            return config.write_interval_s
+        return quiet
+
     async def _write(self, consumer: GroupConsumer) -> None:
+        last_write = time.monotonic()
         while True:
             items = [await self._queue.get()]
             rows = DecodedBatch()
@@ -299,6 +316,12 @@ class IngestService:
             self.counters.queued_batches = self._queue.qsize()
             if rows.positions or rows.presence or rows.events:
                 self.counters.add(await self._write_until_done(rows))
+            now = time.monotonic()
+            pace = self._pace_for(len(rows.positions), now - last_write)
+            last_write = now
+            if pace != self._pace_s:
+                self._pace_s = pace
+                consumer.set_pace(pace)
             await self._acknowledge(consumer, [group_batch for group_batch, _rows in items])
             for _item in items:
                 self._queue.task_done()

@@ -33,6 +33,14 @@ class IngestSettings(ServiceSettings):
         50.0, ge=0, description="how long rows gather before a transaction, unless the "
         "ingest is behind (then it writes at once)"
     )
+    quiet_write_interval_ms: float = Field(
+        250.0, ge=0, description="the same while positions arrive slower than "
+        "--quiet-rows-per-s: fewer transactions at low rates (0: always --write-interval-ms)"
+    )
+    quiet_rows_per_s: float = Field(
+        400.0, ge=0, description="below this many positions a second, rows gather for "
+        "--quiet-write-interval-ms"
+    )
     retention_days: float = Field(
         DEFAULT_RETENTION_DAYS, ge=0, description="days of history kept (positions, presence, "
         "events) for teams whose registry entry sets no retention_days (0: keep all)"

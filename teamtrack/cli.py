@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 
 from teamtrack.history_cli import history_app
+from teamtrack.mqtt import MirrorMode
 from teamtrack.settings import ENV_PREFIX
 
 if TYPE_CHECKING:
@@ -117,6 +118,14 @@ def up(
             "MQTT account (bridge-b<i>-<n>): more throughput per broker",
         ),
     ] = 1,
+    mirror: Annotated[
+        MirrorMode,
+        typer.Option(
+            envvar=_env("mirror"),
+            help="other brokers' traffic mirrored into each broker: on-demand (presence always, "
+            "positions while the broker has a subscriber besides its bridges), all, or off",
+        ),
+    ] = MirrorMode.ON_DEMAND,
     simulate: Annotated[
         bool, typer.Option(envvar=_env("simulate"), help="run the device simulator")
     ] = True,
@@ -169,7 +178,7 @@ def up(
         workers=workers, base_port=base_port, backend_url=backend_url, simulate=simulate,
         interval=interval, qos=qos, duration=duration, backend=backend,
         kafka_nodes=kafka_nodes, tls=tls, https=https, tls_hosts=split_hosts(tls_hosts),
-        mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker,
+        mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker, mirror=mirror.value,
     )
     cluster = LocalCluster(options, console)
     try:
@@ -724,6 +733,10 @@ def bench_command(
     spike_workers: Annotated[
         int, typer.Option(help="--scenarios spike: workers at 1 Hz before the peak doubles them")
     ] = 200,
+    mirror: Annotated[
+        MirrorMode, typer.Option(help="what the local cluster's bridges mirror into their "
+                                 "brokers (as `teamtrack up --mirror`)")
+    ] = MirrorMode.ON_DEMAND,
 ) -> None:
     """Latency and throughput device -> manager, side by side with Mosquitto alone."""
     from teamtrack.bench.command import build_config, run_command
@@ -737,6 +750,7 @@ def bench_command(
             endpoints=endpoints, state_dir=state_dir, out=out, progress=progress,
             rounds=rounds, fault_backend=fault_backend,
             bridges_per_broker=bridges_per_broker, spike_workers=spike_workers,
+            mirror=mirror.value,
         )
     except ValueError as error:
         raise _fail(str(error)) from None

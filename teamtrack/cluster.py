@@ -99,6 +99,9 @@ class ClusterOptions:
     # Bridge processes per broker, in one shared subscription: each its own MQTT account and
     # client id (bridge-b{i}-{n}) and /metrics port. 1 keeps a plain subscription with No Local.
     bridges_per_broker: int = 1
+    # What the bridges mirror of the other brokers' traffic: "all", "off", or "on-demand"
+    # (positions only into a broker that has a subscriber besides its bridges).
+    mirror: str = "on-demand"
     simulate: bool = True
     interval: float = 1.0
     qos: int = 0
@@ -494,6 +497,8 @@ class LocalCluster:
             "--instance", str(instance),
             "--mqtt-username", bridge.username,
             "--metrics-port", str(metrics_port),
+            "--mirror", self.options.mirror,
+            "--broker-bridges", str(self.bridges_per_broker),
         ]
         if not self.shared_subscriptions:
             # The broker's only bridge: no share group, and its mirrored messages (No Local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -18,6 +19,22 @@ BRIDGE_SHARE_GROUP: Final = "teamtrack"
 Only bridge accounts may join it: the ACL grants them `$share/teamtrack/teams/#` and the
 brokers' subscription check (mosquitto/plugin/) refuses it to every other account.
 """
+
+
+SUBSCRIPTION_COUNT_TOPIC: Final = "$SYS/broker/subscriptions/count"
+"""Mosquitto's count of the subscriptions it holds (shared ones not counted), published
+retained every `sys_interval` when it changed: how an on-demand mirror knows someone reads."""
+
+
+class MirrorMode(StrEnum):
+    """What a bridge republishes into its broker of the other brokers' traffic."""
+
+    ALL = "all"  # everything, always
+    OFF = "off"  # nothing
+    # Presence and worker events always (retained: a later subscriber sees who is online);
+    # positions only while the broker has a subscriber other than its bridges (a manager over
+    # MQTT over WebSockets, `mosquitto_sub`), from its `$SYS` subscription count.
+    ON_DEMAND = "on-demand"
 
 
 def bridge_username(broker_id: str, instance: int = 1) -> str:

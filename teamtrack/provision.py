@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
 from teamtrack.files import temporary_sibling, write_atomically
 from teamtrack.ingress.owntracks import OWNTRACKS_ROOT
-from teamtrack.mqtt import BRIDGE_SHARE_GROUP
+from teamtrack.mqtt import BRIDGE_SHARE_GROUP, SUBSCRIPTION_COUNT_TOPIC
 from teamtrack.passwords import generate_secret, hash_password, token_digest
 from teamtrack.registry import Registry
 from teamtrack.tls import TLS_DIR, TlsError, TlsFiles, ensure_tls, normalize_hosts
@@ -330,7 +330,8 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
         "# on the next provisioning. Edit the registry and provision again, then send SIGHUP to",
         "# the brokers to reload it.",
         "#",
-        "# bridges: read and write every team, and join the bridges' share group;",
+        "# bridges: read and write every team, join the bridges' share group, and read the",
+        "# broker's subscription count (on-demand mirroring);",
         "# observers: read every team (debugging);",
         "# managers: read their own team only (MQTT over WebSockets);",
         "# devices: write their own position and status, and OwnTracks under owntracks/<own",
@@ -347,6 +348,7 @@ def acl_text(registry: Registry, revoked: frozenset[str] = frozenset()) -> str:
             f"topic read {BRIDGE_SHARE_FILTER}",
             f"topic read {BRIDGE_OWNTRACKS_SHARE_FILTER}",
             f"topic read {OWNTRACKS_FILTER}",
+            f"topic read {SUBSCRIPTION_COUNT_TOPIC}",
             "",
         ]
     for username in registry.observers:

@@ -8,19 +8,21 @@ one step after every step.
 
 Joining:
 
-* a bridge joins its broker's share group. A broker that had one bridge (a plain subscription,
-  No Local) first has that bridge restarted in the share group: its session keeps what arrives
-  meanwhile, and it subscribes to the group before it drops the plain subscription, so nothing
-  is answered "no matching subscribers" (a message may arrive twice: repeats are dropped
-  downstream);
+* a bridge joins its broker's share group; then the bridges that were there restart one by
+  one (each learns its broker's bridge count, which its on-demand mirror needs, and a broker's
+  only bridge, on a plain subscription with No Local, moves into the share group): each
+  session keeps what arrives meanwhile while the others take the group's messages, and a
+  bridge subscribes to the group before it drops a plain subscription, so nothing is answered
+  "no matching subscribers" (a message may arrive twice: repeats are dropped downstream);
 * a broker gets accounts for its bridges (the other brokers read the password file again),
   its WebSockets gateway and its bridges; their sessions are saved before it is listed;
 * a dashboard comes with its device gateway, listed once it answers.
 
 Leaving:
 
-* a bridge is told to leave (SIGUSR2, `BridgeService.leave`): it unsubscribes, takes in what
-  its broker still queued for it, stores and acknowledges all of it, and ends its session;
+* the bridges that stay restart one by one with their broker's new bridge count, then a
+  leaving bridge is told to leave (SIGUSR2, `BridgeService.leave`): it unsubscribes, takes in
+  what its broker still queued for it, stores and acknowledges all of it, and ends its session;
 * a dashboard is unlisted, then stopped (SIGTERM): its viewers are closed with 1012 (service
   restart) and resume on another instance with their cursor, as after any restart;
 * a broker is unlisted, its bridges stopped (their sessions keep what arrives), and it is
@@ -243,20 +245,32 @@ class Scaler:
         for index, instance, port in started:
             self._wait_subscribed(port)
             self._step(f"{bridge_role(index, instance)} joined")
+        # The bridges that were there restart one by one, into the share group if they were a
+        # broker's only one, and told how many bridges their broker has now (what their
+        # on-demand mirror subtracts from the broker's subscription count).
+        self._restart_bridges(previous)
         if plain:
-            for index, instance, port in cluster.active_bridges():
-                if instance == 1:
-                    self._stop(cluster.retire(bridge_role(index, instance)))
-                    cluster.start_bridge(index, instance, port)
-                    self._wait_subscribed(port)
-                    self._step(f"{bridge_role(index, instance)} now in its broker's share group")
+            self._step("every broker's first bridge now in its share group")
         cluster.save_bridge_sessions(range(cluster.brokers))
+
+    def _restart_bridges(self, up_to: int) -> None:
+        """Restart instances 1..`up_to` of every broker in turn (SIGTERM keeps each session;
+        the other bridges of the group take the messages meanwhile)."""
+        cluster = self.cluster
+        for index, instance, port in cluster.active_bridges():
+            if instance <= up_to:
+                self._stop(cluster.retire(bridge_role(index, instance)))
+                cluster.start_bridge(index, instance, port)
+                self._wait_subscribed(port)
 
     def _remove_bridges(self, count: int) -> None:
         cluster = self.cluster
         leaving = [(index, instance) for index, instance, _ in cluster.active_bridges()
                    if instance > count]
         cluster.bridges_per_broker = count
+        # The staying bridges first learn their broker's new bridge count, while the leaving
+        # ones still serve the group; then those leave.
+        self._restart_bridges(count)
         self._leave([bridge_role(index, instance) for index, instance in leaving])
         cluster.provision_bridges(cluster.brokers, count)
         self._step(f"{len(leaving)} bridge(s) left; {count} per broker")

@@ -371,6 +371,20 @@ class BackendContract(abc.ABC):
         # The three were published right after the first read: they wait out the pace.
         assert waited >= pace * 0.9
 
+    async def test_a_member_whose_pace_is_shortened_reads_at_once(self, open_backend) -> None:  # type: ignore[no-untyped-def]
+        """`set_pace(0)` (an on-demand mirror that found a reader) ends a wait for a long pace."""
+        backend = await open_backend()
+        member = backend.consume("mirror-z", "paced", start="earliest", pace_s=3600.0)
+        await backend.publish([position("alpha", "w1", 0)])
+        await asyncio.wait_for(anext(member), WAIT)
+        await backend.publish([position("alpha", "w1", 1)])
+        reading = asyncio.ensure_future(anext(member))
+        await asyncio.sleep(0.2)  # now held by the pace
+        member.set_pace(0.0)
+        second = await asyncio.wait_for(reading, WAIT)
+        await member.close()
+        assert orjson.loads(second.batch.events()[0].body)["seq"] == 1
+
     async def test_revocations_reach_another_instance_in_order(self, open_backend) -> None:  # type: ignore[no-untyped-def]
         writer = await open_backend()
         reader = await open_backend() if self.instances_share else writer

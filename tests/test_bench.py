@@ -27,8 +27,8 @@ from teamtrack.bench.accounting import (
 from teamtrack.bench.command import build_config, parse_rates
 from teamtrack.bench.deployments import Deployment, cluster_options, running_cluster
 from teamtrack.bench.records import RecordLog, iter_records, message_key, split_key
-from teamtrack.bench.report import write_report
-from teamtrack.bench.results import BenchResult, RunResult, StepResult
+from teamtrack.bench.report import cost_table, write_report
+from teamtrack.bench.results import BenchResult, CpuPerPosition, RunResult, StepResult
 from teamtrack.bench.runner import select_devices
 from teamtrack.bench.scenarios import (
     REDIS_CLUSTER,
@@ -36,7 +36,7 @@ from teamtrack.bench.scenarios import (
     DeploymentSpec,
     parse_scenarios,
 )
-from teamtrack.bench.system import UsageReport, UsageSampler
+from teamtrack.bench.system import ProcessUsage, UsageReport, UsageSampler
 from teamtrack.cli import app
 from teamtrack.provision import ProvisionResult
 
@@ -213,6 +213,80 @@ def test_rounds_compare_each_path_with_the_baseline_of_its_own_round(tmp_path: P
     assert "11.50 ms (median of 3 rounds: 11.50 / 8.00 / 12.30)" in summary
 
 
+def _usage(cpu_percent: dict[str, float]) -> UsageReport:
+    return UsageReport(
+        seconds=10.0,
+        processes={role: ProcessUsage(cpu, 1.0, 1.0, 1.0) for role, cpu in cpu_percent.items()},
+        machine_busy_percent=0.0,
+    )
+
+
+def _cost_step(rate: int, delivered: int, cpu_percent: dict[str, float]) -> StepResult:
+    return StepResult(
+        offered_rate=rate, fixed=True, measure_seconds=10.0, achieved_rate=rate,
+        delivery=Delivery(sent=delivered, delivered=delivered, lost=0, shed=0, duplicated=0,
+                          latency=None),
+        failures=(), generator={}, receiver={}, usage=_usage(cpu_percent), drain_seconds=0.0,
+    )
+
+
+def test_cpu_per_position_is_each_process_cpu_over_the_delivered_rate() -> None:
+    """10 % of a core at 1,000 positions/s is 100 us per position; the load tooling is apart."""
+    cost = CpuPerPosition.of(
+        _usage({"broker-1": 10.0, "bridge-1": 20.0, "redis": 5.0, "generator-1": 6.0,
+                "generator-2": 1.0, "receiver": 0.5, "harness": 0.5}),
+        delivered_per_s=1_000.0,
+    )
+    assert cost is not None
+    assert cost.processes == pytest.approx({"broker-1": 100.0, "bridge-1": 200.0, "redis": 50.0})
+    assert cost.path == pytest.approx(350.0)
+    assert set(cost.load_tooling) == {"generator-1", "generator-2", "receiver", "harness"}
+    assert cost.load_tooling_total == pytest.approx(80.0)
+    assert CpuPerPosition.of(_usage({"broker": 1.0}), delivered_per_s=0.0) is None
+    step = _cost_step(1_000, 10_000, {"broker": 4.0})  # 1,000/s over the 10 s window
+    assert step.cpu_per_position is not None
+    assert step.cpu_per_position.path == pytest.approx(40.0)
+
+
+def test_the_path_cost_is_compared_with_the_baseline_at_the_same_rate(tmp_path: Path) -> None:
+    config = BenchConfig(
+        out_dir=tmp_path, scenarios=("baseline", "redis"), shapes=(Shape.FEW,), rates=(),
+        fixed_rates=(200, 10_000),
+    )
+    baseline = RunResult("baseline", "", Shape.FEW, 20, "", steps=[
+        _cost_step(200, 2_000, {"broker": 0.5, "receiver": 3.0}),  # 25 us
+        _cost_step(10_000, 100_000, {"broker": 20.0, "generator-1": 30.0}),  # 20 us
+    ])
+    redis = RunResult("redis", "", Shape.FEW, 20, "", steps=[
+        _cost_step(200, 2_000, {"broker-1": 1.0, "bridge-1": 4.0, "dashboard-2": 5.0}),  # 500
+        _cost_step(10_000, 100_000, {"broker-1": 20.0, "bridge-1": 30.0, "redis": 10.0}),  # 60
+    ])
+    result = BenchResult(config, {}, "", runs=[baseline, redis])
+    assert result.cost_ratio(redis, redis.steps[0]) == pytest.approx(20.0)
+    assert result.cost_ratio(redis, redis.steps[1]) == pytest.approx(3.0)
+    assert result.cost_ratio(baseline, baseline.steps[1]) == pytest.approx(1.0)
+
+    document = result.document()
+    [cost_target] = [
+        target for target in document["targets"] if "CPU per position" in target["name"]
+    ]
+    assert (cost_target["value"], cost_target["limit"], cost_target["met"]) == (3.0, 3.0, True)
+    reported = document["runs"][1]
+    assert reported["cpu_per_position_x_baseline"] == [20.0, 3.0]
+    step = reported["steps"][1]["cpu_us_per_position"]
+    assert step["path"] == 60.0
+    assert step["processes"] == {"bridge-1": 30.0, "broker-1": 20.0, "redis": 10.0}
+    assert document["runs"][0]["steps"][1]["cpu_us_per_position"]["load_tooling"] == 30.0
+
+    write_report(result, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## CPU per delivered position" in summary
+    # columns: bridge-1, broker-1, dashboard-2 (not sampled at 10,000), redis
+    assert "| 10,000 | 10,000 | 60.0 | 3.00 | 30.0 | 20.0 | - | 10.0 | 0.0 |" in summary
+    console_rows = [row for column in cost_table(result).columns for row in column._cells]
+    assert "dashboard-2 250, bridge-1 200, broker-1 50" in console_rows
+
+
 def test_usage_sampler_reads_cpu_and_memory_from_proc() -> None:
     sampler = UsageSampler({"this": os.getpid(), "gone": 2**22 + 1})
     sampler.start()
@@ -230,6 +304,8 @@ def test_rates_and_options_are_parsed() -> None:
     assert parse_rates("1000, 5k,2.5k", ()) == (1000, 5000, 2500)
     assert parse_rates(None, (1,)) == (1,)
     assert parse_rates("", (1,)) == ()
+    # The low-rate steps of issue 15: `--fixed-rates 200,1k,5k,10k`.
+    assert parse_rates("200,1k,5k,10k", ()) == (200, 1_000, 5_000, 10_000)
     config = build_config(
         scenarios="baseline,redis", rates="1k", fixed_rates="", step_seconds=3,
         warmup_seconds=1, drain_seconds=2, shape="few", workers=None, few_workers=3,
@@ -353,6 +429,12 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
         assert not step.passed  # a loss and a duplicate fail the step
         assert step.receiver["disconnects"] == 0
         assert {"receiver", "generator-1", "generator-2"} <= set(step.usage.processes)
+        cost = step.cpu_per_position
+        assert cost is not None and cost.path > 0
+        assert set(cost.load_tooling) == {"receiver", "generator-1", "generator-2", "harness"}
+        path_roles = {"broker"} if run.scenario == "baseline" else {"broker-1", "bridge-1",
+                                                                     "redis", "dashboard-2"}
+        assert path_roles <= set(cost.processes)
     redis_step = result.runs[1].steps[0]
     assert {"bridge-1", "dashboard-2", "redis"} <= set(redis_step.usage.processes)
 
@@ -367,6 +449,9 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
     )
     assert "redis" in (config.out_dir / "summary.md").read_text()
     assert reported["bridge_drops"] == 0
+    assert reported["cpu_us_per_position"]["path"] > 0
+    assert document["runs"][1]["cpu_per_position_x_baseline"][0] > 0
+    assert "## CPU per delivered position" in (config.out_dir / "summary.md").read_text()
     assert sum(point["delivered"] for point in reported["latency_timeline"]) == (
         redis_step.delivery.delivered
     )

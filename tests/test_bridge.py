@@ -15,7 +15,7 @@ from conftest import Cluster
 from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
 
-from bridge.service import BridgeConfig, BridgeService
+from bridge.service import MIRROR_REPLAY_S, BridgeConfig, BridgeService
 from teamtrack.backends import Backend, Batch, from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.metrics import MetricsServer
@@ -418,3 +418,67 @@ async def test_the_only_bridge_of_a_broker_gets_none_of_its_mirrored_messages_ba
     await asyncio.sleep(0.3)
     assert [orjson.loads(e["body"])["seq"] for e in events] == list(range(10))  # type: ignore[arg-type]
     assert again.counters.forwarded == 10
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_on_demand_mirror_sends_positions_only_while_the_broker_has_a_reader(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    """Presence always; positions only while broker 1 has a subscriber besides its bridge
+    (its `$SYS` subscription count); a reader counted a second late still gets every position
+    sent after it subscribed, once, and none of those sent while nobody read."""
+    await start_bridge(0, mirror=False)
+    mirror = await start_bridge(1, mirror_on_demand=True)
+    assert mirror.own_subscriptions == 1  # its own $SYS subscription (shared ones not counted)
+    await _until(lambda: mirror.counters.mirror_demand is False)
+    device = cluster.device("alpha", "w001")
+    port = cluster.brokers[0].mqtt_port
+    await publish_lines(port, device.username, device.password,
+                        status_topic("alpha", "w001"), [b"online"])
+    await publish_lines(port, device.username, device.password,
+                        position_topic("alpha", "w001"), [payload(seq) for seq in range(10)])
+    await _until(lambda: mirror.counters.mirrored == 1)  # the presence
+    await asyncio.sleep(MIRROR_REPLAY_S + 0.5)  # longer than positions are held for a reader
+    assert mirror.counters.mirrored == 1
+
+    observer = cluster.credentials.observer
+    assert observer is not None
+    watcher = await MosquittoSub.start(
+        cluster.brokers[1].mqtt_port, observer.username, observer.password, "teams/alpha/#"
+    )
+    # Sent at once, before the broker counted the reader: held, then replayed.
+    await publish_lines(port, device.username, device.password,
+                        position_topic("alpha", "w001"),
+                        [payload(seq) for seq in range(10, 20)])
+    await watcher.wait_for(11, timeout=10)
+    await _until(lambda: mirror.counters.mirror_demand is True)
+    await publish_lines(port, device.username, device.password,
+                        position_topic("alpha", "w001"),
+                        [payload(seq) for seq in range(20, 25)])
+    await watcher.wait_for(16, timeout=10)
+    await asyncio.sleep(0.3)  # a duplicate would show up now
+    watcher.stop()
+    assert watcher.messages[0] == (status_topic("alpha", "w001"), "online")  # retained
+    seqs = [orjson.loads(body)["seq"] for topic, body in watcher.messages[1:]]
+    assert seqs == list(range(10, 25))
+    await _until(lambda: mirror.counters.mirror_demand is False)  # the reader left
+
+
+async def test_a_bridge_mirrors_everything_while_on_demand_is_off(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    """mirror_on_demand off (`--mirror all`): no `$SYS` subscription, every position mirrored
+    whether anybody reads or not."""
+    await start_bridge(0, mirror=False)
+    mirror = await start_bridge(1)
+    device = cluster.device("alpha", "w002")
+    await publish_lines(cluster.brokers[0].mqtt_port, device.username, device.password,
+                        position_topic("alpha", "w002"), [payload(seq) for seq in range(5)])
+    await _until(lambda: mirror.counters.mirrored == 5)
+    assert mirror.counters.mirror_demand is None

@@ -68,7 +68,7 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_batches_start_at_most_once_per_interval_and_a_full_one_goes_at_once() -> None:
+async def test_batches_are_paced_after_a_burst_of_two_and_a_full_one_goes_at_once() -> None:
     published: list[list[int]] = []
 
     async def publish(events: Sequence[Event]) -> None:
@@ -81,14 +81,17 @@ async def test_batches_start_at_most_once_per_interval_and_a_full_one_goes_at_on
         batcher.offer(event(0))
         await settle()
         assert published == [[0]]  # the first event after a quiet spell goes at once
-        for seq in (1, 2, 3):
+        batcher.offer(event(1))
+        await settle()
+        assert published == [[0], [1]]  # ... and a second right behind it (BURST)
+        for seq in (2, 3, 4):
             batcher.offer(event(seq))
         await settle()
-        assert published == [[0]]  # gathered: the interval is not over
-        batcher.offer(event(4))  # a full batch does not wait
+        assert published == [[0], [1]]  # gathered: the interval is not over
+        batcher.offer(event(5))  # a full batch does not wait
         await settle()
-        assert published == [[0], [1, 2, 3, 4]]
-        held = batcher.submit_nowait(event(5, qos=1))
+        assert published == [[0], [1], [2, 3, 4, 5]]
+        held = batcher.submit_nowait(event(6, qos=1))
         await settle()
         assert not held.done()  # waiting, in the next batch
     finally:

@@ -371,3 +371,19 @@ async def test_a_redis_that_lost_its_data_gets_its_last_known_back_from_the_hist
         await service.stop()
         await publisher.close()
         server.stop()
+
+
+def test_reads_are_paced_longer_while_positions_arrive_slowly(tmp_path: Path) -> None:
+    """Below `quiet_rows_per_s` rows gather for `quiet_write_interval_s` (fewer transactions
+    at low rates); above it, or with the quiet interval off, for `write_interval_s`."""
+    store = HistoryStore.from_url(f"sqlite+aiosqlite:///{tmp_path / 'history.db'}")
+    config = IngestConfig(write_interval_s=0.05, quiet_write_interval_s=0.25,
+                          quiet_rows_per_s=400.0)
+    service = IngestService(config, from_url("memory://"), store, CollectorRegistry())
+    assert service._pace_for(10, 0.05) == 0.25  # 200 positions/s
+    assert service._pace_for(50, 0.25) == 0.25  # still 200/s, now measured over 0.25 s
+    assert service._pace_for(500, 0.05) == 0.05  # 10,000/s
+    assert service._pace_for(150, 0.25) == 0.05  # 600/s
+    off = IngestService(IngestConfig(quiet_write_interval_s=0.0), from_url("memory://"), store,
+                        CollectorRegistry())
+    assert off._pace_for(1, 1.0) == off.config.write_interval_s

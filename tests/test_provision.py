@@ -138,6 +138,8 @@ def test_acl_grants_each_role_only_its_topics(registry: Registry, tmp_path: Path
         "topic read $share/teamtrack/teams/#",
         "topic read $share/teamtrack/owntracks/#",
         "topic read owntracks/#",
+        # ... and read their broker's subscription count (on-demand mirroring).
+        "topic read $SYS/broker/subscriptions/count",
     ]
     assert blocks["user observer"] == ["topic read teams/#"]
     assert blocks["user alpha-lead"] == ["topic read teams/alpha/#"]

@@ -215,6 +215,11 @@ class GroupConsumer(abc.ABC):
     # that cannot tell.
     missed: int = 0
 
+    def set_pace(self, pace_s: float) -> None:  # noqa: B027 (optional, not abstract)
+        """Change `pace_s` of `Backend.consume` from now on; a read held by a longer pace goes
+        ahead at once when the new one is shorter (an on-demand mirror that found a reader).
+        Backends that pace their reads (`ReadPace`) override it."""
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -247,16 +252,38 @@ class ReadPace:
     def __init__(self, pace_s: float) -> None:
         self._pace_s = pace_s
         self._hold_until = 0.0
+        self._sleeping: asyncio.Future[None] | None = None
 
     async def wait(self) -> None:
         if self._pace_s > 0:
             delay = self._hold_until - time.monotonic()
             if delay > 0:
-                await asyncio.sleep(delay)
+                loop = asyncio.get_running_loop()
+                sleeping = self._sleeping = loop.create_future()
+                timer = loop.call_later(delay, _wake, sleeping)
+                try:
+                    await sleeping
+                finally:
+                    timer.cancel()
+                    self._sleeping = None
+
+    def set(self, pace_s: float) -> None:
+        """A new pace; a read held longer than it would now be goes ahead at once."""
+        self._pace_s = pace_s
+        held_until = time.monotonic() + pace_s
+        if self._hold_until > held_until:
+            self._hold_until = held_until
+            if self._sleeping is not None:
+                _wake(self._sleeping)
 
     def read(self, *, caught_up: bool) -> None:
         """A read came back: with less than it may take (`caught_up`), the next one waits."""
         self._hold_until = time.monotonic() + self._pace_s if caught_up else 0.0
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Backend(abc.ABC):

@@ -308,6 +308,9 @@ class KafkaGroupConsumer(GroupConsumer):
         self._ready: deque[tuple[Any, GroupBatch]] = deque()
         self._closed = False
 
+    def set_pace(self, pace_s: float) -> None:
+        self._pace.set(pace_s)
+
     async def _open(self) -> Any:
         consumer = AIOKafkaConsumer(
             client_id=f"teamtrack-{self._member_name}",

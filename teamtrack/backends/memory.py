@@ -246,6 +246,9 @@ class _MemoryGroupConsumer(GroupConsumer):
         self._unacknowledged: dict[int, Batch] = {}
         self._closed = False
 
+    def set_pace(self, pace_s: float) -> None:
+        self._pace.set(pace_s)
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -265,6 +265,9 @@ class RedisGroupConsumer(GroupConsumer):
         self._behind = True
         self.missed = 0
 
+    def set_pace(self, pace_s: float) -> None:
+        self._pace.set(pace_s)
+
     async def _ensure_group(self, reader: aioredis.Redis) -> None:
         # The group's read count starts at what it skips (everything, or what was trimmed
         # already), so that `_count_missed` can count what is trimmed from under it later.

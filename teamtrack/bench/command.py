@@ -77,6 +77,7 @@ def build_config(
     fault_backend: str = "redis",
     bridges_per_broker: int = 1,
     spike_workers: int = 200,
+    mirror: str = "on-demand",
 ) -> BenchConfig:
     """A BenchConfig from the command line; None takes the reference default."""
     if state_dir is not None and endpoints is None:
@@ -102,6 +103,7 @@ def build_config(
         fault_backend=fault_backend,
         bridges_per_broker=bridges_per_broker,
         spike_workers=spike_workers,
+        mirror=mirror,
     )
 
 

@@ -78,6 +78,8 @@ class BenchConfig:
     bridges_per_broker: int = 1
     # Workers of each half of `--scenarios spike` (the load doubles from this, then halves).
     spike_workers: int = 200
+    # What the local cluster's bridges mirror into their brokers (`teamtrack up --mirror`).
+    mirror: str = "on-demand"
 
     def __post_init__(self) -> None:
         if not self.scenarios:

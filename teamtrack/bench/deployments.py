@@ -102,6 +102,7 @@ def start_lone_broker(state_dir: Path, work_dir: Path) -> Deployment:
 def cluster_options(
     spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int,
     bridges_per_broker: int = 1,
+    mirror: str = "on-demand",
 ) -> ClusterOptions:
     """The `teamtrack up` options of a cluster deployment (free ports, no simulator)."""
     if spec.backend not in LOCAL_BACKENDS:
@@ -114,6 +115,7 @@ def cluster_options(
         backend=spec.backend,
         brokers=CLUSTER_BROKERS,
         bridges_per_broker=bridges_per_broker,
+        mirror=mirror,
         dashboards=CLUSTER_DASHBOARDS,
         teams=teams,
         workers=workers_per_team,
@@ -129,9 +131,12 @@ def cluster_options(
 def start_local_cluster(
     spec: DeploymentSpec, state_dir: Path, teams: int, workers_per_team: int,
     bridges_per_broker: int = 1,
+    mirror: str = "on-demand",
 ) -> Deployment:
     """What `teamtrack up --base-port 0 --no-simulate` starts, in this process's care."""
-    options = cluster_options(spec, state_dir, teams, workers_per_team, bridges_per_broker)
+    options = cluster_options(
+        spec, state_dir, teams, workers_per_team, bridges_per_broker, mirror
+    )
     cluster = LocalCluster(options)
     try:
         cluster.start()

@@ -69,6 +69,48 @@ def _step_row(run: RunResult, step: StepResult) -> list[str]:
 
 
 
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _cost_lines(result: BenchResult) -> list[str]:
+    """CPU microseconds per delivered position: per process, the path's total, the load
+    tooling apart, and the path against the baseline at the same rate."""
+    lines = [
+        "## CPU per delivered position (microseconds of CPU time, user + system)",
+        "",
+        "Each process's CPU over the measured window divided by the positions delivered in it. "
+        "`path` adds up every process of the deployment (for `baseline`, Mosquitto alone); "
+        "`x baseline` is the path against the baseline at the same rate, shape and round; "
+        "`load tooling` (generators, receiver, harness) is not part of the path.",
+        "",
+    ]
+    for run in result.runs:
+        costs = [(step, step.cpu_per_position) for step in run.steps]
+        roles = sorted({role for _, cost in costs if cost is not None for role in cost.processes})
+        if not roles:
+            continue
+        rows = []
+        for step, cost in costs:
+            ratio = result.cost_ratio(run, step)
+            rows.append([
+                f"{step.offered_rate:,}",
+                _rate(step.delivered_rate),
+                _us(cost.path if cost else None),
+                "-" if ratio is None else f"{ratio:.2f}",
+                *(_us(cost.processes.get(role) if cost else None) for role in roles),
+                _us(cost.load_tooling_total if cost else None),
+            ])
+        lines += [
+            f"### {run.name}, {run.shape.value}",
+            "",
+            *_table(["offered/s", "delivered/s", "path us", "x baseline", *roles,
+                     "load tooling us"], rows),
+            "",
+        ]
+    return lines
+
+
 def _long_steps(result: BenchResult) -> list[str]:
     """For steps of a minute or more: RSS at the start, halfway and at the end of the window.
     The second half is what tells a bounded memory from a growing one: the first fills caches
@@ -157,6 +199,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             f"- bridges per broker of the local cluster: {config.bridges_per_broker}"
             + (" (one shared subscription)" if config.bridges_per_broker > 1 else "")
         )
+        lines.append(f"- the bridges' mirror: {config.mirror}")
     if config.faults.drop_every or config.faults.duplicate_every:
         lines.append(
             f"- **fault injection on**: drop every {config.faults.drop_every}th, duplicate "
@@ -212,6 +255,7 @@ def summary_markdown(result: BenchResult, plots: list[Path]) -> str:
             ),
             "",
         ]
+    lines += _cost_lines(result)
     lines += [
         "## CPU (% of one core), peak RSS (MiB) and RSS growth over the window, at the fixed rates",
         "",
@@ -297,12 +341,14 @@ def summary_table(result: BenchResult) -> Table:
     the first failing rate (why it failed is in summary.md)."""
     table = Table(title="teamtrack bench: summary", title_justify="left")
     for column in ("scenario", "shape", "sustained msg/s", "x R0", "p50 @10k", "p99 @10k",
-                   "failed at"):
+                   "CPU us/pos @10k", "x baseline", "failed at"):
         table.add_column(column, justify="left" if column in ("scenario", "shape") else "right")
     for run in result.runs:
         ratio = result.ratio_to_baseline(run)
         step = run.step_at(TARGET_RATE)
         latency = step.latency if step is not None else None
+        cost = step.cpu_per_position if step is not None else None
+        cost_ratio = result.cost_ratio(run, step) if step is not None else None
         table.add_row(
             run.name,
             run.shape.value,
@@ -310,8 +356,34 @@ def summary_table(result: BenchResult) -> Table:
             "-" if ratio is None else f"{ratio:.2f}",
             _ms(latency.p50_ms if latency else None),
             _ms(latency.p99_ms if latency else None),
+            _us(cost.path if cost else None),
+            "-" if cost_ratio is None else f"{cost_ratio:.2f}",
             _stop_rate(run),
         )
+    return table
+
+
+def cost_table(result: BenchResult) -> Table:
+    """Every step's path CPU per delivered position, and the largest processes of it."""
+    table = Table(title="CPU us per delivered position (path; load tooling apart)",
+                  title_justify="left")
+    for column in ("scenario", "shape", "offered/s", "path", "x baseline", "largest processes",
+                   "load tooling"):
+        table.add_column(column, justify="left" if column in (
+            "scenario", "shape", "largest processes") else "right")
+    for run in result.runs:
+        for step in run.steps:
+            cost = step.cpu_per_position
+            if cost is None:
+                continue
+            ratio = result.cost_ratio(run, step)
+            largest = sorted(cost.processes.items(), key=lambda item: -item[1])[:4]
+            table.add_row(
+                run.name, run.shape.value, f"{step.offered_rate:,}", _us(cost.path),
+                "-" if ratio is None else f"{ratio:.2f}",
+                ", ".join(f"{role} {us:,.0f}" for role, us in largest),
+                _us(cost.load_tooling_total),
+            )
     return table
 
 
@@ -325,6 +397,7 @@ def _stop_rate(run: RunResult) -> str:
 
 def print_summary(result: BenchResult, written: list[Path], console: Console) -> None:
     console.print(summary_table(result))
+    console.print(cost_table(result))
     for check in result.targets():
         if check.undecided is not None:
             console.print(

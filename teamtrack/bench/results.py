@@ -11,8 +11,65 @@ from teamtrack.bench.accounting import Delivery, LatencySummary
 from teamtrack.bench.config import BenchConfig, Shape
 from teamtrack.bench.system import UsageReport
 
-RESULT_FORMAT_VERSION: Final = 2  # 2: rounds; baseline_rates lists one rate per round
+RESULT_FORMAT_VERSION: Final = 3  # 3: CPU per delivered position; 2: rounds
 TARGET_RATE: Final = 10_000
+# The path's CPU per delivered position may be at most this many times the baseline's (Mosquitto
+# alone, same rate, shape and round): issue 15.
+COST_TARGET_RATIO: Final = 3.0
+# Processes of a step that drive or watch the load, not part of the path measured: the
+# generators, the receiver and the harness itself. Every other process is the path.
+LOAD_TOOLING_ROLES: Final = ("generator", "receiver", "harness")
+
+
+def is_load_tooling(role: str) -> bool:
+    return role.split("-", 1)[0] in LOAD_TOOLING_ROLES
+
+
+@dataclass(frozen=True, slots=True)
+class CpuPerPosition:
+    """CPU time (user + system, microseconds) per delivered position, over a step's window.
+
+    Each process's CPU over the window divided by the positions delivered in it: a process that
+    works per wake-up rather than per message shows a higher cost at low rates. `path` adds up
+    every process of the deployment (brokers, bridges, backend, dashboards, ingest, gateways);
+    the load tooling (generators, receiver, harness) is reported apart.
+    """
+
+    processes: dict[str, float]
+    load_tooling: dict[str, float]
+
+    @property
+    def path(self) -> float:
+        return sum(self.processes.values())
+
+    @property
+    def load_tooling_total(self) -> float:
+        return sum(self.load_tooling.values())
+
+    @classmethod
+    def of(cls, usage: UsageReport, delivered_per_s: float) -> CpuPerPosition | None:
+        """None when nothing was delivered (no position to share the CPU over)."""
+        if delivered_per_s <= 0:
+            return None
+        # cpu_percent is % of one core: cpu_percent / 100 CPU-seconds per second.
+        costs = {
+            role: process.cpu_percent * 1e4 / delivered_per_s
+            for role, process in usage.processes.items()
+        }
+        return cls(
+            processes={role: us for role, us in costs.items() if not is_load_tooling(role)},
+            load_tooling={role: us for role, us in costs.items() if is_load_tooling(role)},
+        )
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "path": round(self.path, 2),
+            "processes": {role: round(us, 2) for role, us in sorted(self.processes.items())},
+            "load_tooling": round(self.load_tooling_total, 2),
+            "load_tooling_processes": {
+                role: round(us, 2) for role, us in sorted(self.load_tooling.items())
+            },
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +101,11 @@ class StepResult:
     @property
     def delivered_rate(self) -> float:
         return self.delivery.delivered / self.measure_seconds
+
+    @property
+    def cpu_per_position(self) -> CpuPerPosition | None:
+        """CPU microseconds per delivered position, per process and for the whole path."""
+        return CpuPerPosition.of(self.usage, self.delivered_rate)
 
     @property
     def generator_cpu_percent(self) -> float:
@@ -87,6 +149,9 @@ class StepResult:
             "processes": {
                 role: usage.document() for role, usage in sorted(self.usage.processes.items())
             },
+            "cpu_us_per_position": (
+                cost.document() if (cost := self.cpu_per_position) is not None else None
+            ),
         }
 
 
@@ -252,6 +317,26 @@ class BenchResult:
                 if step.measure_seconds >= LONG_STEP_S:
                     yield run, step
 
+    def cost_ratio(self, run: RunResult, step: StepResult) -> float | None:
+        """The step's path CPU per delivered position over the baseline's at the same offered
+        rate (same shape and round); None without such a baseline step."""
+        baseline = self.partner(run, "baseline")
+        baseline_step = baseline.step_at(step.offered_rate) if baseline is not None else None
+        if baseline_step is None:
+            return None
+        mine, theirs = step.cpu_per_position, baseline_step.cpu_per_position
+        if mine is None or theirs is None or theirs.path <= 0:
+            return None
+        return mine.path / theirs.path
+
+    def _cost_check(self, run: RunResult) -> TargetCheck:
+        step = run.step_at(TARGET_RATE)
+        return TargetCheck(
+            f"{run.scenario} path CPU per position at 10,000 msg/s vs baseline", run.shape,
+            self.cost_ratio(run, step) if step is not None else None, COST_TARGET_RATIO,
+            False, "x baseline",
+        )
+
     def ratio_to_baseline(self, run: RunResult) -> float | None:
         """The run's sustained rate over R0: what Mosquitto alone sustained with the same
         generator and receiver, under the same shape, in the same round."""
@@ -302,9 +387,9 @@ class BenchResult:
         ]
 
     def targets(self) -> list[TargetCheck]:
-        """The targets of issue 6 that this run can judge, per load shape; with several rounds,
-        each is judged in every round (a path against the baseline of its own round) and the
-        median decides."""
+        """The targets of issues 6 and 15 that this run can judge, per load shape; with several
+        rounds, each is judged in every round (a path against the baseline of its own round)
+        and the median decides."""
         checks = []
         for shape in self.config.shapes:
             for scenario, share in (("redis", 0.6), ("kafka", 0.5)):
@@ -313,6 +398,9 @@ class BenchResult:
                     checks.append(combine_rounds([self._ratio_check(run, share) for run in runs]))
             per_round = [self._latency_checks(run) for run in self.runs_of("redis", shape)]
             checks += [combine_rounds(same_target) for same_target in zip(*per_round, strict=True)]
+            redis_runs = self.runs_of("redis", shape)
+            if redis_runs:
+                checks.append(combine_rounds([self._cost_check(run) for run in redis_runs]))
         return checks
 
     def document(self) -> dict[str, Any]:
@@ -337,6 +425,7 @@ class BenchResult:
                 "qos": config.qos,
                 "rounds": config.rounds,
                 "bridges_per_broker": config.bridges_per_broker,
+                "mirror": config.mirror,
                 "max_p99_ms": config.max_p99_ms,
                 "endpoints": str(config.endpoints) if config.endpoints else None,
                 "faults": asdict(config.faults),
@@ -346,7 +435,17 @@ class BenchResult:
                 for shape in config.shapes
             },
             "runs": [
-                {**run.document(), "ratio_to_baseline": self.ratio_to_baseline(run)}
+                {
+                    **run.document(),
+                    "ratio_to_baseline": self.ratio_to_baseline(run),
+                    # Per step (same order as `steps`): path CPU per delivered position over
+                    # the baseline's at the same rate.
+                    "cpu_per_position_x_baseline": [
+                        None if (ratio := self.cost_ratio(run, step)) is None
+                        else round(ratio, 3)
+                        for step in run.steps
+                    ],
+                }
                 for run in self.runs
             ],
             "targets": [check.document() for check in self.targets()],

@@ -230,7 +230,7 @@ class BenchRunner:
         else:
             deployment = await asyncio.to_thread(
                 start_local_cluster, spec, self._state_dir, config.teams,
-                self._workers_per_team(), config.bridges_per_broker,
+                self._workers_per_team(), config.bridges_per_broker, config.mirror,
             )
         self._deployments[spec] = deployment
         return deployment

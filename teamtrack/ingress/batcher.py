@@ -4,19 +4,18 @@ While a publish is in flight, new events gather into the next batch, so the batc
 the load: one event when idle (lowest latency), thousands under a burst (fewest round trips).
 One publish at a time also keeps the backend's order equal to the order of arrival.
 
-Publishes start at most once per `min_interval`: when the round trip is shorter than that
-(a fast backend under a steady load), the next batch waits for the rest of the interval and
-takes in what arrives meanwhile, so the per-batch cost (a round trip, the backend's work per
-entry, one wake-up of every reader) stays bounded whatever the rate. An event that arrives after
-a quiet spell is sent at once: the wait only ever applies within `min_interval` of the previous
-publish's start, and never to a full batch.
+Publishes start at most once per `min_interval` on average: when the round trip is shorter
+than that (a fast backend under a steady load), the next batch waits and takes in what arrives
+meanwhile, so the per-batch cost (a round trip, the backend's work per entry, one wake-up of
+every reader) stays bounded whatever the rate. The pace is a token bucket of `BURST` publishes:
+at low rates (two devices' messages a millisecond apart, a few hundred a second) nothing waits;
+under a steady load it is one publish per `min_interval`, as before. A full batch never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -27,6 +26,9 @@ from teamtrack.metrics import LAG_BUCKETS
 from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# Publishes that may start back to back before the pace of `min_interval` applies.
+BURST = 2.0
 
 Publish = Callable[[Sequence[Event]], Awaitable[None]]
 # Called once per accepted publish with its events and the backend's round trip in seconds.
@@ -114,16 +116,23 @@ class Batcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_start = -math.inf
+        interval = self._min_interval
+        tokens, refilled = BURST, loop.time()
         while True:
             await self._has_events.wait()
             # Let the messages of the same socket read queue up behind the first one.
             await asyncio.sleep(0)
             while self._events:
-                wait = last_start + self._min_interval - loop.time()
-                if wait > 0 and len(self._events) < self._max_batch:
-                    await self._gather_for(wait)
-                last_start = loop.time()
+                if interval > 0:
+                    now = loop.time()
+                    tokens = min(BURST, tokens + (now - refilled) / interval)
+                    refilled = now
+                    if tokens < 1 and len(self._events) < self._max_batch:
+                        await self._gather_for((1 - tokens) * interval)
+                        now = loop.time()
+                        tokens = min(BURST, tokens + (now - refilled) / interval)
+                        refilled = now
+                    tokens = max(tokens - 1, 0.0)
                 events = self._events[: self._max_batch]
                 waiters = self._waiters[: self._max_batch]
                 del self._events[: self._max_batch]
