@@ -76,23 +76,32 @@ class ClusterTarget:
         return cls(nodes, username, password)
 
 
-def _node_address(entry: str) -> tuple[str, int]:
+def host_port(
+    entry: str, usage: str, *, scheme: str, what: str, default_port: int
+) -> tuple[str, int]:
+    """`host[:port]` or `[IPv6][:port]` of a URL listing several servers (Sentinels, cluster
+    nodes), with a clear error naming `usage` otherwise."""
     if not entry:
-        raise ValueError(f"{CLUSTER_SCHEME}:// has an empty node address; use {USAGE}")
+        raise ValueError(f"{scheme}:// has an empty {what} address; use {usage}")
     if entry.startswith("["):  # [IPv6]:port
         host, bracket, rest = entry[1:].partition("]")
         if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad node address {entry!r}; use {USAGE}")
+            raise ValueError(f"bad {what} address {entry!r}; use {usage}")
         port_text = rest[1:] if rest else ""
     else:
         host, _colon, port_text = entry.partition(":")
     if not host:
-        raise ValueError(f"bad node address {entry!r}; use {USAGE}")
+        raise ValueError(f"bad {what} address {entry!r}; use {usage}")
     if not port_text:
-        return host, DEFAULT_NODE_PORT
+        return host, default_port
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad node port in {entry!r}; use {USAGE}")
+        raise ValueError(f"bad {what} port in {entry!r}; use {usage}")
     return host, int(port_text)
+
+
+def _node_address(entry: str) -> tuple[str, int]:
+    return host_port(entry, USAGE, scheme=CLUSTER_SCHEME, what="node",
+                     default_port=DEFAULT_NODE_PORT)
 
 
 class ClusterConnector:

@@ -42,6 +42,7 @@ from teamtrack.backends.redis_cluster import (
     CLUSTER_SCHEME,
     ClusterConnector,
     ClusterTarget,
+    host_port,
 )
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -156,7 +157,11 @@ class SentinelTarget:
                     f"use {usage}"
                 )
             username, password = unquote(user) or None, unquote(secret)
-        sentinels = tuple(_host_port(entry, usage) for entry in hosts.split(","))
+        sentinels = tuple(
+            host_port(entry, usage, scheme=SENTINEL_SCHEME, what="Sentinel",
+                      default_port=DEFAULT_SENTINEL_PORT)
+            for entry in hosts.split(",")
+        )
         segments = parts.path.split("/")[1:] if parts.path else []
         if not segments or not segments[0] or len(segments) > 2:
             raise ValueError(
@@ -174,23 +179,6 @@ class SentinelTarget:
         return cls(sentinels, service, db, username, password)
 
 
-def _host_port(entry: str, usage: str) -> tuple[str, int]:
-    if not entry:
-        raise ValueError(f"{SENTINEL_SCHEME}:// has an empty Sentinel address; use {usage}")
-    if entry.startswith("["):  # [IPv6]:port
-        host, bracket, rest = entry[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad Sentinel address {entry!r}; use {usage}")
-        port_text = rest[1:] if rest else ""
-    else:
-        host, _colon, port_text = entry.partition(":")
-    if not host:
-        raise ValueError(f"bad Sentinel address {entry!r}; use {usage}")
-    if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"bad Sentinel port in {entry!r}; use {usage}")
-    return host, int(port_text)
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
