@@ -463,6 +463,7 @@ async def test_smoke_run_counts_injected_drops_and_duplicates_exactly(tmp_path: 
     assert "RSS halfway MiB" in (tmp_path / "long" / "summary.md").read_text()
 
 
+@pytest.mark.extended
 async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> None:
     """The `kafka` path end to end at a tiny rate, faults injected: every message accounted."""
     config = _smoke_config(tmp_path / "report", ("kafka",), generators=1)
@@ -481,6 +482,7 @@ async def test_kafka_scenario_runs_on_a_local_kafka_cluster(tmp_path: Path) -> N
     assert {"bridge-1", "dashboard-2", "kafka"} <= set(step.usage.processes)
 
 
+@pytest.mark.extended
 async def test_http_scenario_streams_ndjson_into_a_gateway_and_out_to_a_manager(
     tmp_path: Path,
 ) -> None:

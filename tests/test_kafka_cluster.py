@@ -229,6 +229,7 @@ async def test_topics_are_replicated_three_times(
         await backend.close()
 
 
+@pytest.mark.extended
 async def test_nothing_acknowledged_is_lost_or_doubled_when_the_leader_is_killed(
     kafka_cluster: KafkaCluster, cluster_url: str
 ) -> None:

@@ -410,7 +410,7 @@ def _stored_seqs(group: SentinelGroup, port: int, prefix: str) -> list[int]:
 @pytest.mark.parametrize(
     ("wait", "lagging_replica", "before_s", "after_s"),
     [
-        pytest.param(True, False, 4.0, 3.0, id="wait-kill"),
+        pytest.param(True, False, 4.0, 3.0, id="wait-kill", marks=pytest.mark.extended),
         pytest.param(False, False, 4.0, 3.0, id="nowait-kill"),
         pytest.param(True, True, 2.0, 2.0, id="wait-lagging-replica"),
         pytest.param(False, True, 2.0, 2.0, id="nowait-lagging-replica"),

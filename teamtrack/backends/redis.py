@@ -344,8 +344,9 @@ class RedisBackend(Backend):
         try:
             seconds, microseconds = await self.client.time()
             now_ms = int(seconds) * 1000 + int(microseconds) // 1000
+            feed = self.layout.feed_key(self.layout.shard_of(team))  # the team's shard's
             for key, age in ((self.log_key(team), self.history_ms),
-                             (self.all_key, self.group_history_ms)):
+                             (feed, self.group_history_ms)):
                 if age > 0:
                     pipe.xtrim(key, minid=f"{now_ms - age}")
             removed = await pipe.execute()

@@ -145,6 +145,10 @@ class ShardedGroupConsumer(GroupConsumer):
     def missed(self) -> int:  # type: ignore[override]  # the members count; read the sum
         return sum(member.missed for member in self._members)
 
+    def set_pace(self, pace_s: float) -> None:
+        for member in self._members:
+            member.set_pace(pace_s)
+
     async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
         by_member: dict[int, list[GroupBatch]] = {}
         for item in items:

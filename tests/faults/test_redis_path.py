@@ -22,13 +22,13 @@ SCENARIOS = [
     # Between storing a batch and acknowledging it: the broker delivers it again, the history
     # keeps one row, the dashboards show it once.
     Fault("bridge-1"),
+]
+EXTENDED = [
     # Redis comes back from its append-only file with everything it had acknowledged.
     Fault("redis"),
     # A dashboard that could not read for 3 s takes in the backlog at once: a viewer that reads
     # gets all of it (it was pushed into state-sync).
     Fault("dashboard-2", "stall", stall_s=3.0),
-]
-EXTENDED = [
     # The viewer's dashboard dies: the viewer resumes on the other one, from its cursor (a
     # dashboard stopped under load: tests/test_scale.py, in `make test`).
     Fault("dashboard-2"),
