@@ -125,7 +125,7 @@ test: bootstrap assets kafka-jars
 # Every fault scenario, each printing what was acknowledged, stored and shown (about 10 min).
 faults: bootstrap assets kafka-jars
 	mkdir -p $(TEST_OUTPUT)
-	$(VENV)/bin/pytest -q -s -p no:cacheprovider -m faults \
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider -m "faults or extended" \
 		--junitxml=$(TEST_OUTPUT)/faults.xml 2>&1 | tee $(TEST_OUTPUT)/faults.log
 
 # The Redis demo: no Java, Maven, Kafka jars, Chromium or PostgreSQL (`make test` installs them).
