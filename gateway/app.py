@@ -208,13 +208,17 @@ class GatewayApp:
         )
         if not events:
             service.counters.owntracks_ignored[message.type_name] += 1
+            if message.monitoring is not None:
+                # A status object stating the app's monitoring mode: quiet/manual pause.
+                for event in service.duty.set_mode(login.team, login.worker, message.monitoring,
+                                                   service.config.gateway_id, 1, now):
+                    service.submit([event], "owntracks")
             await self._answer_owntracks(send, 200)
             return
         if service.backend_lagging or service.stopping:
             await self._answer_owntracks(send, 503)
             return
-        held = service.submit(events, "owntracks")
-        assert held is not None
+        held = service.submit(events, "owntracks", message.monitoring)
         try:
             async with asyncio.timeout(service.config.ack_timeout_s):
                 await held
