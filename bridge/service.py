@@ -563,7 +563,8 @@ class BridgeService:
                 now), qos)
         for event in events:
             self.counters.received[event.kind.value] += 1
-        return self._forward(self.duty.admit(events, now, message.monitoring), qos)
+        return self._forward(
+            self.duty.admit(events, now, message.monitoring, online_resumes=False), qos)
 
     async def _duty_watch(self) -> None:
         """Reload duty.json when it changed; turn workers whose shift ended off duty."""

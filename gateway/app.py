@@ -218,7 +218,7 @@ class GatewayApp:
         if service.backend_lagging or service.stopping:
             await self._answer_owntracks(send, 503)
             return
-        held = service.submit(events, "owntracks", message.monitoring)
+        held = service.submit(events, "owntracks", message.monitoring, online_resumes=False)
         try:
             async with asyncio.timeout(service.config.ack_timeout_s):
                 await held

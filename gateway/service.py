@@ -291,7 +291,8 @@ class GatewayService:
         )
 
     def submit(
-        self, events: Sequence[Event], via: str, monitoring: int | None = None
+        self, events: Sequence[Event], via: str, monitoring: int | None = None,
+        *, online_resumes: bool = True,
     ) -> asyncio.Future[None]:
         """Queue events for the backend, less what the worker may not send off duty (dropped
         and counted); the future is done once the backend holds the last (batches keep their
@@ -300,7 +301,7 @@ class GatewayService:
         for event in events:
             self.counters.received[(event.kind.value, via)] += 1
         done: asyncio.Future[None] | None = None
-        for event in self.duty.admit(events, None, monitoring):
+        for event in self.duty.admit(events, None, monitoring, online_resumes=online_resumes):
             done = self.batcher.submit_nowait(event)
         if done is None:
             done = asyncio.get_running_loop().create_future()

@@ -296,9 +296,11 @@ class DutyGate:
         return not self.roster.teams and not self._workers
 
     def admit(self, events: Sequence[Event], now_ms: int | None = None,
-              monitoring: int | None = None) -> list[Event]:
+              monitoring: int | None = None, *, online_resumes: bool = True) -> list[Event]:
         """The events to forward instead of `events` (all of one device message, in order).
-        `monitoring`: the OwnTracks mode the message stated, if any."""
+        `monitoring`: the OwnTracks mode the message stated, if any. `online_resumes`: False
+        where `online` is not the device's word (OwnTracks: derived from its locations), so
+        that it does not end a pause."""
         if not events:
             return []
         if self.idle and monitoring not in OWNTRACKS_PAUSING_MODES and not any(
@@ -309,7 +311,7 @@ class DutyGate:
         first = events[0]
         out = self.set_mode(first.team, first.worker, monitoring, first.origin, first.qos, now)
         for event in events:
-            self._admit_one(event, now, out)
+            self._admit_one(event, now, out, online_resumes)
         return out
 
     def set_mode(self, team: str, worker: str, monitoring: int | None, origin: str, qos: int,
@@ -330,7 +332,8 @@ class DutyGate:
                 state_or_none.paused = False
         return out
 
-    def _admit_one(self, event: Event, now: int, out: list[Event]) -> None:
+    def _admit_one(self, event: Event, now: int, out: list[Event],
+                   online_resumes: bool = True) -> None:
         key = (event.team, event.worker)
         shifts = self.roster.shifts(event.team, event.worker)
         state = self._workers.get(key)
@@ -350,6 +353,8 @@ class DutyGate:
                 self._watched.pop(key, None)
                 out.append(event)
             else:  # online: resumes; outside its shift it is off duty instead
+                if state.paused and not online_resumes:
+                    return  # still paused: the app did not say otherwise
                 state.paused = False
                 if shifts is not None and not shifts.on_duty(now):
                     self._go_off(state, event, now, out)
