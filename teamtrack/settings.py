@@ -29,8 +29,9 @@ class ServiceSettings(BaseSettings):
     backend_url: str = Field(
         "memory://",
         description=(
-            "broadcast backend: memory://, redis://host:port/db,"
-            " redis+sentinel://host:port,host:port/service/db, kafka://host:port"
+            "broadcast backend: memory://, redis://host:port/db (rediss:// over TLS),"
+            " redis+sentinel://host:port,host:port/service/db,"
+            " redis+cluster://host:port,host:port/, kafka://host:port[,host:port]"
         ),
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
