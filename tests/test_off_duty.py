@@ -116,7 +116,8 @@ async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(
         client_id=account.username, username=account.username, password=account.password,
         duty_file=str(duty_file), duty_check_s=0.2,
     ), from_url(redis_url), metrics)
-    ingest = IngestService(IngestConfig(consumer="off-duty", recover_interval_s=0),
+    ingest = IngestService(IngestConfig(consumer="off-duty", recover_interval_s=0,
+                                        backlog_interval_s=0.1),
                            from_url(redis_url), HistoryStore.from_url(history_url),
                            CollectorRegistry())
 
@@ -175,6 +176,9 @@ async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(
             "w001": b"off_duty", "w002": b"off_duty"}
         assert "w002" not in snapshot.positions
         await asyncio.wait_for(ingest.wait_stored(8), WAIT)
+        async with asyncio.timeout(WAIT):  # the group's lag in entries, once all is stored
+            while ingest.counters.backlog_entries != 0:
+                await asyncio.sleep(0.05)
         store = HistoryStore.from_url(history_url)
         try:
             stored = (await store.team_window("alpha", 0, 2**62, limit=100)).items
