@@ -10,6 +10,8 @@ from teamtrack.settings import ServiceSettings
 
 
 class BridgeSettings(ServiceSettings):
+    """One broker's devices into the backend, other brokers' traffic back out."""
+
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="the broker this bridge serves")
     broker_id: str = Field(
         "b1", description="short name of that broker; marks where a message came in"

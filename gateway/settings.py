@@ -10,6 +10,8 @@ from .service import GatewayConfig
 
 
 class GatewaySettings(ServiceSettings):
+    """Devices over HTTP (OwnTracks, NDJSON streams) into the backend."""
+
     password_file: str = Field(
         "state/mosquitto.passwd",
         description="the brokers' password file (mosquitto_passwd hashes): devices log in with "

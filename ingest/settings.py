@@ -10,6 +10,8 @@ from teamtrack.settings import ServiceSettings
 
 
 class IngestSettings(ServiceSettings):
+    """Positions and presence changes from the backend into the SQL history."""
+
     database_url: str = Field(
         "",
         description="history database: sqlite+aiosqlite:///path or "
