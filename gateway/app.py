@@ -210,9 +210,7 @@ class GatewayApp:
             service.counters.owntracks_ignored[message.type_name] += 1
             if message.monitoring is not None:
                 # A status object stating the app's monitoring mode: quiet/manual pause.
-                for event in service.duty.set_mode(login.team, login.worker, message.monitoring,
-                                                   service.config.gateway_id, 1, now):
-                    service.submit([event], "owntracks")
+                service.set_mode(login.team, login.worker, message.monitoring, now)
             await self._answer_owntracks(send, 200)
             return
         if service.backend_lagging or service.stopping:

@@ -308,6 +308,15 @@ class GatewayService:
             done.set_result(None)
         return done
 
+    def set_mode(self, team: str, worker: str, monitoring: int, now_ms: int) -> None:
+        """An OwnTracks monitoring mode stated alone (a `status` object): the presence it
+        changes goes to the backend as it is (`DutyGate.set_mode`), not through the gate
+        again."""
+        for event in self.duty.set_mode(team, worker, monitoring, self.config.gateway_id, 1,
+                                        now_ms):
+            self.counters.received[(event.kind.value, "owntracks")] += 1
+            self.batcher.submit_nowait(event)
+
     @property
     def backend_lagging(self) -> bool:
         """More events wait for the backend than a batcher may hold: refuse or stop reading."""

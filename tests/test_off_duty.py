@@ -225,9 +225,9 @@ async def test_owntracks_quiet_mode_through_the_gateway_pauses_the_worker(
         await asyncio.sleep(0.3)
         now = int(time.time())
         async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
-            for body in (location(now - 3, -1),                       # quiet
-                         orjson.dumps({"_type": "status", "m": 0}),   # manual: still paused
-                         location(now - 2, 0),
+            for body in (orjson.dumps({"_type": "status", "m": -1}),  # quiet
+                         location(now - 3, -1),
+                         location(now - 2, 0),                        # manual: still paused
                          location(now - 1, 2)):                       # move: resumes
                 response = await http.post("/v1/owntracks", content=body)
                 assert (response.status_code, response.json()) == (200, [])
