@@ -50,8 +50,10 @@ ALWAYS_WINDOW = {"tz": "UTC", "windows": ["daily 00:00-24:00"]}
 
 
 def write_duty(path: Path, w001: dict[str, Any]) -> None:
-    """alpha's workers are off duty now (the team's shift), but w001 per `w001`."""
-    document = {"teams": {"alpha": {"shifts": not_now(), "workers": {"w001": w001}}}}
+    """alpha's workers are off duty now (the team's shift), but w001 per `w001`; w003 is
+    always on duty."""
+    document = {"teams": {"alpha": {"shifts": not_now(),
+                                    "workers": {"w001": w001, "w003": "always"}}}}
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(document))
     temporary.replace(path)
@@ -160,12 +162,21 @@ async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(
             assert viewer.statuses["w001"] == ["off_duty", "online"]
             assert dropped("paused") == 3
 
+            # w003 (always on duty) has OwnTracks over MQTT in quiet mode: paused at once, its
+            # location dropped.
+            await publish("w003", "owntracks/alpha.w003/phone", [orjson.dumps(
+                {"_type": "location", "lat": 52.5, "lon": 13.4, "tst": int(time.time()),
+                 "m": -1})])
+            await viewer.read_until(lambda: "w003" in viewer.statuses)
+            assert viewer.statuses["w003"] == ["off_duty"]
+            assert dropped("paused") == 4
+
             # w001's shift ends (duty.json rewritten): off duty without another message.
             write_duty(duty_file, not_now())
             await viewer.read_until(lambda: len(viewer.statuses["w001"]) == 3)
             assert viewer.statuses["w001"][-1] == "off_duty"
             assert viewer.seqs["w001"] == [0, 1, 2, 3, 4, 8, 9, 10]
-            assert "w002" not in viewer.seqs
+            assert "w002" not in viewer.seqs and "w003" not in viewer.seqs
 
         # The managers' snapshot says off duty, and the history holds none of it.
         backend = from_url(redis_url)
@@ -173,7 +184,7 @@ async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(
         snapshot = await backend.snapshot("alpha")
         await backend.close()
         assert {worker: event.body for worker, event in snapshot.presence.items()} == {
-            "w001": b"off_duty", "w002": b"off_duty"}
+            "w001": b"off_duty", "w002": b"off_duty", "w003": b"off_duty"}
         assert "w002" not in snapshot.positions
         await asyncio.wait_for(ingest.wait_stored(8), WAIT)
         async with asyncio.timeout(WAIT):  # the group's lag in entries, once all is stored
@@ -190,11 +201,11 @@ async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(
                 return [(change.worker, change.status) for change in page.items]
 
             async with asyncio.timeout(WAIT):
-                while len(await presence_stored()) < 4:
+                while len(await presence_stored()) < 5:
                     await asyncio.sleep(0.1)
             assert await presence_stored() == [
                 ("w002", "off_duty"), ("w001", "off_duty"), ("w001", "online"),
-                ("w001", "off_duty")]
+                ("w003", "off_duty"), ("w001", "off_duty")]
         finally:
             await store.close()
     finally:
