@@ -44,6 +44,7 @@ async def serve(settings: BridgeSettings) -> None:
         max_pending_events=settings.max_pending_events,
         device_rate_per_s=settings.device_rate_per_s,
         device_burst=settings.device_burst,
+        duty_file=str(settings.duty_file) if settings.duty_file is not None else None,
     )
     registry = service_registry()
     service = BridgeService(config, from_url(settings.backend_url), registry)
@@ -57,6 +58,8 @@ async def serve(settings: BridgeSettings) -> None:
             stopping.set()
 
         loop.add_signal_handler(signal.SIGUSR2, leave)
+        # SIGHUP: read duty.json again now (it is also checked every second).
+        loop.add_signal_handler(signal.SIGHUP, service.reload_duty)
         await service.start()
         settle_heap()
         log.info("bridge %s ready on %s", config.client_id, config.broker)

@@ -55,6 +55,8 @@ from teamtrack.contract import (
     validate_position,
 )
 from teamtrack.ingress.batcher import Batcher, BatchMetrics
+from teamtrack.ingress.duty import REASONS as DUTY_REASONS
+from teamtrack.ingress.duty import DutyGate, RosterFile
 from teamtrack.ingress.owntracks import (
     OWNTRACKS_FILTERS,
     OWNTRACKS_ROOT,
@@ -114,6 +116,8 @@ class BridgeCounters:
     rejected: Counter[str] = field(default_factory=Counter)
     # OwnTracks objects of a `_type` teamtrack does not use (cards, waypoints...), by type.
     owntracks_ignored: Counter[str] = field(default_factory=Counter)
+    # Dropped off duty, by reason (the DutyGate's own counter).
+    duty_dropped: Counter[str] = field(default_factory=Counter)
     forwarded: int = 0
     dropped_overflow: int = 0
     mirror_echoes: int = 0
@@ -159,6 +163,14 @@ class _CountersCollector(Collector):
         for kind, count in counters.owntracks_ignored.items():
             ignored.add_metric([broker, kind], count)
         yield ignored
+        off_duty = CounterMetricFamily(
+            "teamtrack_bridge_off_duty_dropped",
+            "Positions and worker events dropped because the worker was off duty (outside its "
+            "shift) or paused", labels=["broker", "reason"],
+        )
+        for reason in DUTY_REASONS:
+            off_duty.add_metric([broker, reason], counters.duty_dropped[reason])
+        yield off_duty
         for name, help_text, value in (
             ("forwarded", "Events handed to the backend", counters.forwarded),
             ("dropped_overflow", "QoS 0 messages dropped while the backend lagged",
@@ -222,6 +234,10 @@ class BridgeConfig:
     # Messages a second one device (team, worker) may send, and how many at once (0: no limit).
     device_rate_per_s: float = 0.0
     device_burst: int = 100
+    # The provisioned duty.json (shifts; None: always on duty), checked for changes every
+    # `duty_check_s`, which is also how late a shift's end turns an online worker off duty.
+    duty_file: str | None = None
+    duty_check_s: float = 1.0
 
 
 class BridgeService:
@@ -270,6 +286,9 @@ class BridgeService:
             else None
         )
         self._online_refresh = OnlineRefresh()
+        self._roster_file = RosterFile(config.duty_file) if config.duty_file else None
+        self.duty = DutyGate(self._roster_file.roster if self._roster_file else None)
+        self.counters.duty_dropped = self.duty.dropped
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
         self._stopping = False
@@ -287,6 +306,7 @@ class BridgeService:
         await self.backend.start()
         self._tasks.append(asyncio.create_task(self.batcher.run(), name="bridge-batcher"))
         await self._connect_with_backoff()
+        self._tasks.append(asyncio.create_task(self._duty_watch(), name="bridge-duty"))
         if self.config.mirror:
             self._tasks.append(asyncio.create_task(self._mirror(), name="bridge-mirror"))
 
@@ -485,6 +505,9 @@ class BridgeService:
             return None
         self.counters.received[kind.value] += 1
         event = Event(address.team, address.worker, kind, body, self.config.broker_id, now, ts, qos)
+        duty = self.duty
+        if not duty.idle or kind is Kind.STATUS:  # a status may pause the worker
+            return self._forward(duty.admit((event,), now), qos)
         if qos == 0:
             if not self.batcher.offer(event):
                 self.counters.dropped_overflow += 1
@@ -493,6 +516,18 @@ class BridgeService:
                 )
             return None
         return self.batcher.submit_nowait(event)
+
+    def _forward(self, events: list[Event], qos: int) -> asyncio.Future[None] | None:
+        """Into the batcher, in order; for QoS 1 the future of the last one (batches keep
+        their order: it done means every one is)."""
+        done: asyncio.Future[None] | None = None
+        for event in events:
+            if qos == 0:
+                if not self.batcher.offer(event):
+                    self.counters.dropped_overflow += 1
+            else:
+                done = self.batcher.submit_nowait(event)
+        return done
 
     def _accept_owntracks(
         self, topic: str, payload: bytes, qos: int, now: int
@@ -520,17 +555,30 @@ class BridgeService:
         )
         if not events:
             self.counters.owntracks_ignored[message.type_name] += 1
-            return None
-        done: asyncio.Future[None] | None = None
+            if message.monitoring is None:
+                return None
+            # A status object stating the app's monitoring mode: quiet/manual pause.
+            return self._forward(self.duty.set_mode(
+                address.team, address.worker, message.monitoring, self.config.broker_id, qos,
+                now), qos)
         for event in events:
             self.counters.received[event.kind.value] += 1
-            if qos == 0:
-                if not self.batcher.offer(event):
-                    self.counters.dropped_overflow += 1
-            else:
-                # Batches keep their order: the last one done means every one is.
-                done = self.batcher.submit_nowait(event)
-        return done
+        return self._forward(
+            self.duty.admit(events, now, message.monitoring, online_resumes=False), qos)
+
+    async def _duty_watch(self) -> None:
+        """Reload duty.json when it changed; turn workers whose shift ended off duty."""
+        while True:
+            await asyncio.sleep(self.config.duty_check_s)
+            self.reload_duty()
+            for event in self.duty.tick():
+                # Nobody waits for it: the batcher's retries carry it to the backend.
+                self.batcher.submit_nowait(event)
+
+    def reload_duty(self) -> None:
+        """duty.json again if it changed (also on SIGHUP)."""
+        if self._roster_file is not None and self._roster_file.reload_if_changed():
+            self.duty.roster = self._roster_file.roster
 
     async def _on_message(
         self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any

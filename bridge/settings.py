@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, SecretStr, field_validator
 
 from teamtrack.contract import require_slug
@@ -8,6 +10,8 @@ from teamtrack.settings import ServiceSettings
 
 
 class BridgeSettings(ServiceSettings):
+    """One broker's devices into the backend, other brokers' traffic back out."""
+
     broker_url: str = Field("mqtt://127.0.0.1:1883", description="the broker this bridge serves")
     broker_id: str = Field(
         "b1", description="short name of that broker; marks where a message came in"
@@ -68,6 +72,11 @@ class BridgeSettings(ServiceSettings):
         ge=1,
         description="messages a device may send at once above its rate (a backlog after a "
         "reconnect or a stalled bridge arrives at once: cover the longest one)",
+    )
+    duty_file: Path | None = Field(
+        None,
+        description="the provisioned duty.json (shifts); positions of workers outside their "
+        "shift are dropped; read again when it changes (none: always on duty)",
     )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9101, ge=0, description="port of /metrics (0: any free port)")

@@ -13,6 +13,8 @@ from teamtrack.settings import ServiceSettings
 
 
 class DashboardSettings(ServiceSettings):
+    """One dashboard instance: managers' login, snapshot API, live WebSocket and SSE, map."""
+
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     auth_file: Path = Field(

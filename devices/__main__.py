@@ -30,6 +30,7 @@ from devices.simulator import (
     SimulationSummary,
     run_simulation,
 )
+from teamtrack.help_style import HelpFormatter
 from teamtrack.runtime import run
 
 _Parsed = TypeVar("_Parsed")
@@ -70,10 +71,12 @@ def build_parser(prog: str = "python -m devices") -> argparse.ArgumentParser:
     parser = _OneLineErrorParser(
         prog=prog,
         description="Simulate field workers reporting positions over MQTT 5.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--credentials",
         required=True,
+        metavar="PATH",
         help="credentials.json with a devices list (team, worker, username, password)",
     )
     parser.add_argument(
@@ -83,32 +86,37 @@ def build_parser(prog: str = "python -m devices") -> argparse.ArgumentParser:
         dest="broker_urls",
         metavar="URL",
         help="mqtt://host:port, or mqtts://host:port for MQTT over TLS; repeat for several "
-        f"brokers (default {DEFAULT_BROKER_URL})",
+        f"brokers [default: {DEFAULT_BROKER_URL}]",
     )
     parser.add_argument(
         "--ca-file",
         metavar="PATH",
         help="certificate authority that mqtts:// brokers' certificates must be signed by "
-        "(a cluster's state/tls/ca.crt); default: the system's trusted authorities",
+        "(a cluster's state/tls/ca.crt) [default: the system's trusted authorities]",
     )
     parser.add_argument(
-        "--teams", type=_typed(_non_negative_int), help="use the first N teams (default all)"
+        "--teams",
+        type=_typed(_non_negative_int),
+        metavar="INT",
+        help="use the first N teams [default: all]",
     )
     parser.add_argument(
         "--workers",
-        type=_typed(_non_negative_int),
-        help="use the first N workers of each team (default all)",
+        type=_typed(_non_negative_int), metavar="INT",
+        help="use the first N workers of each team [default: all]",
     )
     parser.add_argument(
-        "--interval", type=float, default=1.0, help="seconds between fixes (default 1.0)"
+        "--interval", type=float, default=1.0, help="seconds between fixes [default: 1.0]"
     )
     parser.add_argument(
         "--jitter",
         type=float,
         default=0.1,
-        help="random interval variation as a fraction, 0.1 = ±10%% (default 0.1)",
+        help="random interval variation as a fraction, 0.1 = ±10%% [default: 0.1]",
     )
-    parser.add_argument("--qos", type=int, choices=(0, 1), default=0, help="position QoS")
+    parser.add_argument(
+        "--qos", type=int, choices=(0, 1), default=0, help="position QoS [default: 0]"
+    )
     parser.add_argument(
         "--duration",
         type=float,
@@ -118,26 +126,29 @@ def build_parser(prog: str = "python -m devices") -> argparse.ArgumentParser:
     parser.add_argument(
         "--schedule",
         type=_typed(parse_schedule),
+        metavar="STR",
         help='online-worker targets COUNT@SECONDS,..., e.g. "100@0,1000@60,500@150"',
     )
     parser.add_argument(
         "--bbox",
         type=_typed(BoundingBox.parse),
+        metavar="STR",
         default=CENTRAL_BERLIN,
-        help=f"south,west,north,east to move in (default {CENTRAL_BERLIN})",
+        help=f"south,west,north,east to move in [default: {CENTRAL_BERLIN}]",
     )
     parser.add_argument(
         "--mix",
         type=_typed(ProfileMix.parse),
+        metavar="STR",
         default=ProfileMix(),
-        help=f"shares of movement profiles (default {ProfileMix()})",
+        help=f"shares of movement profiles [default: {ProfileMix()}]",
     )
     parser.add_argument("--seed", type=int, help="seed for a reproducible run")
     parser.add_argument(
         "--max-connects",
         type=int,
         default=100,
-        help="connection attempts in flight at once (default 100)",
+        help="connection attempts in flight at once [default: 100]",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no live progress display or summary table"
@@ -146,7 +157,7 @@ def build_parser(prog: str = "python -m devices") -> argparse.ArgumentParser:
         "--log-level",
         default="WARNING",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="log level (default WARNING)",
+        help="log level [default: WARNING]",
     )
     return parser
 

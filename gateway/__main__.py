@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import ssl
 import sys
 
@@ -30,6 +32,8 @@ async def serve(settings: GatewaySettings) -> None:
             log, registry, settings.metrics_host, settings.metrics_port
         ) as stopping:
             settle_heap()
+            # SIGHUP: read duty.json again now (it is also checked every second).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_duty)
             log.info("gateway %s: OwnTracks on %s/v1/owntracks, NDJSON streams on "
                      "%s/v1/positions (%d device account(s))", config.gateway_id, service.url,
                      service.url, len(service.accounts))

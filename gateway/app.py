@@ -208,13 +208,15 @@ class GatewayApp:
         )
         if not events:
             service.counters.owntracks_ignored[message.type_name] += 1
+            if message.monitoring is not None:
+                # A status object stating the app's monitoring mode: quiet/manual pause.
+                service.set_mode(login.team, login.worker, message.monitoring, now)
             await self._answer_owntracks(send, 200)
             return
         if service.backend_lagging or service.stopping:
             await self._answer_owntracks(send, 503)
             return
-        held = service.submit(events, "owntracks")
-        assert held is not None
+        held = service.submit(events, "owntracks", message.monitoring, online_resumes=False)
         try:
             async with asyncio.timeout(service.config.ack_timeout_s):
                 await held

@@ -18,6 +18,8 @@ class GatewayCounters:
     # Payloads and lines that broke the contract, by reason (the contract's reasons).
     rejected: Counter[str] = field(default_factory=Counter)
     owntracks_ignored: Counter[str] = field(default_factory=Counter)
+    # Positions and worker events dropped off duty, by reason (off_duty, paused).
+    duty_dropped: Counter[str] = field(default_factory=Counter)
     # Requests answered, by endpoint and status code.
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     # Logins refused, by reason: bad_credentials, not_device, user_mismatch, rate_limited.
@@ -54,6 +56,8 @@ class GatewayCollector(Collector):
              counters.rejected),
             ("owntracks_ignored", "OwnTracks objects of a type teamtrack does not use", "type",
              counters.owntracks_ignored),
+            ("off_duty_dropped", "Positions and worker events dropped because the worker was "
+             "off duty (outside its shift) or paused", "reason", counters.duty_dropped),
             ("auth_failures", "Logins refused", "reason", counters.auth_failures),
             ("refused", "Connections refused before a request was read", "reason",
              counters.refused),

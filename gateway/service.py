@@ -40,6 +40,7 @@ from teamtrack.contract import ContractError, require_slug
 from teamtrack.device_auth import DeviceAccounts
 from teamtrack.http_guard import guarded_http_protocol
 from teamtrack.ingress.batcher import Batcher, BatchMetrics
+from teamtrack.ingress.duty import DutyGate, RosterFile
 from teamtrack.ingress.owntracks import OnlineRefresh
 from teamtrack.ingress.ratelimit import DeviceRateLimit
 from teamtrack.logs import RateLimitedLog
@@ -86,6 +87,10 @@ class GatewayConfig:
     batch_interval_s: float = 0.002
     device_rate_per_s: float = 10.0
     device_burst: int = 100
+    # The provisioned duty.json (None: always on duty), checked every `duty_check_s` (also
+    # how late a shift's end turns an online worker off duty).
+    duty_file: Path | None = None
+    duty_check_s: float = 1.0
 
     def __post_init__(self) -> None:
         require_slug(self.gateway_id, "gateway id")
@@ -148,6 +153,9 @@ class GatewayService:
         )
         self.auth_failures = RateLimiter(config.auth_failures_per_minute)
         self.online_refresh = OnlineRefresh()
+        self._roster_file = RosterFile(config.duty_file) if config.duty_file else None
+        self.duty = DutyGate(self._roster_file.roster if self._roster_file else None)
+        self.counters.duty_dropped = self.duty.dropped
         # The open stream of each device account (a newer one replaces it).
         self.streams: dict[str, DeviceStream] = {}
         self.rejections_log = RateLimitedLog(log)
@@ -173,6 +181,7 @@ class GatewayService:
         await self.backend.start()
         self._tasks.append(asyncio.create_task(self.batcher.run(), name="gateway-batcher"))
         self._tasks.append(asyncio.create_task(self._watch_passwords(), name="gateway-passwd"))
+        self._tasks.append(asyncio.create_task(self._duty_watch(), name="gateway-duty"))
         config = self._uvicorn_config()
         loop = asyncio.get_running_loop()
         protocol_class = config.http_protocol_class
@@ -258,6 +267,19 @@ class GatewayService:
             except Exception:  # the watch must outlive any one bad turn
                 log.exception("checking the password file failed; trying again")
 
+    async def _duty_watch(self) -> None:
+        """Reload duty.json when it changed; turn workers whose shift ended off duty."""
+        while True:
+            await asyncio.sleep(self.config.duty_check_s)
+            self.reload_duty()
+            for event in self.duty.tick():
+                self.batcher.submit_nowait(event)
+
+    def reload_duty(self) -> None:
+        """duty.json again if it changed (also on SIGHUP)."""
+        if self._roster_file is not None and self._roster_file.reload_if_changed():
+            self.duty.roster = self._roster_file.roster
+
     # The path into the backend ---------------------------------------------------------------
     def now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -268,14 +290,32 @@ class GatewayService:
             error.reason.value, "rejected %s from %s: %s", via, who, error.detail
         )
 
-    def submit(self, events: Sequence[Event], via: str) -> asyncio.Future[None] | None:
-        """Queue events for the backend; the future is done once it holds the last (batches
-        keep their order, so then every one)."""
-        done: asyncio.Future[None] | None = None
+    def submit(
+        self, events: Sequence[Event], via: str, monitoring: int | None = None,
+        *, online_resumes: bool = True,
+    ) -> asyncio.Future[None]:
+        """Queue events for the backend, less what the worker may not send off duty (dropped
+        and counted); the future is done once the backend holds the last (batches keep their
+        order, so then every one), at once when nothing was left to hold. `monitoring`: the
+        OwnTracks mode the message stated."""
         for event in events:
             self.counters.received[(event.kind.value, via)] += 1
+        done: asyncio.Future[None] | None = None
+        for event in self.duty.admit(events, None, monitoring, online_resumes=online_resumes):
             done = self.batcher.submit_nowait(event)
+        if done is None:
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
         return done
+
+    def set_mode(self, team: str, worker: str, monitoring: int, now_ms: int) -> None:
+        """An OwnTracks monitoring mode stated alone (a `status` object): the presence it
+        changes goes to the backend as it is (`DutyGate.set_mode`), not through the gate
+        again."""
+        for event in self.duty.set_mode(team, worker, monitoring, self.config.gateway_id, 1,
+                                        now_ms):
+            self.counters.received[(event.kind.value, "owntracks")] += 1
+            self.batcher.submit_nowait(event)
 
     @property
     def backend_lagging(self) -> bool:

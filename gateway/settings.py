@@ -10,6 +10,8 @@ from .service import GatewayConfig
 
 
 class GatewaySettings(ServiceSettings):
+    """Devices over HTTP (OwnTracks, NDJSON streams) into the backend."""
+
     password_file: str = Field(
         "state/mosquitto.passwd",
         description="the brokers' password file (mosquitto_passwd hashes): devices log in with "
@@ -83,6 +85,11 @@ class GatewaySettings(ServiceSettings):
         "beyond are dropped and counted as rate_limited, stream lines wait",
     )
     device_burst: int = Field(100, ge=1, description="messages a device may send at once")
+    duty_file: str = Field(
+        "",
+        description="the provisioned duty.json (shifts); positions of workers outside their "
+        "shift are dropped; read again when it changes (empty: always on duty)",
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9104, ge=0, description="port of /metrics (0: any free port)")
 
@@ -111,4 +118,5 @@ class GatewaySettings(ServiceSettings):
             max_pending_events=self.max_pending_events,
             device_rate_per_s=self.device_rate_per_s,
             device_burst=self.device_burst,
+            duty_file=Path(self.duty_file) if self.duty_file else None,
         )

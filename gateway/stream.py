@@ -224,7 +224,6 @@ class DeviceStream:
         event = Event(login.team, login.worker, Kind.POSITION, line, self.config.gateway_id,
                       now, ts, 1)
         held = service.submit([event], "ndjson")
-        assert held is not None
         self._pending.append((self._lines_read, seq, held))
         self._has_pending.set()
 

@@ -35,6 +35,7 @@ async def serve(settings: IngestSettings) -> None:
         retention_chunk=settings.retention_batch,
         retention_pause_s=settings.retention_pause_ms / 1000,
         recover_interval_s=settings.recover_interval_s,
+        backlog_interval_s=settings.backlog_interval_s,
     )
     registry = service_registry()
     store = HistoryStore.from_url(settings.history_url())

@@ -88,6 +88,8 @@ class IngestConfig:
     # How often to check whether the backend lost its last-known store (a Redis restarted
     # without its data) and give it back from the history; 0: never.
     recover_interval_s: float = 5.0
+    # How often the consumer-group lag in entries is asked of the backend (0: never).
+    backlog_interval_s: float = 2.0
 
 
 @dataclass
@@ -108,6 +110,9 @@ class IngestCounters:
     retention_deleted: int = 0
     retention_sweeps: int = 0
     queued_batches: int = 0
+    # The consumer-group lag in entries (`GroupConsumer.backlog`), checked every
+    # `backlog_interval_s`; None: not known (yet).
+    backlog_entries: int | None = None
     log_entries_missed: int = 0
     last_known_recovered: int = 0
 
@@ -165,6 +170,15 @@ class _CountersCollector(Collector):
         )
         queued.add_metric([], counters.queued_batches)
         yield queued
+        if counters.backlog_entries is not None:
+            backlog = GaugeMetricFamily(
+                "teamtrack_ingest_backlog_entries",
+                "Consumer-group lag in entries: backend log entries (batches) the ingest group "
+                "has not acknowledged yet, read or not (Redis: the group's; Kafka: this "
+                "member's partitions)",
+            )
+            backlog.add_metric([], counters.backlog_entries)
+            yield backlog
 
 
 _Queued = tuple[GroupBatch, DecodedBatch]
@@ -233,6 +247,9 @@ class IngestService:
         )
         self._tasks.append(asyncio.create_task(self._read(consumer), name="ingest-reader"))
         self._tasks.append(asyncio.create_task(self._write(consumer), name="ingest-writer"))
+        if self.config.backlog_interval_s > 0:
+            self._tasks.append(
+                asyncio.create_task(self._watch_backlog(consumer), name="ingest-backlog"))
         if self.config.retention_days > 0 or any(self.config.retention_teams.values()) or (
             self.config.registry_path is not None
         ):
@@ -329,6 +346,16 @@ class IngestService:
             self._observe_lag(items)
             async with self._written:
                 self._written.notify_all()
+
+    async def _watch_backlog(self, consumer: GroupConsumer) -> None:
+        """`teamtrack_ingest_backlog_entries`: the group's lag in entries, now and then."""
+        while True:
+            try:
+                self.counters.backlog_entries = await consumer.backlog()
+            except Exception as error:  # a backend away: the reader reports it; keep watching
+                log.debug("backlog not known: %s", error)
+                self.counters.backlog_entries = None
+            await asyncio.sleep(self.config.backlog_interval_s)
 
     def _observe_lag(self, items: list[_Queued]) -> None:
         """One sample per backend batch, from its first event's receipt (`rx`, stamped by the

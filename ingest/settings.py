@@ -10,6 +10,8 @@ from teamtrack.settings import ServiceSettings
 
 
 class IngestSettings(ServiceSettings):
+    """Positions and presence changes from the backend into the SQL history."""
+
     database_url: str = Field(
         "",
         description="history database: sqlite+aiosqlite:///path or "
@@ -61,6 +63,10 @@ class IngestSettings(ServiceSettings):
     recover_interval_s: float = Field(
         5.0, ge=0, description="how often to check whether the backend lost its last-known "
         "positions, and give them back from the history (0: never)"
+    )
+    backlog_interval_s: float = Field(
+        2.0, ge=0, description="how often the consumer group's lag in entries is asked of the "
+        "backend (teamtrack_ingest_backlog_entries; 0: never)"
     )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9102, ge=0, description="port of /metrics (0: any free port)")

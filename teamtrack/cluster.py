@@ -507,6 +507,8 @@ class LocalCluster:
             argv.append("--no-shared-subscription")
         if self.options.device_rate_per_s is not None:
             argv += ["--device-rate-per-s", str(self.options.device_rate_per_s)]
+        if self.provisioned.duty_file is not None:
+            argv += ["--duty-file", str(self.provisioned.duty_file)]
         env = self._service_env("bridge", TEAMTRACK_MQTT_PASSWORD=bridge.password)
         return self._add(bridge_role(index, instance), argv, env, metrics_port)
 
@@ -531,6 +533,8 @@ class LocalCluster:
             "--port", str(self.ports.gateways[index]),
             "--metrics-port", str(self.ports.gateway_metrics[index]),
         ]
+        if self.provisioned.duty_file is not None:
+            argv += ["--duty-file", str(self.provisioned.duty_file)]
         tls = self.provisioned.tls
         if self.options.https and tls is not None:
             argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]

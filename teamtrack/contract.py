@@ -45,6 +45,14 @@ class Kind(StrEnum):
 class Presence(StrEnum):
     ONLINE = "online"
     OFFLINE = "offline"
+    # Outside the worker's shift, or paused by its device (docs/privacy.md, "Off duty"): set by
+    # the bridges and gateways, never a word a device sends (it sends `paused`).
+    OFF_DUTY = "off_duty"
+
+
+# What a device publishes on its status topic to pause: it becomes presence `off_duty`.
+PAUSED_WORD: Final = "paused"
+DEVICE_STATUS_WORDS: Final = frozenset({Presence.ONLINE.value, Presence.OFFLINE.value, PAUSED_WORD})
 
 
 class Reason(StrEnum):
@@ -299,10 +307,16 @@ def decode_position(
 
 
 def decode_status(team: str, worker: str, payload: bytes) -> Status:
+    """A device's status word: `online`, `offline`, or `paused` (presence `off_duty`)."""
     try:
-        return Status(team, worker, Presence(payload.decode("ascii").strip()))
-    except (UnicodeDecodeError, ValueError):
-        raise ContractError(Reason.BAD_STATUS, "status must be 'online' or 'offline'") from None
+        word = payload.decode("ascii").strip()
+    except UnicodeDecodeError:
+        word = ""
+    if word not in DEVICE_STATUS_WORDS:
+        raise ContractError(
+            Reason.BAD_STATUS, "status must be 'online', 'offline' or 'paused'"
+        ) from None
+    return Status(team, worker, Presence.OFF_DUTY if word == PAUSED_WORD else Presence(word))
 
 
 def decode_message(topic: str, payload: bytes, now_ms: int | None = None) -> Position | Status:

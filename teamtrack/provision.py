@@ -6,6 +6,8 @@
     mosquitto.passwd     (0600) the brokers' password file, hashed by `mosquitto_passwd -U`
     mosquitto.acl        (0644) who may read and write which topics; contains no secret
     dashboard-auth.json  (0600) manager password hashes and token digests, no plaintext
+    duty.json            (0644) the teams' and workers' shifts (teamtrack.ingress.duty), for the
+                         bridges and device gateways (they read it again when it changes)
     tls/                 (0700) a local certificate authority and the servers' certificate
                          (`teamtrack.tls`): ca.crt, ca.key, server.crt, server.key, all 0600
 
@@ -46,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamtrack.contract import TOPIC_ROOT, position_topic, status_topic, team_topic_filter
 from teamtrack.files import temporary_sibling, write_atomically
+from teamtrack.ingress.duty import DUTY_FILE
 from teamtrack.ingress.owntracks import OWNTRACKS_ROOT
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP, SUBSCRIPTION_COUNT_TOPIC
 from teamtrack.passwords import generate_secret, hash_password, token_digest
@@ -193,6 +196,8 @@ class ProvisionResult:
     # (`tls.server_cert`, `tls.server_key`; clients trust `tls.ca_cert`). None: not made.
     tls: TlsFiles | None = None
     revoked_usernames: tuple[str, ...] = ()
+    # The shifts (duty.json), for the bridges and gateways (`--duty-file`).
+    duty_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -579,6 +584,8 @@ def _provision(
         dashboard_auth_path, _json_bytes(dashboard_auth_document(credentials)), PRIVATE_MODE
     )
     write_observer_options(credentials, directory / OBSERVER_CONFIG_DIR)
+    duty_file = directory / DUTY_FILE
+    write_atomically(duty_file, _json_bytes(registry.duty_roster().document()), PUBLIC_MODE)
     tls_files = None
     if tls_hosts is not None:
         try:
@@ -596,4 +603,5 @@ def _provision(
         removed_usernames=issuer.removed(),
         tls=tls_files,
         revoked_usernames=credentials.revoked,
+        duty_file=duty_file,
     )

@@ -10,6 +10,11 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
         managers: [alpha-lead]
         retention_days: 30            # optional: history kept this long (default: the
                                       # ingest's --retention-days, 90); 0 keeps it forever
+        shifts:                       # optional: when its workers are on duty (absent:
+          tz: Europe/Berlin           # always); outside, their positions are dropped
+          windows: ["mon-fri 07:00-19:00", "sat 08:00-12:00"]   # (docs/privacy.md)
+        worker_shifts:                # optional: a worker's own shifts, or "always"
+          w002: {tz: Europe/Berlin, windows: ["sun-thu 22:00-06:00"]}
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
@@ -44,6 +49,7 @@ from pydantic import (
 )
 
 from teamtrack.contract import SLUG_PATTERN, is_slug
+from teamtrack.ingress.duty import DutyRoster, ShiftError, TeamDuty, parse_shifts
 from teamtrack.mqtt import bridge_username
 from teamtrack.tls import TlsError, normalize_hosts
 
@@ -136,6 +142,43 @@ class Team(BaseModel):
     # Days of history (positions, presence, events) the ingest keeps for this team; None: its
     # `--retention-days`. 0 keeps everything (docs/privacy.md).
     retention_days: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # When the team's workers are on duty (teamtrack.ingress.duty); None: always.
+    shifts: dict[str, Any] | None = None
+    # A worker's own shifts, or "always"; only workers of the team.
+    worker_shifts: dict[str, dict[str, Any] | str] = Field(default_factory=dict)
+
+    @field_validator("shifts")
+    @classmethod
+    def _shifts_parse(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            try:
+                parse_shifts(value)
+            except ShiftError as error:
+                raise ValueError(str(error)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _worker_shifts_parse(self) -> Team:
+        for worker, shifts in self.worker_shifts.items():
+            if worker not in self.worker_set:
+                raise ValueError(f"worker_shifts: {worker!r} is not a worker of the team")
+            if shifts == "always":
+                continue
+            try:
+                parse_shifts(shifts, f"worker_shifts.{worker}")
+            except ShiftError as error:
+                raise ValueError(str(error)) from None
+        return self
+
+    def duty(self) -> TeamDuty | None:
+        """The team's shifts (None: nobody in it has any)."""
+        if self.shifts is None and not self.worker_shifts:
+            return None
+        return TeamDuty(
+            parse_shifts(self.shifts) if self.shifts is not None else None,
+            {worker: None if shifts == "always" else parse_shifts(shifts)
+             for worker, shifts in self.worker_shifts.items()},
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -282,6 +325,11 @@ class Registry(BaseModel):
             for team in self.teams
         }
 
+    def duty_roster(self) -> DutyRoster:
+        """Every team's shifts: what `teamtrack provision` writes into duty.json."""
+        teams = {team.id: duty for team in self.teams if (duty := team.duty()) is not None}
+        return DutyRoster(teams)
+
     def team_of_manager(self, username: str) -> str | None:
         return self._team_of_manager.get(username)
 
@@ -354,6 +402,10 @@ def _team_document(team: Team) -> dict[str, Any]:
     document["managers"] = list(team.managers)
     if team.retention_days is not None:
         document["retention_days"] = team.retention_days
+    if team.shifts is not None:
+        document["shifts"] = team.shifts
+    if team.worker_shifts:
+        document["worker_shifts"] = dict(team.worker_shifts)
     return document
 
 

@@ -387,3 +387,27 @@ def test_reads_are_paced_longer_while_positions_arrive_slowly(tmp_path: Path) ->
     off = IngestService(IngestConfig(quiet_write_interval_s=0.0), from_url("memory://"), store,
                         CollectorRegistry())
     assert off._pace_for(1, 1.0) == off.config.write_interval_s
+
+
+async def test_the_consumer_group_lag_in_entries_counts_what_is_not_acknowledged(
+    make_backend: BackendFactory,
+) -> None:
+    """`GroupConsumer.backlog`, what `teamtrack_ingest_backlog_entries` shows: five batches
+    read and not acknowledged are five; acknowledged (Kafka: committed at the next read) and
+    one more read, one."""
+    backend = make_backend()
+    await backend.start()
+    now = int(time.time() * 1000)
+    consumer = backend.consume("lag", "lag-1", start="earliest", acknowledge=True)
+    try:
+        for seq in range(5):
+            await backend.publish([position_event("alpha", "w001", seq, now + seq)])
+        read = [await asyncio.wait_for(anext(consumer), 10) for _ in range(5)]
+        assert await consumer.backlog() == 5
+        await consumer.acknowledge(read)
+        await backend.publish([position_event("alpha", "w001", 5, now + 5)])
+        await asyncio.wait_for(anext(consumer), 10)
+        assert await consumer.backlog() == 1
+    finally:
+        await consumer.close()
+        await backend.close()

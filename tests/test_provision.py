@@ -66,11 +66,12 @@ def test_writes_the_four_files_with_private_modes(registry: Registry, tmp_path: 
     assert mode_of(result.password_file) == 0o600
     assert mode_of(result.dashboard_auth_path) == 0o600
     assert mode_of(result.acl_file) == 0o644
+    assert result.duty_file is not None and mode_of(result.duty_file) == 0o644
     # No temporary files (which held plaintext) are left behind; the observer's options file
     # for mosquitto_sub is in a folder of its own.
     assert sorted(path.name for path in result.out_dir.iterdir()) == sorted(
         [CREDENTIALS_FILE, PASSWORD_FILE, ACL_FILE, DASHBOARD_AUTH_FILE, OBSERVER_CONFIG_DIR,
-         "tls"]
+         "tls", "duty.json"]
     )
     assert sorted(path.name for path in (result.out_dir / "tls").iterdir()) == [
         "ca.crt", "ca.key", "server.crt", "server.key"

@@ -10,6 +10,8 @@ from .service import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_PACKET_BYTES, GatewayConf
 
 
 class GatewaySettings(ServiceSettings):
+    """MQTT over WebSockets for managers, in front of one broker's plain MQTT listener."""
+
     broker_url: str = Field(
         "mqtt://127.0.0.1:1883",
         description="the broker's plain MQTT listener that every client is piped to",

@@ -3,8 +3,9 @@
     memory://                 one process (single-process mode, demos)
     redis://host:port/db      Redis Streams
     redis+sentinel://host:port,host:port/service/db
-    redis+cluster://host:port,host:port/
                               Redis Streams on the primary that Redis Sentinel names
+    redis+cluster://host:port,host:port/
+                              Redis Streams on a Redis Cluster
     kafka://host:port         Apache Kafka (a partitioned positions topic, a compacted store)
 """
 

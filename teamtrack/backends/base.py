@@ -226,6 +226,14 @@ class GroupConsumer(abc.ABC):
     @abc.abstractmethod
     async def __anext__(self) -> GroupBatch: ...
 
+    async def backlog(self) -> int | None:
+        """The consumer-group lag in entries (backend batches): those of the group's log not
+        yet acknowledged, read or not (Redis: the whole group's, `lag` + `pending` of XINFO
+        GROUPS; Kafka: this member's partitions, log end minus committed offset; memory: the
+        group's unread and returned ones and this member's unacknowledged ones). None where
+        the backend cannot tell (Redis before it can count `lag`)."""
+        return None
+
     async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
         """`ack` each of these batches of this consumer; backends that can do it in one call
         (Redis: one XACK for every settled entry) override this."""

@@ -311,6 +311,26 @@ class KafkaGroupConsumer(GroupConsumer):
     def set_pace(self, pace_s: float) -> None:
         self._pace.set(pace_s)
 
+    async def backlog(self) -> int | None:
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        total = 0
+        try:
+            partitions = list(consumer.assignment())
+            if not partitions:
+                return None  # not in the group yet
+            ends = await consumer.end_offsets(partitions)
+            for partition in partitions:
+                end = int(ends[partition])
+                committed = await consumer.committed(partition)
+                start = committed if committed is not None else self._start_offsets.get(
+                    partition, 0)
+                total += max(end - start, 0)
+        except KafkaError:
+            return None
+        return total
+
     async def _open(self) -> Any:
         consumer = AIOKafkaConsumer(
             client_id=f"teamtrack-{self._member_name}",

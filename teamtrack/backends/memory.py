@@ -249,6 +249,12 @@ class _MemoryGroupConsumer(GroupConsumer):
     def set_pace(self, pace_s: float) -> None:
         self._pace.set(pace_s)
 
+    async def backlog(self) -> int | None:
+        log = self._backend._group_log
+        position = max(self._backend._group_positions[self._group], log.oldest_number() - 1)
+        return (len(log.after(position)) + len(self._backend._group_returned[self._group])
+                + len(self._unacknowledged))
+
     async def close(self) -> None:
         if self._closed:
             return

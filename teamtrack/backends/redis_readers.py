@@ -289,6 +289,16 @@ class RedisGroupConsumer(GroupConsumer):
             if "BUSYGROUP" not in str(error):
                 raise
 
+    async def backlog(self) -> int | None:
+        try:
+            groups: Any = await self._backend.client.xinfo_groups(self._feed_key)
+        except ResponseError:
+            return None  # no stream yet
+        group = next((g for g in groups if g["name"].decode() == self._group), None)
+        if group is None or group.get("lag") is None:
+            return None
+        return int(group["lag"]) + int(group.get("pending") or 0)
+
     async def ack(self, entry_id: bytes) -> None:
         self._in_flight.discard(entry_id)
         await self._backend.client.xack(self._feed_key, self._group, entry_id)

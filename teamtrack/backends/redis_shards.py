@@ -149,6 +149,15 @@ class ShardedGroupConsumer(GroupConsumer):
         for member in self._members:
             member.set_pace(pace_s)
 
+    async def backlog(self) -> int | None:
+        total = 0
+        for member in self._members:
+            count = await member.backlog()
+            if count is None:
+                return None
+            total += count
+        return total
+
     async def acknowledge(self, items: Sequence[GroupBatch]) -> None:
         by_member: dict[int, list[GroupBatch]] = {}
         for item in items:

@@ -90,6 +90,9 @@ class OwnTracksMessage:
     ts: int = 0
     position: bytes = b""
     transition: bytes = b""
+    # The app's monitoring mode (`m`: -1 quiet, 0 manual, 1 significant, 2 move) when a
+    # location or status object states it (teamtrack.ingress.duty: quiet and manual pause).
+    monitoring: int | None = None
 
 
 def account_address(username: str, device: str = "") -> tuple[str, str]:
@@ -241,13 +244,33 @@ def decode_owntracks(payload: bytes, now_ms: int | None = None) -> OwnTracksMess
     now = now_ms if now_ms is not None else int(time.time() * 1000)
     if kind == "location":
         position, ts = location_position(body, now)
-        return OwnTracksMessage(OwnTracksKind.LOCATION, kind, ts, position=position)
+        return OwnTracksMessage(OwnTracksKind.LOCATION, kind, ts, position=position,
+                                monitoring=monitoring_mode(body))
     if kind == "lwt":
         return OwnTracksMessage(OwnTracksKind.LWT, kind, now)
     if kind == "transition":
         transition, ts = transition_body(body, now)
         return OwnTracksMessage(OwnTracksKind.TRANSITION, kind, ts, transition=transition)
+    if kind == "status":
+        return OwnTracksMessage(OwnTracksKind.IGNORED, kind, monitoring=monitoring_mode(body))
     return OwnTracksMessage(OwnTracksKind.IGNORED, ignored_type_label(kind))
+
+
+MONITORING_MODES: Final = frozenset({-1, 0, 1, 2})
+
+
+def monitoring_mode(body: dict[str, Any]) -> int | None:
+    """`m` of a location or status object (at its top or in its `android`/`iOS` part); None
+    when absent or not one of the app's modes (ignored, not refused)."""
+    candidates = [body.get("m")]
+    for part in ("android", "iOS"):
+        nested = body.get(part)
+        if isinstance(nested, dict):
+            candidates.append(nested.get("m"))
+    for value in candidates:
+        if type(value) is int and value in MONITORING_MODES:
+            return value
+    return None
 
 
 def ignored_type_label(kind: str) -> str:
