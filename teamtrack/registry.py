@@ -10,6 +10,9 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
         managers: [alpha-lead]
         retention_days: 30            # optional: history kept this long (default: the
                                       # ingest's --retention-days, 90); 0 keeps it forever
+        offline_alert_s: 600          # optional alert thresholds of the rules service:
+        battery_alert_below: 20       # offline this long, battery below this %, no
+        idle_alert_s: 1200            # movement this long (defaults: the service's flags)
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
@@ -136,6 +139,12 @@ class Team(BaseModel):
     # Days of history (positions, presence, events) the ingest keeps for this team; None: its
     # `--retention-days`. 0 keeps everything (docs/privacy.md).
     retention_days: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    # Alert thresholds of the rules service (docs/protocol.md, "Alerts"); None: its defaults
+    # (--offline-alert-s, --battery-alert-below, --idle-alert-s). 0 s turns a timer rule off.
+    offline_alert_s: float | None = Field(default=None, ge=0, le=86_400 * 7,
+                                          allow_inf_nan=False)
+    battery_alert_below: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    idle_alert_s: float | None = Field(default=None, ge=0, le=86_400 * 7, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -354,6 +363,9 @@ def _team_document(team: Team) -> dict[str, Any]:
     document["managers"] = list(team.managers)
     if team.retention_days is not None:
         document["retention_days"] = team.retention_days
+    for name in ("offline_alert_s", "battery_alert_below", "idle_alert_s"):
+        if getattr(team, name) is not None:
+            document[name] = getattr(team, name)
     return document
 
 
