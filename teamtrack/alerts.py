@@ -241,7 +241,8 @@ class AlertStore:
         async with self.engine.connect() as connection:
             rows = await connection.execute(
                 sa.select(alerts).where(alerts.c.team == team, alerts.c.raised_ms >= since_ms)
-                .order_by(alerts.c.raised_ms.desc(), alerts.c.id).limit(limit)
+                .order_by(alerts.c.raised_ms.desc(), alerts.c.at_ms.desc(), alerts.c.id)
+                .limit(limit)
             )
             return [_alert(row) for row in rows]
 
@@ -273,7 +274,7 @@ class AlertStore:
         async with self.engine.connect() as connection:
             new = await connection.execute(
                 sa.select(alerts).where(alerts.c.published.is_(False))
-                .order_by(alerts.c.raised_ms, alerts.c.id).limit(limit)
+                .order_by(alerts.c.raised_ms, alerts.c.at_ms, alerts.c.id).limit(limit)
             )
             acked = await connection.execute(
                 sa.select(alerts).where(alerts.c.acked_by.is_not(None),
