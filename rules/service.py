@@ -28,7 +28,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,8 @@ class RulesCounters:
     batches: int = 0
     batches_skipped: int = 0
     events: int = 0
-    alerts: Counter[str] = field(default_factory=Counter)
+    # (team, kind) -> alerts raised: one series per team and kind (teams are the registry's).
+    alerts: Counter[tuple[str, str]] = field(default_factory=Counter)
     alerts_duplicate: int = 0
     notices: int = 0
     commits: int = 0
@@ -82,16 +83,20 @@ class RulesCounters:
 
 
 class _Collector(Collector):
-    def __init__(self, counters: RulesCounters) -> None:
+    def __init__(self, counters: RulesCounters, teams: Callable[[], Iterable[str]]) -> None:
         self._counters = counters
+        self._teams = teams
 
     def collect(self) -> Iterator[Any]:
         counters = self._counters
         raised = CounterMetricFamily(
-            "teamtrack_rules_alerts", "Alerts raised (stored once), by kind", labels=["kind"]
+            "teamtrack_rules_alerts", "Alerts raised (stored and announced once), by team and"
+            " kind", labels=["team", "kind"],
         )
-        for kind in ALERT_KINDS:
-            raised.add_metric([kind], counters.alerts[kind])
+        # The registry's teams from the start (at 0), so that rates and absent() work.
+        for team in sorted({team for team, _kind in counters.alerts} | set(self._teams())):
+            for kind in ALERT_KINDS:
+                raised.add_metric([team, kind], counters.alerts[team, kind])
         yield raised
         for name, text, value in (
             ("batches", "Backend batches applied", counters.batches),
@@ -141,7 +146,7 @@ class RulesService:
         self.store = alerts if alerts is not None else AlertStore(history.engine)
         self.engine = RuleEngine(config.team_rules, config.default_rules)
         self.counters = RulesCounters()
-        registry.register(_Collector(self.counters))
+        registry.register(_Collector(self.counters, lambda: self.engine.rules.keys()))
         self._queue: asyncio.Queue[GroupBatch] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._cursors: dict[str, str] = {}
@@ -269,7 +274,7 @@ class RulesService:
         await self.backend.publish(events)
         await self.store.mark_published([alert.id for alert in new],
                                         [alert.id for alert in acked])
-        self.counters.alerts.update(alert.kind for alert in new)
+        self.counters.alerts.update((alert.team, alert.kind) for alert in new)
         self.counters.notices += len(events)
 
     async def _poll(self) -> None:

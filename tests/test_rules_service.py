@@ -195,7 +195,8 @@ async def test_zone_crossing_alerts_two_managers_on_two_instances_once_and_the_a
                 assert len(frames.of("alert")) == 2 and len(frames.of("alert_ack")) == 1
         await alice.close()
         await carol.close()
-        assert service.counters.alerts == Counter({"zone_enter": 1, "zone_exit": 1})
+        assert service.counters.alerts == Counter({("alpha", "zone_enter"): 1,
+                                                   ("alpha", "zone_exit"): 1})
     await backend.close()
 
 
