@@ -280,3 +280,39 @@ async def test_a_rules_service_killed_mid_stream_loses_and_repeats_no_alert(
     assert announced == Counter({alert.id: 1 for alert in stored})
     await backend.close()
     await history.close()
+
+
+def presence(team: str, worker: str, word: str, at_ms: int) -> Event:
+    return Event(team, worker, Kind.STATUS, word.encode(), "b1", at_ms, at_ms, 1)
+
+
+async def test_offline_survives_restarts_once_and_never_for_off_duty(
+    redis_url: str, tmp_path: Path
+) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+    backend = from_url(redis_url)
+    await backend.start()
+    rules = TeamRules(offline_after_s=1.0, idle_after_s=0)
+    now = int(time.time() * 1000)
+    async with rules_service(redis_url, database, default_rules=rules) as service:
+        await backend.publish([presence("alpha", "w001", "offline", now),
+                               presence("alpha", "w002", "off_duty", now)])
+        await asyncio.wait_for(service.wait_applied(1), WAIT)
+    # Down while the threshold passes: the alert comes after the restart, from the saved state.
+    await asyncio.sleep(1.2)
+    for _restart in range(2):
+        async with rules_service(redis_url, database, default_rules=rules) as service:
+            store = service.store
+            deadline = time.monotonic() + WAIT
+            while not await store.alerts("alpha") or (await store.unpublished())[0]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # a few more ticks
+            found = await store.alerts("alpha")
+            assert [(alert.kind, alert.worker, alert.at) for alert in found] == [
+                ("offline", "w001", now)
+            ]
+    assert Counter(notice["alert"]["kind"] for notice in await notices(backend, "alpha")) == (
+        Counter({"offline": 1})
+    )
+    await backend.close()
