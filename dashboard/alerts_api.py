@@ -71,13 +71,13 @@ async def _body(request: Request) -> Any:
                             "send the zone as application/json (a GeoJSON Feature)")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > MAX_ZONE_BYTES):
-        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                             f"a zone is at most {MAX_ZONE_BYTES} bytes")
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_ZONE_BYTES:
-            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE,
                                 f"a zone is at most {MAX_ZONE_BYTES} bytes")
     try:
         return orjson.loads(body)
