@@ -240,10 +240,12 @@ async def notices(backend: Backend, team: str) -> list[dict[str, Any]]:
         await subscription.close()
 
 
+@pytest.mark.parametrize("backend", ["redis", pytest.param("kafka", marks=pytest.mark.extended)])
 @pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "after-commit"])
 async def test_a_rules_service_killed_mid_stream_loses_and_repeats_no_alert(
-    redis_url: str, tmp_path: Path, after_commit: bool
+    backend: str, tmp_path: Path, after_commit: bool, request: pytest.FixtureRequest
 ) -> None:
+    redis_url = request.getfixturevalue(f"{backend}_url")  # the backend's, despite the name
     database = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
     team = f"crash{int(after_commit)}"
     history = HistoryStore.from_url(database)

@@ -208,8 +208,9 @@
       }
     } else if (frame.type === "zones") {
       loadZones(window.teamtrack.map);
-    } else if (frame.type === "snapshot" || frame.type === "sync" || frame.type === "gap") {
-      // Frames this page may have missed (a new connection, a viewer that fell behind).
+    } else if (["snapshot", "resume", "sync", "gap"].includes(frame.type)) {
+      // Frames this page may have missed: a new connection, a viewer that fell behind, or a
+      // resume between two frames of one notice batch (they share its cursor).
       loadAlerts();
     }
   }
