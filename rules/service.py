@@ -159,7 +159,9 @@ class RulesService:
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
-        await self.history.migrate()
+        # The ingest migrates the same database at the same moment under `teamtrack up`: a
+        # lock it holds is waited out and retried, not a reason to exit.
+        await self._until_done(self.history.migrate)
         states, self._cursors = await self.store.load_state()
         self.engine.load(states)
         self._read_registry()
