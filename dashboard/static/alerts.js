@@ -11,6 +11,7 @@
   const alerts = new Map(); // id -> alert
   let zonesLayer = null;
   let zones = [];
+  let drawnZones = null;
   let team = null;
   let elements = null;
   let placing = false;
@@ -148,7 +149,13 @@
 
   // Zones ------------------------------------------------------------------------------------
   function drawZones(map) {
+    // Two reads answered back to back (the page's own POST, the `zones` frame) draw once.
+    const key = JSON.stringify(zones);
+    if (key === drawnZones) return;
+    drawnZones = key;
     if (!zonesLayer) zonesLayer = L.layerGroup().addTo(map);
+    // Tooltips first: a permanent one whose layer goes before it opened would stay behind.
+    zonesLayer.eachLayer((layer) => layer.unbindTooltip());
     zonesLayer.clearLayers();
     for (const feature of zones) {
       const properties = feature.properties;
