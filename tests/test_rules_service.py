@@ -112,7 +112,9 @@ class Frames:
     async def _read(self) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
             async for message in self.socket:
-                self.frames.append(orjson.loads(message))
+                frame = orjson.loads(message)
+                frame["_received"] = time.monotonic()
+                self.frames.append(frame)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [frame for frame in self.frames if frame["type"] == kind]
@@ -165,10 +167,16 @@ async def test_zone_crossing_alerts_two_managers_on_two_instances_once_and_the_a
             ]
             await asyncio.sleep(0.3)  # the rules service has the zone (polled every 0.1 s)
             t0 = int(time.time() * 1000) - 60_000
+            published = []
             for seq, lat in enumerate(CROSSING):
                 await backend.publish([fix("alpha", "w001", seq, lat, t0)])
+                published.append(time.monotonic())
             for frames in (alice, carol):
                 alerts = await frames.wait("alert", 2)
+                # From the publish of the fix that entered to the frame on the manager's socket.
+                delay = alerts[0]["_received"] - published[1]
+                print(f"enter alert on a manager's socket {delay * 1000:.0f} ms after the fix")
+                assert delay < 2.0
                 assert [(frame["alert"]["kind"], frame["alert"]["zone"],
                          frame["alert"]["zone_name"], frame["alert"]["worker"])
                         for frame in alerts] == [
@@ -180,9 +188,12 @@ async def test_zone_crossing_alerts_two_managers_on_two_instances_once_and_the_a
             acked = await http_b.post(f"/api/teams/alpha/alerts/{enter_id}/ack",
                                       headers=bearer("carol"))
             assert acked.status_code == 200 and acked.json()["acked_by"] == "carol"
+            acked_at = time.monotonic()
             for frames in (alice, carol):
                 (ack,) = await frames.wait("alert_ack", 1)
                 assert (ack["id"], ack["by"]) == (enter_id, "carol")
+                print(f"ack on a manager's socket {(ack['_received'] - acked_at) * 1000:.0f} ms"
+                      " after the POST answered")
             stored = (await http_a.get("/api/teams/alpha/alerts", headers=bearer("alice"))
                       ).json()["alerts"]
             assert [(alert["kind"], alert["acked_by"]) for alert in stored] == [
