@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.exc import SQLAlchemyError
 
 from rules.engine import RuleEngine, TeamRules
+from rules.webhooks import WebhookCounters, WebhookSender
 from teamtrack.alerts import ALERT_KINDS, Alert, AlertStore, ack_notice, alert_notice, zones_notice
 from teamtrack.backends import Backend, BackendError, Event, GroupBatch, GroupConsumer
 from teamtrack.contract import NOTICE_ORIGIN
@@ -65,6 +66,12 @@ class RulesConfig:
     team_rules: Mapping[str, TeamRules] = field(default_factory=dict)
     registry_path: Path | None = None
     registry_poll_s: float = 30.0
+    # Webhooks (rules.webhooks): team -> URL (the registry's `alert_webhook` replaces it when
+    # a registry is given) and the secret their signing keys derive from ("": no webhooks).
+    team_hooks: Mapping[str, str] = field(default_factory=dict)
+    webhook_secret: str = ""
+    webhook_poll_s: float = 0.5
+    webhook_first_backoff_s: float = 0.5
 
 
 @dataclass
@@ -83,9 +90,11 @@ class RulesCounters:
 
 
 class _Collector(Collector):
-    def __init__(self, counters: RulesCounters, teams: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, counters: RulesCounters, teams: Callable[[], Iterable[str]],
+                 webhooks: WebhookCounters) -> None:
         self._counters = counters
         self._teams = teams
+        self._webhooks = webhooks
 
     def collect(self) -> Iterator[Any]:
         counters = self._counters
@@ -112,6 +121,17 @@ class _Collector(Collector):
              counters.database_errors),
             ("publish_errors", "Failed notice publications (retried)",
              counters.publish_errors),
+        ):
+            family = CounterMetricFamily(f"teamtrack_rules_{name}", text)
+            family.add_metric([], value)
+            yield family
+        for name, text, value in (
+            ("webhooks_delivered", "Alerts a team's webhook accepted (2xx)",
+             self._webhooks.delivered),
+            ("webhooks_failed", "Webhook calls that failed (retried with backoff)",
+             self._webhooks.failed),
+            ("webhooks_given_up", "Alerts never accepted by their webhook within 10 minutes",
+             self._webhooks.given_up),
         ):
             family = CounterMetricFamily(f"teamtrack_rules_{name}", text)
             family.add_metric([], value)
@@ -146,7 +166,6 @@ class RulesService:
         self.store = alerts if alerts is not None else AlertStore(history.engine)
         self.engine = RuleEngine(config.team_rules, config.default_rules)
         self.counters = RulesCounters()
-        registry.register(_Collector(self.counters, lambda: self.engine.rules.keys()))
         self._queue: asyncio.Queue[GroupBatch] = asyncio.Queue(config.max_pending_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._cursors: dict[str, str] = {}
@@ -155,6 +174,13 @@ class RulesService:
         self._next_registry_poll = 0.0
         self._log = RateLimitedLog(log)
         self._applied = asyncio.Condition()
+        self._hooks: dict[str, str] = dict(config.team_hooks)
+        self.webhooks = WebhookSender(
+            self.store, lambda: self._hooks, config.webhook_secret,
+            poll_s=config.webhook_poll_s, first_backoff_s=config.webhook_first_backoff_s,
+        )
+        registry.register(_Collector(self.counters, lambda: self.engine.rules.keys(),
+                                     self.webhooks.counters))
 
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -173,6 +199,11 @@ class RulesService:
         )
         self._tasks.append(asyncio.create_task(self._read(consumer), name="rules-reader"))
         self._tasks.append(asyncio.create_task(self._work(consumer), name="rules-worker"))
+        if self.config.webhook_secret:
+            self._tasks.append(asyncio.create_task(self._hook(), name="rules-webhooks"))
+        elif self._hooks:
+            log.warning("teams have an alert_webhook but no --webhook-secret is set: "
+                        "no webhook is called")
 
     async def wait(self) -> None:
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +310,11 @@ class RulesService:
         self.counters.alerts.update((alert.team, alert.kind) for alert in new)
         self.counters.notices += len(events)
 
+    async def _hook(self) -> None:
+        while True:
+            await self._until_done(self.webhooks.deliver_once)
+            await asyncio.sleep(self.config.webhook_poll_s)
+
     async def _poll(self) -> None:
         now = time.monotonic()
         if now >= self._next_registry_poll:
@@ -293,6 +329,9 @@ class RulesService:
         try:
             self.engine.rules = rules_from_registry(self.config.registry_path,
                                                     self.config.default_rules)
+            self._hooks = {team.id: team.alert_webhook
+                           for team in load_registry(self.config.registry_path).teams
+                           if team.alert_webhook}
         except (RegistryError, OSError) as error:
             self._log.warning("registry", "registry unreadable, keeping its last rules (%s)",
                               error)

@@ -32,6 +32,10 @@ class RulesSettings(ServiceSettings):
     battery_alert_below: float = Field(15.0, ge=0, le=100, description="battery % threshold")
     idle_alert_s: float = Field(900.0, ge=0, description="no movement this long: an alert")
     idle_radius_m: float = Field(30.0, gt=0, description="moves within this are no movement")
+    webhook_secret: str = Field(
+        "", description="secret the teams' webhook signing keys derive from (set it in "
+        "TEAMTRACK_WEBHOOK_SECRET, not on the command line); empty: no webhook is called"
+    )
     tick_ms: float = Field(500.0, gt=0, description="how often the timer rules run")
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9106, ge=0, description="port of /metrics (0: any free port)")

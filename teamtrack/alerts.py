@@ -65,6 +65,7 @@ alerts = sa.Table(
     sa.Column("acked_ms", sa.BigInteger),
     sa.Column("published", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("ack_published", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("hook_state", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Index("ix_alerts_team_raised", "team", "raised_ms"),
     sa.Index("ix_alerts_team_worker", "team", "worker"),
 )
@@ -294,6 +295,25 @@ class AlertStore:
                     alerts.update().where(alerts.c.id.in_(list(acked)))
                     .values(ack_published=True)
                 )
+
+    # Webhooks -------------------------------------------------------------------------------
+    async def webhook_pending(self, teams: Sequence[str], limit: int = 50) -> list[Alert]:
+        """Announced alerts of `teams` not yet delivered to their webhook, oldest first."""
+        if not teams:
+            return []
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                sa.select(alerts).where(alerts.c.team.in_(list(teams)),
+                                        alerts.c.published.is_(True), alerts.c.hook_state == 0)
+                .order_by(alerts.c.raised_ms, alerts.c.at_ms, alerts.c.id).limit(limit)
+            )
+            return [_alert(row) for row in rows]
+
+    async def mark_hooked(self, alert_ids: Sequence[str], state: int) -> None:
+        async with self.engine.begin() as connection:
+            await connection.execute(
+                alerts.update().where(alerts.c.id.in_(list(alert_ids))).values(hook_state=state)
+            )
 
     # Rule state ----------------------------------------------------------------------------
     async def load_state(self) -> tuple[dict[tuple[str, str], Any], dict[str, str]]:

@@ -13,6 +13,7 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
         offline_alert_s: 600          # optional alert thresholds of the rules service:
         battery_alert_below: 20       # offline this long, battery below this %, no
         idle_alert_s: 1200            # movement this long (defaults: the service's flags)
+        alert_webhook: https://ops.example.org/teamtrack   # optional: alerts POSTed, signed
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
@@ -145,6 +146,9 @@ class Team(BaseModel):
                                           allow_inf_nan=False)
     battery_alert_below: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     idle_alert_s: float | None = Field(default=None, ge=0, le=86_400 * 7, allow_inf_nan=False)
+    # Where the rules service POSTs this team's alerts (signed; docs/alerts.md, "Webhooks").
+    alert_webhook: str | None = Field(default=None, max_length=500,
+                                      pattern=r"^https?://[^\s/?#]+[^\s]*$")
 
     @model_validator(mode="before")
     @classmethod
@@ -363,7 +367,7 @@ def _team_document(team: Team) -> dict[str, Any]:
     document["managers"] = list(team.managers)
     if team.retention_days is not None:
         document["retention_days"] = team.retention_days
-    for name in ("offline_alert_s", "battery_alert_below", "idle_alert_s"):
+    for name in ("offline_alert_s", "battery_alert_below", "idle_alert_s", "alert_webhook"):
         if getattr(team, name) is not None:
             document[name] = getattr(team, name)
     return document

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import orjson
@@ -25,6 +27,7 @@ from dashboard.app import create_app
 from dashboard.auth import Authenticator, ManagerDirectory
 from rules.engine import TeamRules
 from rules.service import RulesConfig, RulesService
+from rules.webhooks import signature, team_key
 from teamtrack.alerts import Alert, AlertStore
 from teamtrack.backends import START_OF_LOG, Backend, Batch, Event, from_url
 from teamtrack.contract import NOTICE_ORIGIN, Kind
@@ -340,3 +343,69 @@ async def test_offline_survives_restarts_once_and_never_for_off_duty(
         Counter({"offline": 1})
     )
     await backend.close()
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """A team's webhook: refuses the first `refuse` calls with 503, then accepts."""
+
+    refuse = 2
+    calls: ClassVar[list[tuple[dict[str, str], bytes, int]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = 503 if len(type(self).calls) < type(self).refuse else 200
+        type(self).calls.append((dict(self.headers), body, status))
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+async def test_alerts_reach_the_teams_webhook_signed_after_retries(
+    redis_url: str, tmp_path: Path
+) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+    Receiver.calls = []
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://{LOOPBACK}:{server.server_address[1]}/hook"
+    backend = from_url(redis_url)
+    await backend.start()
+    history = HistoryStore.from_url(database)
+    await history.migrate()
+    await AlertStore(history.engine).put_zone("alpha", parse_zone(DEPOT, "zdepot"), "alice",
+                                              create=True)
+    try:
+        async with rules_service(redis_url, database, team_hooks={"alpha": url},
+                                 webhook_secret="s3cret", webhook_poll_s=0.05,
+                                 webhook_first_backoff_s=0.1) as service:
+            t0 = int(time.time() * 1000) - 60_000
+            for seq, lat in enumerate(CROSSING):
+                await backend.publish([fix("alpha", "w001", seq, lat, t0)])
+            deadline = time.monotonic() + WAIT
+            while service.webhooks.counters.delivered < 2:
+                assert time.monotonic() < deadline, Receiver.calls
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            assert service.webhooks.counters.failed == 2
+        accepted = [(headers, body) for headers, body, status in Receiver.calls
+                    if status == 200]
+        assert [orjson.loads(body)["alert"]["kind"] for _headers, body in accepted] == [
+            "zone_enter", "zone_exit"
+        ]
+        key = team_key("s3cret", "alpha")
+        for headers, body in accepted:
+            stamp = int(headers["X-Teamtrack-Timestamp"])
+            assert headers["X-Teamtrack-Signature"] == signature(key, stamp, body)
+            assert headers["X-Teamtrack-Alert-Id"] == orjson.loads(body)["alert"]["id"]
+            assert headers["X-Teamtrack-Signature"] != signature(team_key("s3cret", "bravo"),
+                                                                 stamp, body)
+        # The two refusals were the first alert, retried; nothing was delivered twice.
+        assert len({orjson.loads(body)["alert"]["id"] for _h, body, _s in Receiver.calls}) == 2
+    finally:
+        server.shutdown()
+        await backend.close()
+        await history.close()

@@ -49,6 +49,8 @@ def upgrade() -> None:
         sa.Column("acked_ms", sa.BigInteger),
         sa.Column("published", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("ack_published", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.Column("hook_state", sa.SmallInteger, nullable=False, server_default="0",
+                  comment="webhook: 0 pending, 1 delivered, 2 given up"),
         sa.Index("ix_alerts_team_raised", "team", "raised_ms"),
         sa.Index("ix_alerts_team_worker", "team", "worker"),
     )
