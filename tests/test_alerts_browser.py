@@ -121,6 +121,25 @@ async def test_zone_drawn_on_the_page_alerts_both_managers_once_and_shows_the_ac
                 assert await page.evaluate("window.pwned === undefined")
                 frames = await page.evaluate("window.teamtrack.state().frames")
                 assert isinstance(frames, dict)
+            # carol draws a polygon: three corners, then Finish.
+            await carol.fill("#zone-form input[name=name]", "Yard </b><script>x</script>")
+            await carol.select_option("#zone-form select[name=shape]", "polygon")
+            await carol.evaluate("window.teamtrack.map.setView([52.5025, 13.4], 16)")
+            await carol.click("#zone-form button[type=submit]")
+            box = await carol.locator("#map").bounding_box()
+            assert box is not None
+            for lat, lon in ((52.502, 13.398), (52.502, 13.402), (52.5035, 13.400)):
+                point = await carol.evaluate(
+                    "(() => { const p = window.teamtrack.map.latLngToContainerPoint("
+                    f"[{lat}, {lon}]); return [p.x, p.y]; }})()")
+                assert 0 < point[0] < box["width"] and 0 < point[1] < box["height"], point
+                await carol.mouse.click(box["x"] + point[0], box["y"] + point[1])
+            await carol.click("#zone-form .zone-finish")
+            for page in (alice, carol):
+                zones = await until(page, "window.teamtrackAlerts.zones()", lambda z: len(z) == 2)
+                assert sorted(zone["name"] for zone in zones) == sorted(
+                    [HOSTILE, "Yard </b><script>x</script>"])
+                assert await page.locator(".zone-label").count() == 2
             await carol.screenshot(path=output_dir / "2-acknowledged-carol.png")
     await backend.close()
     assert errors == []

@@ -14,7 +14,9 @@
   let drawnZones = null;
   let team = null;
   let elements = null;
-  let placing = false;
+  let placing = false; // "circle" or "polygon" while the next clicks on the map draw a zone
+  let vertices = [];
+  let sketch = null;
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
@@ -61,17 +63,36 @@
     radius.max = "100000";
     radius.value = "150";
     radius.setAttribute("aria-label", "Radius in metres");
-    const place = el("button", null, "Add circle: click the map");
+    const shape = el("select");
+    shape.name = "shape";
+    shape.setAttribute("aria-label", "Shape");
+    for (const [value, label] of [["circle", "circle"], ["polygon", "polygon"]]) {
+      const option = el("option", null, label);
+      option.value = value;
+      shape.appendChild(option);
+    }
+    const place = el("button", null, "Add zone");
     place.type = "submit";
+    const finish = el("button", "zone-finish", "Finish polygon");
+    finish.type = "button";
+    finish.hidden = true;
     const message = el("p", "zone-message");
     message.id = "zone-message";
     message.setAttribute("role", "status");
-    form.append(name, radius, place, message);
+    form.append(name, shape, radius, place, finish, message);
+    shape.addEventListener("change", () => { radius.hidden = shape.value !== "circle"; });
     form.addEventListener("submit", (event) => {
       event.preventDefault();
-      placing = true;
-      message.textContent = "Click the map where the zone's centre is.";
+      placing = shape.value;
+      vertices = [];
+      finish.hidden = placing !== "polygon";
+      // Corners clicked in quick succession must not zoom the map (a double click).
+      if (placing === "polygon") window.teamtrack.map.doubleClickZoom.disable();
+      message.textContent = placing === "circle"
+        ? "Click the map where the zone's centre is."
+        : "Click the map at each corner, then Finish polygon.";
     });
+    finish.addEventListener("click", () => finishPolygon(window.teamtrack.map));
     const toasts = el("div", "alert-toasts");
     toasts.id = "alert-toasts";
     toasts.setAttribute("aria-live", "polite");
@@ -79,7 +100,7 @@
     const main = document.querySelector("main") || document.body;
     main.appendChild(panel);
     document.body.appendChild(toasts);
-    elements = { panel, list, count, name, radius, message, toasts };
+    elements = { panel, list, count, name, radius, message, toasts, finish };
   }
 
   function sortedAlerts() {
@@ -107,7 +128,10 @@
       return item;
     });
     elements.list.replaceChildren(...items);
-    elements.count.textContent = String(unacknowledged().size);
+    let open = 0;
+    for (const alert of alerts.values()) if (!alert.acked_by) open += 1;
+    elements.count.textContent = String(open);
+    elements.count.title = "unacknowledged alerts";
     window.dispatchEvent(new CustomEvent("teamtrack:alerts-changed"));
   }
 
@@ -154,8 +178,6 @@
     if (key === drawnZones) return;
     drawnZones = key;
     if (!zonesLayer) zonesLayer = L.layerGroup().addTo(map);
-    // Tooltips first: a permanent one whose layer goes before it opened would stay behind.
-    zonesLayer.eachLayer((layer) => layer.unbindTooltip());
     zonesLayer.clearLayers();
     for (const feature of zones) {
       const properties = feature.properties;
@@ -168,9 +190,15 @@
         layer = L.polygon(geometry.coordinates[0].map(([lon, lat]) => [lat, lon]),
           { className: "zone" });
       }
-      const label = el("span", "zone-label", properties.name);
-      layer.bindTooltip(label, { permanent: true, direction: "center", className: "zone-tooltip" });
       layer.addTo(zonesLayer);
+      // The name as a marker of its own (a DOM node, never HTML), not a permanent tooltip:
+      // one of those could outlive its layer when zones were redrawn quickly.
+      const label = el("span", "zone-label", properties.name);
+      const where = geometry.type === "Point" ? layer.getLatLng() : layer.getBounds().getCenter();
+      L.marker(where, {
+        icon: L.divIcon({ html: label, className: "zone-tooltip", iconSize: null }),
+        interactive: false, keyboard: false,
+      }).addTo(zonesLayer);
     }
   }
 
@@ -179,13 +207,37 @@
   }
 
   function placeZone(map, event) {
-    if (!placing) return;
+    if (placing === "polygon") {
+      vertices.push([event.latlng.lng, event.latlng.lat]);
+      const points = vertices.map(([lon, lat]) => [lat, lon]);
+      if (sketch) sketch.setLatLngs(points);
+      else sketch = L.polyline(points, { className: "zone-sketch" }).addTo(map);
+      return;
+    }
+    if (placing !== "circle") return;
     placing = false;
-    const feature = {
+    postZone(map, {
       type: "Feature",
       geometry: { type: "Point", coordinates: [event.latlng.lng, event.latlng.lat] },
       properties: { name: elements.name.value, radius_m: Number(elements.radius.value) },
-    };
+    });
+  }
+
+  function finishPolygon(map) {
+    const ring = vertices.concat(vertices.length ? [vertices[0]] : []);
+    placing = false;
+    vertices = [];
+    elements.finish.hidden = true;
+    if (sketch) { sketch.remove(); sketch = null; }
+    map.doubleClickZoom.enable();
+    postZone(map, {
+      type: "Feature",
+      geometry: { type: "Polygon", coordinates: [ring] },
+      properties: { name: elements.name.value },
+    });
+  }
+
+  function postZone(map, feature) {
     api("zones", { method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify(feature) })
       .then(() => { elements.message.textContent = "Zone added."; return loadZones(map); })
