@@ -261,6 +261,7 @@ async def test_a_rules_service_killed_mid_stream_loses_and_repeats_no_alert(
     await killed_mid_stream(redis_url, tmp_path, after_commit)
 
 
+@pytest.mark.faults
 @pytest.mark.extended
 @pytest.mark.parametrize("after_commit", [False, True], ids=["before-commit", "after-commit"])
 async def test_a_rules_service_killed_mid_stream_on_kafka_loses_and_repeats_no_alert(
