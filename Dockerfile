@@ -28,6 +28,7 @@ COPY bridge ./bridge
 COPY dashboard ./dashboard
 COPY devices ./devices
 COPY ingest ./ingest
+COPY rules ./rules
 COPY wsgate ./wsgate
 COPY gateway ./gateway
 COPY mosquitto ./mosquitto

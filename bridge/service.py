@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 
 from teamtrack.backends import Backend, Batch, Event, GroupConsumer
 from teamtrack.contract import (
+    NOTICE_ORIGIN,
     WORKER_TOPIC_FILTER,
     ContractError,
     Kind,
@@ -679,6 +680,8 @@ class BridgeService:
                     continue
                 if batch.all_from(self.config.broker_id):
                     continue  # this broker's own traffic (most of what it reads): not decoded
+                if batch.all_from(NOTICE_ORIGIN):
+                    continue  # the rules service's alert notices: for dashboards, not MQTT
                 if not self._demand:
                     self._hold(batch)
                     continue

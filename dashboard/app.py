@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import PlainTextResponse, Response
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from dashboard.alerts_api import alerts_router, unconfigured_alerts_router
 from dashboard.auth import (
     SESSION_COOKIE,
     Authenticator,
@@ -151,8 +152,10 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     if history_store is not None:
         app.include_router(history_router(history_store))
+        app.include_router(alerts_router(history_store))
     else:
         app.include_router(unconfigured_history_router())
+        app.include_router(unconfigured_alerts_router())
 
     def login_form(
         error: str | None = None, status_code: int = 200, username: str = ""

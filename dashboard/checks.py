@@ -19,11 +19,14 @@ import orjson
 from teamtrack.backends import Snapshot
 from teamtrack.contract import (
     MAX_INTEGER,
+    NOTICE_ORIGIN,
     OPTIONAL_RANGES,
     ContractError,
     Presence,
+    check_notice,
     check_position_object,
     check_worker_event,
+    is_notice,
     is_slug,
 )
 
@@ -83,8 +86,14 @@ class EventCheck:
             payload = event.get("p")
             return None if type(payload) is str and payload in _STATUS_WORDS else "bad_status"
         if kind == "e":
+            payload = event.get("p")
             try:
-                check_worker_event(event.get("p"))
+                if is_notice(payload):
+                    if event.get("o") != NOTICE_ORIGIN:
+                        return "bad_notice"
+                    check_notice(payload)
+                else:
+                    check_worker_event(payload)
             except ContractError as error:
                 return f"event_{error.reason.value}"
             return None

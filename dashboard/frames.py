@@ -17,6 +17,7 @@ from typing import Any, Final
 import orjson
 
 from teamtrack.backends import Batch, Snapshot
+from teamtrack.contract import NOTICE_ORIGIN
 
 EVENT_START = b'{"w":'
 """How every event object in `Batch.raw` begins (see `Event.to_json`); used to count events."""
@@ -73,6 +74,40 @@ def events_frame(team: str, batches: Sequence[Batch]) -> str:
         + b',"cursor":' + orjson.dumps(batches[-1].cursor)
         + b',"events":[' + inner + b"]}"
     ).decode()
+
+
+def notice_frames(team: str, batch: Batch) -> list[str]:
+    """The `alert`, `alert_ack` and `zones` frames of a batch of the rules service's notices
+    (checked by `dashboard.checks` on the way in; see `teamtrack.alerts`)."""
+    frames = []
+    for event in orjson.loads(batch.raw):
+        body = event["p"]
+        kind = body["type"]
+        head: dict[str, Any] = {"type": kind, "team": team, "cursor": batch.cursor}
+        if kind == "alert":
+            head["alert"] = body["alert"]
+        elif kind == "alert_ack":
+            head.update(id=body["id"], by=body["by"], at=body["ts"])
+        frames.append(orjson.dumps(head).decode())
+    return frames
+
+
+def live_frames(team: str, batches: Sequence[Batch]) -> list[str]:
+    """`events` frames for runs of device batches, notice frames for the rules service's
+    batches, in log order."""
+    frames: list[str] = []
+    run: list[Batch] = []
+    for batch in batches:
+        if batch.all_from(NOTICE_ORIGIN):
+            if run:
+                frames.append(events_frame(team, run))
+                run = []
+            frames += notice_frames(team, batch)
+        else:
+            run.append(batch)
+    if run:
+        frames.append(events_frame(team, run))
+    return frames
 
 
 def gap_frame(team: str, cursor: str) -> str:

@@ -40,8 +40,8 @@ import orjson
 from dashboard.checks import checked_snapshot
 from dashboard.frames import (
     count_events,
-    events_frame,
     gap_frame,
+    live_frames,
     resume_frame,
     snapshot_frame,
     sync_frame,
@@ -389,10 +389,13 @@ class Viewer:
                 batches.append(item)
                 size += len(item.raw)
         if batches:
-            frame = events_frame(self.team, batches)
-            self._ready_frames.append(frame)
+            frames = live_frames(self.team, batches)
+            self._ready_frames.extend(frames)
             ts = first_device_ts(batches[0].raw)
-            self._sampled = (frame, ts) if ts is not None else None
+            first = frames[0]
+            self._sampled = (
+                (first, ts) if ts is not None and first.startswith('{"type":"events"') else None
+            )
 
     async def _build_replay_frames(self, replay: _Replay) -> None:
         batches: list[Batch] = []
@@ -404,7 +407,7 @@ class Viewer:
                 # Trimmed while being read: send what was read, then start over.
                 await self.close()
                 if batches:
-                    self._ready_frames.append(events_frame(self.team, batches))
+                    self._ready_frames.extend(live_frames(self.team, batches))
                 await self._resync(item)
                 return
             self._hub.metrics.replayed_batches.inc()
@@ -421,7 +424,7 @@ class Viewer:
                 break
             item = await replay.peek(REPLAY_GATHER_WAIT_S)
         if batches:
-            self._ready_frames.append(events_frame(self.team, batches))
+            self._ready_frames.extend(live_frames(self.team, batches))
 
     async def _build_sync_frame(self) -> None:
         latest, self._latest = self._latest, None

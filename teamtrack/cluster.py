@@ -142,7 +142,7 @@ class Child:
         stores what the bridges forwarded until they stopped) and the backend after it."""
         if self.role in BACKEND_ROLES or self.role.startswith("kafka-"):
             return BACKEND_RANK
-        return 1 if self.role == "ingest" else 0
+        return 1 if self.role in ("ingest", "rules") else 0
 
 
 class ClusterError(RuntimeError):
@@ -284,6 +284,7 @@ class LocalCluster:
         for index in range(self.options.dashboards):
             self.start_dashboard(index)
         self._start_ingest()
+        self._start_rules()
         for child in self.children:
             if child.ready_port is not None:
                 child.process.wait_for_port(LOOPBACK, child.ready_port, timeout=30)
@@ -571,6 +572,16 @@ class LocalCluster:
             "--metrics-port", str(self.ports.ingest_metrics),
         ]
         self._add("ingest", argv, self._service_env("ingest"), None)
+
+    def _start_rules(self) -> None:
+        """The rules service: positions and presence into alerts, in the same database."""
+        argv = [
+            *_python("rules"),
+            "--database-url", self.database_url,
+            "--registry", str(self.state_dir / "registry.yaml"),
+            "--metrics-port", str(self.ports.rules_metrics),
+        ]
+        self._add("rules", argv, self._service_env("rules"), None)
 
     def _start_simulator(self) -> None:
         assert self.provisioned is not None

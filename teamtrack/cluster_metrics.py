@@ -7,7 +7,7 @@ child's name in `teamtrack up`; not `role`, which Prometheus gives every target)
 caught in a restart loop cannot report on itself, so its supervisor does.
 
 `state/prometheus/targets.json` lists every endpoint, one target group per process, labelled
-with its `service` (bridge, wsgate, gateway, dashboard, ingest, supervisor) and `role` (the
+with its `service` (bridge, wsgate, gateway, dashboard, ingest, rules, supervisor) and `role` (the
 child's name in `teamtrack up`). It is replaced in one step whenever `endpoints.json` is (start,
 restarts, `teamtrack scale`), and Prometheus' file_sd reads it again when it changes
 (`deploy/prometheus/prometheus.yml`). Dashboards served over HTTPS (`--https`) are listed in
@@ -105,6 +105,8 @@ def scrape_targets(cluster: LocalCluster) -> tuple[TargetGroups, TargetGroups]:
     https = bool(cluster.options.https and cluster.options.tls)
     if any(child.role == "ingest" for child in cluster.children):
         plain.append(_group(ports.ingest_metrics, "ingest", "ingest"))
+    if any(child.role == "rules" for child in cluster.children):
+        plain.append(_group(ports.rules_metrics, "rules", "rules"))
     return (plain, dashboards) if https else (plain + dashboards, [])
 
 

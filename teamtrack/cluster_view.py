@@ -56,6 +56,7 @@ def endpoints_of(cluster: LocalCluster) -> dict[str, object]:
             for port in cluster.ports.gateway_metrics[: cluster.dashboards]
         ],
         "ingest_metrics": f"http://{LOOPBACK}:{cluster.ports.ingest_metrics}/metrics",
+        "rules_metrics": f"http://{LOOPBACK}:{cluster.ports.rules_metrics}/metrics",
         "supervisor_metrics": f"http://{LOOPBACK}:{cluster.ports.supervisor_metrics}/metrics",
         "scale": {
             "brokers": cluster.brokers,

@@ -373,3 +373,40 @@ def decode_worker_event(payload: bytes) -> int:
     except orjson.JSONDecodeError:
         raise ContractError(Reason.NOT_JSON, "event is not JSON") from None
     return check_worker_event(body)
+
+
+# Notices: worker events (Kind.EVENT) that the rules service writes into a team's log so that
+# every dashboard instance turns them into `alert`, `alert_ack` and `zones` frames
+# (teamtrack.alerts). Never written by a bridge (they refuse device event topics and make
+# only `transition` events); the history does not store them as worker events.
+NOTICE_TYPES: Final = frozenset({"alert", "alert_ack", "zones"})
+NOTICE_ORIGIN: Final = "rules"
+MAX_NOTICE_BYTES: Final = 4096
+_NOTICE_FIELDS: Final = {
+    "alert": frozenset({"type", "ts", "alert"}),
+    "alert_ack": frozenset({"type", "ts", "id", "by"}),
+    "zones": frozenset({"type", "ts"}),
+}
+
+
+def is_notice(body: object) -> bool:
+    return type(body) is dict and body.get("type") in NOTICE_TYPES
+
+
+def check_notice(body: object) -> int:
+    """The shape of a notice (`is_notice`) on a decoded object; its `ts`."""
+    if type(body) is not dict or body.get("type") not in NOTICE_TYPES:
+        raise ContractError(Reason.BAD_TYPE, "not a notice")
+    if body.keys() != _NOTICE_FIELDS[body["type"]]:
+        raise ContractError(Reason.UNKNOWN_FIELD, "notice fields")
+    ts = _integer(body["ts"], "ts")
+    if not 0 <= ts <= MAX_INTEGER:
+        raise ContractError(Reason.OUT_OF_RANGE, f"ts must be in [0, {MAX_INTEGER}]")
+    if body["type"] == "alert" and type(body["alert"]) is not dict:
+        raise ContractError(Reason.BAD_TYPE, "alert must be an object")
+    if body["type"] == "alert_ack" and not (
+        type(body["id"]) is str and len(body["id"]) <= 64 and type(body["by"]) is str
+        and is_slug(body["by"])
+    ):
+        raise ContractError(Reason.BAD_TYPE, "alert_ack needs an id and a manager")
+    return ts

@@ -270,13 +270,15 @@ async def _erase(
         deleted.positions += late.positions
         deleted.presence += late.presence
         deleted.events += late.events
+        deleted.alerts += late.alerts
         await record_erasure(store, operator=operator, team=team, worker=worker,
                              before_ms=before_ms, deleted=deleted, last_known=last_known)
     finally:
         await store.close()
     reached = "not reached" if last_known is None else f"{last_known} entries"
     return (f"erased {team}/{worker}: {deleted.positions} positions, {deleted.presence} "
-            f"presence changes, {deleted.events} events; last-known: {reached}; logged in "
+            f"presence changes, {deleted.events} events, {deleted.alerts} alerts; last-known: "
+            f"{reached}; logged in "
             "the history's erasures table")
 
 

@@ -17,6 +17,7 @@ from teamtrack.contract import (
     ContractError,
     Presence,
     check_worker_event,
+    is_notice,
     is_slug,
 )
 
@@ -113,6 +114,8 @@ def decode_event_row(team: str, item: object) -> tuple[str, dict[str, Any]]:
         }
         return "s", status
     if kind == "e":
+        if is_notice(payload):
+            return "n", {}  # the rules service's: its alerts table holds them
         return "e", _worker_event_row(team, worker, payload, origin, received_ms)
     if kind != "p":
         raise OddEvent("bad_event")
@@ -154,6 +157,8 @@ def decode_batch(team: str, raw: bytes) -> DecodedBatch:
             kind, row = decode_event_row(team, item)
         except OddEvent as odd:
             decoded.skipped[odd.reason] += 1
+            continue
+        if kind == "n":
             continue
         rows = {"p": decoded.positions, "s": decoded.presence}.get(kind, decoded.events)
         rows.append(row)

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 
+from teamtrack.alerts import AlertStore, alerts
 from teamtrack.history import (
     HistoryStore,
     PresenceChange,
@@ -68,13 +69,14 @@ class Deleted:
     positions: int = 0
     presence: int = 0
     events: int = 0
+    alerts: int = 0
     statements: int = 0
     seconds: float = 0.0
     by_team: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.positions + self.presence + self.events
+        return self.positions + self.presence + self.events + self.alerts
 
     def add(self, table: sa.Table, count: int) -> None:
         if table is positions:
@@ -114,6 +116,7 @@ async def history_teams(store: HistoryStore) -> list[str]:
     async with store.engine.connect() as connection:
         for table in HISTORY_TABLES:
             found.update(await _distinct(connection, table.c.team))
+        found.update(await _distinct(connection, alerts.c.team))
     return sorted(found)
 
 
@@ -152,6 +155,12 @@ async def sweep(
             )
             if count:
                 deleted.by_team[team] = deleted.by_team.get(team, 0) + count
+        # The team's alerts age out with its history (by the time of their trigger).
+        count = await AlertStore(store.engine).delete_older(team, cutoff)
+        deleted.alerts += count
+        deleted.statements += 1
+        if count:
+            deleted.by_team[team] = deleted.by_team.get(team, 0) + count
     deleted.seconds = time.perf_counter() - started
     return deleted
 
@@ -168,6 +177,9 @@ async def erase_worker(
         if before_ms is not None:
             where.append(table.c.ts < before_ms)
         await _delete_in_batches(store, table, where, chunk, pause_s, deleted)
+    # The worker's alerts too (and, for a whole erase, what the rules service keeps of them).
+    deleted.alerts += await AlertStore(store.engine).erase_worker(team, worker, before_ms)
+    deleted.statements += 1
     deleted.seconds = time.perf_counter() - started
     return deleted
 

@@ -16,6 +16,8 @@ role's password it may do what that role does and nothing else (`{prefix}` is th
   position or a last-known record, create, delete or trim a topic, or join anybody's group;
 * `tt-ingest`: reads `{prefix}.positions` in its groups `{prefix}.ingest*`, looks up the
   offsets of `{prefix}.last` (Describe) and reads nothing else;
+* `tt-rules`: the rules service: reads `{prefix}.positions` in its groups `{prefix}.rules*` and
+  writes its alert notices into it;
 * `tt-admin`: a super user, for operators and tools; it creates the topics at start
   (`prepare_backend`), so no role needs Create;
 * `tt-broker`: the nodes themselves (replication and the controller quorum), a super user.
@@ -38,7 +40,7 @@ from teamtrack.kafka_server import KafkaSasl, SaslUser
 from teamtrack.passwords import generate_secret
 
 USERS_FILE: Final = "kafka-users.json"
-ROLES: Final = ("admin", "bridge", "dashboard", "ingest")
+ROLES: Final = ("admin", "bridge", "dashboard", "ingest", "rules")
 # The nodes' own account: not a role any service runs as.
 INTERNAL: Final = "broker"
 
@@ -135,6 +137,11 @@ def role_acls(prefix: str = "teamtrack") -> list[AclRule]:
         topic("ingest", positions, READ),
         topic("ingest", last, DESCRIBE),
         groups("ingest", f"{prefix}.ingest"),
+        # The rules service: reads in its groups, writes its alert notices into the log.
+        topic("rules", positions, READ),
+        topic("rules", positions, WRITE),
+        topic("rules", last, DESCRIBE),
+        groups("rules", f"{prefix}.rules"),
     ]
 
 

@@ -5,6 +5,7 @@
     positions.csv       the same fixes, the columns of the history's CSV export
     presence.csv        online/offline changes
     events.csv          worker events (region transitions), each the contract's JSON
+    alerts.csv          alerts raised about the worker (zones, offline, battery, idle, ...)
     last-known.json     what the live backend holds now (newest position and presence), if reached
     erasures.csv        earlier erasures of this worker's data (counts only: no positions)
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from teamtrack.alerts import AlertStore
 from teamtrack.backends import Snapshot
 from teamtrack.history import HistoryStore, StoredPosition
 from teamtrack.history_export import CSV_COLUMNS, iso_time
@@ -42,6 +44,7 @@ ARCHIVE_FILES: dict[str, str] = {
     "positions.csv": "every stored position (CSV)",
     "presence.csv": "online/offline changes",
     "events.csv": "worker events (region transitions)",
+    "alerts.csv": "alerts raised about the worker, and who acknowledged them",
     "last-known.json": "the live backend's newest position and presence, if it was reached",
     "erasures.csv": "earlier erasures of this worker's data (counts, no positions)",
 }
@@ -140,6 +143,20 @@ async def _write_events(
     return count
 
 
+async def _write_alerts(
+    archive: zipfile.ZipFile, store: HistoryStore, team: str, worker: str
+) -> int:
+    found = await AlertStore(store.engine).worker_alerts(team, worker)
+    with archive.open("alerts.csv", "w") as table:
+        table.write(_csv_line(("team", "worker", "time", "at", "kind", "zone", "zone_name",
+                               "detail", "acked_by", "acked_ms")))
+        for alert in found:
+            table.write(_csv_line((team, worker, iso_time(alert.at), alert.at, alert.kind,
+                                   alert.zone or "", alert.zone_name or "", alert.detail,
+                                   alert.acked_by or "", alert.acked_ms or "")))
+    return len(found)
+
+
 def _last_known_document(snapshot: Snapshot | None, worker: str) -> dict[str, Any]:
     if snapshot is None:
         return {"reached": False}
@@ -171,6 +188,7 @@ async def write_person_archive(
             summary.counts["positions"] = await _write_positions(archive, store, team, worker)
             summary.counts["presence"] = await _write_presence(archive, store, team, worker)
             summary.counts["events"] = await _write_events(archive, store, team, worker)
+            summary.counts["alerts"] = await _write_alerts(archive, store, team, worker)
             last_known = _last_known_document(snapshot, worker)
             archive.writestr(
                 "last-known.json", orjson.dumps(last_known, option=orjson.OPT_INDENT_2)

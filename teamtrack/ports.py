@@ -36,7 +36,7 @@ class PortPlan:
     Bridges 2..N of broker i (`bridges_per_broker`) have their metrics at
     base + 700 + 10 (i-1) + (n-2): bridge n of broker i, so at most 11 bridges per broker.
     The supervisor's own metrics (`teamtrack.cluster_metrics`) at base + 800, the ingest's at
-    base + 801.
+    base + 801, the rules service's at base + 802.
     """
 
     broker_mqtt: list[int]
@@ -56,6 +56,7 @@ class PortPlan:
     more_bridge_metrics: list[list[int]] = field(default_factory=list)
     supervisor_metrics: int = 0
     ingest_metrics: int = 0
+    rules_metrics: int = 0
 
     @property
     def kafka_nodes(self) -> list[tuple[int, int]]:
@@ -98,6 +99,7 @@ class PortPlan:
                 ],
                 supervisor_metrics=free_port(),
                 ingest_metrics=free_port(),
+                rules_metrics=free_port(),
             )
         return cls(
             broker_mqtt=[base + 10 * index for index in range(brokers)],
@@ -121,6 +123,7 @@ class PortPlan:
             ],
             supervisor_metrics=base + 800,
             ingest_metrics=base + 801,
+            rules_metrics=base + 802,
         )
 
     def all_ports(self) -> Iterator[int]:
@@ -140,6 +143,7 @@ class PortPlan:
         yield from self.gateway_metrics
         yield self.supervisor_metrics
         yield self.ingest_metrics
+        yield self.rules_metrics
 
     def grown(
         self, base: int, brokers: int, dashboards: int, bridges_per_broker: int

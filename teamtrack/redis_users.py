@@ -12,6 +12,8 @@ does and nothing else:
   logouts every dashboard reads, `{prefix}:revoked-sessions` (XADD);
 * `tt-ingest`: reads and writes `{prefix}:*` with its consumer group, EXISTS/SET of the
   last-known marker and the restore script;
+* `tt-rules`: the rules service: its consumer group (as the ingest) and the publish script
+  (as a bridge: the alert notices it writes into the teams' logs);
 * `default`: everything, for operators and tools (`redis-cli --askpass`). It is the admin
   account rather than an account switched off because Redis 7.0 replays its append-only file
   with the default user's rights: with `default` off, a restart refused every MULTI/EXEC in
@@ -39,7 +41,7 @@ from teamtrack.passwords import generate_secret
 
 USERS_FILE: Final = "redis-users.json"
 ACL_FILE: Final = "users.acl"
-ROLES: Final = ("admin", "bridge", "dashboard", "ingest")
+ROLES: Final = ("admin", "bridge", "dashboard", "ingest", "rules")
 _CONNECTION: Final = "-@all +@connection +ping +script|load"
 _GROUP: Final = "+xreadgroup +xgroup|create +xinfo|stream +xinfo|groups +xack +xautoclaim"
 
@@ -91,6 +93,12 @@ def acl_text(users: dict[str, RedisUser], prefix: str = "tt") -> str:
         "ingest": (
             f"{keys} resetchannels {_CONNECTION} {_GROUP} +exists +set +evalsha +eval +hget"
             " +hset"
+        ),
+        # Its consumer group, like the ingest, and the publish script, like a bridge (the
+        # notices of alerts it writes into the teams' logs).
+        "rules": (
+            f"{keys} resetchannels {_CONNECTION} {_GROUP} +evalsha +eval +wait +xadd +xtrim"
+            " +xrevrange +hmget +hget +hset +exists"
         ),
     }
     lines = []

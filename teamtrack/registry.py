@@ -15,6 +15,10 @@ The registry is a YAML file written by people (or by `demo_registry` for demos a
           windows: ["mon-fri 07:00-19:00", "sat 08:00-12:00"]   # (docs/privacy.md)
         worker_shifts:                # optional: a worker's own shifts, or "always"
           w002: {tz: Europe/Berlin, windows: ["sun-thu 22:00-06:00"]}
+        offline_alert_s: 600          # optional alert thresholds of the rules service:
+        battery_alert_below: 20       # offline this long, battery below this %, no
+        idle_alert_s: 1200            # movement this long (defaults: the service's flags)
+        alert_webhook: https://ops.example.org/teamtrack   # optional: alerts POSTed, signed
     bridges: [bridge-b1-1, bridge-b2-1]   # MQTT users of bridge processes, one per process:
                                       # bridge-{broker}-{instance} (client id = username)
     observers: [observer]             # MQTT users that may read teams/# for debugging
@@ -179,6 +183,15 @@ class Team(BaseModel):
             {worker: None if shifts == "always" else parse_shifts(shifts)
              for worker, shifts in self.worker_shifts.items()},
         )
+    # Alert thresholds of the rules service (docs/protocol.md, "Alerts"); None: its defaults
+    # (--offline-alert-s, --battery-alert-below, --idle-alert-s). 0 s turns a timer rule off.
+    offline_alert_s: float | None = Field(default=None, ge=0, le=86_400 * 7,
+                                          allow_inf_nan=False)
+    battery_alert_below: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    idle_alert_s: float | None = Field(default=None, ge=0, le=86_400 * 7, allow_inf_nan=False)
+    # Where the rules service POSTs this team's alerts (signed; docs/alerts.md, "Webhooks").
+    alert_webhook: str | None = Field(default=None, max_length=500,
+                                      pattern=r"^https?://[^\s/?#]+[^\s]*$")
 
     @model_validator(mode="before")
     @classmethod
@@ -406,6 +419,9 @@ def _team_document(team: Team) -> dict[str, Any]:
         document["shifts"] = team.shifts
     if team.worker_shifts:
         document["worker_shifts"] = dict(team.worker_shifts)
+    for name in ("offline_alert_s", "battery_alert_below", "idle_alert_s", "alert_webhook"):
+        if getattr(team, name) is not None:
+            document[name] = getattr(team, name)
     return document
 
 

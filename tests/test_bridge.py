@@ -16,8 +16,9 @@ from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
 
 from bridge.service import MIRROR_REPLAY_S, BridgeConfig, BridgeService
-from teamtrack.backends import Backend, Batch, from_url
-from teamtrack.contract import position_topic, status_topic
+from teamtrack.alerts import Alert, alert_notice
+from teamtrack.backends import Backend, Batch, Event, from_url
+from teamtrack.contract import Kind, position_topic, status_topic
 from teamtrack.metrics import MetricsServer
 from teamtrack.mqtt import BrokerAddress, bridge_username
 from teamtrack.servers import free_port, start_redis
@@ -293,6 +294,28 @@ async def test_mirroring_limited_to_chosen_teams(
     await asyncio.sleep(0.5)
     watcher.stop()
     assert [topic for topic, _ in watcher.messages] == [position_topic("bravo", "w001")]
+
+
+async def test_the_rules_services_notices_are_not_mirrored_to_the_brokers(
+    cluster: Cluster, start_bridge: StartBridge
+) -> None:
+    """Alert notices are for the dashboards: a manager's MQTT client sees no such event."""
+    bridge = await start_bridge(1, mirror_teams=frozenset({"alpha"}))
+    observer = cluster.credentials.observer
+    assert observer is not None
+    watcher = await MosquittoSub.start(
+        cluster.brokers[1].mqtt_port, observer.username, observer.password, "teams/#"
+    )
+    now = int(time.time() * 1000)
+    alert = Alert("a" * 32, "alpha", "w001", "zone_enter", "z1", "Depot", now, now, "entered")
+    await bridge.backend.publish([alert_notice(alert, now)])
+    await bridge.backend.publish([
+        Event("alpha", "w002", Kind.POSITION, payload(1), "b1", now, now, 0)
+    ])
+    await watcher.wait_for(1, timeout=5)
+    await asyncio.sleep(0.5)
+    watcher.stop()
+    assert [topic for topic, _ in watcher.messages] == [position_topic("alpha", "w002")]
 
 
 async def test_metrics_port_serves_counters(cluster: Cluster, start_bridge: StartBridge) -> None:

@@ -14,6 +14,7 @@ from bridge.settings import BridgeSettings
 from dashboard.settings import DashboardSettings
 from gateway.settings import GatewaySettings as DeviceGatewaySettings
 from ingest.settings import IngestSettings
+from rules.settings import RulesSettings
 from teamtrack.cli import app
 from teamtrack.settings import ENV_PREFIX, ServiceSettings
 from wsgate.settings import GatewaySettings
@@ -24,6 +25,7 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "dashboard": DashboardSettings,
     "gateway": DeviceGatewaySettings,
     "ingest": IngestSettings,
+    "rules": RulesSettings,
     "wsgate": GatewaySettings,
 }
 
@@ -44,7 +46,8 @@ def test_every_service_of_the_cluster_runs() -> None:
         module for service in _services().values() if (module := _module(service)) is not None
     )
     assert modules == [
-        "bridge", "bridge", "dashboard", "dashboard", "gateway", "ingest", "wsgate", "wsgate"
+        "bridge", "bridge", "dashboard", "dashboard", "gateway", "ingest", "rules", "wsgate",
+        "wsgate",
     ]
     assert {"redis", "mosquitto-1", "mosquitto-2"} <= set(_services())
 
@@ -84,7 +87,7 @@ def test_the_ingest_and_the_dashboards_share_the_history() -> None:
     services = _services()
     urls = {
         name: services[name]["environment"]["TEAMTRACK_DATABASE_URL"]
-        for name in ("ingest", "dashboard-1", "dashboard-2")
+        for name in ("ingest", "rules", "dashboard-1", "dashboard-2")
     }
     assert len(set(urls.values())) == 1
     for name in urls:

@@ -97,7 +97,9 @@ def test_export_then_erase_leaves_the_worker_in_no_store(
     erased = runner.invoke(app, ["history", "erase", "alpha", "w1", "--yes", "--settle-s",
                                  "0.1", "--operator", "dpo"], env=env)
     assert erased.exit_code == 0, erased.output
-    assert f"{FIXES} positions, 1 presence changes, 1 events; last-known: 2" in erased.output
+    assert f"{FIXES} positions, 1 presence changes, 1 events, 0 alerts; last-known: 2" in (
+        erased.output
+    )
     assert "52.5" not in erased.output
 
     after = asyncio.run(stored_about(redis_url, history_url))

@@ -54,7 +54,7 @@ async def test_migrations_create_the_schema_and_rerun_harmlessly(store: HistoryS
         version = await connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
     assert {"positions", "presence_changes", "worker_events", "erasures",
             "alembic_version"} <= tables
-    assert version == "0003_erasures"
+    assert version == "0004_zones_alerts"
     assert await store.ping()
 
 

@@ -73,7 +73,7 @@ def scale(running: RunningCluster, *args: str) -> dict[str, Any]:
 
 
 def expected_roles(brokers: int, bridges: int, dashboards: int) -> set[str]:
-    roles = {"redis", "ingest"}
+    roles = {"redis", "ingest", "rules"}
     for index in range(1, brokers + 1):
         roles |= {f"broker-{index}", f"wsgate-{index}", f"bridge-{index}"}
         roles |= {f"bridge-{index}-{instance}" for instance in range(2, bridges + 1)}

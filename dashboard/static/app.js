@@ -258,6 +258,8 @@
       showNotice("Some updates were lost for good; the map was reloaded.", 15000);
     }
     if (typeof frame.cursor === "string") cursor = frame.cursor;
+    // alerts hook: alerts.js (and any other module) sees every frame after it was applied.
+    window.dispatchEvent(new CustomEvent("teamtrack:frame", { detail: frame }));
   }
 
   function becameLive() {
@@ -822,6 +824,9 @@
 
   // For tests and for operators at the console: what the page believes, without reading pixels.
   window.teamtrack = {
+    // alerts hook: the Leaflet map and the team, for alerts.js.
+    get map() { return map; },
+    get team() { return team; },
     state() {
       return {
         team: team,

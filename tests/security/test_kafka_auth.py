@@ -159,12 +159,12 @@ def test_the_passwords_are_in_private_files_and_on_no_command_line(
     users = cluster.state_dir / USERS_FILE
     assert users.stat().st_mode & 0o777 == 0o600
     secrets = list(passwords(cluster).values())
-    assert len(secrets) == 5  # admin, bridge, dashboard, ingest and the nodes' own
+    assert len(secrets) == 6  # admin, bridge, dashboard, ingest, rules and the nodes' own
     for role, pid in json.loads((cluster.state_dir / "processes.json").read_text()).items():
         command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
         environment = Path(f"/proc/{pid}/environ").read_bytes()
         assert not any(secret.encode() in command_line for secret in secrets), role
-        if role.startswith(("bridge", "dashboard", "ingest")):
+        if role.startswith(("bridge", "dashboard", "ingest", "rules")):
             # Each service has its own role's password in its environment, and only that.
             own = passwords(cluster)[role.split("-")[0]]
             assert own.encode() in environment, role

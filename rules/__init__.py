@@ -1,0 +1,1 @@
+"""The rules service: positions and presence from the backend into alerts (`rules.service`)."""

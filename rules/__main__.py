@@ -1,0 +1,77 @@
+"""`python -m rules`: positions and presence from the backend into alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from rules.engine import TeamRules
+from rules.service import RulesConfig, RulesService
+from rules.settings import RulesSettings
+from teamtrack.backends import BackendError, from_url
+from teamtrack.history import HistoryStore
+from teamtrack.logs import configure_logging
+from teamtrack.metrics import service_registry
+from teamtrack.runtime import run, serving, settle_heap
+from teamtrack.settings import load_settings
+
+log = logging.getLogger("rules")
+
+
+async def serve(settings: RulesSettings) -> None:
+    config = RulesConfig(
+        group=settings.group,
+        consumer=settings.consumer,
+        start=settings.start,
+        tick_s=settings.tick_ms / 1000,
+        default_rules=TeamRules(
+            offline_after_s=settings.offline_alert_s,
+            battery_below=settings.battery_alert_below,
+            idle_after_s=settings.idle_alert_s,
+            idle_radius_m=settings.idle_radius_m,
+        ),
+        registry_path=settings.registry,
+        webhook_secret=settings.webhook_secret,
+    )
+    registry = service_registry()
+    store = HistoryStore.from_url(settings.history_url())
+    service = RulesService(config, from_url(settings.backend_url), store, registry)
+    async with serving(log, registry, settings.metrics_host, settings.metrics_port) as stopping:
+        await service.start()
+        settle_heap()
+        log.info("rules %s (group %s) on %s database", config.consumer, config.group,
+                 store.dialect)
+        stop_requested = asyncio.create_task(stopping.wait())
+        failure = asyncio.create_task(service.wait())
+        done, _ = await asyncio.wait({stop_requested, failure},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping")
+        stop_requested.cancel()
+        if failure not in done:
+            failure.cancel()
+        await service.stop()
+        if failure in done:
+            failure.result()
+
+
+def main() -> None:
+    settings = load_settings(RulesSettings, "python -m rules")
+    configure_logging(settings.log_level)
+    try:
+        run(serve(settings))
+    except BackendError as error:
+        print(f"python -m rules: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (SQLAlchemyError, OSError) as error:
+        print(f"python -m rules: history database: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:
+        print(f"python -m rules: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
