@@ -11,9 +11,25 @@
   const PING_EVERY_MS = 20000;
   // No frame and no pong for this long: the connection is dead even if the browser hasn't noticed.
   const SILENCE_LIMIT_MS = 45000;
+  // Connection truth: the header never says "live" for a server that has stopped answering.
+  // While the team is active (positions kept arriving), no frame for DELAYED_AFTER_MS reads
+  // "delayed"; a quiet team is probed with a ping after PROBE_AFTER_MS of silence, and a ping
+  // unanswered for PONG_LIMIT_MS reads "delayed" too. Checked every CHECK_EVERY_MS.
+  const DELAYED_AFTER_MS = 5000;
+  const PROBE_AFTER_MS = 2000;
+  const PONG_LIMIT_MS = 3000;
+  const CHECK_EVERY_MS = 250;
+  const ACTIVE_FRAMES = 3; // position frames within ACTIVE_WINDOW_MS before the silence
+  const ACTIVE_WINDOW_MS = 30000;
   const CLOSE_TOO_SLOW = 4008;
   const CLOSE_REVOKED = 4401; // a logout elsewhere, or the account revoked or rotated
-  const COLOURS = { online: "#1f8a4c", stale: "#d08c1a", offline: "#7b8594", unknown: "#3867d6" };
+  // Colours chosen apart for the common colour blindnesses; every state also has its own shape
+  // (list icons, marker outline), so colour is never the only cue.
+  const COLOURS = { online: "#1b7f4a", stale: "#e08a00", offline: "#5f6b7a", off_duty: "#7b52c7",
+    unknown: "#2f6fd6" };
+  // The list sorts by need: who may want help comes first (alerting: branch alerts' module).
+  const NEED_RANK = { offline: 0, stale: 1, alerting: 2, off_duty: 3, unknown: 4, online: 5 };
+  const STATES = ["offline", "stale", "off_duty", "online"];
   const FOCUS_ZOOM = 16;
   const RENDER_SAMPLES = 240;
 
@@ -33,7 +49,9 @@
       online: document.getElementById("count-online"),
       stale: document.getElementById("count-stale"),
       offline: document.getElementById("count-offline"),
+      off_duty: document.getElementById("count-off_duty"),
     },
+    countsList: document.getElementById("counts"),
     replay: {
       toggle: document.getElementById("replay-toggle"),
       bar: document.getElementById("replay"),
@@ -57,6 +75,12 @@
   let socket = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
   let lastHeard = 0;
+  let lastFrame = 0; // the last frame other than a pong (this browser's clock)
+  let pingSentAt = 0; // an unanswered ping, or 0
+  const positionFrames = []; // when the last frames carrying positions came (this browser's clock)
+  let filter = null; // a state the list is restricted to (a count clicked), or null
+  let alerting = new Set(); // workers with unacknowledged alerts (window.teamtrackAlerts)
+  let orderDirty = true;
   // Where to resume from after a drop: the cursor of the last frame applied.
   let cursor = null;
   let serverOffsetMs = 0; // server clock minus this browser's, from the frames' "now"
@@ -109,7 +133,10 @@
 
   // The time the map shows: now, or the play head while replaying (ages and staleness).
   function viewNow() {
-    return replaying() ? player.now() : serverNow();
+    if (replaying()) return player.now();
+    // A delayed server is not a team going stale: ages stop where the last frame left them.
+    if (elements.connection.dataset.state === "delayed") return lastFrame + serverOffsetMs;
+    return serverNow();
   }
 
   // --- Workers --------------------------------------------------------------------------
@@ -127,6 +154,7 @@
       marker: null,
       trailLine: null,
       row: null,
+      cells: null,
     };
   }
 
@@ -152,9 +180,10 @@
   }
 
   function stateOf(entry, now) {
-    if (entry.status === "offline" && (entry.rxMs === null || entry.statusMs >= entry.rxMs)) {
-      return "offline";
-    }
+    const statusNewer = entry.rxMs === null || entry.statusMs >= entry.rxMs;
+    if (entry.status === "offline" && statusNewer) return "offline";
+    // Off duty (paused by the device, or outside its shift) until a later position or "online".
+    if (entry.status === "off_duty" && statusNewer) return "off_duty";
     if (entry.position === null) return entry.status === "online" ? "online" : "unknown";
     if (now - entry.rxMs > config.stale_after_s * 1000) return "stale";
     return "online";
@@ -229,12 +258,26 @@
   }
 
   function onFrame(message) {
-    lastHeard = Date.now();
+    const arrived = Date.now();
+    lastHeard = arrived;
+    pingSentAt = 0;
     let frame;
     try {
       frame = JSON.parse(message.data);
     } catch (error) {
       return;
+    }
+    if (frame.type === "pong") {
+      if (elements.connection.dataset.state === "delayed" && !serverQuietWhileActive(arrived)) {
+        setConnection("live");
+      }
+      return;
+    }
+    lastFrame = arrived;
+    if (elements.connection.dataset.state === "delayed") setConnection("live");
+    if ((frame.type === "events" || frame.type === "sync") && frame.events.some((e) => e.k === "p")) {
+      positionFrames.push(arrived);
+      if (positionFrames.length > ACTIVE_FRAMES) positionFrames.shift();
     }
     if (frame.type in stats.frames) stats.frames[frame.type] += 1;
     if (frame.type === "snapshot") {
@@ -258,6 +301,8 @@
       showNotice("Some updates were lost for good; the map was reloaded.", 15000);
     }
     if (typeof frame.cursor === "string") cursor = frame.cursor;
+    // alerts hook: other page modules (alerts.js) see every frame once it is applied.
+    window.dispatchEvent(new CustomEvent("teamtrack:frame", { detail: frame }));
   }
 
   function becameLive() {
@@ -273,6 +318,14 @@
       if (position && (newest === null || position.ts > newest)) newest = position.ts;
     }
     if (newest !== null) elements.delay.textContent = formatDuration(Date.now() - newest);
+  }
+
+  // A wall-clock time of this browser's zone for a server-clock instant, e.g. "14:02:31".
+  // (By hand: toLocaleTimeString costs a formatter per call, too slow for 2,000 rows a second.)
+  function clockTime(ms) {
+    const date = new Date(ms - serverOffsetMs);
+    const two = (value) => (value < 10 ? "0" : "") + value;
+    return two(date.getHours()) + ":" + two(date.getMinutes()) + ":" + two(date.getSeconds());
   }
 
   function formatAge(ms) {
@@ -336,7 +389,11 @@
       color: selected ? "#111" : "#fff",
       weight: selected ? 2.5 : 1.5,
       fillColor: COLOURS[entry.state],
-      fillOpacity: entry.state === "offline" ? 0.6 : 0.95,
+      // Shape cues besides colour: offline hollow, off duty half filled, stale dashed outline.
+      fillOpacity: entry.state === "offline" ? 0.15 : entry.state === "off_duty" ? 0.45 : 0.95,
+      dashArray: entry.state === "stale" ? "3 2" : null,
+      ...(selected || (entry.state !== "offline" && entry.state !== "off_duty") ? {}
+        : { color: COLOURS[entry.state], weight: 2.5 }),
     };
   }
 
@@ -423,72 +480,147 @@
   }
 
   // --- Side list ------------------------------------------------------------------------
+  // Each row: state icon (shape and colour), name, an alert mark, last seen as a clock time and
+  // an age, speed and battery. All text goes in with textContent.
+  const ICONS = { online: "●", stale: "◔", offline: "✕", off_duty: "⏸", unknown: "○" };
+  const STATE_WORDS = { online: "online", stale: "stale", offline: "offline", off_duty: "off duty",
+    unknown: "no fix yet" };
+
+  function span(className) {
+    const element = document.createElement("span");
+    element.className = className;
+    return element;
+  }
+
   function newRow(entry) {
     const row = document.createElement("li");
     row.dataset.worker = entry.id;
     const button = document.createElement("button");
     button.type = "button";
-    const dot = document.createElement("span");
-    dot.className = "dot";
-    const name = document.createElement("span");
-    name.className = "name";
+    const icon = span("icon");
+    icon.setAttribute("aria-hidden", "true");
+    const name = span("name");
     name.textContent = entry.id;
-    const age = document.createElement("span");
-    age.className = "age";
-    const gaps = document.createElement("span");
-    gaps.className = "gaps";
+    const mark = span("alert-mark");
+    mark.textContent = "▲ alert";
+    mark.hidden = true;
+    const gaps = span("gaps");
     gaps.hidden = true;
-    button.append(dot, name, gaps, age);
+    const seen = span("seen");
+    const detail = span("detail");
+    const top = span("line");
+    top.append(icon, name, mark, gaps);
+    const bottom = span("line sub");
+    bottom.append(seen, detail);
+    button.append(top, bottom);
     button.addEventListener("click", () => follow(entry.id));
     row.appendChild(button);
-    row.hidden = !matchesSearch(entry.id);
+    entry.cells = { button: button, icon: icon, mark: mark, gaps: gaps, seen: seen, detail: detail };
     entry.row = row;
+    row.hidden = !rowVisible(entry);
     return row;
   }
 
-  function buildList() {
-    const fragment = document.createDocumentFragment();
-    for (const id of sortedIds) fragment.appendChild(newRow(workers.get(id)));
-    elements.list.replaceChildren(fragment);
+  function needRank(entry) {
+    if (entry.state === "offline" || entry.state === "stale") return NEED_RANK[entry.state];
+    if (alerting.has(entry.id)) return NEED_RANK.alerting;
+    return NEED_RANK[entry.state];
   }
 
-  function placeRow(entry) {
-    const row = newRow(entry);
-    // Before the first later worker already listed (several may be new in one render).
-    let next = null;
-    for (let index = sortedIds.indexOf(entry.id) + 1; index < sortedIds.length; index++) {
-      const candidate = workers.get(sortedIds[index]).row;
-      if (candidate && candidate.parentNode) {
-        next = candidate;
-        break;
+  // Need first; among the offline and stale, the longest unheard first; then by name.
+  function compareNeed(a, b) {
+    const rank = needRank(a) - needRank(b);
+    if (rank !== 0) return rank;
+    if (a.state === "offline" || a.state === "stale") {
+      const seenA = Math.max(a.rxMs || 0, a.statusMs || 0);
+      const seenB = Math.max(b.rxMs || 0, b.statusMs || 0);
+      if (seenA !== seenB) return seenA - seenB;
+    }
+    return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+  }
+
+  function listOrder() {
+    return sortedIds.map((id) => workers.get(id)).sort(compareNeed);
+  }
+
+  function buildList() {
+    for (const entry of workers.values()) {
+      if (!entry.row) newRow(entry);
+    }
+    orderDirty = true;
+    reorderList();
+  }
+
+  // Puts the rows in need order, moving only those out of place.
+  function reorderList() {
+    orderDirty = false;
+    const order = listOrder();
+    let current = elements.list.firstChild;
+    for (const entry of order) {
+      if (!entry.row) newRow(entry);
+      if (entry.row === current) {
+        current = current.nextSibling;
+      } else {
+        elements.list.insertBefore(entry.row, current);
       }
     }
-    elements.list.insertBefore(row, next);
   }
 
   function fillRow(entry, now) {
     const row = entry.row;
+    const cells = entry.cells;
+    const isAlerting = alerting.has(entry.id);
     row.dataset.state = entry.state;
+    row.dataset.alerting = String(isAlerting);
     row.dataset.seq = entry.position && typeof entry.position.seq === "number"
       ? String(entry.position.seq) : "";
     row.dataset.seqGaps = String(entry.seqGaps);
-    const [, , gaps, age] = row.firstChild.children;
-    fillAge(entry, age, now);
+    cells.icon.textContent = ICONS[entry.state];
+    cells.mark.hidden = !isAlerting;
+    fillAge(entry, now);
     if (entry.seqGaps > 0) {
-      gaps.hidden = false;
-      gaps.textContent = "⚠ " + entry.seqGaps + " skipped";
-      gaps.title = "the device skipped " + entry.seqGaps + " sequence number(s)";
+      cells.gaps.hidden = false;
+      cells.gaps.textContent = "⚠ " + entry.seqGaps + " skipped";
+      cells.gaps.title = "the device skipped " + entry.seqGaps + " sequence number(s)";
     }
     const position = entry.position;
-    row.title = position
-      ? `${entry.id}: ${entry.state}, seq ${position.seq}` +
-        (typeof position.speed === "number" ? `, ${position.speed.toFixed(1)} m/s` : "") +
-        (typeof position.battery === "number" ? `, battery ${Math.round(position.battery)}%` : "")
-      : `${entry.id}: ${entry.state}`;
+    const parts = [];
+    if (position && typeof position.speed === "number") {
+      parts.push((position.speed * 3.6).toFixed(position.speed < 2.8 ? 1 : 0) + " km/h");
+    }
+    if (position && typeof position.battery === "number") {
+      parts.push("🔋 " + Math.round(position.battery) + "%");
+    }
+    cells.detail.textContent = parts.join(" · ");
+    row.dataset.battery = position && typeof position.battery === "number"
+      ? String(Math.round(position.battery)) : "";
   }
 
-  function fillAge(entry, age, now) {
-    age.textContent = entry.position ? formatAge(now - entry.rxMs) : entry.status || "";
+  // "offline · 14:02:31 (3 min ago)": the state in words, last seen as a time and an age.
+  function fillAge(entry, now) {
+    const seenMs = entry.state === "offline" || entry.state === "off_duty"
+      ? Math.max(entry.rxMs || 0, entry.statusMs || 0) : entry.rxMs;
+    let text = STATE_WORDS[entry.state];
+    if (seenMs) text += " · " + clockTime(seenMs) + " (" + formatAge(now - seenMs) + " ago)";
+    entry.cells.seen.textContent = text;
+    entry.cells.button.setAttribute("aria-label", entry.id + ", " + text +
+      (alerting.has(entry.id) ? ", has an unacknowledged alert" : "") +
+      (entry.cells.detail.textContent ? ", " + entry.cells.detail.textContent : ""));
+  }
+
+  function rowVisible(entry) {
+    if (!matchesSearch(entry.id)) return false;
+    if (filter === null) return true;
+    if (filter === "alerting") return alerting.has(entry.id);
+    return entry.state === filter;
+  }
+
+  function setFilter(state) {
+    filter = filter === state ? null : state;
+    for (const item of elements.countsList.querySelectorAll("button[data-filter]")) {
+      item.setAttribute("aria-pressed", String(item.dataset.filter === filter));
+    }
+    applySearch();
   }
 
   function matchesSearch(id) {
@@ -498,17 +630,32 @@
 
   function applySearch() {
     for (const entry of workers.values()) {
-      if (entry.row) entry.row.hidden = !matchesSearch(entry.id);
+      if (entry.row) entry.row.hidden = !rowVisible(entry);
     }
   }
 
   function updateCounts() {
-    const counts = { online: 0, stale: 0, offline: 0, unknown: 0 };
+    const counts = { online: 0, stale: 0, offline: 0, off_duty: 0, unknown: 0 };
     for (const entry of workers.values()) counts[entry.state] += 1;
-    for (const state of ["online", "stale", "offline"]) {
+    for (const state of STATES) {
       elements.counts[state].textContent = String(counts[state]);
     }
     elements.total.textContent = String(workers.size);
+    const alertCount = document.getElementById("count-alerting");
+    alertCount.textContent = String(alerting.size);
+    alertCount.closest("li").hidden = !window.teamtrackAlerts;
+  }
+
+  function readAlerting() {
+    const module = window.teamtrackAlerts;
+    const next = module && typeof module.unacknowledged === "function"
+      ? new Set(module.unacknowledged()) : new Set();
+    for (const id of new Set([...alerting, ...next])) {
+      if (workers.has(id) && alerting.has(id) !== next.has(id)) changed.add(id);
+    }
+    alerting = next;
+    orderDirty = true;
+    scheduleRender();
   }
 
   // --- Rendering ------------------------------------------------------------------------
@@ -528,15 +675,18 @@
       if (!entry) continue;
       const state = stateOf(entry, now);
       const styleChanged = state !== entry.state || !entry.marker;
+      if (state !== entry.state || !entry.row) orderDirty = true;
       entry.state = state;
       drawOnMap(entry, styleChanged);
-      if (!entry.row) placeRow(entry);
+      if (!entry.row) newRow(entry);
       fillRow(entry, now);
+      if (filter !== null) entry.row.hidden = !rowVisible(entry);
       if (id === followed && map && entry.position) {
         map.panTo([entry.position.lat, entry.position.lon], { animate: false });
       }
     }
     changed.clear();
+    if (orderDirty) reorderList();
     if (fitPending) fitToWorkers();
     updateCounts();
     stats.renderMs.push(performance.now() - started);
@@ -548,7 +698,7 @@
     const now = viewNow();
     for (const entry of workers.values()) {
       if (stateOf(entry, now) !== entry.state) changed.add(entry.id);
-      else if (entry.row) fillAge(entry, entry.row.firstChild.lastChild, now);
+      else if (entry.row) fillAge(entry, now);
     }
     if (changed.size) scheduleRender();
   }
@@ -744,6 +894,9 @@
     socket = current;
     stats.connections += 1;
     lastHeard = Date.now();
+    lastFrame = lastHeard;
+    pingSentAt = 0;
+    positionFrames.length = 0;
     current.onmessage = onFrame;
     current.onclose = (event) => {
       if (socket !== current) return;
@@ -771,13 +924,48 @@
     connect();
   }
 
+  function sendPing(now) {
+    socket.send(JSON.stringify({ type: "ping" }));
+    if (pingSentAt === 0) pingSentAt = now;
+  }
+
   function keepAlive() {
     if (!socket || socket.readyState !== WebSocket.OPEN) return;
     if (Date.now() - lastHeard > SILENCE_LIMIT_MS) {
       socket.close();
       return;
     }
-    socket.send(JSON.stringify({ type: "ping" }));
+    sendPing(Date.now());
+  }
+
+  // Positions were flowing (ACTIVE_FRAMES frames within ACTIVE_WINDOW_MS) and then stopped.
+  function serverQuietWhileActive(now) {
+    if (now - lastFrame < DELAYED_AFTER_MS) return false;
+    return positionFrames.length >= ACTIVE_FRAMES &&
+      lastFrame - positionFrames[0] <= ACTIVE_WINDOW_MS;
+  }
+
+  function checkConnection() {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
+    const state = elements.connection.dataset.state;
+    if (state !== "live" && state !== "delayed") return;
+    const now = Date.now();
+    if (now - lastHeard >= PROBE_AFTER_MS && pingSentAt === 0) sendPing(now);
+    const unanswered = pingSentAt !== 0 && now - pingSentAt > PONG_LIMIT_MS;
+    const delayed = unanswered || serverQuietWhileActive(now);
+    if (delayed && state === "live") {
+      setConnection("delayed");
+      for (const id of sortedIds) changed.add(id);
+      scheduleRender();
+    } else if (!delayed && state === "delayed") {
+      setConnection("live");
+    }
+    if (delayed) {
+      elements.connection.title = "no word from the server for " +
+        formatDuration(now - lastHeard) + "; positions shown are as of " + clockTime(lastFrame);
+    } else {
+      elements.connection.title = "";
+    }
   }
 
   // --- Start ----------------------------------------------------------------------------
@@ -802,6 +990,8 @@
     elements.team.textContent = team;
     document.title = `teamtrack — ${team}`;
     createMap();
+    window.teamtrack.map = map;
+    window.teamtrack.team = team;
     elements.search.addEventListener("input", applySearch);
     elements.search.addEventListener("keydown", (event) => {
       if (event.key !== "Enter") return;
@@ -809,10 +999,16 @@
       if (visible.length === 1) follow(visible[0]);
     });
     elements.stopFollowing.addEventListener("click", stopFollowing);
+    for (const item of elements.countsList.querySelectorAll("button[data-filter]")) {
+      item.addEventListener("click", () => setFilter(item.dataset.filter));
+    }
+    window.addEventListener("teamtrack:alerts-changed", readAlerting);
+    readAlerting();
     setUpReplay();
     connect();
     window.setInterval(refreshStates, 1000);
     window.setInterval(keepAlive, PING_EVERY_MS);
+    window.setInterval(checkConnection, CHECK_EVERY_MS);
   }
 
   function retryStart() {
@@ -826,6 +1022,9 @@
       return {
         team: team,
         connection: elements.connection.dataset.state,
+        filter: filter,
+        listOrder: Array.from(elements.list.children).filter((row) => !row.hidden)
+          .map((row) => row.dataset.worker),
         mode: replaying() ? "replay" : "live",
         replay: player ? player.state() : null,
         cursor: cursor,
