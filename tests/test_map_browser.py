@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -579,3 +580,96 @@ async def test_replay_without_a_stored_history_says_so_and_stays_live(
     assert [w["seq"] for w in state["workers"]] == [0, 0, 0]
     notice = await page.locator("#notice").text_content()
     assert notice == "The history is unavailable (HTTP 503); back to live."
+
+
+async def test_list_puts_who_needs_attention_first_and_counts_filter_it(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["a01", "a02", "a03", "a04", "a05", "a06"])
+    await site.publish(alpha.step())
+    await site.publish(presence("alpha", worker, "online") for worker in alpha.workers)
+    page = await signed_in_page(browser, site, "alice")
+    await page.set_viewport_size({"width": 1400, "height": 900})
+    await wait_for_state(page, lambda s: s["markersOnMap"] == 6, "six markers")
+
+    # a05 goes offline (its Last Will), a04 stops reporting (stale); the rest keep moving.
+    # (Off duty reaches the page once the dashboards pass the `off_duty` presence on.)
+    stop = keep_publishing(site, alpha, ["a01", "a02", "a03", "a06"], 0.4)
+    await site.publish([presence("alpha", "a05", "offline")])
+    await wait_for_state(
+        page,
+        lambda s: [by_id(s)[w]["state"] for w in ("a04", "a05")] == ["stale", "offline"],
+        "a05 offline and a04 stale",
+    )
+    state = await page_state(page)
+    assert state["listOrder"] == ["a05", "a04", "a01", "a02", "a03", "a06"]
+    assert [w["id"] for w in state["workers"]] == sorted(alpha.workers)  # the map's own order
+    assert await page.locator("#count-offline").text_content() == "1"
+    seen = await page.locator("#workers li[data-worker=a05] .seen").text_content()
+    assert seen is not None, "a05's row has no last-seen text"
+    assert re.fullmatch(r"offline · \d\d:\d\d:\d\d \((.+ ago|just now)\)", seen), seen
+    detail = await page.locator("#workers li[data-worker=a01] .detail").text_content()
+    assert detail is not None and "battery 80%" in detail, detail
+    await page.screenshot(path=output_dir / "1-attention-first.png")
+
+    # A count is a filter (by keyboard too); clicked again, it clears.
+    await page.click("#counts button[data-filter=stale]")
+    state = await wait_for_state(page, lambda s: s["listOrder"] == ["a04"], "only the stale")
+    assert state["filter"] == "stale"
+    assert await page.get_attribute("#counts button[data-filter=stale]", "aria-pressed") == "true"
+    await page.screenshot(path=output_dir / "2-filter-stale.png")
+    await page.focus("#counts button[data-filter=stale]")
+    await page.keyboard.press("Enter")
+    await wait_for_state(page, lambda s: s["filter"] is None and len(s["listOrder"]) == 6, "all")
+
+    # The alerts module's unacknowledged workers sort as alerting, after offline and stale.
+    await page.evaluate(
+        """() => {
+        window.teamtrackAlerts = {unacknowledged: () => new Set(["a02"])};
+        window.dispatchEvent(new CustomEvent("teamtrack:alerts-changed"));
+      }"""
+    )
+    state = await wait_for_state(
+        page, lambda s: s["listOrder"][:3] == ["a05", "a04", "a02"], "a02 alerting after the stale"
+    )
+    assert await page.locator("#workers li[data-worker=a02] .alert-mark").is_visible()
+    label = await page.get_attribute("#workers li[data-worker=a02] button", "aria-label")
+    assert label is not None and "unacknowledged alert" in label
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.screenshot(path=output_dir / "3-phone.png")
+    await stop()
+
+
+async def test_header_says_delayed_while_the_server_is_stopped_and_live_after(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["d01", "d02", "d03"])
+    await site.publish(alpha.step())
+    page = await signed_in_page(browser, site, "alice")
+    stop = keep_publishing(site, alpha, alpha.workers, 0.3)
+    # Which instance serves the page: the proxy hands connections to the first that accepts.
+    await wait_for_state(page, lambda s: all(w["seq"] >= 3 for w in s["workers"]), "moving")
+    instance = site.instances[0]
+    instance.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        state = await wait_for_state(page, lambda s: s["connection"] == "delayed", "delayed")
+        took = time.monotonic() - stopped
+        assert took < 6.0, f"delayed only after {took:.1f} s"
+        # Ages stop with the last frame: a stalled server is not the team going stale.
+        await asyncio.sleep(3.5)
+        state = await page_state(page)
+        assert state["connection"] == "delayed"
+        assert all(w["state"] == "online" for w in state["workers"]), state["workers"]
+        await page.screenshot(path=output_dir / "1-delayed.png")
+        remaining = 8.0 - (time.monotonic() - stopped)
+        await asyncio.sleep(max(0.0, remaining))
+    finally:
+        instance.send_signal(signal.SIGCONT)
+    state = await wait_for_state(page, lambda s: s["connection"] == "live", "live again")
+    seqs = {w["id"]: w["seq"] for w in state["workers"]}
+    await wait_for_state(
+        page, lambda s: all(w["seq"] > seqs[w["id"]] for w in s["workers"]), "moving again"
+    )
+    await page.screenshot(path=output_dir / "2-live-again.png")
+    await stop()

@@ -482,7 +482,7 @@
   // --- Side list ------------------------------------------------------------------------
   // Each row: state icon (shape and colour), name, an alert mark, last seen as a clock time and
   // an age, speed and battery. All text goes in with textContent.
-  const ICONS = { online: "●", stale: "◔", offline: "✕", off_duty: "⏸", unknown: "○" };
+  const ICONS = { online: "●", stale: "◔", offline: "✕", off_duty: "‖", unknown: "○" };
   const STATE_WORDS = { online: "online", stale: "stale", offline: "offline", off_duty: "off duty",
     unknown: "no fix yet" };
 
@@ -589,7 +589,7 @@
       parts.push((position.speed * 3.6).toFixed(position.speed < 2.8 ? 1 : 0) + " km/h");
     }
     if (position && typeof position.battery === "number") {
-      parts.push("🔋 " + Math.round(position.battery) + "%");
+      parts.push("battery " + Math.round(position.battery) + "%");
     }
     cells.detail.textContent = parts.join(" · ");
     row.dataset.battery = position && typeof position.battery === "number"
@@ -601,7 +601,10 @@
     const seenMs = entry.state === "offline" || entry.state === "off_duty"
       ? Math.max(entry.rxMs || 0, entry.statusMs || 0) : entry.rxMs;
     let text = STATE_WORDS[entry.state];
-    if (seenMs) text += " · " + clockTime(seenMs) + " (" + formatAge(now - seenMs) + " ago)";
+    if (seenMs) {
+      const age = now - seenMs;
+      text += " · " + clockTime(seenMs) + " (" + (age < 1000 ? "just now" : formatAge(age) + " ago") + ")";
+    }
     entry.cells.seen.textContent = text;
     entry.cells.button.setAttribute("aria-label", entry.id + ", " + text +
       (alerting.has(entry.id) ? ", has an unacknowledged alert" : "") +
