@@ -635,9 +635,30 @@ async def test_list_puts_who_needs_attention_first_and_counts_filter_it(
     assert await page.locator("#workers li[data-worker=a02] .alert-mark").is_visible()
     label = await page.get_attribute("#workers li[data-worker=a02] button", "aria-label")
     assert label is not None and "unacknowledged alert" in label
-    await page.set_viewport_size({"width": 390, "height": 844})
-    await page.screenshot(path=output_dir / "3-phone.png")
+
+    # Following a worker (by keyboard): its panel, its label on the map, its track export.
+    now = int(time.time() * 1000)
+    body = {"lat": 52.5205, "lon": 13.4051, "ts": now, "seq": 500, "acc": 12.0, "speed": 2.5,
+            "heading": 92.0, "battery": 41}
     await stop()
+    await site.publish([Event("alpha", "a02", Kind.POSITION, orjson.dumps(body), "b1", now, now)])
+    await wait_for_state(page, lambda s: by_id(s)["a02"]["seq"] == 500, "a02's fix with details")
+    await page.focus("#workers li[data-worker=a02] button")
+    await page.keyboard.press("Enter")
+    panel = page.locator("#follow-panel")
+    await panel.wait_for(state="visible")
+    text = await panel.text_content() or ""
+    for expected in ("± 12 m", "9.0 km/h", "92° E", "41%", "native (MQTT)"):
+        assert expected in text, (expected, text)
+    links = await panel.locator("a").evaluate_all("links => links.map(a => a.href)")
+    assert any("/api/teams/alpha/workers/a02/track?since=" in link and link.endswith("format=gpx")
+               for link in links), links
+    state = await wait_for_state(page, lambda s: by_id(s)["a02"]["labelled"], "a02 labelled")
+    label = page.locator(".worker-label", has_text="a02")
+    assert await label.count() == 1
+    await page.screenshot(path=output_dir / "3-followed.png")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.screenshot(path=output_dir / "4-phone.png")
 
 
 async def test_header_says_delayed_while_the_server_is_stopped_and_live_after(

@@ -31,6 +31,10 @@
   const NEED_RANK = { offline: 0, stale: 1, alerting: 2, off_duty: 3, unknown: 4, online: 5 };
   const STATES = ["offline", "stale", "off_duty", "online"];
   const FOCUS_ZOOM = 16;
+  // Names beside markers from this zoom on, while at most LABEL_MAX workers are in view.
+  const LABEL_ZOOM = 15;
+  const LABEL_MAX = 150;
+  const PANEL_FIXES = 6; // the followed worker's last fixes listed in its panel
   const RENDER_SAMPLES = 240;
 
   const elements = {
@@ -44,6 +48,7 @@
     following: document.getElementById("following"),
     followingName: document.getElementById("following-name"),
     stopFollowing: document.getElementById("stop-following"),
+    followPanel: document.getElementById("follow-panel"),
     total: document.getElementById("count"),
     counts: {
       online: document.getElementById("count-online"),
@@ -155,6 +160,9 @@
       trailLine: null,
       row: null,
       cells: null,
+      origin: null, // the bridge ("b…") or HTTP gateway ("g…") that received the newest fix
+      fixes: [], // the last PANEL_FIXES fixes: {position, rxMs}
+      label: null,
     };
   }
 
@@ -207,6 +215,8 @@
     }
     entry.position = position;
     entry.rxMs = rxMs;
+    entry.fixes.push({ position: position, rxMs: rxMs });
+    if (entry.fixes.length > PANEL_FIXES) entry.fixes.shift();
     entry.trail.push([position.lat, position.lon]);
     const excess = entry.trail.length - Math.max(config.trail_points, 1);
     if (excess > 0) entry.trail.splice(0, excess);
@@ -217,6 +227,7 @@
     for (const entry of workers.values()) {
       if (entry.marker) entry.marker.remove();
       if (entry.trailLine) entry.trailLine.remove();
+      if (entry.label) entry.label.remove();
     }
     workers.clear();
     sortedIds.length = 0;
@@ -231,6 +242,7 @@
     for (const item of frame.workers) {
       const entry = record(item.worker);
       if (item.position) applyPosition(entry, item.position, item.received_ms, false);
+      entry.origin = item.origin || null;
       entry.status = item.status;
       entry.statusMs = item.status_ms;
       changed.add(item.worker);
@@ -246,7 +258,10 @@
     for (const event of events) {
       const entry = record(event.w);
       if (event.k === "p") {
-        if (applyPosition(entry, event.p, event.rx, continuous)) positions.push(event.p);
+        if (applyPosition(entry, event.p, event.rx, continuous)) {
+          positions.push(event.p);
+          entry.origin = event.o || null;
+        }
       } else if (event.k === "s") {
         entry.status = event.p;
         entry.statusMs = event.rx;
@@ -328,6 +343,12 @@
     return two(date.getHours()) + ":" + two(date.getMinutes()) + ":" + two(date.getSeconds());
   }
 
+  // "14:02:31 (12 s ago)"
+  function seenText(ms, now) {
+    const age = now - ms;
+    return clockTime(ms) + " (" + (age < 1000 ? "just now" : formatAge(age) + " ago") + ")";
+  }
+
   function formatAge(ms) {
     if (ms < 1000) return "now";
     if (ms < 120000) return Math.round(ms / 1000) + " s";
@@ -369,6 +390,7 @@
     }
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
+    map.on("moveend", updateLabels);
   }
 
   function gridTile() {
@@ -431,6 +453,7 @@
       return;
     }
     entry.marker.setLatLng(latLng);
+    if (entry.label) entry.label.setLatLng(latLng);
     entry.trailLine.setLatLngs(entry.trail);
     if (styleChanged) {
       entry.marker.setStyle(markerStyle(entry));
@@ -461,6 +484,7 @@
     }
     elements.following.hidden = false;
     elements.followingName.textContent = id;
+    fillFollowPanel();
     const entry = workers.get(id);
     if (map && entry && entry.position) {
       map.setView([entry.position.lat, entry.position.lon], Math.max(map.getZoom(), FOCUS_ZOOM));
@@ -473,9 +497,130 @@
     const entry = workers.get(followed);
     followed = null;
     elements.following.hidden = true;
+    fillFollowPanel();
     if (entry) {
       if (entry.marker) entry.marker.setStyle(markerStyle(entry));
       if (entry.row) entry.row.classList.remove("selected");
+    }
+  }
+
+  // --- The followed worker's panel ------------------------------------------------------
+  // Where a fix came from: the HTTP gateway's ids begin with "g", the bridges' with "b"; through
+  // a bridge, an OwnTracks phone's fix has seq = its timestamp in seconds (docs/contract.md),
+  // a native device counts its seq from 0.
+  function sourceOf(entry) {
+    const position = entry.position;
+    if (!position) return "–";
+    if (entry.origin && entry.origin[0] === "g") return "HTTP gateway";
+    if (typeof position.seq === "number" && position.seq * 1000 === position.ts) return "OwnTracks";
+    return "native (MQTT)";
+  }
+
+  function compass(degrees) {
+    const points = ["N", "NE", "E", "SE", "S", "SW", "W", "NW"];
+    return Math.round(degrees) + "° " + points[Math.round(degrees / 45) % 8];
+  }
+
+  function panelRow(list, term, value) {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    list.append(dt, dd);
+  }
+
+  let accuracyCircle = null;
+
+  function fillFollowPanel() {
+    const panel = elements.followPanel;
+    const entry = followed === null ? null : workers.get(followed);
+    if (accuracyCircle) {
+      accuracyCircle.remove();
+      accuracyCircle = null;
+    }
+    if (!entry) {
+      panel.hidden = true;
+      panel.replaceChildren();
+      return;
+    }
+    panel.hidden = false;
+    const now = viewNow();
+    const position = entry.position;
+    const facts = document.createElement("dl");
+    panelRow(facts, "State", STATE_WORDS[entry.state]);
+    if (position) {
+      panelRow(facts, "Last fix", seenText(entry.rxMs, now));
+      panelRow(facts, "Position", position.lat.toFixed(5) + ", " + position.lon.toFixed(5));
+      panelRow(facts, "Accuracy", typeof position.acc === "number"
+        ? "± " + Math.round(position.acc) + " m" : "–");
+      panelRow(facts, "Speed", typeof position.speed === "number"
+        ? (position.speed * 3.6).toFixed(1) + " km/h" : "–");
+      panelRow(facts, "Heading", typeof position.heading === "number" ? compass(position.heading) : "–");
+      panelRow(facts, "Battery", typeof position.battery === "number"
+        ? Math.round(position.battery) + "%" : "–");
+      panelRow(facts, "Source", sourceOf(entry));
+    }
+    const fixes = document.createElement("ol");
+    fixes.className = "fixes";
+    fixes.setAttribute("aria-label", "Last fixes, newest first");
+    for (const fix of entry.fixes.slice().reverse()) {
+      const item = document.createElement("li");
+      item.textContent = clockTime(fix.position.ts) + " · " + fix.position.lat.toFixed(5) + ", " +
+        fix.position.lon.toFixed(5) + (typeof fix.position.speed === "number"
+          ? " · " + (fix.position.speed * 3.6).toFixed(1) + " km/h" : "");
+      fixes.appendChild(item);
+    }
+    const exports = document.createElement("p");
+    exports.className = "exports";
+    if (config.history) {
+      exports.append("Track of the last 24 h: ");
+      const since = Math.floor(serverNow() - 86400000);
+      for (const format of ["gpx", "geojson", "csv"]) {
+        const link = document.createElement("a");
+        link.href = `/api/teams/${encodeURIComponent(team)}/workers/` +
+          `${encodeURIComponent(entry.id)}` +
+          `/track?since=${since}&format=${format}`;
+        link.textContent = format.toUpperCase();
+        link.setAttribute("download", "");
+        exports.append(link, " ");
+      }
+    }
+    panel.replaceChildren(facts, fixes, exports);
+    if (map && position && typeof position.acc === "number" && position.acc > 0) {
+      accuracyCircle = L.circle([position.lat, position.lon], {
+        radius: position.acc, pane: "trails", interactive: false, color: COLOURS[entry.state],
+        weight: 1, fillOpacity: 0.08,
+      }).addTo(map);
+    }
+  }
+
+  // --- Labels ---------------------------------------------------------------------------
+  // Permanent tooltips with the worker's id as a text node (never a string: HTML).
+  function updateLabels() {
+    if (!map) return;
+    const bounds = map.getBounds();
+    const inView = [];
+    if (map.getZoom() >= LABEL_ZOOM) {
+      for (const entry of workers.values()) {
+        if (entry.position && bounds.contains([entry.position.lat, entry.position.lon])) {
+          inView.push(entry);
+          if (inView.length > LABEL_MAX) break;
+        }
+      }
+    }
+    const show = new Set(inView.length <= LABEL_MAX ? inView : []);
+    for (const entry of workers.values()) {
+      if (show.has(entry)) {
+        if (!entry.label) {
+          entry.label = L.tooltip({ permanent: true, direction: "right", offset: [8, 0],
+            className: "worker-label", interactive: false });
+          entry.label.setContent(document.createTextNode(entry.id));
+          entry.label.setLatLng([entry.position.lat, entry.position.lon]).addTo(map);
+        }
+      } else if (entry.label) {
+        entry.label.remove();
+        entry.label = null;
+      }
     }
   }
 
@@ -601,10 +746,7 @@
     const seenMs = entry.state === "offline" || entry.state === "off_duty"
       ? Math.max(entry.rxMs || 0, entry.statusMs || 0) : entry.rxMs;
     let text = STATE_WORDS[entry.state];
-    if (seenMs) {
-      const age = now - seenMs;
-      text += " · " + clockTime(seenMs) + " (" + (age < 1000 ? "just now" : formatAge(age) + " ago") + ")";
-    }
+    if (seenMs) text += " · " + seenText(seenMs, now);
     entry.cells.seen.textContent = text;
     entry.cells.button.setAttribute("aria-label", entry.id + ", " + text +
       (alerting.has(entry.id) ? ", has an unacknowledged alert" : "") +
@@ -673,6 +815,7 @@
     const started = performance.now();
     renderScheduled = false;
     const now = viewNow();
+    const changedFollowed = followed !== null && changed.has(followed);
     for (const id of changed) {
       const entry = workers.get(id);
       if (!entry) continue;
@@ -690,6 +833,7 @@
     }
     changed.clear();
     if (orderDirty) reorderList();
+    if (followed !== null && changedFollowed) fillFollowPanel();
     if (fitPending) fitToWorkers();
     updateCounts();
     stats.renderMs.push(performance.now() - started);
@@ -704,6 +848,8 @@
       else if (entry.row) fillAge(entry, now);
     }
     if (changed.size) scheduleRender();
+    else if (followed !== null) fillFollowPanel(); // its ages
+    updateLabels();
   }
 
   // --- Replay ---------------------------------------------------------------------------
@@ -1052,6 +1198,7 @@
             duplicates: entry.duplicates,
             trail: entry.trail.length,
             onMap: Boolean(map && entry.marker && map.hasLayer(entry.marker)),
+            labelled: Boolean(entry.label),
           };
         }),
       };
