@@ -200,7 +200,11 @@ def write_auth_file(path: Path) -> Path:
 
 
 @pytest.fixture
-async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
+async def site(
+    redis_server_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Site]:
+    # Settings a test asks for with @pytest.mark.parametrize("site", [{...}], indirect=True).
+    overrides: dict[str, str] = getattr(request, "param", {})
     backend_url = f"{redis_server_url}?prefix=map-{uuid.uuid4().hex[:12]}"
     auth_file = write_auth_file(tmp_path / "dashboard-auth.json")
     # Empty until a test runs an ingest; the history API answers 503 meanwhile.
@@ -222,6 +226,7 @@ async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
             # The tests run offline: a plain background instead of tiles that never come.
             "TEAMTRACK_TILE_URL": "",
             "TEAMTRACK_DATABASE_URL": database_url,
+            **overrides,
         }
         with log_path.open("wb") as log_file:
             instances.append(
@@ -694,3 +699,29 @@ async def test_header_says_delayed_while_the_server_is_stopped_and_live_after(
     )
     await page.screenshot(path=output_dir / "2-live-again.png")
     await stop()
+
+
+# A tile server that is down: its port accepts nothing.
+DEAD_TILES = f"http://{LOOPBACK}:{free_port()}/{{z}}/{{x}}/{{y}}.png"
+
+
+@pytest.mark.parametrize(
+    "site",
+    [{"TEAMTRACK_TILE_URL": DEAD_TILES, "TEAMTRACK_TILE_ATTRIBUTION": "Tiles by Example Maps"}],
+    indirect=True,
+)
+async def test_map_without_tiles_says_so_and_shows_a_coordinate_grid_and_scale(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["t01", "t02", "t03"])
+    await site.publish(alpha.step())
+    page = await signed_in_page(browser, site, "alice")
+    await page.set_viewport_size({"width": 1400, "height": 900})
+    await wait_for_state(page, lambda s: s["tiles"] == "down", "the tiles reported down")
+    assert await page.locator("#tiles-notice").is_visible()
+    assert "unavailable" in (await page.locator("#tiles-notice").text_content() or "")
+    # No credit for tiles that are not shown; a scale bar for distances.
+    attribution = await page.locator(".leaflet-control-attribution").text_content() or ""
+    assert "Example Maps" not in attribution, attribution
+    assert await page.locator(".leaflet-control-scale-line").count() == 1
+    await page.screenshot(path=output_dir / "1-no-tiles.png")
