@@ -725,3 +725,46 @@ async def test_map_without_tiles_says_so_and_shows_a_coordinate_grid_and_scale(
     assert "Example Maps" not in attribution, attribution
     assert await page.locator(".leaflet-control-scale-line").count() == 1
     await page.screenshot(path=output_dir / "1-no-tiles.png")
+
+
+async def test_replay_on_a_fresh_cluster_starts_at_the_data_and_replays_presence(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    # A new cluster: two minutes of history only, while the replay asks for the last hour.
+    alpha = Fleet("alpha", ["r01", "r02", "r03"])
+    ingest = await start_ingest(site)
+    try:
+        first_ms = int(time.time() * 1000) - 120_000
+        for step in range(30):
+            movers = alpha.workers if step < 15 else ["r01", "r02"]
+            await site.publish(alpha.step(movers, at_ms=first_ms + step * 4000))
+        gone_ms = first_ms + 62_000
+        went_offline = Event("alpha", "r03", Kind.STATUS, b"offline", "b1", gone_ms, gone_ms)
+        await site.publish([went_offline])
+        await asyncio.wait_for(ingest.wait_stored(15 * 3 + 15 * 2), WAIT_S)
+        page = await signed_in_page(browser, site, "alice")
+        await page.set_viewport_size({"width": 1400, "height": 900})
+        await wait_for_state(page, lambda s: len(s["workers"]) == 3, "the team, live")
+        await page.click("#replay-toggle")  # the last hour, at 10x
+        state = await wait_for_state(
+            page, lambda s: s["replay"]["seekedTo"] is not None, "the play head at the data"
+        )
+        assert state["replay"]["seekedTo"] == first_ms - 1000, (state["replay"], first_ms)
+        clock = await page.locator("#replay-clock").text_content() or ""
+        assert "min ago" in clock and "59 min" not in clock, clock
+        await page.screenshot(path=output_dir / "1-replay-starts-at-the-data.png")
+        await page.select_option("#replay-speed", "60")
+        state = await wait_for_state(
+            page,
+            lambda s: s["mode"] == "replay" and s["replay"]["presencePlayed"] >= 1
+            and by_id(s)["r03"]["state"] == "offline",
+            "r03's offline replayed",
+        )
+        assert await page.locator("#count-offline").text_content() == "1"
+        listed = await page.locator("#workers li").count()
+        assert listed == len(state["workers"]) == int(
+            await page.locator("#count").text_content() or "0"
+        )
+        await page.screenshot(path=output_dir / "2-presence-replayed.png")
+    finally:
+        await ingest.stop()

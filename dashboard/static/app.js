@@ -919,6 +919,7 @@
       fitPending = true;
       elements.delay.textContent = "–"; // of live frames: back with the first one after
       showReplayControls(true);
+      scheduleRender(); // the counts follow the emptied list at once
     },
     applyPosition(worker, position, rxMs, continuous) {
       changed.add(worker);
