@@ -31,9 +31,6 @@
   const NEED_RANK = { offline: 0, stale: 1, alerting: 2, off_duty: 3, unknown: 4, online: 5 };
   const STATES = ["offline", "stale", "off_duty", "online"];
   const FOCUS_ZOOM = 16;
-  // Names beside markers from this zoom on, while at most LABEL_MAX workers are in view.
-  const LABEL_ZOOM = 15;
-  const LABEL_MAX = 150;
   const PANEL_FIXES = 6; // the followed worker's last fixes listed in its panel
   const RENDER_SAMPLES = 240;
 
@@ -396,7 +393,7 @@
     }
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
-    map.on("moveend", updateLabels);
+    map.on("moveend", () => followView.updateLabels());
   }
 
   function gridTile(coords) {
@@ -523,7 +520,7 @@
     }
     elements.following.hidden = false;
     elements.followingName.textContent = id;
-    fillFollowPanel();
+    followView.fillPanel();
     const entry = workers.get(id);
     if (map && entry && entry.position) {
       map.setView([entry.position.lat, entry.position.lon], Math.max(map.getZoom(), FOCUS_ZOOM));
@@ -536,132 +533,28 @@
     const entry = workers.get(followed);
     followed = null;
     elements.following.hidden = true;
-    fillFollowPanel();
+    followView.fillPanel();
     if (entry) {
       if (entry.marker) entry.marker.setStyle(markerStyle(entry));
       if (entry.row) entry.row.classList.remove("selected");
     }
   }
 
-  // --- The followed worker's panel ------------------------------------------------------
-  // Where a fix came from: the HTTP gateway's ids begin with "g", the bridges' with "b"; through
-  // a bridge, an OwnTracks phone's fix has seq = its timestamp in seconds (docs/contract.md),
-  // a native device counts its seq from 0.
-  function sourceOf(entry) {
-    const position = entry.position;
-    if (!position) return "–";
-    if (entry.origin && entry.origin[0] === "g") return "HTTP gateway";
-    if (typeof position.seq === "number" && position.seq * 1000 === position.ts) return "OwnTracks";
-    return "native (MQTT)";
-  }
-
-  function compass(degrees) {
-    const points = ["N", "NE", "E", "SE", "S", "SW", "W", "NW"];
-    return Math.round(degrees) + "° " + points[Math.round(degrees / 45) % 8];
-  }
-
-  function panelRow(list, term, value) {
-    const dt = document.createElement("dt");
-    dt.textContent = term;
-    const dd = document.createElement("dd");
-    dd.textContent = value;
-    list.append(dt, dd);
-  }
-
-  let accuracyCircle = null;
-
-  function fillFollowPanel() {
-    const panel = elements.followPanel;
-    const entry = followed === null ? null : workers.get(followed);
-    if (accuracyCircle) {
-      accuracyCircle.remove();
-      accuracyCircle = null;
-    }
-    if (!entry) {
-      panel.hidden = true;
-      panel.replaceChildren();
-      return;
-    }
-    panel.hidden = false;
-    const now = viewNow();
-    const position = entry.position;
-    const facts = document.createElement("dl");
-    panelRow(facts, "State", STATE_WORDS[entry.state]);
-    if (position) {
-      panelRow(facts, "Last fix", seenText(entry.rxMs, now));
-      panelRow(facts, "Position", position.lat.toFixed(5) + ", " + position.lon.toFixed(5));
-      panelRow(facts, "Accuracy", typeof position.acc === "number"
-        ? "± " + Math.round(position.acc) + " m" : "–");
-      panelRow(facts, "Speed", typeof position.speed === "number"
-        ? (position.speed * 3.6).toFixed(1) + " km/h" : "–");
-      panelRow(facts, "Heading", typeof position.heading === "number" ? compass(position.heading) : "–");
-      panelRow(facts, "Battery", typeof position.battery === "number"
-        ? Math.round(position.battery) + "%" : "–");
-      panelRow(facts, "Source", sourceOf(entry));
-    }
-    const fixes = document.createElement("ol");
-    fixes.className = "fixes";
-    fixes.setAttribute("aria-label", "Last fixes, newest first");
-    for (const fix of entry.fixes.slice().reverse()) {
-      const item = document.createElement("li");
-      item.textContent = clockTime(fix.position.ts) + " · " + fix.position.lat.toFixed(5) + ", " +
-        fix.position.lon.toFixed(5) + (typeof fix.position.speed === "number"
-          ? " · " + (fix.position.speed * 3.6).toFixed(1) + " km/h" : "");
-      fixes.appendChild(item);
-    }
-    const exports = document.createElement("p");
-    exports.className = "exports";
-    if (config.history) {
-      exports.append("Track of the last 24 h: ");
-      const since = Math.floor(serverNow() - 86400000);
-      for (const format of ["gpx", "geojson", "csv"]) {
-        const link = document.createElement("a");
-        link.href = `/api/teams/${encodeURIComponent(team)}/workers/` +
-          `${encodeURIComponent(entry.id)}` +
-          `/track?since=${since}&format=${format}`;
-        link.textContent = format.toUpperCase();
-        link.setAttribute("download", "");
-        exports.append(link, " ");
-      }
-    }
-    panel.replaceChildren(facts, fixes, exports);
-    if (map && position && typeof position.acc === "number" && position.acc > 0) {
-      accuracyCircle = L.circle([position.lat, position.lon], {
-        radius: position.acc, pane: "trails", interactive: false, color: COLOURS[entry.state],
-        weight: 1, fillOpacity: 0.08,
-      }).addTo(map);
-    }
-  }
-
-  // --- Labels ---------------------------------------------------------------------------
-  // Permanent tooltips with the worker's id as a text node (never a string: HTML).
-  function updateLabels() {
-    if (!map) return;
-    const bounds = map.getBounds();
-    const inView = [];
-    if (map.getZoom() >= LABEL_ZOOM) {
-      for (const entry of workers.values()) {
-        if (entry.position && bounds.contains([entry.position.lat, entry.position.lon])) {
-          inView.push(entry);
-          if (inView.length > LABEL_MAX) break;
-        }
-      }
-    }
-    const show = new Set(inView.length <= LABEL_MAX ? inView : []);
-    for (const entry of workers.values()) {
-      if (show.has(entry)) {
-        if (!entry.label) {
-          entry.label = L.tooltip({ permanent: true, direction: "right", offset: [8, 0],
-            className: "worker-label", interactive: false });
-          entry.label.setContent(document.createTextNode(entry.id));
-          entry.label.setLatLng([entry.position.lat, entry.position.lon]).addTo(map);
-        }
-      } else if (entry.label) {
-        entry.label.remove();
-        entry.label = null;
-      }
-    }
-  }
+  // --- The followed worker's panel and the map's labels (follow.js) ----------------------
+  const followView = window.TeamtrackFollow.create({
+    workers: workers,
+    panel: elements.followPanel,
+    map: () => map,
+    team: () => team,
+    config: () => config,
+    followed: () => followed,
+    viewNow: viewNow,
+    serverNow: serverNow,
+    clockTime: clockTime,
+    seenText: seenText,
+    colours: COLOURS,
+    stateWords: () => STATE_WORDS,
+  });
 
   // --- Side list ------------------------------------------------------------------------
   // Each row: state icon (shape and colour), name, an alert mark, last seen as a clock time and
@@ -872,7 +765,7 @@
     }
     changed.clear();
     if (orderDirty) reorderList();
-    if (followed !== null && changedFollowed) fillFollowPanel();
+    if (followed !== null && changedFollowed) followView.fillPanel();
     if (fitPending) fitToWorkers();
     updateCounts();
     stats.renderMs.push(performance.now() - started);
@@ -887,8 +780,8 @@
       else if (entry.row) fillAge(entry, now);
     }
     if (changed.size) scheduleRender();
-    else if (followed !== null) fillFollowPanel(); // its ages
-    updateLabels();
+    else if (followed !== null) followView.fillPanel(); // its ages
+    followView.updateLabels();
   }
 
   // --- Replay ---------------------------------------------------------------------------
