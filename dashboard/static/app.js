@@ -27,9 +27,6 @@
   // (list icons, marker outline), so colour is never the only cue.
   const COLOURS = { online: "#1b7f4a", stale: "#e08a00", offline: "#5f6b7a", off_duty: "#7b52c7",
     unknown: "#2f6fd6" };
-  // The list sorts by need: who may want help comes first (alerting: branch alerts' module).
-  const NEED_RANK = { offline: 0, stale: 1, alerting: 2, off_duty: 3, unknown: 4, online: 5 };
-  const STATES = ["offline", "stale", "off_duty", "online"];
   const FOCUS_ZOOM = 16;
   const PANEL_FIXES = 6; // the followed worker's last fixes listed in its panel
   const RENDER_SAMPLES = 240;
@@ -81,9 +78,6 @@
   let lastFrame = 0; // the last frame other than a pong (this browser's clock)
   let pingSentAt = 0; // an unanswered ping, or 0
   const positionFrames = []; // when the last frames carrying positions came (this browser's clock)
-  let filter = null; // a state the list is restricted to (a count clicked), or null
-  let alerting = new Set(); // workers with unacknowledged alerts (window.teamtrackAlerts)
-  let orderDirty = true;
   // Where to resume from after a drop: the cursor of the last frame applied.
   let cursor = null;
   let serverOffsetMs = 0; // server clock minus this browser's, from the frames' "now"
@@ -247,7 +241,7 @@
     }
     fitPending = true;
     showDelay(frame.workers.map((item) => item.position));
-    buildList();
+    list.buildList();
     scheduleRender();
   }
 
@@ -553,187 +547,19 @@
     clockTime: clockTime,
     seenText: seenText,
     colours: COLOURS,
-    stateWords: () => STATE_WORDS,
+    stateWords: () => list.STATE_WORDS,
   });
 
-  // --- Side list ------------------------------------------------------------------------
-  // Each row: state icon (shape and colour), name, an alert mark, last seen as a clock time and
-  // an age, speed and battery. All text goes in with textContent.
-  const ICONS = { online: "●", stale: "◔", offline: "✕", off_duty: "‖", unknown: "○" };
-  const STATE_WORDS = { online: "online", stale: "stale", offline: "offline", off_duty: "off duty",
-    unknown: "no fix yet" };
-
-  function span(className) {
-    const element = document.createElement("span");
-    element.className = className;
-    return element;
-  }
-
-  function newRow(entry) {
-    const row = document.createElement("li");
-    row.dataset.worker = entry.id;
-    const button = document.createElement("button");
-    button.type = "button";
-    const icon = span("icon");
-    icon.setAttribute("aria-hidden", "true");
-    const name = span("name");
-    name.textContent = entry.id;
-    const mark = span("alert-mark");
-    mark.textContent = "▲ alert";
-    mark.hidden = true;
-    const gaps = span("gaps");
-    gaps.hidden = true;
-    const seen = span("seen");
-    const detail = span("detail");
-    const top = span("line");
-    top.append(icon, name, mark, gaps);
-    const bottom = span("line sub");
-    bottom.append(seen, detail);
-    button.append(top, bottom);
-    button.addEventListener("click", () => follow(entry.id));
-    row.appendChild(button);
-    entry.cells = { button: button, icon: icon, mark: mark, gaps: gaps, seen: seen, detail: detail };
-    entry.row = row;
-    row.hidden = !rowVisible(entry);
-    return row;
-  }
-
-  function needRank(entry) {
-    if (entry.state === "offline" || entry.state === "stale") return NEED_RANK[entry.state];
-    if (alerting.has(entry.id)) return NEED_RANK.alerting;
-    return NEED_RANK[entry.state];
-  }
-
-  // Need first; among the offline and stale, the longest unheard first; then by name.
-  function compareNeed(a, b) {
-    const rank = needRank(a) - needRank(b);
-    if (rank !== 0) return rank;
-    if (a.state === "offline" || a.state === "stale") {
-      const seenA = Math.max(a.rxMs || 0, a.statusMs || 0);
-      const seenB = Math.max(b.rxMs || 0, b.statusMs || 0);
-      if (seenA !== seenB) return seenA - seenB;
-    }
-    return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
-  }
-
-  function listOrder() {
-    return sortedIds.map((id) => workers.get(id)).sort(compareNeed);
-  }
-
-  function buildList() {
-    for (const entry of workers.values()) {
-      if (!entry.row) newRow(entry);
-    }
-    orderDirty = true;
-    reorderList();
-  }
-
-  // Puts the rows in need order, moving only those out of place.
-  function reorderList() {
-    orderDirty = false;
-    const order = listOrder();
-    let current = elements.list.firstChild;
-    for (const entry of order) {
-      if (!entry.row) newRow(entry);
-      if (entry.row === current) {
-        current = current.nextSibling;
-      } else {
-        elements.list.insertBefore(entry.row, current);
-      }
-    }
-  }
-
-  function fillRow(entry, now) {
-    const row = entry.row;
-    const cells = entry.cells;
-    const isAlerting = alerting.has(entry.id);
-    row.dataset.state = entry.state;
-    row.dataset.alerting = String(isAlerting);
-    row.dataset.seq = entry.position && typeof entry.position.seq === "number"
-      ? String(entry.position.seq) : "";
-    row.dataset.seqGaps = String(entry.seqGaps);
-    cells.icon.textContent = ICONS[entry.state];
-    cells.mark.hidden = !isAlerting;
-    fillAge(entry, now);
-    if (entry.seqGaps > 0) {
-      cells.gaps.hidden = false;
-      cells.gaps.textContent = "⚠ " + entry.seqGaps + " skipped";
-      cells.gaps.title = "the device skipped " + entry.seqGaps + " sequence number(s)";
-    }
-    const position = entry.position;
-    const parts = [];
-    if (position && typeof position.speed === "number") {
-      parts.push((position.speed * 3.6).toFixed(position.speed < 2.8 ? 1 : 0) + " km/h");
-    }
-    if (position && typeof position.battery === "number") {
-      parts.push("battery " + Math.round(position.battery) + "%");
-    }
-    cells.detail.textContent = parts.join(" · ");
-    row.dataset.battery = position && typeof position.battery === "number"
-      ? String(Math.round(position.battery)) : "";
-  }
-
-  // "offline · 14:02:31 (3 min ago)": the state in words, last seen as a time and an age.
-  function fillAge(entry, now) {
-    const seenMs = entry.state === "offline" || entry.state === "off_duty"
-      ? Math.max(entry.rxMs || 0, entry.statusMs || 0) : entry.rxMs;
-    let text = STATE_WORDS[entry.state];
-    if (seenMs) text += " · " + seenText(seenMs, now);
-    entry.cells.seen.textContent = text;
-    entry.cells.button.setAttribute("aria-label", entry.id + ", " + text +
-      (alerting.has(entry.id) ? ", has an unacknowledged alert" : "") +
-      (entry.cells.detail.textContent ? ", " + entry.cells.detail.textContent : ""));
-  }
-
-  function rowVisible(entry) {
-    if (!matchesSearch(entry.id)) return false;
-    if (filter === null) return true;
-    if (filter === "alerting") return alerting.has(entry.id);
-    return entry.state === filter;
-  }
-
-  function setFilter(state) {
-    filter = filter === state ? null : state;
-    for (const item of elements.countsList.querySelectorAll("button[data-filter]")) {
-      item.setAttribute("aria-pressed", String(item.dataset.filter === filter));
-    }
-    applySearch();
-  }
-
-  function matchesSearch(id) {
-    const query = elements.search.value.trim().toLowerCase();
-    return !query || id.toLowerCase().includes(query);
-  }
-
-  function applySearch() {
-    for (const entry of workers.values()) {
-      if (entry.row) entry.row.hidden = !rowVisible(entry);
-    }
-  }
-
-  function updateCounts() {
-    const counts = { online: 0, stale: 0, offline: 0, off_duty: 0, unknown: 0 };
-    for (const entry of workers.values()) counts[entry.state] += 1;
-    for (const state of STATES) {
-      elements.counts[state].textContent = String(counts[state]);
-    }
-    elements.total.textContent = String(workers.size);
-    const alertCount = document.getElementById("count-alerting");
-    alertCount.textContent = String(alerting.size);
-    alertCount.closest("li").hidden = !window.teamtrackAlerts;
-  }
-
-  function readAlerting() {
-    const module = window.teamtrackAlerts;
-    const next = module && typeof module.unacknowledged === "function"
-      ? new Set(module.unacknowledged()) : new Set();
-    for (const id of new Set([...alerting, ...next])) {
-      if (workers.has(id) && alerting.has(id) !== next.has(id)) changed.add(id);
-    }
-    alerting = next;
-    orderDirty = true;
-    scheduleRender();
-  }
+  // --- Side list (list.js) --------------------------------------------------------------
+  const list = window.TeamtrackList.create({
+    workers: workers,
+    sortedIds: sortedIds,
+    elements: elements,
+    changed: changed,
+    follow: (id) => follow(id),
+    scheduleRender: () => scheduleRender(),
+    seenText: seenText,
+  });
 
   // --- Rendering ------------------------------------------------------------------------
   function scheduleRender() {
@@ -753,21 +579,21 @@
       if (!entry) continue;
       const state = stateOf(entry, now);
       const styleChanged = state !== entry.state || !entry.marker;
-      if (state !== entry.state || !entry.row) orderDirty = true;
+      if (state !== entry.state || !entry.row) list.markDirty();
       entry.state = state;
       drawOnMap(entry, styleChanged);
-      if (!entry.row) newRow(entry);
-      fillRow(entry, now);
-      if (filter !== null) entry.row.hidden = !rowVisible(entry);
+      if (!entry.row) list.newRow(entry);
+      list.fillRow(entry, now);
+      if (list.filter() !== null) entry.row.hidden = !list.rowVisible(entry);
       if (id === followed && map && entry.position) {
         map.panTo([entry.position.lat, entry.position.lon], { animate: false });
       }
     }
     changed.clear();
-    if (orderDirty) reorderList();
+    if (list.dirty()) list.reorderList();
     if (followed !== null && changedFollowed) followView.fillPanel();
     if (fitPending) fitToWorkers();
-    updateCounts();
+    list.updateCounts();
     stats.renderMs.push(performance.now() - started);
     if (stats.renderMs.length > RENDER_SAMPLES) stats.renderMs.shift();
   }
@@ -777,7 +603,7 @@
     const now = viewNow();
     for (const entry of workers.values()) {
       if (stateOf(entry, now) !== entry.state) changed.add(entry.id);
-      else if (entry.row) fillAge(entry, now);
+      else if (entry.row) list.fillAge(entry, now);
     }
     if (changed.size) scheduleRender();
     else if (followed !== null) followView.fillPanel(); // its ages
@@ -1074,18 +900,18 @@
     createMap();
     window.teamtrack.map = map;
     window.teamtrack.team = team;
-    elements.search.addEventListener("input", applySearch);
+    elements.search.addEventListener("input", list.applySearch);
     elements.search.addEventListener("keydown", (event) => {
       if (event.key !== "Enter") return;
-      const visible = sortedIds.filter((id) => matchesSearch(id));
+      const visible = sortedIds.filter((id) => list.matchesSearch(id));
       if (visible.length === 1) follow(visible[0]);
     });
     elements.stopFollowing.addEventListener("click", stopFollowing);
     for (const item of elements.countsList.querySelectorAll("button[data-filter]")) {
-      item.addEventListener("click", () => setFilter(item.dataset.filter));
+      item.addEventListener("click", () => list.setFilter(item.dataset.filter));
     }
-    window.addEventListener("teamtrack:alerts-changed", readAlerting);
-    readAlerting();
+    window.addEventListener("teamtrack:alerts-changed", list.readAlerting);
+    list.readAlerting();
     setUpReplay();
     connect();
     window.setInterval(refreshStates, 1000);
@@ -1105,7 +931,7 @@
         team: team,
         connection: elements.connection.dataset.state,
         tiles: document.body.dataset.tiles || null,
-        filter: filter,
+        filter: list.filter(),
         listOrder: Array.from(elements.list.children).filter((row) => !row.hidden)
           .map((row) => row.dataset.worker),
         mode: replaying() ? "replay" : "live",
