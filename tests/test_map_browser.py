@@ -725,6 +725,13 @@ async def test_map_without_tiles_says_so_and_shows_a_coordinate_grid_and_scale(
     assert "Example Maps" not in attribution, attribution
     assert await page.locator(".leaflet-control-scale-line").count() == 1
     await page.screenshot(path=output_dir / "1-no-tiles.png")
+    # The branded sign-in page, for people to look at.
+    login = await browser.new_page(viewport={"width": 1400, "height": 900})
+    await login.goto(site.url + "/login")
+    assert await login.locator("h1").text_content() == "teamtrack"
+    await login.screenshot(path=output_dir / "2-sign-in.png")
+    await login.set_viewport_size({"width": 390, "height": 844})
+    await login.screenshot(path=output_dir / "3-sign-in-phone.png")
 
 
 async def test_replay_on_a_fresh_cluster_starts_at_the_data_and_replays_presence(
