@@ -60,6 +60,7 @@
       play: document.getElementById("replay-play"),
       speed: document.getElementById("replay-speed"),
       scrubber: document.getElementById("replay-scrubber"),
+      alerts: document.getElementById("replay-alerts"),
       clock: document.getElementById("replay-clock"),
       live: document.getElementById("replay-live"),
     },
@@ -697,6 +698,39 @@
     replayRangeStart = since;
     player.setSpeed(Number(elements.replay.speed.value));
     player.start(since);
+    showReplayAlerts(since);
+  }
+
+  // The team's alerts of the replayed window as marks on the time bar (the alerts API of
+  // docs/protocol.md; a dashboard without it answers 404 and the bar stays plain). Each mark
+  // names the alert in its title (plain text) and seeks the replay there when clicked.
+  let replayAlertsAsked = 0;
+  async function showReplayAlerts(since) {
+    const marks = elements.replay.alerts;
+    marks.replaceChildren();
+    const asked = ++replayAlertsAsked;
+    let answer;
+    try {
+      answer = await getJson(`/api/teams/${encodeURIComponent(team)}/alerts` +
+        `?since=${Math.floor(since)}&limit=500`);
+    } catch (error) {
+      return; // 404 (no alerts service) or unreachable: no marks
+    }
+    if (asked !== replayAlertsAsked || !answer || !Array.isArray(answer.alerts)) return;
+    const end = serverNow();
+    for (const alert of answer.alerts) {
+      if (typeof alert.at !== "number" || alert.at < since || alert.at > end) continue;
+      const mark = document.createElement("button");
+      mark.type = "button";
+      mark.className = "alert-tick";
+      mark.style.left = ((alert.at - since) / (end - since)) * 100 + "%";
+      const text = clockTime(alert.at) + " " + String(alert.worker || "") + ": " +
+        String(alert.detail || alert.kind || "alert");
+      mark.title = text;
+      mark.setAttribute("aria-label", "Alert at " + text);
+      mark.addEventListener("click", () => player.start(Math.max(since, alert.at - 5000)));
+      marks.appendChild(mark);
+    }
   }
 
   // The Live button: leave the replay where it is; a fresh snapshot replaces the view.
