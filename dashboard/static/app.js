@@ -903,6 +903,7 @@
       setConnection("live");
     }
     if (delayed) {
+      elements.delay.textContent = "no frame for " + formatDuration(now - lastFrame);
       elements.connection.title = "no word from the server for " +
         formatDuration(now - lastHeard) + "; positions shown are as of " + clockTime(lastFrame);
     } else {
