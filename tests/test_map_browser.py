@@ -775,3 +775,53 @@ async def test_replay_on_a_fresh_cluster_starts_at_the_data_and_replays_presence
         await page.screenshot(path=output_dir / "2-presence-replayed.png")
     finally:
         await ingest.stop()
+
+
+# A 1x1 PNG, what a tile server answers here for every tile.
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cff01f0005fe02fea7d6a4a30000000049454e44ae426082"
+)
+TILE_PORT = free_port()
+HOSTILE_CREDIT = '<img src=x onerror="window.pwned=1">Tiles & co'
+
+
+@pytest.fixture
+async def tile_server() -> AsyncIterator[int]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n"
+                + f"Content-Length: {len(PNG_1X1)}\r\n\r\n".encode() + PNG_1X1
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, LOOPBACK, TILE_PORT)
+    try:
+        yield TILE_PORT
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "site",
+    [{
+        "TEAMTRACK_TILE_URL": f"http://{LOOPBACK}:{TILE_PORT}/{{z}}/{{x}}/{{y}}.png",
+        "TEAMTRACK_TILE_ATTRIBUTION": HOSTILE_CREDIT,
+    }],
+    indirect=True,
+)
+async def test_tiles_of_the_configured_server_load_with_their_credit_as_plain_text(
+    tile_server: int, site: Site, browser: Browser
+) -> None:
+    await site.publish(Fleet("alpha", ["p01"]).step())
+    page = await signed_in_page(browser, site, "alice")
+    await wait_for_state(page, lambda s: s["tiles"] == "up", "tiles loaded (the CSP allows them)")
+    assert not await page.locator("#tiles-notice").is_visible()
+    credit = page.locator(".leaflet-control-attribution")
+    assert HOSTILE_CREDIT in (await credit.text_content() or "")
+    assert await credit.locator("img").count() == 0
+    assert await page.evaluate("window.pwned === undefined")

@@ -425,6 +425,7 @@
     });
     tiles.on("tileload", () => {
       loaded += 1;
+      if (!down) document.body.dataset.tiles = "up";
       if (down) {
         down = false;
         failed = 0;
