@@ -370,70 +370,10 @@
     map.createPane("workers").style.zIndex = 410;
     trailRenderer = L.canvas({ pane: "trails", padding: 0.2 });
     markerRenderer = L.canvas({ pane: "workers", padding: 0.2, tolerance: 4 });
-    // Under the tiles, or instead of them (none configured, or unreachable): a faint grid that
-    // pans and zooms with the map, so that movement still reads on a plain background.
-    // Each grid tile carries the coordinates of its corner, so that a map without tiles still
-    // tells where things are; the scale bar gives distances.
-    new (L.GridLayer.extend({ createTile: gridTile }))({ zIndex: 0 }).addTo(map);
-    L.control.scale({ imperial: false, position: "bottomleft" }).addTo(map);
-    if (config.tile_url) {
-      const tiles = L.tileLayer(config.tile_url, {
-        maxZoom: 19,
-        // Leaflet writes attributions as HTML: the configured text is escaped into plain text.
-        attribution: escapeHtml(config.tile_attribution || ""),
-        crossOrigin: false,
-      });
-      watchTiles(tiles);
-      tiles.addTo(map);
-    }
+    window.TeamtrackTiles.add(map, config, elements.tiles);
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
     map.on("moveend", () => followView.updateLabels());
-  }
-
-  function gridTile(coords) {
-    const tile = document.createElement("canvas");
-    const size = this.getTileSize();
-    tile.width = size.x;
-    tile.height = size.y;
-    const context = tile.getContext("2d");
-    context.strokeStyle = "#cdd5df";
-    context.strokeRect(0.5, 0.5, size.x, size.y);
-    const corner = map.unproject(coords.scaleBy(size), coords.z);
-    const digits = Math.max(0, Math.min(5, Math.ceil((coords.z - 2) * 0.3)));
-    context.fillStyle = "#7d8896";
-    context.font = "10px system-ui, sans-serif";
-    context.fillText(corner.lat.toFixed(digits) + "°, " + corner.wrap().lng.toFixed(digits) + "°", 4, 12);
-    return tile;
-  }
-
-  // Tiles that do not load (no internet, a tile server down): a notice, and no credit for a
-  // map that is not shown. Recovers when tiles load again.
-  function watchTiles(tiles) {
-    let failed = 0;
-    let loaded = 0;
-    let down = false;
-    const credit = escapeHtml(config.tile_attribution || "");
-    tiles.on("tileerror", () => {
-      failed += 1;
-      if (!down && failed >= 2 && failed > loaded) {
-        down = true;
-        document.body.dataset.tiles = "down";
-        if (credit) map.attributionControl.removeAttribution(credit);
-        elements.tiles.hidden = false;
-      }
-    });
-    tiles.on("tileload", () => {
-      loaded += 1;
-      if (!down) document.body.dataset.tiles = "up";
-      if (down) {
-        down = false;
-        failed = 0;
-        document.body.dataset.tiles = "up";
-        if (credit) map.attributionControl.addAttribution(credit);
-        elements.tiles.hidden = true;
-      }
-    });
   }
 
   function markerStyle(entry) {
@@ -451,10 +391,6 @@
     };
   }
 
-  function escapeHtml(text) {
-    const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-    return String(text).replace(/[&<>"']/g, (character) => entities[character]);
-  }
 
   // A text node, not a string: Leaflet inserts a string tooltip as HTML.
   function tooltipNode(entry) {
