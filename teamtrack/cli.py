@@ -159,6 +159,17 @@ def up(
         typer.Option(envvar=_env("mqtts_host"), help="address of the MQTT over TLS listeners "
                      "(0.0.0.0: every interface, for devices on the network)"),
     ] = "127.0.0.1",
+    tile_url: Annotated[
+        str | None,
+        typer.Option(envvar=_env("tile_url"), help="the dashboards' map tiles: an http(s) URL "
+                     "template with {z}, {x}, {y} (e.g. a self-hosted tile server); '' for none "
+                     "(default: OpenStreetMap's)"),
+    ] = None,
+    tile_attribution: Annotated[
+        str | None,
+        typer.Option(envvar=_env("tile_attribution"), help="the credit shown under those "
+                     "tiles (plain text)"),
+    ] = None,
 ) -> None:
     """Start a local cluster and keep it running until Ctrl-C or SIGTERM."""
     import threading
@@ -179,6 +190,7 @@ def up(
         interval=interval, qos=qos, duration=duration, backend=backend,
         kafka_nodes=kafka_nodes, tls=tls, https=https, tls_hosts=split_hosts(tls_hosts),
         mqtts_host=mqtts_host, bridges_per_broker=bridges_per_broker, mirror=mirror.value,
+        tile_url=tile_url, tile_attribution=tile_attribution,
     )
     cluster = LocalCluster(options, console)
     try:

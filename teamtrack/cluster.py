@@ -122,6 +122,10 @@ class ClusterOptions:
     # The device gateways' connection caps, in all and per address (None: the gateway's
     # defaults, 1,000 and 50); load runs hold every worker's stream from loopback.
     gateway_max_connections: int | None = None
+    # The dashboards' map tiles (--tile-url, a {z}/{x}/{y} template; "" for none) and their
+    # credit (--tile-attribution); None keeps the dashboard's defaults (OpenStreetMap).
+    tile_url: str | None = None
+    tile_attribution: str | None = None
 
 
 @dataclass
@@ -557,6 +561,10 @@ class LocalCluster:
             "--instance-id", f"dashboard-{index + 1}",
             "--database-url", self.database_url,
         ]
+        if self.options.tile_url is not None:
+            argv += ["--tile-url", self.options.tile_url]
+        if self.options.tile_attribution is not None:
+            argv += ["--tile-attribution", self.options.tile_attribution]
         tls = self.provisioned.tls
         if self.options.https and tls is not None:
             argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -199,7 +200,11 @@ def write_auth_file(path: Path) -> Path:
 
 
 @pytest.fixture
-async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
+async def site(
+    redis_server_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Site]:
+    # Settings a test asks for with @pytest.mark.parametrize("site", [{...}], indirect=True).
+    overrides: dict[str, str] = getattr(request, "param", {})
     backend_url = f"{redis_server_url}?prefix=map-{uuid.uuid4().hex[:12]}"
     auth_file = write_auth_file(tmp_path / "dashboard-auth.json")
     # Empty until a test runs an ingest; the history API answers 503 meanwhile.
@@ -221,6 +226,7 @@ async def site(redis_server_url: str, tmp_path: Path) -> AsyncIterator[Site]:
             # The tests run offline: a plain background instead of tiles that never come.
             "TEAMTRACK_TILE_URL": "",
             "TEAMTRACK_DATABASE_URL": database_url,
+            **overrides,
         }
         with log_path.open("wb") as log_file:
             instances.append(
@@ -579,3 +585,243 @@ async def test_replay_without_a_stored_history_says_so_and_stays_live(
     assert [w["seq"] for w in state["workers"]] == [0, 0, 0]
     notice = await page.locator("#notice").text_content()
     assert notice == "The history is unavailable (HTTP 503); back to live."
+
+
+async def test_list_puts_who_needs_attention_first_and_counts_filter_it(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["a01", "a02", "a03", "a04", "a05", "a06"])
+    await site.publish(alpha.step())
+    await site.publish(presence("alpha", worker, "online") for worker in alpha.workers)
+    page = await signed_in_page(browser, site, "alice")
+    await page.set_viewport_size({"width": 1400, "height": 900})
+    await wait_for_state(page, lambda s: s["markersOnMap"] == 6, "six markers")
+
+    # a05 goes offline (its Last Will), a04 stops reporting (stale); the rest keep moving.
+    # (Off duty reaches the page once the dashboards pass the `off_duty` presence on.)
+    stop = keep_publishing(site, alpha, ["a01", "a02", "a03", "a06"], 0.4)
+    await site.publish([presence("alpha", "a05", "offline")])
+    await wait_for_state(
+        page,
+        lambda s: [by_id(s)[w]["state"] for w in ("a04", "a05")] == ["stale", "offline"],
+        "a05 offline and a04 stale",
+    )
+    state = await page_state(page)
+    assert state["listOrder"] == ["a05", "a04", "a01", "a02", "a03", "a06"]
+    assert [w["id"] for w in state["workers"]] == sorted(alpha.workers)  # the map's own order
+    assert await page.locator("#count-offline").text_content() == "1"
+    seen = await page.locator("#workers li[data-worker=a05] .seen").text_content()
+    assert seen is not None, "a05's row has no last-seen text"
+    assert re.fullmatch(r"offline · \d\d:\d\d:\d\d \((.+ ago|just now)\)", seen), seen
+    detail = await page.locator("#workers li[data-worker=a01] .detail").text_content()
+    assert detail is not None and "battery 80%" in detail, detail
+    await page.screenshot(path=output_dir / "1-attention-first.png")
+
+    # A count is a filter (by keyboard too); clicked again, it clears.
+    await page.click("#counts button[data-filter=stale]")
+    state = await wait_for_state(page, lambda s: s["listOrder"] == ["a04"], "only the stale")
+    assert state["filter"] == "stale"
+    assert await page.get_attribute("#counts button[data-filter=stale]", "aria-pressed") == "true"
+    await page.screenshot(path=output_dir / "2-filter-stale.png")
+    await page.focus("#counts button[data-filter=stale]")
+    await page.keyboard.press("Enter")
+    await wait_for_state(page, lambda s: s["filter"] is None and len(s["listOrder"]) == 6, "all")
+
+    # The alerts module's unacknowledged workers sort as alerting, after offline and stale.
+    await page.evaluate(
+        """() => {
+        window.teamtrackAlerts = {unacknowledged: () => new Set(["a02"])};
+        window.dispatchEvent(new CustomEvent("teamtrack:alerts-changed"));
+      }"""
+    )
+    state = await wait_for_state(
+        page, lambda s: s["listOrder"][:3] == ["a05", "a04", "a02"], "a02 alerting after the stale"
+    )
+    assert await page.locator("#workers li[data-worker=a02] .alert-mark").is_visible()
+    label = await page.get_attribute("#workers li[data-worker=a02] button", "aria-label")
+    assert label is not None and "unacknowledged alert" in label
+
+    # Following a worker (by keyboard): its panel, its label on the map, its track export.
+    now = int(time.time() * 1000)
+    body = {"lat": 52.5205, "lon": 13.4051, "ts": now, "seq": 500, "acc": 12.0, "speed": 2.5,
+            "heading": 92.0, "battery": 41}
+    await stop()
+    await site.publish([Event("alpha", "a02", Kind.POSITION, orjson.dumps(body), "b1", now, now)])
+    await wait_for_state(page, lambda s: by_id(s)["a02"]["seq"] == 500, "a02's fix with details")
+    await page.focus("#workers li[data-worker=a02] button")
+    await page.keyboard.press("Enter")
+    panel = page.locator("#follow-panel")
+    await panel.wait_for(state="visible")
+    text = await panel.text_content() or ""
+    for expected in ("± 12 m", "9.0 km/h", "92° E", "41%", "native (MQTT)"):
+        assert expected in text, (expected, text)
+    links = await panel.locator("a").evaluate_all("links => links.map(a => a.href)")
+    assert any("/api/teams/alpha/workers/a02/track?since=" in link and link.endswith("format=gpx")
+               for link in links), links
+    state = await wait_for_state(page, lambda s: by_id(s)["a02"]["labelled"], "a02 labelled")
+    label = page.locator(".worker-label", has_text="a02")
+    assert await label.count() == 1
+    await page.screenshot(path=output_dir / "3-followed.png")
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.screenshot(path=output_dir / "4-phone.png")
+
+
+async def test_header_says_delayed_while_the_server_is_stopped_and_live_after(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["d01", "d02", "d03"])
+    await site.publish(alpha.step())
+    page = await signed_in_page(browser, site, "alice")
+    stop = keep_publishing(site, alpha, alpha.workers, 0.3)
+    # Which instance serves the page: the proxy hands connections to the first that accepts.
+    await wait_for_state(page, lambda s: all(w["seq"] >= 3 for w in s["workers"]), "moving")
+    instance = site.instances[0]
+    instance.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        state = await wait_for_state(page, lambda s: s["connection"] == "delayed", "delayed")
+        took = time.monotonic() - stopped
+        assert took < 6.0, f"delayed only after {took:.1f} s"
+        # Ages stop with the last frame: a stalled server is not the team going stale.
+        await asyncio.sleep(3.5)
+        state = await page_state(page)
+        assert state["connection"] == "delayed"
+        assert all(w["state"] == "online" for w in state["workers"]), state["workers"]
+        await page.screenshot(path=output_dir / "1-delayed.png")
+        remaining = 8.0 - (time.monotonic() - stopped)
+        await asyncio.sleep(max(0.0, remaining))
+    finally:
+        instance.send_signal(signal.SIGCONT)
+    state = await wait_for_state(page, lambda s: s["connection"] == "live", "live again")
+    seqs = {w["id"]: w["seq"] for w in state["workers"]}
+    await wait_for_state(
+        page, lambda s: all(w["seq"] > seqs[w["id"]] for w in s["workers"]), "moving again"
+    )
+    await page.screenshot(path=output_dir / "2-live-again.png")
+    await stop()
+
+
+# A tile server that is down: its port accepts nothing.
+DEAD_TILES = f"http://{LOOPBACK}:{free_port()}/{{z}}/{{x}}/{{y}}.png"
+
+
+@pytest.mark.parametrize(
+    "site",
+    [{"TEAMTRACK_TILE_URL": DEAD_TILES, "TEAMTRACK_TILE_ATTRIBUTION": "Tiles by Example Maps"}],
+    indirect=True,
+)
+async def test_map_without_tiles_says_so_and_shows_a_coordinate_grid_and_scale(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    alpha = Fleet("alpha", ["t01", "t02", "t03"])
+    await site.publish(alpha.step())
+    page = await signed_in_page(browser, site, "alice")
+    await page.set_viewport_size({"width": 1400, "height": 900})
+    await wait_for_state(page, lambda s: s["tiles"] == "down", "the tiles reported down")
+    assert await page.locator("#tiles-notice").is_visible()
+    assert "unavailable" in (await page.locator("#tiles-notice").text_content() or "")
+    # No credit for tiles that are not shown; a scale bar for distances.
+    attribution = await page.locator(".leaflet-control-attribution").text_content() or ""
+    assert "Example Maps" not in attribution, attribution
+    assert await page.locator(".leaflet-control-scale-line").count() == 1
+    await page.screenshot(path=output_dir / "1-no-tiles.png")
+    # The branded sign-in page, for people to look at.
+    login = await browser.new_page(viewport={"width": 1400, "height": 900})
+    await login.goto(site.url + "/login")
+    assert await login.locator("h1").text_content() == "teamtrack"
+    await login.screenshot(path=output_dir / "2-sign-in.png")
+    await login.set_viewport_size({"width": 390, "height": 844})
+    await login.screenshot(path=output_dir / "3-sign-in-phone.png")
+
+
+async def test_replay_on_a_fresh_cluster_starts_at_the_data_and_replays_presence(
+    site: Site, browser: Browser, output_dir: Path
+) -> None:
+    # A new cluster: two minutes of history only, while the replay asks for the last hour.
+    alpha = Fleet("alpha", ["r01", "r02", "r03"])
+    ingest = await start_ingest(site)
+    try:
+        first_ms = int(time.time() * 1000) - 120_000
+        for step in range(30):
+            movers = alpha.workers if step < 15 else ["r01", "r02"]
+            await site.publish(alpha.step(movers, at_ms=first_ms + step * 4000))
+        gone_ms = first_ms + 62_000
+        went_offline = Event("alpha", "r03", Kind.STATUS, b"offline", "b1", gone_ms, gone_ms)
+        await site.publish([went_offline])
+        await asyncio.wait_for(ingest.wait_stored(15 * 3 + 15 * 2), WAIT_S)
+        page = await signed_in_page(browser, site, "alice")
+        await page.set_viewport_size({"width": 1400, "height": 900})
+        await wait_for_state(page, lambda s: len(s["workers"]) == 3, "the team, live")
+        await page.click("#replay-toggle")  # the last hour, at 10x
+        state = await wait_for_state(
+            page, lambda s: s["replay"]["seekedTo"] is not None, "the play head at the data"
+        )
+        assert state["replay"]["seekedTo"] == first_ms - 1000, (state["replay"], first_ms)
+        clock = await page.locator("#replay-clock").text_content() or ""
+        assert "min ago" in clock and "59 min" not in clock, clock
+        await page.screenshot(path=output_dir / "1-replay-starts-at-the-data.png")
+        await page.select_option("#replay-speed", "60")
+        state = await wait_for_state(
+            page,
+            lambda s: s["mode"] == "replay" and s["replay"]["presencePlayed"] >= 1
+            and by_id(s)["r03"]["state"] == "offline",
+            "r03's offline replayed",
+        )
+        assert await page.locator("#count-offline").text_content() == "1"
+        listed = await page.locator("#workers li").count()
+        assert listed == len(state["workers"]) == int(
+            await page.locator("#count").text_content() or "0"
+        )
+        await page.screenshot(path=output_dir / "2-presence-replayed.png")
+    finally:
+        await ingest.stop()
+
+
+# A 1x1 PNG, what a tile server answers here for every tile.
+PNG_1X1 = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cff01f0005fe02fea7d6a4a30000000049454e44ae426082"
+)
+TILE_PORT = free_port()
+HOSTILE_CREDIT = '<img src=x onerror="window.pwned=1">Tiles & co'
+
+
+@pytest.fixture
+async def tile_server() -> AsyncIterator[int]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nConnection: close\r\n"
+                + f"Content-Length: {len(PNG_1X1)}\r\n\r\n".encode() + PNG_1X1
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, LOOPBACK, TILE_PORT)
+    try:
+        yield TILE_PORT
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "site",
+    [{
+        "TEAMTRACK_TILE_URL": f"http://{LOOPBACK}:{TILE_PORT}/{{z}}/{{x}}/{{y}}.png",
+        "TEAMTRACK_TILE_ATTRIBUTION": HOSTILE_CREDIT,
+    }],
+    indirect=True,
+)
+async def test_tiles_of_the_configured_server_load_with_their_credit_as_plain_text(
+    tile_server: int, site: Site, browser: Browser
+) -> None:
+    await site.publish(Fleet("alpha", ["p01"]).step())
+    page = await signed_in_page(browser, site, "alice")
+    await wait_for_state(page, lambda s: s["tiles"] == "up", "tiles loaded (the CSP allows them)")
+    assert not await page.locator("#tiles-notice").is_visible()
+    credit = page.locator(".leaflet-control-attribution")
+    assert HOSTILE_CREDIT in (await credit.text_content() or "")
+    assert await credit.locator("img").count() == 0
+    assert await page.evaluate("window.pwned === undefined")

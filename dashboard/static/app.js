@@ -11,10 +11,24 @@
   const PING_EVERY_MS = 20000;
   // No frame and no pong for this long: the connection is dead even if the browser hasn't noticed.
   const SILENCE_LIMIT_MS = 45000;
+  // Connection truth: the header never says "live" for a server that has stopped answering.
+  // While the team is active (positions kept arriving), no frame for DELAYED_AFTER_MS reads
+  // "delayed"; a quiet team is probed with a ping after PROBE_AFTER_MS of silence, and a ping
+  // unanswered for PONG_LIMIT_MS reads "delayed" too. Checked every CHECK_EVERY_MS.
+  const DELAYED_AFTER_MS = 5000;
+  const PROBE_AFTER_MS = 2000;
+  const PONG_LIMIT_MS = 3000;
+  const CHECK_EVERY_MS = 250;
+  const ACTIVE_FRAMES = 3; // position frames within ACTIVE_WINDOW_MS before the silence
+  const ACTIVE_WINDOW_MS = 30000;
   const CLOSE_TOO_SLOW = 4008;
   const CLOSE_REVOKED = 4401; // a logout elsewhere, or the account revoked or rotated
-  const COLOURS = { online: "#1f8a4c", stale: "#d08c1a", offline: "#7b8594", unknown: "#3867d6" };
+  // Colours chosen apart for the common colour blindnesses; every state also has its own shape
+  // (list icons, marker outline), so colour is never the only cue.
+  const COLOURS = { online: "#1b7f4a", stale: "#e08a00", offline: "#5f6b7a", off_duty: "#7b52c7",
+    unknown: "#2f6fd6" };
   const FOCUS_ZOOM = 16;
+  const PANEL_FIXES = 6; // the followed worker's last fixes listed in its panel
   const RENDER_SAMPLES = 240;
 
   const elements = {
@@ -22,18 +36,22 @@
     connection: document.getElementById("connection"),
     delay: document.getElementById("delay"),
     notice: document.getElementById("notice"),
+    tiles: document.getElementById("tiles-notice"),
     map: document.getElementById("map"),
     search: document.getElementById("search"),
     list: document.getElementById("workers"),
     following: document.getElementById("following"),
     followingName: document.getElementById("following-name"),
     stopFollowing: document.getElementById("stop-following"),
+    followPanel: document.getElementById("follow-panel"),
     total: document.getElementById("count"),
     counts: {
       online: document.getElementById("count-online"),
       stale: document.getElementById("count-stale"),
       offline: document.getElementById("count-offline"),
+      off_duty: document.getElementById("count-off_duty"),
     },
+    countsList: document.getElementById("counts"),
     replay: {
       toggle: document.getElementById("replay-toggle"),
       bar: document.getElementById("replay"),
@@ -42,6 +60,7 @@
       play: document.getElementById("replay-play"),
       speed: document.getElementById("replay-speed"),
       scrubber: document.getElementById("replay-scrubber"),
+      alerts: document.getElementById("replay-alerts"),
       clock: document.getElementById("replay-clock"),
       live: document.getElementById("replay-live"),
     },
@@ -57,6 +76,9 @@
   let socket = null;
   let reconnectDelay = RECONNECT_FIRST_MS;
   let lastHeard = 0;
+  let lastFrame = 0; // the last frame other than a pong (this browser's clock)
+  let pingSentAt = 0; // an unanswered ping, or 0
+  const positionFrames = []; // when the last frames carrying positions came (this browser's clock)
   // Where to resume from after a drop: the cursor of the last frame applied.
   let cursor = null;
   let serverOffsetMs = 0; // server clock minus this browser's, from the frames' "now"
@@ -109,7 +131,10 @@
 
   // The time the map shows: now, or the play head while replaying (ages and staleness).
   function viewNow() {
-    return replaying() ? player.now() : serverNow();
+    if (replaying()) return player.now();
+    // A delayed server is not a team going stale: ages stop where the last frame left them.
+    if (elements.connection.dataset.state === "delayed") return lastFrame + serverOffsetMs;
+    return serverNow();
   }
 
   // --- Workers --------------------------------------------------------------------------
@@ -127,6 +152,10 @@
       marker: null,
       trailLine: null,
       row: null,
+      cells: null,
+      origin: null, // the bridge ("b…") or HTTP gateway ("g…") that received the newest fix
+      fixes: [], // the last PANEL_FIXES fixes: {position, rxMs}
+      label: null,
     };
   }
 
@@ -152,9 +181,10 @@
   }
 
   function stateOf(entry, now) {
-    if (entry.status === "offline" && (entry.rxMs === null || entry.statusMs >= entry.rxMs)) {
-      return "offline";
-    }
+    const statusNewer = entry.rxMs === null || entry.statusMs >= entry.rxMs;
+    if (entry.status === "offline" && statusNewer) return "offline";
+    // Off duty (paused by the device, or outside its shift) until a later position or "online".
+    if (entry.status === "off_duty" && statusNewer) return "off_duty";
     if (entry.position === null) return entry.status === "online" ? "online" : "unknown";
     if (now - entry.rxMs > config.stale_after_s * 1000) return "stale";
     return "online";
@@ -178,6 +208,8 @@
     }
     entry.position = position;
     entry.rxMs = rxMs;
+    entry.fixes.push({ position: position, rxMs: rxMs });
+    if (entry.fixes.length > PANEL_FIXES) entry.fixes.shift();
     entry.trail.push([position.lat, position.lon]);
     const excess = entry.trail.length - Math.max(config.trail_points, 1);
     if (excess > 0) entry.trail.splice(0, excess);
@@ -188,6 +220,7 @@
     for (const entry of workers.values()) {
       if (entry.marker) entry.marker.remove();
       if (entry.trailLine) entry.trailLine.remove();
+      if (entry.label) entry.label.remove();
     }
     workers.clear();
     sortedIds.length = 0;
@@ -202,13 +235,14 @@
     for (const item of frame.workers) {
       const entry = record(item.worker);
       if (item.position) applyPosition(entry, item.position, item.received_ms, false);
+      entry.origin = item.origin || null;
       entry.status = item.status;
       entry.statusMs = item.status_ms;
       changed.add(item.worker);
     }
     fitPending = true;
     showDelay(frame.workers.map((item) => item.position));
-    buildList();
+    list.buildList();
     scheduleRender();
   }
 
@@ -217,7 +251,10 @@
     for (const event of events) {
       const entry = record(event.w);
       if (event.k === "p") {
-        if (applyPosition(entry, event.p, event.rx, continuous)) positions.push(event.p);
+        if (applyPosition(entry, event.p, event.rx, continuous)) {
+          positions.push(event.p);
+          entry.origin = event.o || null;
+        }
       } else if (event.k === "s") {
         entry.status = event.p;
         entry.statusMs = event.rx;
@@ -229,12 +266,26 @@
   }
 
   function onFrame(message) {
-    lastHeard = Date.now();
+    const arrived = Date.now();
+    lastHeard = arrived;
+    pingSentAt = 0;
     let frame;
     try {
       frame = JSON.parse(message.data);
     } catch (error) {
       return;
+    }
+    if (frame.type === "pong") {
+      if (elements.connection.dataset.state === "delayed" && !serverQuietWhileActive(arrived)) {
+        setConnection("live");
+      }
+      return;
+    }
+    lastFrame = arrived;
+    if (elements.connection.dataset.state === "delayed") setConnection("live");
+    if ((frame.type === "events" || frame.type === "sync") && frame.events.some((e) => e.k === "p")) {
+      positionFrames.push(arrived);
+      if (positionFrames.length > ACTIVE_FRAMES) positionFrames.shift();
     }
     if (frame.type in stats.frames) stats.frames[frame.type] += 1;
     if (frame.type === "snapshot") {
@@ -258,7 +309,7 @@
       showNotice("Some updates were lost for good; the map was reloaded.", 15000);
     }
     if (typeof frame.cursor === "string") cursor = frame.cursor;
-    // alerts hook: alerts.js (and any other module) sees every frame after it was applied.
+    // alerts hook: other page modules (alerts.js) see every frame once it is applied.
     window.dispatchEvent(new CustomEvent("teamtrack:frame", { detail: frame }));
   }
 
@@ -275,6 +326,20 @@
       if (position && (newest === null || position.ts > newest)) newest = position.ts;
     }
     if (newest !== null) elements.delay.textContent = formatDuration(Date.now() - newest);
+  }
+
+  // A wall-clock time of this browser's zone for a server-clock instant, e.g. "14:02:31".
+  // (By hand: toLocaleTimeString costs a formatter per call, too slow for 2,000 rows a second.)
+  function clockTime(ms) {
+    const date = new Date(ms - serverOffsetMs);
+    const two = (value) => (value < 10 ? "0" : "") + value;
+    return two(date.getHours()) + ":" + two(date.getMinutes()) + ":" + two(date.getSeconds());
+  }
+
+  // "14:02:31 (12 s ago)"
+  function seenText(ms, now) {
+    const age = now - ms;
+    return clockTime(ms) + " (" + (age < 1000 ? "just now" : formatAge(age) + " ago") + ")";
   }
 
   function formatAge(ms) {
@@ -305,30 +370,10 @@
     map.createPane("workers").style.zIndex = 410;
     trailRenderer = L.canvas({ pane: "trails", padding: 0.2 });
     markerRenderer = L.canvas({ pane: "workers", padding: 0.2, tolerance: 4 });
-    // Under the tiles, or instead of them (none configured, or unreachable): a faint grid that
-    // pans and zooms with the map, so that movement still reads on a plain background.
-    new (L.GridLayer.extend({ createTile: gridTile }))({ zIndex: 0 }).addTo(map);
-    if (config.tile_url) {
-      L.tileLayer(config.tile_url, {
-        maxZoom: 19,
-        // Leaflet writes attributions as HTML: the configured text is escaped into plain text.
-        attribution: escapeHtml(config.tile_attribution || ""),
-        crossOrigin: false,
-      }).addTo(map);
-    }
+    window.TeamtrackTiles.add(map, config, elements.tiles);
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
-  }
-
-  function gridTile() {
-    const tile = document.createElement("canvas");
-    const size = this.getTileSize();
-    tile.width = size.x;
-    tile.height = size.y;
-    const context = tile.getContext("2d");
-    context.strokeStyle = "#d5dce5";
-    context.strokeRect(0.5, 0.5, size.x, size.y);
-    return tile;
+    map.on("moveend", () => followView.updateLabels());
   }
 
   function markerStyle(entry) {
@@ -338,14 +383,14 @@
       color: selected ? "#111" : "#fff",
       weight: selected ? 2.5 : 1.5,
       fillColor: COLOURS[entry.state],
-      fillOpacity: entry.state === "offline" ? 0.6 : 0.95,
+      // Shape cues besides colour: offline hollow, off duty half filled, stale dashed outline.
+      fillOpacity: entry.state === "offline" ? 0.15 : entry.state === "off_duty" ? 0.45 : 0.95,
+      dashArray: entry.state === "stale" ? "3 2" : null,
+      ...(selected || (entry.state !== "offline" && entry.state !== "off_duty") ? {}
+        : { color: COLOURS[entry.state], weight: 2.5 }),
     };
   }
 
-  function escapeHtml(text) {
-    const entities = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
-    return String(text).replace(/[&<>"']/g, (character) => entities[character]);
-  }
 
   // A text node, not a string: Leaflet inserts a string tooltip as HTML.
   function tooltipNode(entry) {
@@ -376,6 +421,7 @@
       return;
     }
     entry.marker.setLatLng(latLng);
+    if (entry.label) entry.label.setLatLng(latLng);
     entry.trailLine.setLatLngs(entry.trail);
     if (styleChanged) {
       entry.marker.setStyle(markerStyle(entry));
@@ -406,6 +452,7 @@
     }
     elements.following.hidden = false;
     elements.followingName.textContent = id;
+    followView.fillPanel();
     const entry = workers.get(id);
     if (map && entry && entry.position) {
       map.setView([entry.position.lat, entry.position.lon], Math.max(map.getZoom(), FOCUS_ZOOM));
@@ -418,100 +465,39 @@
     const entry = workers.get(followed);
     followed = null;
     elements.following.hidden = true;
+    followView.fillPanel();
     if (entry) {
       if (entry.marker) entry.marker.setStyle(markerStyle(entry));
       if (entry.row) entry.row.classList.remove("selected");
     }
   }
 
-  // --- Side list ------------------------------------------------------------------------
-  function newRow(entry) {
-    const row = document.createElement("li");
-    row.dataset.worker = entry.id;
-    const button = document.createElement("button");
-    button.type = "button";
-    const dot = document.createElement("span");
-    dot.className = "dot";
-    const name = document.createElement("span");
-    name.className = "name";
-    name.textContent = entry.id;
-    const age = document.createElement("span");
-    age.className = "age";
-    const gaps = document.createElement("span");
-    gaps.className = "gaps";
-    gaps.hidden = true;
-    button.append(dot, name, gaps, age);
-    button.addEventListener("click", () => follow(entry.id));
-    row.appendChild(button);
-    row.hidden = !matchesSearch(entry.id);
-    entry.row = row;
-    return row;
-  }
+  // --- The followed worker's panel and the map's labels (follow.js) ----------------------
+  const followView = window.TeamtrackFollow.create({
+    workers: workers,
+    panel: elements.followPanel,
+    map: () => map,
+    team: () => team,
+    config: () => config,
+    followed: () => followed,
+    viewNow: viewNow,
+    serverNow: serverNow,
+    clockTime: clockTime,
+    seenText: seenText,
+    colours: COLOURS,
+    stateWords: () => list.STATE_WORDS,
+  });
 
-  function buildList() {
-    const fragment = document.createDocumentFragment();
-    for (const id of sortedIds) fragment.appendChild(newRow(workers.get(id)));
-    elements.list.replaceChildren(fragment);
-  }
-
-  function placeRow(entry) {
-    const row = newRow(entry);
-    // Before the first later worker already listed (several may be new in one render).
-    let next = null;
-    for (let index = sortedIds.indexOf(entry.id) + 1; index < sortedIds.length; index++) {
-      const candidate = workers.get(sortedIds[index]).row;
-      if (candidate && candidate.parentNode) {
-        next = candidate;
-        break;
-      }
-    }
-    elements.list.insertBefore(row, next);
-  }
-
-  function fillRow(entry, now) {
-    const row = entry.row;
-    row.dataset.state = entry.state;
-    row.dataset.seq = entry.position && typeof entry.position.seq === "number"
-      ? String(entry.position.seq) : "";
-    row.dataset.seqGaps = String(entry.seqGaps);
-    const [, , gaps, age] = row.firstChild.children;
-    fillAge(entry, age, now);
-    if (entry.seqGaps > 0) {
-      gaps.hidden = false;
-      gaps.textContent = "⚠ " + entry.seqGaps + " skipped";
-      gaps.title = "the device skipped " + entry.seqGaps + " sequence number(s)";
-    }
-    const position = entry.position;
-    row.title = position
-      ? `${entry.id}: ${entry.state}, seq ${position.seq}` +
-        (typeof position.speed === "number" ? `, ${position.speed.toFixed(1)} m/s` : "") +
-        (typeof position.battery === "number" ? `, battery ${Math.round(position.battery)}%` : "")
-      : `${entry.id}: ${entry.state}`;
-  }
-
-  function fillAge(entry, age, now) {
-    age.textContent = entry.position ? formatAge(now - entry.rxMs) : entry.status || "";
-  }
-
-  function matchesSearch(id) {
-    const query = elements.search.value.trim().toLowerCase();
-    return !query || id.toLowerCase().includes(query);
-  }
-
-  function applySearch() {
-    for (const entry of workers.values()) {
-      if (entry.row) entry.row.hidden = !matchesSearch(entry.id);
-    }
-  }
-
-  function updateCounts() {
-    const counts = { online: 0, stale: 0, offline: 0, unknown: 0 };
-    for (const entry of workers.values()) counts[entry.state] += 1;
-    for (const state of ["online", "stale", "offline"]) {
-      elements.counts[state].textContent = String(counts[state]);
-    }
-    elements.total.textContent = String(workers.size);
-  }
+  // --- Side list (list.js) --------------------------------------------------------------
+  const list = window.TeamtrackList.create({
+    workers: workers,
+    sortedIds: sortedIds,
+    elements: elements,
+    changed: changed,
+    follow: (id) => follow(id),
+    scheduleRender: () => scheduleRender(),
+    seenText: seenText,
+  });
 
   // --- Rendering ------------------------------------------------------------------------
   function scheduleRender() {
@@ -525,22 +511,27 @@
     const started = performance.now();
     renderScheduled = false;
     const now = viewNow();
+    const changedFollowed = followed !== null && changed.has(followed);
     for (const id of changed) {
       const entry = workers.get(id);
       if (!entry) continue;
       const state = stateOf(entry, now);
       const styleChanged = state !== entry.state || !entry.marker;
+      if (state !== entry.state || !entry.row) list.markDirty();
       entry.state = state;
       drawOnMap(entry, styleChanged);
-      if (!entry.row) placeRow(entry);
-      fillRow(entry, now);
+      if (!entry.row) list.newRow(entry);
+      list.fillRow(entry, now);
+      if (list.filter() !== null) entry.row.hidden = !list.rowVisible(entry);
       if (id === followed && map && entry.position) {
         map.panTo([entry.position.lat, entry.position.lon], { animate: false });
       }
     }
     changed.clear();
+    if (list.dirty()) list.reorderList();
+    if (followed !== null && changedFollowed) followView.fillPanel();
     if (fitPending) fitToWorkers();
-    updateCounts();
+    list.updateCounts();
     stats.renderMs.push(performance.now() - started);
     if (stats.renderMs.length > RENDER_SAMPLES) stats.renderMs.shift();
   }
@@ -550,9 +541,11 @@
     const now = viewNow();
     for (const entry of workers.values()) {
       if (stateOf(entry, now) !== entry.state) changed.add(entry.id);
-      else if (entry.row) fillAge(entry, entry.row.firstChild.lastChild, now);
+      else if (entry.row) list.fillAge(entry, now);
     }
     if (changed.size) scheduleRender();
+    else if (followed !== null) followView.fillPanel(); // its ages
+    followView.updateLabels();
   }
 
   // --- Replay ---------------------------------------------------------------------------
@@ -583,6 +576,7 @@
       fitPending = true;
       elements.delay.textContent = "–"; // of live frames: back with the first one after
       showReplayControls(true);
+      scheduleRender(); // the counts follow the emptied list at once
     },
     applyPosition(worker, position, rxMs, continuous) {
       changed.add(worker);
@@ -641,6 +635,39 @@
     replayRangeStart = since;
     player.setSpeed(Number(elements.replay.speed.value));
     player.start(since);
+    showReplayAlerts(since);
+  }
+
+  // The team's alerts of the replayed window as marks on the time bar (the alerts API of
+  // docs/protocol.md; a dashboard without it answers 404 and the bar stays plain). Each mark
+  // names the alert in its title (plain text) and seeks the replay there when clicked.
+  let replayAlertsAsked = 0;
+  async function showReplayAlerts(since) {
+    const marks = elements.replay.alerts;
+    marks.replaceChildren();
+    const asked = ++replayAlertsAsked;
+    let answer;
+    try {
+      answer = await getJson(`/api/teams/${encodeURIComponent(team)}/alerts` +
+        `?since=${Math.floor(since)}&limit=500`);
+    } catch (error) {
+      return; // 404 (no alerts service) or unreachable: no marks
+    }
+    if (asked !== replayAlertsAsked || !answer || !Array.isArray(answer.alerts)) return;
+    const end = serverNow();
+    for (const alert of answer.alerts) {
+      if (typeof alert.at !== "number" || alert.at < since || alert.at > end) continue;
+      const mark = document.createElement("button");
+      mark.type = "button";
+      mark.className = "alert-tick";
+      mark.style.left = ((alert.at - since) / (end - since)) * 100 + "%";
+      const text = clockTime(alert.at) + " " + String(alert.worker || "") + ": " +
+        String(alert.detail || alert.kind || "alert");
+      mark.title = text;
+      mark.setAttribute("aria-label", "Alert at " + text);
+      mark.addEventListener("click", () => player.start(Math.max(since, alert.at - 5000)));
+      marks.appendChild(mark);
+    }
   }
 
   // The Live button: leave the replay where it is; a fresh snapshot replaces the view.
@@ -746,6 +773,9 @@
     socket = current;
     stats.connections += 1;
     lastHeard = Date.now();
+    lastFrame = lastHeard;
+    pingSentAt = 0;
+    positionFrames.length = 0;
     current.onmessage = onFrame;
     current.onclose = (event) => {
       if (socket !== current) return;
@@ -773,13 +803,49 @@
     connect();
   }
 
+  function sendPing(now) {
+    socket.send(JSON.stringify({ type: "ping" }));
+    if (pingSentAt === 0) pingSentAt = now;
+  }
+
   function keepAlive() {
     if (!socket || socket.readyState !== WebSocket.OPEN) return;
     if (Date.now() - lastHeard > SILENCE_LIMIT_MS) {
       socket.close();
       return;
     }
-    socket.send(JSON.stringify({ type: "ping" }));
+    sendPing(Date.now());
+  }
+
+  // Positions were flowing (ACTIVE_FRAMES frames within ACTIVE_WINDOW_MS) and then stopped.
+  function serverQuietWhileActive(now) {
+    if (now - lastFrame < DELAYED_AFTER_MS) return false;
+    return positionFrames.length >= ACTIVE_FRAMES &&
+      lastFrame - positionFrames[0] <= ACTIVE_WINDOW_MS;
+  }
+
+  function checkConnection() {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return;
+    const state = elements.connection.dataset.state;
+    if (state !== "live" && state !== "delayed") return;
+    const now = Date.now();
+    if (now - lastHeard >= PROBE_AFTER_MS && pingSentAt === 0) sendPing(now);
+    const unanswered = pingSentAt !== 0 && now - pingSentAt > PONG_LIMIT_MS;
+    const delayed = unanswered || serverQuietWhileActive(now);
+    if (delayed && state === "live") {
+      setConnection("delayed");
+      for (const id of sortedIds) changed.add(id);
+      scheduleRender();
+    } else if (!delayed && state === "delayed") {
+      setConnection("live");
+    }
+    if (delayed) {
+      elements.delay.textContent = "no frame for " + formatDuration(now - lastFrame);
+      elements.connection.title = "no word from the server for " +
+        formatDuration(now - lastHeard) + "; positions shown are as of " + clockTime(lastFrame);
+    } else {
+      elements.connection.title = "";
+    }
   }
 
   // --- Start ----------------------------------------------------------------------------
@@ -804,17 +870,25 @@
     elements.team.textContent = team;
     document.title = `teamtrack — ${team}`;
     createMap();
-    elements.search.addEventListener("input", applySearch);
+    window.teamtrack.map = map;
+    window.teamtrack.team = team;
+    elements.search.addEventListener("input", list.applySearch);
     elements.search.addEventListener("keydown", (event) => {
       if (event.key !== "Enter") return;
-      const visible = sortedIds.filter((id) => matchesSearch(id));
+      const visible = sortedIds.filter((id) => list.matchesSearch(id));
       if (visible.length === 1) follow(visible[0]);
     });
     elements.stopFollowing.addEventListener("click", stopFollowing);
+    for (const item of elements.countsList.querySelectorAll("button[data-filter]")) {
+      item.addEventListener("click", () => list.setFilter(item.dataset.filter));
+    }
+    window.addEventListener("teamtrack:alerts-changed", list.readAlerting);
+    list.readAlerting();
     setUpReplay();
     connect();
     window.setInterval(refreshStates, 1000);
     window.setInterval(keepAlive, PING_EVERY_MS);
+    window.setInterval(checkConnection, CHECK_EVERY_MS);
   }
 
   function retryStart() {
@@ -831,6 +905,10 @@
       return {
         team: team,
         connection: elements.connection.dataset.state,
+        tiles: document.body.dataset.tiles || null,
+        filter: list.filter(),
+        listOrder: Array.from(elements.list.children).filter((row) => !row.hidden)
+          .map((row) => row.dataset.worker),
         mode: replaying() ? "replay" : "live",
         replay: player ? player.state() : null,
         cursor: cursor,
@@ -855,6 +933,7 @@
             duplicates: entry.duplicates,
             trail: entry.trail.length,
             onMap: Boolean(map && entry.marker && map.hasLayer(entry.marker)),
+            labelled: Boolean(entry.label),
           };
         }),
       };

@@ -20,6 +20,7 @@ window.TeamtrackReplay = (function () {
   // History older than this is taken as complete: the ingest writes within it. Newer history is
   // read again at the seam until it meets the live stream.
   const SETTLE_MS = 10000;
+  const SEEK_LEAD_MS = 1000; // the play head starts this long before the first stored fix
   const MIN_WINDOW_MS = 2000; // a shorter stretch of settled history is left to the seam
   const JOIN_POLL_MS = 300;
   // How long the seam waits for the history to meet the live stream; after that it joins, and
@@ -71,6 +72,12 @@ window.TeamtrackReplay = (function () {
     let nextPage = null;
     let windowRead = false;
     let fetching = null; // the generation whose page request is in flight
+    // The first page after a start moves the play head to the first stored fix (an empty hour
+    // is not played out); an empty window says so.
+    let seekToData = false;
+    // Presence changes of the window being played ([{worker, ts, status}], by time).
+    let presence = [];
+    let presenceIndex = 0;
     // The live side: seeds, then every live event since; statuses per worker.
     let ring = [];
     let ringIndex = 0;
@@ -83,6 +90,8 @@ window.TeamtrackReplay = (function () {
     let waitStarted = 0;
     const stats = {
       played: 0, // positions applied from the history
+      presencePlayed: 0, // presence changes applied from the history
+      seekedTo: null, // where the first page moved the play head (the first stored fix)
       pages: 0,
       ringDropped: 0,
       seamPolls: 0, // history reads at the seam that did not yet meet the live stream
@@ -180,6 +189,24 @@ window.TeamtrackReplay = (function () {
       nextPage = null;
       windowRead = false;
       fetchPage();
+      fetchPresence(from, until);
+    }
+
+    // The window's presence changes (one page of up to PAGE_SIZE; beyond it, a window that
+    // busy plays positions only).
+    function fetchPresence(from, until) {
+      const mine = generation;
+      const path = `/api/teams/${encodeURIComponent(host.team())}/presence` +
+        `?since=${Math.floor(from)}&until=${Math.floor(until)}&limit=${PAGE_SIZE}`;
+      host.fetchJson(path).then((document) => {
+        if (mine !== generation) return;
+        presence = presence.slice(presenceIndex).concat(document.changes);
+        presenceIndex = 0;
+      }).catch(() => {});
+    }
+
+    function clockText(ms) {
+      return new Date(ms).toLocaleTimeString([], { hour12: false, hour: "2-digit", minute: "2-digit" });
     }
 
     function fetchPage() {
@@ -197,6 +224,21 @@ window.TeamtrackReplay = (function () {
         nextPage = document.next;
         windowRead = document.next === null;
         stats.pages += 1;
+        if (seekToData) {
+          seekToData = false;
+          if (document.positions.length > 0) {
+            const first = document.positions[0].ts;
+            if (first - SEEK_LEAD_MS > head) {
+              head = first - SEEK_LEAD_MS;
+              stats.seekedTo = head;
+            }
+          } else if (windowRead) {
+            host.notice(`No history between ${clockText(windowSince)} and ` +
+              `${clockText(windowUntil)}: playing from ${clockText(windowUntil)}.`);
+            head = windowUntil;
+            stats.seekedTo = head;
+          }
+        }
       }).catch(() => {}).finally(() => {
         if (fetching === mine) fetching = null;
       });
@@ -210,6 +252,12 @@ window.TeamtrackReplay = (function () {
     }
 
     function playHistory(limit) {
+      while (presenceIndex < presence.length && presence[presenceIndex].ts <= limit) {
+        const change = presence[presenceIndex];
+        presenceIndex += 1;
+        host.applyStatus(change.worker, change.status, change.ts);
+        stats.presencePlayed += 1;
+      }
       while (queueIndex < queue.length && queue[queueIndex].ts <= limit) {
         const stored = queue[queueIndex];
         queueIndex += 1;
@@ -398,6 +446,10 @@ window.TeamtrackReplay = (function () {
         head = since;
         queue = [];
         queueIndex = 0;
+        presence = [];
+        presenceIndex = 0;
+        seekToData = true;
+        stats.seekedTo = null;
         joinHistory = [];
         ringIndex = 0;
         fetching = null;
