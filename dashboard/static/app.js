@@ -870,8 +870,6 @@
     elements.team.textContent = team;
     document.title = `teamtrack — ${team}`;
     createMap();
-    window.teamtrack.map = map;
-    window.teamtrack.team = team;
     elements.search.addEventListener("input", list.applySearch);
     elements.search.addEventListener("keydown", (event) => {
       if (event.key !== "Enter") return;
