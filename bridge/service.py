@@ -57,7 +57,7 @@ from teamtrack.contract import (
 )
 from teamtrack.ingress.batcher import Batcher, BatchMetrics
 from teamtrack.ingress.duty import REASONS as DUTY_REASONS
-from teamtrack.ingress.duty import DutyGate, RosterFile
+from teamtrack.ingress.duty import DutyGate, RosterFile, follow_duty, refresh_roster
 from teamtrack.ingress.owntracks import (
     OWNTRACKS_FILTERS,
     OWNTRACKS_ROOT,
@@ -569,17 +569,13 @@ class BridgeService:
 
     async def _duty_watch(self) -> None:
         """Reload duty.json when it changed; turn workers whose shift ended off duty."""
-        while True:
-            await asyncio.sleep(self.config.duty_check_s)
-            self.reload_duty()
-            for event in self.duty.tick():
-                # Nobody waits for it: the batcher's retries carry it to the backend.
-                self.batcher.submit_nowait(event)
+        # Nobody waits for those statuses: the batcher's retries carry them to the backend.
+        await follow_duty(self._roster_file, self.duty, self.config.duty_check_s,
+                          self.batcher.submit_nowait)
 
     def reload_duty(self) -> None:
         """duty.json again if it changed (also on SIGHUP)."""
-        if self._roster_file is not None and self._roster_file.reload_if_changed():
-            self.duty.roster = self._roster_file.roster
+        refresh_roster(self._roster_file, self.duty)
 
     async def _on_message(
         self, client: MQTTClient, topic: str, payload: bytes, qos: int, properties: Any

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from rules.engine import TeamRules
 from rules.service import RulesConfig, RulesService
 from rules.settings import RulesSettings
-from teamtrack.backends import BackendError, from_url
+from teamtrack.backends import from_url
 from teamtrack.history import HistoryStore
 from teamtrack.logs import configure_logging
 from teamtrack.metrics import service_registry
-from teamtrack.runtime import run, serving, settle_heap
+from teamtrack.runtime import run_or_exit, serving, settle_heap
 from teamtrack.settings import load_settings
 
 log = logging.getLogger("rules")
@@ -60,17 +57,7 @@ async def serve(settings: RulesSettings) -> None:
 def main() -> None:
     settings = load_settings(RulesSettings, "python -m rules")
     configure_logging(settings.log_level)
-    try:
-        run(serve(settings))
-    except BackendError as error:
-        print(f"python -m rules: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (SQLAlchemyError, OSError) as error:
-        print(f"python -m rules: history database: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except ValueError as error:
-        print(f"python -m rules: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_or_exit(serve(settings), "python -m rules")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
+from teamtrack.backends import BackendError
 from teamtrack.metrics import CollectorRegistry, MetricsServer
 
 T = TypeVar("T")
@@ -63,3 +65,21 @@ async def serving(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         metrics.stop()
+
+
+def run_or_exit(main: Coroutine[Any, Any, None], prog: str) -> None:
+    """Run a service that reads the backend and writes the history database; its known
+    failures end it with one line on stderr: exit 1 (a server) or 2 (a bad setting)."""
+    from sqlalchemy.exc import SQLAlchemyError  # here: the bridges never load SQLAlchemy
+
+    try:
+        run(main)
+    except BackendError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (SQLAlchemyError, OSError) as error:
+        print(f"{prog}: history database: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

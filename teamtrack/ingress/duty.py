@@ -16,12 +16,13 @@ gateways) before anything reaches the backend (docs/privacy.md, "Off duty").
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -260,6 +261,27 @@ class RosterFile:
             return False
         log.info("duty file reloaded: shifts for %d team(s)", len(self.roster.teams))
         return True
+
+
+def refresh_roster(roster_file: RosterFile | None, gate: DutyGate) -> None:
+    """`gate` takes `roster_file`'s shifts again if the file changed (also on SIGHUP)."""
+    if roster_file is not None and roster_file.reload_if_changed():
+        gate.roster = roster_file.roster
+
+
+async def follow_duty(
+    roster_file: RosterFile | None,
+    gate: DutyGate,
+    every_s: float,
+    submit: Callable[[Event], object],
+) -> None:
+    """Every `every_s`: reload `duty.json` if it changed, and hand `submit` the `off_duty`
+    status of each online worker whose shift has ended (a bridge's or gateway's task)."""
+    while True:
+        await asyncio.sleep(every_s)
+        refresh_roster(roster_file, gate)
+        for event in gate.tick():
+            submit(event)
 
 
 @dataclass
