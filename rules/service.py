@@ -185,8 +185,8 @@ class RulesService:
     # Lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
-        # The ingest migrates the same database at the same moment under `teamtrack up`: a
-        # lock it holds is waited out and retried, not a reason to exit.
+        # The ingest migrates the same database at the same moment under `teamtrack up`
+        # (migrate waits for it); a database not up yet is retried, not a reason to exit.
         await self._until_done(self.history.migrate)
         states, self._cursors = await self.store.load_state()
         self.engine.load(states)

@@ -20,8 +20,11 @@ Runs are recovered when reading: ordered by fix time, a run starts where seq doe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import fcntl
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -36,6 +39,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
+# The PostgreSQL advisory lock every migrating process takes (any constant; this is "ttmigr").
+MIGRATION_LOCK_KEY: Final = 0x74746D69677200
 HISTORY_FILE_NAME: Final = "history.sqlite3"
 DEFAULT_PAGE_SIZE: Final = 1000
 MAX_PAGE_SIZE: Final = 10_000
@@ -262,6 +267,17 @@ def create_engine(url: str) -> AsyncEngine:
     )
 
 
+def _lock_file(path: Path) -> int:
+    """Open `path` (0600) and wait for an exclusive lock on it; returns the descriptor."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor
+
+
 def _upgrade_to_head(connection: Connection) -> None:
     from alembic import command
     from alembic.config import Config
@@ -333,8 +349,30 @@ class HistoryStore:
         return self.engine.dialect.name
 
     async def migrate(self) -> None:
-        """Create or upgrade the schema to the newest Alembic revision."""
+        """Create or upgrade the schema to the newest Alembic revision.
+
+        Safe for processes that migrate one database at the same moment (the ingest and the
+        rules service at `teamtrack up`): one migrates, the others wait for it and then find
+        the schema at the newest revision. PostgreSQL: a transaction-scoped advisory lock.
+        SQLite (whose driver commits each DDL statement on its own): an exclusive lock on a
+        file beside the database, held while migrating."""
+        database = make_url(str(self.engine.url)).database
+        if self.dialect == "sqlite" and database and database != ":memory:":
+            lock_path = Path(f"{database}.migrate-lock")
+            descriptor = await asyncio.to_thread(_lock_file, lock_path)
+            try:
+                await self._upgrade()
+            finally:
+                os.close(descriptor)  # closing releases the lock
+            return
+        await self._upgrade()
+
+    async def _upgrade(self) -> None:
         async with self.engine.begin() as connection:
+            if self.dialect == "postgresql":
+                await connection.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             await connection.run_sync(_upgrade_to_head)
 
     async def close(self) -> None:

@@ -255,3 +255,45 @@ async def test_worker_events_are_stored_once_and_read_by_team_and_worker(
     assert paged.next is not None
     rest = await store.events("alpha", T0, T0 + 100, limit=2, after=paged.next)
     assert [event["desc"] for event in rest.items] == ["Depot"]
+
+
+async def test_processes_migrating_one_new_database_at_once_all_succeed(history_url: str) -> None:
+    """`teamtrack up` starts the ingest and the rules service together on one new database:
+    each migrates it at start. Three processes (not tasks: each its own driver and lock) race
+    on the same empty database, three rounds; every one must finish at the newest revision
+    instead of failing on "table already exists" or "database is locked"."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import asyncio, sys, time\n"
+        "import alembic.command, alembic.config  # imported before the start, as the race is\n"
+        "from teamtrack.history import HistoryStore\n"
+        "async def main():\n"
+        "    store = HistoryStore.from_url(sys.argv[1])\n"
+        "    await asyncio.sleep(max(float(sys.argv[2]) - time.time(), 0))\n"
+        "    try:\n"
+        "        await store.migrate()\n"
+        "    finally:\n"
+        "        await store.close()\n"
+        "asyncio.run(main())\n"
+    )
+    for _round in range(2):
+        start_at = str(time.time() + 2.0)  # after every process has imported: a tight race
+        processes = [
+            subprocess.Popen([sys.executable, "-c", code, history_url, start_at],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for _ in range(3)
+        ]
+        outputs = [process.communicate(timeout=60)[0].decode() for process in processes]
+        failures = [out[-400:] for process, out in zip(processes, outputs, strict=True)
+                    if process.returncode != 0]
+        assert not failures, failures
+    store = HistoryStore.from_url(history_url)
+    try:
+        async with store.engine.connect() as connection:
+            version = await connection.scalar(sa.text("SELECT version_num FROM alembic_version"))
+    finally:
+        await store.close()
+    assert version == "0004_zones_alerts"
