@@ -262,7 +262,7 @@ async def test_processes_migrating_one_new_database_at_once_all_succeed(history_
     each migrates it at start. Three processes (not tasks: each its own driver and lock) race
     on the same empty database, three rounds; every one must finish at the newest revision
     instead of failing on "table already exists" or "database is locked"."""
-    import subprocess
+    import asyncio
     import sys
     import time
 
@@ -282,12 +282,17 @@ async def test_processes_migrating_one_new_database_at_once_all_succeed(history_
     for _round in range(2):
         start_at = str(time.time() + 2.0)  # after every process has imported: a tight race
         processes = [
-            subprocess.Popen([sys.executable, "-c", code, history_url, start_at],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", code, history_url, start_at,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
             for _ in range(3)
         ]
-        outputs = [process.communicate(timeout=60)[0].decode() for process in processes]
-        failures = [out[-400:] for process, out in zip(processes, outputs, strict=True)
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(process.communicate() for process in processes)), 60
+        )
+        failures = [out[-400:].decode()
+                    for process, (out, _) in zip(processes, outputs, strict=True)
                     if process.returncode != 0]
         assert not failures, failures
     store = HistoryStore.from_url(history_url)
