@@ -317,6 +317,7 @@ async def test_nothing_acknowledged_is_lost_or_doubled_when_the_leader_is_killed
     assert not group_missing, sorted(group_missing)[:20]
 
 
+@pytest.mark.extended  # figures for `make faults`, not a check of the suite
 async def test_publish_latency_of_three_replicas_against_one(
     kafka_cluster: KafkaCluster, cluster_url: str, kafka_url: str
 ) -> None:

@@ -413,7 +413,8 @@ def _stored_seqs(group: SentinelGroup, port: int, prefix: str) -> list[int]:
         pytest.param(True, False, 4.0, 3.0, id="wait-kill", marks=pytest.mark.extended),
         pytest.param(False, False, 4.0, 3.0, id="nowait-kill"),
         pytest.param(True, True, 2.0, 2.0, id="wait-lagging-replica"),
-        pytest.param(False, True, 2.0, 2.0, id="nowait-lagging-replica"),
+        pytest.param(False, True, 2.0, 2.0, id="nowait-lagging-replica",
+                     marks=pytest.mark.extended),
     ],
 )
 async def test_a_failover_under_load(
