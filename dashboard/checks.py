@@ -129,7 +129,10 @@ def _plainly_valid(position: Any) -> bool:
 
 
 def checked_snapshot(snapshot: Snapshot, rejected: Counter[str]) -> Snapshot:
-    """`snapshot` without the entries a bridge could not have written; counted in `rejected`."""
+    """`snapshot` without the entries a bridge could not have written; counted in `rejected`
+    (with those the backend could not decode at all, as `unreadable`)."""
+    if snapshot.unreadable:
+        rejected["unreadable"] += snapshot.unreadable
     positions = {}
     for worker, event in snapshot.positions.items():
         reason = None

@@ -121,6 +121,24 @@ def decode_events(team: str, raw: bytes) -> list[Event]:
     return [decode_event(team, item) for item in orjson.loads(raw)]
 
 
+def decode_stored_events(
+    team: str, entries: Iterable[tuple[str, bytes]]
+) -> tuple[dict[str, Event], int]:
+    """The last-known store's `(worker, encoded event)` entries as events by worker, and how
+    many did not decode. Only a bridge writes there, through `Event.to_json`; an entry anything
+    else wrote (a hand-made write to the backend, a worker id that breaks the JSON) is left
+    out, so that one bad entry costs its own worker, never the team's whole snapshot."""
+    events: dict[str, Event] = {}
+    unreadable = 0
+    for worker, raw in entries:
+        try:
+            item = orjson.loads(raw)
+            events[worker] = decode_event(team, item)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            unreadable += 1
+    return events, unreadable
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Events of one team appended to its log as one entry; `raw` is `encode_events(...)`."""
@@ -151,6 +169,8 @@ class Snapshot:
     cursor: Cursor
     positions: dict[str, Event] = field(default_factory=dict)
     presence: dict[str, Event] = field(default_factory=dict)
+    # Entries of the last-known store that did not decode (nothing a bridge writes): left out.
+    unreadable: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -535,10 +535,10 @@ class KafkaBackend(Backend):
         store = self._started()
         partition = self.partition_of(team)
         try:
-            cursor, positions, presence = await store.snapshot_state(partition, team)
+            cursor, positions, presence, unreadable = await store.snapshot_state(partition, team)
         except KafkaError as error:
             raise failure(f"snapshot of {team} from kafka", error) from error
-        return Snapshot(team, f"{partition}:{cursor}", positions, presence)
+        return Snapshot(team, f"{partition}:{cursor}", positions, presence, unreadable)
 
     async def forget_worker(self, team: str, worker: str) -> int:
         """See `Backend.forget_worker`: a tombstone for each of the worker's keys in the
@@ -549,7 +549,7 @@ class KafkaBackend(Backend):
         store = self._started()
         partition = self.partition_of(team)
         try:
-            _cursor, positions, presence = await store.snapshot_state(partition, team)
+            _cursor, positions, presence, _ = await store.snapshot_state(partition, team)
             newest_batch = await store.end_offset(
                 TopicPartition(self.positions_topic, partition)
             ) - 1

@@ -7,7 +7,6 @@ import asyncio
 import logging
 from typing import Any
 
-import orjson
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     KafkaError,
@@ -114,8 +113,3 @@ async def stop_consumer(consumer: Any) -> None:
         await asyncio.wait_for(consumer.stop(), 5)
     except (KafkaError, OSError, TimeoutError) as error:
         log.warning("kafka consumer did not stop cleanly: %s", error or type(error).__name__)
-
-
-def loads_object(raw: bytes) -> dict[str, Any]:
-    value: dict[str, Any] = orjson.loads(raw)
-    return value

@@ -21,8 +21,8 @@ from teamtrack.backends.base import (
     BackendError,
     Event,
     SessionRevocation,
-    decode_event,
     decode_events,
+    decode_stored_events,
 )
 from teamtrack.backends.kafka_common import (
     FETCH_MAX_WAIT_MS,
@@ -32,7 +32,6 @@ from teamtrack.backends.kafka_common import (
     SNAPSHOT_REPLAY_MS,
     STORE_READ_TIMEOUT_S,
     failure,
-    loads_object,
     stop_consumer,
 )
 from teamtrack.contract import Kind
@@ -137,8 +136,9 @@ class LastKnownStore:
 
     async def snapshot_state(
         self, partition: int, team: str
-    ) -> tuple[int, dict[str, Event], dict[str, Event]]:
-        """The team's cursor (an offset of its partition), positions and presence."""
+    ) -> tuple[int, dict[str, Event], dict[str, Event], int]:
+        """The team's cursor (an offset of its partition), positions, presence, and how many
+        entries did not decode (left out; see `decode_stored_events`)."""
         log_partition = TopicPartition(self._backend.positions_topic, partition)
         async with self._lock:
             newest_batch = await self.end_offset(log_partition) - 1
@@ -153,12 +153,16 @@ class LastKnownStore:
                     if erased_team == team
                 }
                 await self._replay(log_partition, team, replay_from, cursor, entries, erased)
-        positions: dict[str, Event] = {}
-        presence: dict[str, Event] = {}
-        for (kind, worker), stored in entries.items():
-            target = positions if kind == KIND_LETTER[Kind.POSITION] else presence
-            target[worker] = decode_event(team, loads_object(stored.raw))
-        return cursor, positions, presence
+        position_letter = KIND_LETTER[Kind.POSITION]
+        positions, unreadable = decode_stored_events(team, (
+            (worker, stored.raw) for (kind, worker), stored in entries.items()
+            if kind == position_letter
+        ))
+        presence, unreadable_presence = decode_stored_events(team, (
+            (worker, stored.raw) for (kind, worker), stored in entries.items()
+            if kind != position_letter
+        ))
+        return cursor, positions, presence, unreadable + unreadable_presence
 
     async def _replay_start(self, log_partition: Any, newest_batch: int) -> int:
         since_ms = int(time.time() * 1000) - SNAPSHOT_REPLAY_MS
@@ -188,7 +192,11 @@ class LastKnownStore:
                 if record.offset > cursor:
                     break
                 if record.key == key:
-                    for event in decode_events(team, record.value):
+                    try:
+                        events = decode_events(team, record.value)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue  # nothing a bridge writes; the live path rejects it too
+                    for event in events:
                         if event.kind is Kind.EVENT:
                             continue
                         entry = (KIND_LETTER[event.kind], event.worker)
@@ -224,18 +232,24 @@ class LastKnownStore:
 
 
 def _apply_store_record(view: _PartitionView, record: Any) -> None:
-    if record.key is None:
+    """One record of the compacted store into the view; one no bridge could have written
+    (a key or a header that does not parse) is skipped."""
+    try:
+        if record.key is None:
+            return
+        team, _, rest = record.key.decode().partition("/")
+        worker, _, kind = rest.rpartition("/")
+        headers = dict(record.headers)
+        batch = int(headers.get("batch", b"-1"))
+        ts = int(headers.get("ts", b"0"))
+    except (UnicodeDecodeError, ValueError, TypeError):
         return
-    team, _, rest = record.key.decode().partition("/")
-    worker, _, kind = rest.rpartition("/")
-    headers = dict(record.headers)
     if record.value is None:
         # A tombstone (`KafkaBackend.forget_worker`): the worker's entry is erased.
         view.teams[team].pop((kind, worker), None)
-        view.erased[(team, kind, worker)] = int(headers.get("batch", b"-1"))
+        view.erased[(team, kind, worker)] = batch
         return
-    stored = _Stored(int(headers.get("ts", b"0")), int(headers.get("batch", b"-1")), record.value)
-    _keep_newest(view.teams[team], (kind, worker), stored)
+    _keep_newest(view.teams[team], (kind, worker), _Stored(ts, batch, record.value))
 
 
 class RevocationReader:

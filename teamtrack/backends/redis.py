@@ -64,6 +64,7 @@ from teamtrack.backends.base import (
     SessionRevocation,
     Snapshot,
     TeamSubscription,
+    decode_stored_events,
 )
 from teamtrack.backends.redis_cluster import NodePool
 from teamtrack.backends.redis_common import (
@@ -81,7 +82,6 @@ from teamtrack.backends.redis_common import (
     PUBLISH_SHA,
     RESTORE_SCRIPT,
     broken_chain,
-    decode_stored,
     execute_on_pool,
     execute_packed,
     packed_command,
@@ -500,12 +500,13 @@ class RedisBackend(Backend):
         except RedisError as error:
             raise BackendError(f"snapshot from redis failed: {error}") from error
         cursor = newest[0][0].decode() if newest else "0-0"
-        return Snapshot(
-            team=team,
-            cursor=cursor,
-            positions={w.decode(): decode_stored(team, raw) for w, raw in positions.items()},
-            presence={w.decode(): decode_stored(team, raw) for w, raw in presence.items()},
+        by_worker, unreadable = decode_stored_events(
+            team, ((w.decode(errors="replace"), raw) for w, raw in positions.items())
         )
+        statuses, unreadable_statuses = decode_stored_events(
+            team, ((w.decode(errors="replace"), raw) for w, raw in presence.items())
+        )
+        return Snapshot(team, cursor, by_worker, statuses, unreadable + unreadable_statuses)
 
     async def trimmed_after(self, team: str, cursor: Cursor) -> bool:
         """True if the entry right after `cursor` in the team's log is gone: trimmed away, or

@@ -7,14 +7,11 @@ import hashlib
 import logging
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from teamtrack.backends.base import (
     Cursor,
-    Event,
-    decode_event,
 )
 from teamtrack.backends.redis_connect import (
     raise_if_cancelled,
@@ -247,8 +244,4 @@ def broken_chain(cursor: Cursor, predecessor: bytes | None) -> bool:
         return False
     text = predecessor.decode()
     return text != cursor and stream_id(text) != stream_id(cursor)
-
-
-def decode_stored(team: str, raw: bytes) -> Event:
-    return decode_event(team, orjson.loads(raw))
 

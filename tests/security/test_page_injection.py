@@ -45,6 +45,7 @@ pytestmark = pytest.mark.security
 __all__ = ["browser", "chromium", "site"]  # fixtures, used by name
 
 HOSTILE_ID = "<img id=pwned src=x onerror=window.pwned=1>"
+QUOTED_ID = 'q"},{"w":"w01","k":"p","p":{"lat":0\\'
 
 
 def position_event(worker: str, seq: int, fields: dict[str, Any] | None = None) -> Event:
@@ -84,11 +85,15 @@ async def test_hostile_events_written_to_redis_never_reach_the_page(
 ) -> None:
     alpha = Fleet("alpha", ["w01", "w02"])
     await site.publish(hostile_events(0))  # into the last-known store: the snapshot
+    # An id that breaks the JSON it is written into: its entry and its batch cannot be read
+    # (its own batch: a write straight into the backend, not through a bridge).
+    await site.publish([position_event(QUOTED_ID, 0)])
     await site.publish(alpha.step())
     await site.publish(presence("alpha", worker, "online") for worker in alpha.workers)
     page = await signed_in_page(browser, site, "alice")
     for round_ in range(1, 6):  # and live, between legitimate positions
         await site.publish([*hostile_events(round_), *alpha.step()])
+        await site.publish([position_event(QUOTED_ID, round_)])
     state = await wait_for_state(
         page, lambda s: all(w["seq"] == 5 for w in s["workers"]), "w01 and w02 at seq 5"
     )
@@ -103,6 +108,8 @@ async def test_hostile_events_written_to_redis_never_reach_the_page(
         if line.startswith("teamtrack_dashboard_backend_rejected_total{")
     }
     assert rejected.get("bad_worker", 0) >= 10, metrics  # 5 live rounds, a position and a status
+    # The id that breaks the JSON it is written into: left out of the snapshot, not the team.
+    assert rejected.get("unreadable", 0) >= 1, metrics
     assert {"position_unknown_field", "position_out_of_range", "position_bad_type"} <= set(
         rejected
     ), rejected
