@@ -480,6 +480,31 @@ async def test_two_thousand_moving_workers_stay_smooth(
     assert measured["frames_per_second"] >= 10, measured
     assert measured["page_update_p95_ms"] < 100, measured
 
+    # Dense at the fitted zoom: the workers are drawn as counted clusters, every one counted
+    # once; a click on a cluster zooms into it, where fewer are clustered.
+    # (The page's state and its circles read in one go: the clusters change twice a second.)
+    state, counts = await page.evaluate(
+        "[window.teamtrack.state(), "
+        "Array.from(document.querySelectorAll('.cluster-count')).map((n) => +n.textContent)]"
+    )
+    assert state["clusters"] > 0 and state["clustered"] > len(workers) // 2, measured
+    assert len(counts) == state["clusters"] and sum(counts) == state["clustered"]
+    assert state["clustered"] + sum(
+        1 for worker in state["workers"] if worker["onMap"] and not worker["clustered"]
+    ) == len(workers)
+    zoom = await page.evaluate("window.teamtrack.map.getZoom()")
+    # By keyboard, as a manager without a mouse would: Tab reaches it, Enter zooms in.
+    icon = page.locator(".cluster-icon").first
+    assert "workers here" in (await icon.get_attribute("aria-label") or "")
+    await icon.focus()
+    await page.keyboard.press("Enter")
+    await page.wait_for_function(f"window.teamtrack.map.getZoom() > {zoom}")
+    zoomed = await wait_for_state(
+        page, lambda s: s["clustered"] < state["clustered"], "fewer clustered after a click"
+    )
+    assert zoomed["markersOnMap"] == len(workers)
+    await page.screenshot(path=output_dir / "2000-workers-zoomed.png")
+
 
 async def start_ingest(site: Site) -> IngestService:
     """A real ingest into the site's history, as `python -m ingest` runs it (same consumer name

@@ -85,8 +85,6 @@
   let followed = null;
   let fitPending = true;
   let map = null;
-  let trailRenderer = null;
-  let markerRenderer = null;
   // The replay (replay.js): while it plays, the map shows the history and live frames go to it.
   let player = null;
   let replayRangeStart = 0; // the scrubber's left end
@@ -151,6 +149,7 @@
       state: "unknown",
       marker: null,
       trailLine: null,
+      cluster: null, // the cluster it is counted in (markers.js), off the map itself
       row: null,
       cells: null,
       origin: null, // the bridge ("b…") or HTTP gateway ("g…") that received the newest fix
@@ -217,11 +216,8 @@
   }
 
   function clearWorkers() {
-    for (const entry of workers.values()) {
-      if (entry.marker) entry.marker.remove();
-      if (entry.trailLine) entry.trailLine.remove();
-      if (entry.label) entry.label.remove();
-    }
+    for (const entry of workers.values()) markers.remove(entry);
+    markers.clear();
     workers.clear();
     sortedIds.length = 0;
     changed.clear();
@@ -365,76 +361,16 @@
       return;
     }
     map = L.map(elements.map, { preferCanvas: true, worldCopyJump: true, zoomControl: true });
-    // Two canvases: trails under markers, whatever order workers appear in.
-    map.createPane("trails").style.zIndex = 390;
-    map.createPane("workers").style.zIndex = 410;
-    trailRenderer = L.canvas({ pane: "trails", padding: 0.2 });
-    markerRenderer = L.canvas({ pane: "workers", padding: 0.2, tolerance: 4 });
+    markers.attach(map);
     window.TeamtrackTiles.add(map, config, elements.tiles);
     map.setView([20, 0], 2);
     map.on("dragstart", stopFollowing);
     map.on("moveend", () => followView.updateLabels());
   }
 
-  function markerStyle(entry) {
-    const selected = entry.id === followed;
-    return {
-      radius: selected ? 9 : 6,
-      color: selected ? "#111" : "#fff",
-      weight: selected ? 2.5 : 1.5,
-      fillColor: COLOURS[entry.state],
-      // Shape cues besides colour: offline hollow, off duty half filled, stale dashed outline.
-      fillOpacity: entry.state === "offline" ? 0.15 : entry.state === "off_duty" ? 0.45 : 0.95,
-      dashArray: entry.state === "stale" ? "3 2" : null,
-      ...(selected || (entry.state !== "offline" && entry.state !== "off_duty") ? {}
-        : { color: COLOURS[entry.state], weight: 2.5 }),
-    };
-  }
-
-
-  // A text node, not a string: Leaflet inserts a string tooltip as HTML.
-  function tooltipNode(entry) {
-    return document.createTextNode(tooltipText(entry));
-  }
-
-  function tooltipText(entry) {
-    const age = entry.position ? ", " + formatAge(viewNow() - entry.rxMs) : "";
-    return entry.id + " · " + entry.state + age;
-  }
-
-  function drawOnMap(entry, styleChanged) {
-    if (!map || !entry.position) return;
-    const latLng = [entry.position.lat, entry.position.lon];
-    if (!entry.marker) {
-      entry.trailLine = L.polyline(entry.trail.slice(), {
-        renderer: trailRenderer,
-        pane: "trails",
-        interactive: false,
-        color: COLOURS[entry.state],
-        weight: 2,
-        opacity: 0.45,
-      }).addTo(map);
-      entry.marker = L.circleMarker(latLng, Object.assign({ renderer: markerRenderer,
-        pane: "workers" }, markerStyle(entry))).addTo(map);
-      entry.marker.bindTooltip(() => tooltipNode(entry), { direction: "top", offset: [0, -6] });
-      entry.marker.on("click", () => follow(entry.id));
-      return;
-    }
-    entry.marker.setLatLng(latLng);
-    if (entry.label) entry.label.setLatLng(latLng);
-    entry.trailLine.setLatLngs(entry.trail);
-    if (styleChanged) {
-      entry.marker.setStyle(markerStyle(entry));
-      entry.trailLine.setStyle({ color: COLOURS[entry.state] });
-    }
-  }
-
   function fitToWorkers() {
     if (!map) return;
-    const points = [];
-    for (const entry of workers.values()) {
-      if (entry.position) points.push([entry.position.lat, entry.position.lon]);
-    }
+    const points = markers.points();
     if (points.length === 0) return;
     fitPending = false;
     map.fitBounds(L.latLngBounds(points), { padding: [30, 30], maxZoom: FOCUS_ZOOM });
@@ -446,7 +382,7 @@
     for (const name of [previous, id]) {
       const entry = name && workers.get(name);
       if (entry) {
-        if (entry.marker) entry.marker.setStyle(markerStyle(entry));
+        markers.restyle(entry);
         if (entry.row) entry.row.classList.toggle("selected", name === followed);
       }
     }
@@ -456,7 +392,8 @@
     const entry = workers.get(id);
     if (map && entry && entry.position) {
       map.setView([entry.position.lat, entry.position.lon], Math.max(map.getZoom(), FOCUS_ZOOM));
-      entry.marker.bringToFront();
+      markers.recluster(); // a followed worker is never in a cluster
+      if (entry.marker) entry.marker.bringToFront();
     }
   }
 
@@ -467,10 +404,22 @@
     elements.following.hidden = true;
     followView.fillPanel();
     if (entry) {
-      if (entry.marker) entry.marker.setStyle(markerStyle(entry));
+      markers.restyle(entry);
       if (entry.row) entry.row.classList.remove("selected");
     }
   }
+
+  // --- Markers, trails and clusters (markers.js) ----------------------------------------
+  const markers = window.TeamtrackMarkers.create({
+    workers: workers,
+    map: () => map,
+    followed: () => followed,
+    follow: (id) => follow(id),
+    colours: COLOURS,
+    viewNow: viewNow,
+    formatAge: formatAge,
+    isAlerting: (id) => list.isAlerting(id),
+  });
 
   // --- The followed worker's panel and the map's labels (follow.js) ----------------------
   const followView = window.TeamtrackFollow.create({
@@ -519,7 +468,7 @@
       const styleChanged = state !== entry.state || !entry.marker;
       if (state !== entry.state || !entry.row) list.markDirty();
       entry.state = state;
-      drawOnMap(entry, styleChanged);
+      markers.draw(entry, styleChanged);
       if (!entry.row) list.newRow(entry);
       list.fillRow(entry, now);
       if (list.filter() !== null) entry.row.hidden = !list.rowVisible(entry);
@@ -894,6 +843,10 @@
     window.setTimeout(() => start().catch(retryStart), RECONNECT_MAX_MS / 10);
   }
 
+  function onMap(entry) {
+    return Boolean(map && entry.marker && (entry.cluster || map.hasLayer(entry.marker)));
+  }
+
   // For tests and for operators at the console: what the page believes, without reading pixels.
   window.teamtrack = {
     // alerts hook: the Leaflet map and the team, for alerts.js.
@@ -915,10 +868,10 @@
         seqGaps: stats.seqGaps,
         connections: stats.connections,
         lastClose: stats.lastClose,
-        markersOnMap: map ? sortedIds.filter((id) => {
-          const entry = workers.get(id);
-          return entry.marker && map.hasLayer(entry.marker);
-        }).length : 0,
+        // Workers drawn on the map: on their own, or counted in a cluster's circle.
+        markersOnMap: sortedIds.filter((id) => onMap(workers.get(id))).length,
+        clusters: markers.clusterCount(),
+        clustered: markers.clusteredCount(),
         workers: sortedIds.map((id) => {
           const entry = workers.get(id);
           return {
@@ -930,7 +883,8 @@
             seqGaps: entry.seqGaps,
             duplicates: entry.duplicates,
             trail: entry.trail.length,
-            onMap: Boolean(map && entry.marker && map.hasLayer(entry.marker)),
+            onMap: onMap(entry),
+            clustered: Boolean(entry.cluster),
             labelled: Boolean(entry.label),
           };
         }),

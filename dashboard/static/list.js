@@ -203,6 +203,7 @@ window.TeamtrackList = (function () {
       applySearch: applySearch,
       updateCounts: updateCounts,
       readAlerting: readAlerting,
+      isAlerting: (id) => alerting.has(id),
       markDirty() {
         orderDirty = true;
       },
