@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import websockets
@@ -280,11 +281,20 @@ def test_every_service_settles_its_heap_after_start_up(running: RunningCluster) 
 
 
 def test_up_starts_simulated_teams_and_stops_without_orphans(tmp_path: Path) -> None:
-    process = start_cluster(tmp_path, "--interval", "0.2", "--dashboards", "1")
+    tiles = "http://127.0.0.1:9/tiles/{z}/{x}/{y}.png"  # a self-hosted tile server's template
+    process = start_cluster(tmp_path, "--interval", "0.2", "--dashboards", "1",
+                            "--tile-url", tiles, "--tile-attribution", "Tiles of the LAN")
     try:
         endpoints = wait_until_up(process, tmp_path)
         credentials = load_credentials(tmp_path / "credentials.json")
         token = credentials.managers_of("alpha")[0].token
+        # --tile-url reaches the dashboards: the page's settings and its image policy.
+        config = httpx.get(endpoints["dashboards"][0] + "/api/config", timeout=WAIT,
+                           headers={"Authorization": f"Bearer {token}"}).json()
+        assert (config["tile_url"], config["tile_attribution"]) == (tiles, "Tiles of the LAN")
+        policy = httpx.get(endpoints["dashboards"][0] + "/login", timeout=WAIT).headers[
+            "content-security-policy"]
+        assert "img-src 'self' data: http://127.0.0.1:9;" in policy, policy
         url = endpoints["dashboards"][0] + "/api/teams/alpha/positions"
         workers: list[Any] = []
         deadline = time.monotonic() + WAIT
