@@ -87,8 +87,6 @@
   let map = null;
   // The replay (replay.js): while it plays, the map shows the history and live frames go to it.
   let player = null;
-  let replayRangeStart = 0; // the scrubber's left end
-  let scrubbing = false;
   const stats = {
     frames: { snapshot: 0, resume: 0, events: 0, sync: 0, gap: 0 },
     duplicates: 0,
@@ -524,7 +522,7 @@
       clearWorkers();
       fitPending = true;
       elements.delay.textContent = "–"; // of live frames: back with the first one after
-      showReplayControls(true);
+      replayBar.showControls(true);
       scheduleRender(); // the counts follow the emptied list at once
     },
     applyPosition(worker, position, rxMs, continuous) {
@@ -544,150 +542,34 @@
     changed() {
       if (changed.size) scheduleRender();
     },
-    progress: showReplayProgress,
+    progress: () => replayBar.showProgress(),
     notice(text) {
       showNotice(text, 15000);
     },
     // The play head reached now and the live stream took over.
     finished() {
-      showReplayControls(false);
+      replayBar.showControls(false);
       for (const id of sortedIds) changed.add(id);
       scheduleRender();
       showNotice("The replay reached now: live again.", 4000);
     },
     failed() {
-      showReplayControls(false);
+      replayBar.showControls(false);
       reloadLive();
     },
   };
 
-  function showReplayControls(on) {
-    const controls = elements.replay;
-    document.body.dataset.mode = on ? "replay" : "live";
-    controls.bar.hidden = !on;
-    controls.toggle.setAttribute("aria-pressed", String(on));
-    if (on) showReplayProgress();
-  }
-
-  function chosenStart() {
-    const controls = elements.replay;
-    if (controls.range.value === "custom") {
-      const chosen = new Date(controls.start.value).getTime();
-      return Number.isFinite(chosen) ? chosen : null;
-    }
-    return serverNow() - Number(controls.range.value);
-  }
-
-  function startReplay() {
-    const since = chosenStart();
-    if (since === null) return;
-    replayRangeStart = since;
-    player.setSpeed(Number(elements.replay.speed.value));
-    player.start(since);
-    showReplayAlerts(since);
-  }
-
-  // The team's alerts of the replayed window as marks on the time bar (the alerts API of
-  // docs/protocol.md; a dashboard without it answers 404 and the bar stays plain). Each mark
-  // names the alert in its title (plain text) and seeks the replay there when clicked.
-  let replayAlertsAsked = 0;
-  async function showReplayAlerts(since) {
-    const marks = elements.replay.alerts;
-    marks.replaceChildren();
-    const asked = ++replayAlertsAsked;
-    let answer;
-    try {
-      answer = await getJson(`/api/teams/${encodeURIComponent(team)}/alerts` +
-        `?since=${Math.floor(since)}&limit=500`);
-    } catch (error) {
-      return; // 404 (no alerts service) or unreachable: no marks
-    }
-    if (asked !== replayAlertsAsked || !answer || !Array.isArray(answer.alerts)) return;
-    const end = serverNow();
-    for (const alert of answer.alerts) {
-      if (typeof alert.at !== "number" || alert.at < since || alert.at > end) continue;
-      const mark = document.createElement("button");
-      mark.type = "button";
-      mark.className = "alert-tick";
-      mark.style.left = ((alert.at - since) / (end - since)) * 100 + "%";
-      const text = clockTime(alert.at) + " " + String(alert.worker || "") + ": " +
-        String(alert.detail || alert.kind || "alert");
-      mark.title = text;
-      mark.setAttribute("aria-label", "Alert at " + text);
-      mark.addEventListener("click", () => player.start(Math.max(since, alert.at - 5000)));
-      marks.appendChild(mark);
-    }
-  }
-
-  // The Live button: leave the replay where it is; a fresh snapshot replaces the view.
-  function leaveReplay() {
-    player.leave();
-    showReplayControls(false);
-    reloadLive();
-  }
-
-  function showReplayProgress() {
-    const controls = elements.replay;
-    const state = player.state();
-    const now = serverNow();
-    controls.play.textContent = state.playing ? "Pause" : "Play";
-    if (!scrubbing) {
-      controls.scrubber.min = String(Math.floor(replayRangeStart));
-      controls.scrubber.max = String(Math.ceil(now));
-      controls.scrubber.value = String(state.head);
-    }
-    const shown = scrubbing ? Number(controls.scrubber.value) : state.head;
-    const behind = now - shown;
-    let text = new Date(shown).toLocaleTimeString([], { hour12: false });
-    if (state.phase === "waiting") text += " · joining live: waiting for the history";
-    else if (state.phase === "seam") text += " · joining live";
-    else text += " · " + formatDuration(behind) + " ago";
-    controls.clock.textContent = text;
-  }
-
-  function setUpReplay() {
-    const controls = elements.replay;
-    if (!config.history || !window.TeamtrackReplay) {
-      controls.toggle.disabled = true;
-      controls.toggle.title = config.history
-        ? "The replay script did not load."
-        : "This dashboard has no history database (--database-url).";
-      return;
-    }
-    player = window.TeamtrackReplay.createPlayer(replayHost);
-    controls.toggle.addEventListener("click", () => {
-      if (replaying()) leaveReplay();
-      else startReplay();
-    });
-    controls.live.addEventListener("click", leaveReplay);
-    controls.play.addEventListener("click", () => {
-      if (player.state().playing) player.pause();
-      else player.play();
-      showReplayProgress();
-    });
-    controls.speed.addEventListener("change", () => {
-      player.setSpeed(Number(controls.speed.value));
-    });
-    controls.range.addEventListener("change", () => {
-      const custom = controls.range.value === "custom";
-      controls.start.hidden = !custom;
-      if (custom && !controls.start.value) {
-        const hourAgo = new Date(serverNow() - 3600000);
-        hourAgo.setMinutes(hourAgo.getMinutes() - hourAgo.getTimezoneOffset());
-        controls.start.value = hourAgo.toISOString().slice(0, 19);
-      }
-      startReplay();
-    });
-    controls.start.addEventListener("change", startReplay);
-    controls.scrubber.addEventListener("input", () => {
-      scrubbing = true;
-      showReplayProgress();
-    });
-    controls.scrubber.addEventListener("change", () => {
-      scrubbing = false;
-      player.start(Number(controls.scrubber.value));
-    });
-  }
+  // --- The replay's bar: range, play, speed, scrubber, alert marks (replay_bar.js) --------
+  const replayBar = window.TeamtrackReplayBar.create({
+    controls: elements.replay,
+    team: () => team,
+    serverNow: serverNow,
+    fetchJson: getJson,
+    clockTime: clockTime,
+    formatDuration: formatDuration,
+    reloadLive: () => reloadLive(),
+    createPlayer: () => window.TeamtrackReplay.createPlayer(replayHost),
+  });
 
   // --- Socket ---------------------------------------------------------------------------
   async function stillLoggedIn() {
@@ -831,7 +713,7 @@
     }
     window.addEventListener("teamtrack:alerts-changed", list.readAlerting);
     list.readAlerting();
-    setUpReplay();
+    player = replayBar.setUp(config.history);
     connect();
     window.setInterval(refreshStates, 1000);
     window.setInterval(keepAlive, PING_EVERY_MS);
