@@ -114,6 +114,7 @@ def test_backoff_starts_afresh_after_a_healthy_run(
     assert child(local_cluster, "broker-1").restarts == 4
 
 
+@pytest.mark.extended  # with the backoff reset above, in `make test`
 def test_a_child_that_keeps_dying_waits_longer_each_time(
     local_cluster: LocalCluster,
 ) -> None:

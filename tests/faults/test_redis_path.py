@@ -19,11 +19,12 @@ SCENARIOS = [
     # Devices reconnect to the restarted broker before its bridge does: its positions wait in
     # the bridge's session, which every snapshot of the broker holds (they were lost with 0x10).
     Fault("broker-1"),
-    # Between storing a batch and acknowledging it: the broker delivers it again, the history
-    # keeps one row, the dashboards show it once.
-    Fault("bridge-1"),
 ]
 EXTENDED = [
+    # Between storing a batch and acknowledging it: the broker delivers it again, the history
+    # keeps one row, the dashboards show it once (a bridge killed under load, with a second
+    # one in its share group: tests/test_bridges_per_broker.py, in `make test`).
+    Fault("bridge-1"),
     # Redis comes back from its append-only file with everything it had acknowledged.
     Fault("redis"),
     # A dashboard that could not read for 3 s takes in the backlog at once: a viewer that reads
