@@ -106,7 +106,7 @@ $(ASSETS_STAMP): $(FRONTEND)/package-lock.json | system-deps
 	touch $@
 
 # The Apache Kafka broker of the tests and of `teamtrack up --backend kafka`: its jars come from
-# Maven Central into the git-ignored var/kafka-libs, once (teamtrack/kafka_server.py).
+# Maven Central into the git-ignored var/kafka-libs, once (teamtrack/local/kafka_server.py).
 kafka-jars: venv
 	@if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then \
 		echo "kafka-jars: java and mvn are needed to fetch and run the Kafka broker;" \
@@ -115,7 +115,7 @@ kafka-jars: venv
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y --no-install-recommends maven default-jre-headless; \
 	fi
-	$(VENV)/bin/python -m teamtrack.kafka_server
+	$(VENV)/bin/python -m teamtrack.local.kafka_server
 
 test: bootstrap assets kafka-jars
 	mkdir -p $(TEST_OUTPUT)

@@ -44,8 +44,7 @@ from teamtrack.ingress.duty import DutyGate, RosterFile, follow_duty, refresh_ro
 from teamtrack.ingress.owntracks import OnlineRefresh
 from teamtrack.ingress.ratelimit import DeviceRateLimit
 from teamtrack.logs import RateLimitedLog
-from teamtrack.netlimits import RateLimiter
-from teamtrack.servers import LOOPBACK
+from teamtrack.netlimits import LOOPBACK, RateLimiter
 
 from .metrics import GatewayCollector, GatewayCounters
 

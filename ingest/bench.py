@@ -29,7 +29,7 @@ from teamtrack.backends import Backend, Event, from_url
 from teamtrack.backends.redis_connect import safe_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, default_database_url
-from teamtrack.history_postgres import start_postgres
+from teamtrack.local.history_postgres import start_postgres
 from teamtrack.settings import ServiceSettings, load_settings
 
 

@@ -174,9 +174,9 @@ def up(
     """Start a local cluster and keep it running until Ctrl-C or SIGTERM."""
     import threading
 
-    from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster, ServerError
+    from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster, ServerError
+    from teamtrack.local.scaling import Scaler
     from teamtrack.provision import ProvisionError
-    from teamtrack.scaling import Scaler
     from teamtrack.tls import split_hosts
 
     if qos not in (0, 1):
@@ -218,7 +218,7 @@ def up(
 
 
 def _print_endpoints(cluster: object) -> None:
-    from teamtrack.cluster import LocalCluster
+    from teamtrack.local.cluster import LocalCluster
     from teamtrack.provision import OBSERVER_CONFIG_DIR
 
     assert isinstance(cluster, LocalCluster)
@@ -332,7 +332,7 @@ def provision_command(
             f"{', '.join(result.tls.hosts)}; clients trust {result.tls.ca_cert}"
         )
     if compose:
-        from teamtrack.mosquitto_config import render_compose_broker_configs
+        from teamtrack.local.mosquitto_config import render_compose_broker_configs
 
         for path in render_compose_broker_configs(out / "compose"):
             console.print(f"wrote {path}")
@@ -371,7 +371,7 @@ def _one_account(
 ) -> None:
     """rotate / revoke / reinstate one account, then reload the running brokers; no secret is
     printed (the new ones are in OUT/credentials.json, 0600)."""
-    from teamtrack.cluster import reload_brokers
+    from teamtrack.local.cluster import reload_brokers
     from teamtrack.provision import (
         ProvisionError,
         reinstate_account,
@@ -623,7 +623,7 @@ def endpoints_command(
     state_dir: Annotated[Path, typer.Option(envvar=_env("state_dir"))] = Path("state"),
 ) -> None:
     """Print the endpoints of the cluster started by `teamtrack up`."""
-    from teamtrack.scaling import running_supervisor
+    from teamtrack.local.scaling import running_supervisor
 
     path = state_dir / "endpoints.json"
     if not path.exists():
@@ -658,7 +658,13 @@ def scale_command(
     """Grow or shrink a running `teamtrack up` (what leaves drains first, nothing is lost)."""
     from rich.table import Table
 
-    from teamtrack.scaling import ScaleError, ScaleRequest, running_supervisor, submit, wait_result
+    from teamtrack.local.scaling import (
+        ScaleError,
+        ScaleRequest,
+        running_supervisor,
+        submit,
+        wait_result,
+    )
 
     if brokers is None and bridges_per_broker is None and dashboards is None:
         raise _fail("say what to change: --brokers, --bridges-per-broker and/or --dashboards")

@@ -76,7 +76,7 @@ class Targets:
 
 
 def without_password(url: str) -> str:
-    from teamtrack.cluster_support import without_password as strip
+    from teamtrack.local.cluster_support import without_password as strip
 
     return strip(url)
 

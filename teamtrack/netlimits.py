@@ -11,6 +11,8 @@ from collections.abc import Callable
 from typing import Final
 
 DEFAULT_MAX_KEYS: Final = 10_000
+# Where a server listens unless told otherwise: this machine only.
+LOOPBACK: Final = "127.0.0.1"
 
 
 def address_key(host: str | None) -> str:

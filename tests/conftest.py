@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from teamtrack.history_postgres import PostgresServer, start_postgres
-from teamtrack.mosquitto_config import render_broker_config
-from teamtrack.provision import Credentials, DeviceCredential, ProvisionResult, provision
-from teamtrack.registry import demo_registry
-from teamtrack.servers import (
+from teamtrack.local.history_postgres import PostgresServer, start_postgres
+from teamtrack.local.mosquitto_config import render_broker_config
+from teamtrack.local.servers import (
     LOOPBACK,
     ManagedProcess,
     ServerError,
@@ -22,6 +20,8 @@ from teamtrack.servers import (
     start_mosquitto,
     start_redis,
 )
+from teamtrack.provision import Credentials, DeviceCredential, ProvisionResult, provision
+from teamtrack.registry import demo_registry
 
 
 @pytest.fixture(scope="session")
@@ -199,7 +199,7 @@ def kafka_server_url(
     """One real Kafka broker (KRaft, one node) for the session; its log is kept on failures."""
     import shutil
 
-    from teamtrack.kafka_server import start_kafka
+    from teamtrack.local.kafka_server import start_kafka
 
     port = free_port()
     data_dir = tmp_path_factory.mktemp("kafka")

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.servers import LOOPBACK
 
 SUBACK_TIMEOUT = 5.0
 

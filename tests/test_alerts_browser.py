@@ -21,7 +21,7 @@ from test_map_browser import CHROMIUM_FLAGS, chromium  # noqa: F401 (a fixture)
 from test_rules_service import HOSTILE, dashboard, fix, rules_service
 
 from teamtrack.backends import from_url
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.servers import LOOPBACK
 
 WAIT_S = 15.0
 CROSSING = (52.49, 52.5, 52.5002, 52.49)

@@ -40,7 +40,7 @@ class TestKafkaBackend(BackendContract):
 
 
 async def test_unreachable_kafka_is_a_clear_error() -> None:
-    from teamtrack.servers import free_port
+    from teamtrack.local.servers import free_port
 
     backend = from_url(f"kafka://127.0.0.1:{free_port()}")
     with pytest.raises(BackendError, match="unreachable"):

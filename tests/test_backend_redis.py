@@ -12,7 +12,7 @@ from redis.asyncio import Connection
 
 from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, Gap, from_url
 from teamtrack.backends.redis import RedisBackend
-from teamtrack.servers import free_port, start_redis
+from teamtrack.local.servers import free_port, start_redis
 
 
 class TestRedisBackend(BackendContract):
@@ -60,7 +60,7 @@ async def test_a_member_restarted_under_its_name_gets_its_pending_batches_at_onc
 
 
 async def test_unreachable_redis_is_a_clear_error() -> None:
-    from teamtrack.servers import free_port
+    from teamtrack.local.servers import free_port
 
     backend = from_url(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(BackendError, match="unreachable"):

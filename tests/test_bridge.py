@@ -19,9 +19,9 @@ from bridge.service import MIRROR_REPLAY_S, BridgeConfig, BridgeService
 from teamtrack.alerts import Alert, alert_notice
 from teamtrack.backends import Backend, Batch, Event, from_url
 from teamtrack.contract import Kind, position_topic, status_topic
+from teamtrack.local.servers import free_port, start_redis
 from teamtrack.metrics import MetricsServer
 from teamtrack.mqtt import BrokerAddress, bridge_username
-from teamtrack.servers import free_port, start_redis
 
 StartBridge = Callable[..., Awaitable[BridgeService]]
 

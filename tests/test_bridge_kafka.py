@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 from bridge.service import BridgeConfig, BridgeService
 from teamtrack.backends import START_OF_LOG, Backend, Batch, from_url
 from teamtrack.contract import position_topic
-from teamtrack.kafka_server import start_kafka
+from teamtrack.local.kafka_server import start_kafka
+from teamtrack.local.servers import free_port
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.servers import free_port
 
 
 def payload(seq: int) -> bytes:

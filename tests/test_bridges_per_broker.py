@@ -30,10 +30,10 @@ from mqtt_tools import publish_lines
 from paho.mqtt.enums import CallbackAPIVersion
 from test_end_to_end import RunningCluster, cluster_running
 
-from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster
 from teamtrack.contract import position_topic
+from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster
+from teamtrack.local.ports import MAX_BRIDGES_PER_BROKER, PortPlan
 from teamtrack.metrics import scrape_totals
-from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan
 
 WAIT = 15.0
 WORKERS = 20

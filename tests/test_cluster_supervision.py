@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from teamtrack import cluster as cluster_module
-from teamtrack import cluster_support
 from teamtrack.backends import Event, from_url
-from teamtrack.cluster import Child, ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
-from teamtrack.servers import LOOPBACK, free_port, port_is_open, start_redis
+from teamtrack.local import cluster as cluster_module
+from teamtrack.local import cluster_support
+from teamtrack.local.cluster import Child, ClusterOptions, LocalCluster
+from teamtrack.local.servers import LOOPBACK, free_port, port_is_open, start_redis
 
 RESTART_WAIT_S = 15.0
 
@@ -133,7 +133,7 @@ def test_an_external_backend_outage_is_logged_when_it_starts_and_ends(
         base_port=0, simulate=False, backend_url=f"redis://{LOOPBACK}:{port}/0",
     )
     cluster = LocalCluster(options)
-    caplog.set_level(logging.WARNING, logger="teamtrack.cluster")
+    caplog.set_level(logging.WARNING, logger="teamtrack.local.cluster")
     try:
         cluster.start()
         assert not any(child.role == "redis" for child in cluster.children)

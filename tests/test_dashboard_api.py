@@ -25,8 +25,8 @@ from dashboard.page import PageConfig
 from dashboard.settings import DashboardSettings
 from teamtrack.backends import Backend, BackendError, Event, Snapshot, from_url
 from teamtrack.backends.memory import MemoryBackend
+from teamtrack.local.servers import LOOPBACK, free_port, port_is_open
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import LOOPBACK, free_port, port_is_open
 from teamtrack.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

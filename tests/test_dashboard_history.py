@@ -31,8 +31,8 @@ from dashboard.auth import Authenticator, ManagerDirectory
 from dashboard.history_api import HISTORY_PATHS
 from teamtrack.backends.memory import MemoryBackend
 from teamtrack.history import HistoryStore
+from teamtrack.local.servers import free_port
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_795_000_000_000  # 2026-11-18T11:06:40Z

@@ -28,7 +28,7 @@ from dashboard.auth import Authenticator, ManagerDirectory
 from dashboard.hub import TeamHub, ViewerLimits
 from dashboard.watchdog import Watchdog
 from teamtrack.backends import Backend, from_url
-from teamtrack.servers import LOOPBACK, free_port
+from teamtrack.local.servers import LOOPBACK, free_port
 
 WAIT = 10.0
 STUCK_AFTER_S = 3.0

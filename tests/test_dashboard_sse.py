@@ -44,8 +44,8 @@ from dashboard.hub import ViewerLimits
 from dashboard.sse import RETRY_MS, encode_event
 from teamtrack.backends import Backend, Batch, Snapshot, from_url
 from teamtrack.http_guard import guarded_http_protocol
+from teamtrack.local.servers import LOOPBACK, free_port
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import LOOPBACK, free_port
 
 WAIT = 10.0
 HEARTBEAT_S = 0.3

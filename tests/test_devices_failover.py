@@ -38,11 +38,11 @@ from devices.failover import (
 )
 from devices.identities import load_device_identities
 from devices.simulator import SimulationConfig, SimulationSummary, run_simulation
-from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import decode_position, parse_topic
 from teamtrack.history import HISTORY_FILE_NAME
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 
 WATCHER = ("watcher", "watcher-secret")
 SUBACK_TIMEOUT_S = 5.0

@@ -30,7 +30,7 @@ from devices.simulator import (
     run_simulation,
 )
 from teamtrack.contract import decode_position, parse_topic
-from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
+from teamtrack.local.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 
 TEAMS = ("alpha", "bravo")
 WORKERS = ("w1", "w2", "w3")

@@ -48,7 +48,7 @@ async def test_kafka_cluster_delivers_across_instances_once_in_order_and_stops_c
 def test_kafka_nodes_get_ports_and_all_of_them_are_the_backend_url(tmp_path: Path) -> None:
     """`teamtrack up --backend kafka --kafka-nodes 3`: three nodes planned from the base port,
     every one of them in the services' bootstrap list and in endpoints.json."""
-    from teamtrack.cluster import ClusterOptions, LocalCluster
+    from teamtrack.local.cluster import ClusterOptions, LocalCluster
 
     options = ClusterOptions(
         state_dir=tmp_path, base_port=21000, backend="kafka", kafka_nodes=3, simulate=False

@@ -33,10 +33,10 @@ from teamtrack.enrolment import (
     resolve_destinations,
     tracker_id,
 )
-from teamtrack.mosquitto_config import MqttsListener, render_broker_config
+from teamtrack.local.mosquitto_config import MqttsListener, render_broker_config
+from teamtrack.local.servers import LOOPBACK, free_port, start_mosquitto
 from teamtrack.provision import ProvisionResult, provision, revoke_account
 from teamtrack.registry import parse_registry
-from teamtrack.servers import LOOPBACK, free_port, start_mosquitto
 from teamtrack.tls import client_ssl_context
 
 PUBLIC_HOST = "tracks.example.org"

@@ -23,8 +23,8 @@ from gateway.service import GatewayConfig, GatewayService
 from gateway.settings import GatewaySettings
 from teamtrack.backends import Event
 from teamtrack.backends.memory import MemoryBackend
-from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
 from teamtrack.passwords import hash_mosquitto_password
 from teamtrack.provision import ProvisionResult
 from teamtrack.tls import client_ssl_context

@@ -31,8 +31,8 @@ from ingest.settings import IngestSettings
 from teamtrack.backends import Backend, BackendError, Event, from_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore, WriteResult, create_engine, positions
+from teamtrack.local.servers import free_port, start_redis
 from teamtrack.metrics import scrape_totals
-from teamtrack.servers import free_port, start_redis
 from teamtrack.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from backend_contract import position
 from teamtrack.backends import BackendError, Batch, Gap, from_url
 from teamtrack.backends.base import START_OF_LOG, Event, GroupConsumer, TeamSubscription
 from teamtrack.backends.kafka import KafkaBackend
-from teamtrack.kafka_server import KafkaCluster, start_kafka_cluster
+from teamtrack.local.kafka_server import KafkaCluster, start_kafka_cluster
 
 pytestmark = pytest.mark.faults
 

@@ -36,9 +36,9 @@ from ingest.service import IngestConfig, IngestService
 from teamtrack.backends import Backend, Event, from_url
 from teamtrack.contract import Kind
 from teamtrack.history import HistoryStore
+from teamtrack.local.servers import LOOPBACK, free_port, port_is_open
 from teamtrack.metrics import CollectorRegistry
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import LOOPBACK, free_port, port_is_open
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LEAFLET = PROJECT_ROOT / "dashboard" / "static" / "vendor" / "leaflet" / "leaflet.js"

@@ -28,15 +28,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from teamtrack.contract import position_topic, status_topic
-from teamtrack.mosquitto_config import (
+from teamtrack.local.mosquitto_config import (
     BrokerConfigError,
     render_broker_config,
     render_compose_broker_configs,
 )
+from teamtrack.local.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 from teamtrack.mqtt import BRIDGE_SHARE_GROUP
 from teamtrack.provision import Credentials, ProvisionResult, provision
 from teamtrack.registry import demo_registry
-from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 
 WAIT_S: Final = 3.0
 SILENCE_S: Final = 0.3

@@ -33,9 +33,9 @@ from teamtrack.backends import from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.history import HistoryStore
 from teamtrack.ingress.duty import DAYS
+from teamtrack.local.servers import LOOPBACK, free_port
 from teamtrack.mqtt import BrokerAddress, bridge_username
 from teamtrack.provision import ProvisionResult
-from teamtrack.servers import LOOPBACK, free_port
 
 WAIT = 10.0
 

@@ -32,7 +32,7 @@ from mqtt_tools import publish_lines
 from test_end_to_end import WAIT, RunningCluster, cluster_running
 
 from teamtrack.contract import position_topic
-from teamtrack.servers import free_port
+from teamtrack.local.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "prometheus"

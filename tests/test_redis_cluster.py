@@ -27,7 +27,7 @@ from redis.crc import key_slot
 from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
 from teamtrack.backends.redis import RedisBackend
 from teamtrack.backends.redis_cluster import ClusterTarget
-from teamtrack.redis_cluster_servers import RedisClusterGroup, start_redis_cluster
+from teamtrack.local.redis_cluster_servers import RedisClusterGroup, start_redis_cluster
 
 PASSWORD = "cluster-test-secret"
 

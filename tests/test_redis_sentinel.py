@@ -35,7 +35,7 @@ from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_
 from teamtrack.backends.redis import RedisBackend
 from teamtrack.backends.redis_connect import SentinelTarget, parse_backend_url, safe_url
 from teamtrack.ingress.batcher import Batcher
-from teamtrack.servers import SentinelGroup, free_port, start_sentinel_group
+from teamtrack.local.servers import SentinelGroup, free_port, start_sentinel_group
 
 PASSWORD = "sentinel-test-secret"
 

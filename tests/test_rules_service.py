@@ -32,8 +32,8 @@ from teamtrack.alerts import Alert, AlertStore
 from teamtrack.backends import START_OF_LOG, Backend, Batch, Event, from_url
 from teamtrack.contract import NOTICE_ORIGIN, Kind
 from teamtrack.history import HistoryStore
+from teamtrack.local.servers import LOOPBACK, free_port
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import LOOPBACK, free_port
 from teamtrack.zones import parse_zone
 
 WAIT = 10.0

@@ -14,8 +14,8 @@ import pytest
 import websockets
 from prometheus_client import CollectorRegistry, generate_latest
 
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.servers import LOOPBACK
 from teamtrack.settings import load_settings
 from wsgate.mqtt_guard import PacketGuard, PacketRefused
 from wsgate.service import GatewayConfig, GatewayService

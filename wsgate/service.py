@@ -47,8 +47,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from teamtrack.mqtt import BrokerAddress
-from teamtrack.netlimits import address_key, plain_http_response
-from teamtrack.servers import LOOPBACK
+from teamtrack.netlimits import LOOPBACK, address_key, plain_http_response
 
 from .mqtt_guard import PacketGuard, PacketRefused
 

@@ -1,7 +1,7 @@
 """`kafka://[user:password@]host:port[,host:port]` — Apache Kafka as the cross-instance
 broadcast layer. With a user, every client (producer, consumers, admin) authenticates with
 SASL/SCRAM-SHA-512 over SASL_PLAINTEXT, as the Kafka that `teamtrack up` starts wants
-(`teamtrack.kafka_users`); the password is never in an error or a log line.
+(`teamtrack.local.kafka_users`); the password is never in an error or a log line.
 
 Topics (names start with `?topic_prefix=`, default `teamtrack`), created by `start()` with
 explicit settings (the broker's auto-creation is never relied on):

@@ -47,7 +47,7 @@ STORE_READ_TIMEOUT_S = 15.0
 # unless the bridge died in between (then the worker's next fix repairs the store).
 SNAPSHOT_REPLAY_MS = 5_000
 TOPIC_EXISTS = TopicAlreadyExistsError.errno
-# A role without the right to create topics (the admin created them: teamtrack.kafka_users).
+# A role without the right to create topics (the admin created them: teamtrack.local.kafka_users).
 NOT_ALLOWED_TO_CREATE = (TopicAuthorizationFailedError.errno, ClusterAuthorizationFailedError.errno)
 SASL_MECHANISM = "SCRAM-SHA-512"
 # Logouts are kept longer than a session lives (`--session-max-age-s`, 12 h by default), so a

@@ -1,8 +1,8 @@
 """The servers a scenario runs on: started by the harness on free ports, or a running cluster.
 
 * A lone broker: one Mosquitto with the provisioned password file and ACL, nothing else.
-* A local cluster: `teamtrack.cluster.LocalCluster` (what `teamtrack up` starts) on free ports,
-  without the simulator: 2 brokers, their bridges, the backend, 2 dashboard instances.
+* A local cluster: `teamtrack.local.cluster.LocalCluster` (what `teamtrack up` starts) on free
+  ports, without the simulator: 2 brokers, their bridges, the backend, 2 dashboard instances.
 * A running cluster: its `endpoints.json`, and the state folder next to it for the credentials
   (`credentials.json`) and, if present, the pids of its processes (`processes.json`).
 
@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 
 from teamtrack.bench.config import BenchError
 from teamtrack.bench.scenarios import DeploymentKind, DeploymentSpec
-from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster
-from teamtrack.mosquitto_config import render_broker_config
+from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster
+from teamtrack.local.mosquitto_config import render_broker_config
+from teamtrack.local.servers import LOOPBACK, ServerError, free_port, start_mosquitto
 from teamtrack.provision import (
     ACL_FILE,
     PASSWORD_FILE,
@@ -28,7 +29,6 @@ from teamtrack.provision import (
     ProvisionError,
     load_credentials,
 )
-from teamtrack.servers import LOOPBACK, ServerError, free_port, start_mosquitto
 
 CLUSTER_BROKERS = 2
 CLUSTER_DASHBOARDS = 2

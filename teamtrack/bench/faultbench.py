@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from teamtrack.bench.faults import Fault, FaultError, FaultLoad, FaultOutcome, run_fault
-from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster
-from teamtrack.servers import ServerError
+from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster
+from teamtrack.local.servers import ServerError
 
 FAULTS_FILE: Final = "faults.json"
 FAULTS_SUMMARY: Final = "faults.md"

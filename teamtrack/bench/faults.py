@@ -40,10 +40,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from teamtrack.cluster import Child, LocalCluster
 from teamtrack.contract import position_topic
 from teamtrack.history import HISTORY_FILE_NAME
-from teamtrack.servers import LOOPBACK, port_is_open
+from teamtrack.local.cluster import Child, LocalCluster
+from teamtrack.local.servers import LOOPBACK, port_is_open
 
 # PUBACK reason code "No matching subscribers": a success code, yet nobody got the message.
 NO_MATCHING_SUBSCRIBERS = 0x10
@@ -367,7 +367,7 @@ async def _supervise(cluster: LocalCluster) -> None:
     """The cluster's supervisor, as `teamtrack up` runs it, for as long as the run lasts.
 
     In the event loop's thread, which lives as long as the run: a child's parent-death signal
-    (`teamtrack.servers`) follows the thread that started it, so a restart made from a
+    (`teamtrack.local.servers`) follows the thread that started it, so a restart made from a
     short-lived worker thread would be stopped again when that thread ends.
     """
     while True:

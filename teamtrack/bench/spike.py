@@ -33,9 +33,9 @@ from rich.table import Table
 
 from teamtrack.bench.faults import FaultLoad, _Devices, _stored, _Viewer, wait_recovered
 from teamtrack.bench.system import cpu_ticks
-from teamtrack.cluster import ClusterError, ClusterOptions, LocalCluster
-from teamtrack.scaling import ScaleError, Scaler, ScaleRequest, submit, wait_result
-from teamtrack.servers import LOOPBACK, ServerError
+from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster
+from teamtrack.local.scaling import ScaleError, Scaler, ScaleRequest, submit, wait_result
+from teamtrack.local.servers import LOOPBACK, ServerError
 
 SPIKE_FILE: Final = "spike.json"
 SPIKE_SUMMARY: Final = "spike.md"

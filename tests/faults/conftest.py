@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from teamtrack.bench.faults import FaultLoad, FaultOutcome
-from teamtrack.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
 
 WORKERS = 20
 # 20 QoS 1 workers, 300 positions a second in all, the fault 5 s into 12 s of load.

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from teamtrack.bench.faults import Fault, run_fault
-from teamtrack.cluster import LocalCluster
+from teamtrack.local.cluster import LocalCluster
 
 from .conftest import LOAD, assert_nothing_lost, start_cluster
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from teamtrack.bench.faults import Fault, run_fault
-from teamtrack.cluster import LocalCluster
+from teamtrack.local.cluster import LocalCluster
 
 from .conftest import LOAD, assert_nothing_lost
 

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from bridge.service import BridgeConfig, BridgeService
 from teamtrack.backends import from_url
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.mqtt import BrokerAddress, bridge_username
-from teamtrack.servers import LOOPBACK
 
 WAIT_S: Final = 5.0
 NOT_AUTHORIZED: Final = 0x87

@@ -3,7 +3,7 @@
 Found: Redis had no password; a local user read every team's live positions and injected a
 fake worker whose id reached the page. Now the Redis that `teamtrack up` starts refuses
 unauthenticated clients, and each service has its own user allowed only what it does
-(`teamtrack.redis_users`): the dashboards' (the most exposed) reads but cannot write a log,
+(`teamtrack.local.redis_users`): the dashboards' (the most exposed) reads but cannot write a log,
 a last-known entry or run the publish script.
 """
 
@@ -21,10 +21,10 @@ import redis
 from redis.exceptions import NoPermissionError
 
 from teamtrack.backends import Event, from_url
-from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
-from teamtrack.redis_users import USERS_FILE
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.redis_users import USERS_FILE
+from teamtrack.local.servers import LOOPBACK
 
 pytestmark = pytest.mark.security
 

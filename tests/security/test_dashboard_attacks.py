@@ -26,8 +26,8 @@ import orjson
 import pytest
 import websockets
 
+from teamtrack.local.servers import LOOPBACK, free_port, port_is_open
 from teamtrack.passwords import hash_password, token_digest
-from teamtrack.servers import LOOPBACK, free_port, port_is_open
 
 pytestmark = pytest.mark.security
 

@@ -31,11 +31,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devices.__main__ import main as simulate_main
 from devices.identities import load_device_identities
 from devices.simulator import SimulationConfig, run_simulation
-from teamtrack.cluster import ClusterOptions, LocalCluster
-from teamtrack.mosquitto_config import MqttsListener, render_broker_config
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.mosquitto_config import MqttsListener, render_broker_config
+from teamtrack.local.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 from teamtrack.provision import ProvisionError, ProvisionResult, load_credentials, provision
 from teamtrack.registry import demo_registry, parse_registry, registry_document
-from teamtrack.servers import LOOPBACK, ManagedProcess, free_port, start_mosquitto
 from teamtrack.tls import (
     LOOPBACK_HOSTS,
     SERVER_LIFETIME,

@@ -4,7 +4,7 @@ Found: the Kafka of `teamtrack up --backend kafka` listened with PLAINTEXT and n
 a local user's producer with no credentials at all appended a fake worker to
 `teamtrack.positions` (accepted, acks=all) and could have deleted the topics. Now clients
 authenticate with SASL/SCRAM-SHA-512 and each service has its own user, allowed by ACLs only
-what it does (`teamtrack.kafka_users`): the dashboards' (the most exposed) reads, and produces
+what it does (`teamtrack.local.kafka_users`): the dashboards' (the most exposed) reads, and produces
 to the logouts topic only (shared revocations), but cannot produce a position or a presence,
 create or delete a topic; the bridges' produces.
 """
@@ -24,10 +24,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
 from teamtrack.backends import BackendError, Event, SessionRevocation, from_url
-from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import Kind
-from teamtrack.kafka_server import live_brokers
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.kafka_server import live_brokers
+from teamtrack.local.servers import LOOPBACK
 
 pytestmark = pytest.mark.security
 
@@ -189,7 +189,7 @@ def test_the_storage_format_reads_the_scram_passwords_from_a_private_file(
     """`kafka-storage format --add-scram 'SCRAM-SHA-512=[name=...,password=...]'` would show
     every role's password in `ps` while the JVM formats: the tool is run as `java @file`
     instead, the file 0600 and removed afterwards."""
-    from teamtrack.kafka_server import KafkaSasl, SaslUser, _format_command
+    from teamtrack.local.kafka_server import KafkaSasl, SaslUser, _format_command
 
     sasl = KafkaSasl(SaslUser("tt-broker", "nodes-secret"), (SaslUser("tt-bridge", "b-secret"),))
     properties = tmp_path / "server.properties"

@@ -25,8 +25,8 @@ import websockets
 from typer.testing import CliRunner
 
 from teamtrack.cli import app
-from teamtrack.cluster import ClusterOptions, LocalCluster
 from teamtrack.contract import position_topic
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
 from teamtrack.provision import Credentials, load_credentials
 
 from .conftest import Client

@@ -1,6 +1,6 @@
 """A logout holds on every dashboard instance of a `teamtrack up --backend kafka` too.
 
-The Kafka that cluster starts wants a user per role (`teamtrack.kafka_users`): the dashboards
+The Kafka that cluster starts wants a user per role (`teamtrack.local.kafka_users`): the dashboards
 record a logout in `teamtrack.revoked-sessions` with their own user, and read the others'
 every `--revocation-poll-s`. Before, the Kafka backend shared no logouts: the cookie still
 worked on the other instance, and its live socket stayed open.
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from teamtrack.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
 
 from .test_revocation import assert_a_logout_holds_everywhere
 

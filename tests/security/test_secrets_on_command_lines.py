@@ -13,8 +13,8 @@ from conftest import Cluster
 from paho.mqtt.enums import CallbackAPIVersion
 
 from teamtrack.contract import status_topic
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.provision import OBSERVER_CONFIG_DIR
-from teamtrack.servers import LOOPBACK
 
 pytestmark = pytest.mark.security
 

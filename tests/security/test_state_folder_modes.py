@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from teamtrack.cluster import ClusterOptions, LocalCluster
+from teamtrack.local.cluster import ClusterOptions, LocalCluster
 
 pytestmark = pytest.mark.security
 

@@ -24,7 +24,7 @@ from conftest import Cluster, WsGateway
 from websockets.asyncio.client import ClientConnection
 
 from teamtrack.contract import position_topic
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.servers import LOOPBACK
 
 from .conftest import NOT_AUTHORIZED, ClientFactory, StartGateway
 

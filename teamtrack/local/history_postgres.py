@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teamtrack.servers import LOOPBACK, ServerError, free_port, port_is_open
+from teamtrack.local.servers import LOOPBACK, ServerError, free_port, port_is_open
 
 DEBIAN_BINARIES = "/usr/lib/postgresql/*/bin"
 SERVER_USER = "postgres"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-from teamtrack.servers import free_port
+from teamtrack.local.servers import free_port
 
 # Bridges a broker may have with a fixed base port: their /metrics ports are base + 700 + 10 (i-1)
 # + (n-2), ten a broker after the first (base 0 takes free ports and has no such limit).
@@ -35,7 +35,7 @@ class PortPlan:
     Kafka nodes 2..N of a cluster (`kafka_nodes`) at base + 101 + 2 (k-1), controller + 1.
     Bridges 2..N of broker i (`bridges_per_broker`) have their metrics at
     base + 700 + 10 (i-1) + (n-2): bridge n of broker i, so at most 11 bridges per broker.
-    The supervisor's own metrics (`teamtrack.cluster_metrics`) at base + 800, the ingest's at
+    The supervisor's own metrics (`teamtrack.local.cluster_metrics`) at base + 800, the ingest's at
     base + 801, the rules service's at base + 802.
     """
 

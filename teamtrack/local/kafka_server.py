@@ -10,7 +10,7 @@ quorum (`--initial-controllers`), with 3 replicas of every topic and `min.insync
 a test can SIGKILL a node and restart it from its data folder. Used by the test fixtures and
 by `teamtrack up --backend kafka [--kafka-nodes 3]`.
 
-With `sasl=KafkaSasl(...)` (what `teamtrack up` passes, `teamtrack.kafka_users`) a node serves
+With `sasl=KafkaSasl(...)` (what `teamtrack up` passes, `teamtrack.local.kafka_users`) a node serves
 clients only after SASL/SCRAM-SHA-512, and `StandardAuthorizer` refuses what no ACL allows:
 the client listener is SASL_PLAINTEXT (brokers replicate over it as the internal user), the
 controller listener SASL_PLAINTEXT with PLAIN (SCRAM credentials live in the metadata log the
@@ -41,11 +41,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teamtrack.servers import LOOPBACK, ManagedProcess, ServerError, free_port
+from teamtrack.local.servers import LOOPBACK, ManagedProcess, ServerError, free_port
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_DIR = PROJECT_ROOT / "kafka"
 POM = KAFKA_DIR / "pom.xml"
 LOG_CONFIG = KAFKA_DIR / "log4j2.properties"
@@ -859,7 +859,7 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
 
 
 def main() -> int:
-    """`python -m teamtrack.kafka_server`: fetch the broker's jars unless they are there."""
+    """`python -m teamtrack.local.kafka_server`: fetch the broker's jars unless they are there."""
     logging.basicConfig(level=logging.INFO, format="kafka-jars: %(message)s")
     present = kafka_jars_present()
     try:

@@ -25,7 +25,7 @@ from teamtrack.provision import ACL_FILE, PASSWORD_FILE
 
 # The template lives at the repository root next to its README, found from this module; this
 # holds for a source checkout and for the editable install the project is developed with.
-TEMPLATE_DIR: Final = Path(__file__).resolve().parents[1] / "mosquitto"
+TEMPLATE_DIR: Final = Path(__file__).resolve().parents[2] / "mosquitto"
 BROKER_TEMPLATE: Final = TEMPLATE_DIR / "broker.conf.template"
 MQTTS_TEMPLATE: Final = TEMPLATE_DIR / "mqtts-listener.conf.template"
 LOOPBACK: Final = "127.0.0.1"

@@ -34,36 +34,30 @@ from typing import IO
 from rich.console import Console, Group
 from rich.live import Live
 
-from teamtrack.cluster_metrics import start_supervisor_metrics, write_targets
-from teamtrack.cluster_support import (
+from teamtrack.files import hold_supervisor_lock, write_json_atomically
+from teamtrack.history import default_database_url
+from teamtrack.local.cluster_metrics import start_supervisor_metrics, write_targets
+from teamtrack.local.cluster_support import (
     PROCESSES_FILE,
     backend_answers,
     make_private,
     reload_brokers,
     without_password,
 )
-from teamtrack.cluster_view import endpoints_of, status_of
-from teamtrack.files import hold_supervisor_lock, write_json_atomically
-from teamtrack.history import default_database_url
-from teamtrack.kafka_server import (
+from teamtrack.local.cluster_view import endpoints_of, status_of
+from teamtrack.local.kafka_server import (
     KafkaCluster,
     start_kafka,
     start_kafka_cluster,
 )
-from teamtrack.kafka_users import ROLES as KAFKA_ROLES
-from teamtrack.kafka_users import load_or_create_users as load_kafka_users
-from teamtrack.kafka_users import prepare_backend as prepare_kafka_backend
-from teamtrack.kafka_users import sasl_config as kafka_sasl_config
-from teamtrack.metrics import MetricsServer, scrape_totals
-from teamtrack.mosquitto_config import MqttsListener, render_broker_config
-from teamtrack.mqtt import bridge_username
-from teamtrack.passwords import generate_secret
-from teamtrack.ports import MAX_BRIDGES_PER_BROKER, PortPlan, bridge_role
-from teamtrack.provision import ProvisionResult, provision
-from teamtrack.redis_users import load_or_create_users, write_acl_file
-from teamtrack.registry import bridge_usernames, demo_registry, dump_registry, load_registry
-from teamtrack.retry import Backoff
-from teamtrack.servers import (
+from teamtrack.local.kafka_users import ROLES as KAFKA_ROLES
+from teamtrack.local.kafka_users import load_or_create_users as load_kafka_users
+from teamtrack.local.kafka_users import prepare_backend as prepare_kafka_backend
+from teamtrack.local.kafka_users import sasl_config as kafka_sasl_config
+from teamtrack.local.mosquitto_config import MqttsListener, render_broker_config
+from teamtrack.local.ports import MAX_BRIDGES_PER_BROKER, PortPlan, bridge_role
+from teamtrack.local.redis_users import load_or_create_users, write_acl_file
+from teamtrack.local.servers import (
     LOOPBACK,
     PRIVATE_UMASK,
     ManagedProcess,
@@ -71,6 +65,12 @@ from teamtrack.servers import (
     port_is_open,
     start_redis,
 )
+from teamtrack.metrics import MetricsServer, scrape_totals
+from teamtrack.mqtt import bridge_username
+from teamtrack.passwords import generate_secret
+from teamtrack.provision import ProvisionResult, provision
+from teamtrack.registry import bridge_usernames, demo_registry, dump_registry, load_registry
+from teamtrack.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class LocalCluster:
         self._outage_logged_at = 0.0
         # Held while this supervisor runs (`teamtrack scale` and `endpoints` look for it).
         self._lock: IO[bytes] | None = None
-        # The supervisor's own /metrics: its children's restarts (teamtrack.cluster_metrics).
+        # The supervisor's own /metrics: its children's restarts (teamtrack.local.cluster_metrics).
         self._metrics: MetricsServer | None = None
 
     # Start -------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ class LocalCluster:
     def _start_redis(self) -> ManagedProcess:
         """A fresh Redis for this run, with an append-only file: restarted after a crash, it
         comes back with everything it had acknowledged. Its users are the roles of
-        `teamtrack.redis_users`: each service gets its own, allowed what it does and no more;
+        `teamtrack.local.redis_users`: each service gets its own, allowed what it does and no more;
         `backend_url` becomes the operators' (`tt-admin`)."""
         data_dir = self.state_dir / "redis"
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -388,7 +388,7 @@ class LocalCluster:
     def _start_kafka(self) -> None:
         """A fresh Kafka of `kafka_nodes` nodes: like the cluster's Redis, it keeps nothing from
         a last run. Its nodes are supervised children like any other. Clients authenticate
-        (SASL/SCRAM-SHA-512) as the roles of `teamtrack.kafka_users`, each allowed by ACLs
+        (SASL/SCRAM-SHA-512) as the roles of `teamtrack.local.kafka_users`, each allowed by ACLs
         what it does and no more; `backend_url` becomes the operators' (`tt-admin`), who
         creates the topics and grants the ACLs before any service starts."""
         data_dir = self.state_dir / "kafka"
@@ -619,7 +619,7 @@ class LocalCluster:
         self._add("simulator", argv, self._service_env(None), None)
 
     def endpoints(self) -> dict[str, object]:
-        """What `endpoints.json` lists (`teamtrack.cluster_view.endpoints_of`)."""
+        """What `endpoints.json` lists (`teamtrack.local.cluster_view.endpoints_of`)."""
         return endpoints_of(self)
 
     def processes(self) -> dict[str, int]:
@@ -636,7 +636,7 @@ class LocalCluster:
     def write_endpoints(self) -> None:
         """`endpoints.json` and `processes.json` (role -> pid, for operators and the test
         that checks for orphans), each replaced in one step: a reader sees the old or the new;
-        Prometheus' target files first (`teamtrack.cluster_metrics`)."""
+        Prometheus' target files first (`teamtrack.local.cluster_metrics`)."""
         write_targets(self)
         write_json_atomically(self.state_dir / "endpoints.json", self.endpoints())
         write_json_atomically(self.state_dir / PROCESSES_FILE, self.processes())

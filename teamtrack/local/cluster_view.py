@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 from rich.console import Group
 from rich.table import Table
 
-from teamtrack.cluster_support import without_password
+from teamtrack.local.cluster_support import without_password
+from teamtrack.local.ports import bridge_role
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.metrics import scrape_totals
-from teamtrack.ports import bridge_role
-from teamtrack.servers import LOOPBACK
 
 if TYPE_CHECKING:
-    from teamtrack.cluster import LocalCluster
+    from teamtrack.local.cluster import LocalCluster
 
 
 def endpoints_of(cluster: LocalCluster) -> dict[str, object]:

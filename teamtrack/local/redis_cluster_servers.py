@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from teamtrack.servers import (
+from teamtrack.local.servers import (
     LOOPBACK,
     PRIVATE_FILE_MODE,
     ManagedProcess,

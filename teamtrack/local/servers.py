@@ -187,7 +187,7 @@ def redis_argv(
     aclfile: Path | None = None,
 ) -> list[str]:
     """A loopback Redis whose data survives a crash of its process (AOF in `data_dir`); with
-    `aclfile`, its users (`teamtrack.redis_users`) instead of an open default user."""
+    `aclfile`, its users (`teamtrack.local.redis_users`) instead of an open default user."""
     if appendfsync not in APPENDFSYNC_POLICIES:
         raise ValueError(f"appendfsync must be one of {', '.join(APPENDFSYNC_POLICIES)}")
     users = ["--aclfile", str(aclfile)] if aclfile is not None else []

@@ -11,8 +11,8 @@ import socket
 import stat
 from pathlib import Path
 
-from teamtrack.kafka_server import SaslUser, broker_answers_metadata
-from teamtrack.servers import LOOPBACK
+from teamtrack.local.kafka_server import SaslUser, broker_answers_metadata
+from teamtrack.local.servers import LOOPBACK
 
 # role -> pid of every child, rewritten when one is restarted.
 PROCESSES_FILE = "processes.json"

@@ -25,12 +25,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from teamtrack.files import write_json_atomically
+from teamtrack.local.ports import bridge_role
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.metrics import MetricsServer, service_registry
-from teamtrack.ports import bridge_role
-from teamtrack.servers import LOOPBACK
 
 if TYPE_CHECKING:
-    from teamtrack.cluster import LocalCluster
+    from teamtrack.local.cluster import LocalCluster
 
 TARGETS_DIR = "prometheus"
 TARGETS_FILE = "targets.json"

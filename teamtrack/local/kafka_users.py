@@ -1,6 +1,6 @@
 """The Kafka accounts of a cluster that teamtrack starts: one SASL/SCRAM-SHA-512 user per
 role, each allowed only what the role does (ACLs of Kafka's `StandardAuthorizer`), the way
-`teamtrack.redis_users` does it for Redis.
+`teamtrack.local.redis_users` does it for Redis.
 
 A local user (or a compromised process) that reaches a node's port without a password is
 refused at the SASL handshake; the controller port wants the nodes' own password. With a
@@ -23,7 +23,7 @@ role's password it may do what that role does and nothing else (`{prefix}` is th
 * `tt-broker`: the nodes themselves (replication and the controller quorum), a super user.
 
 The passwords live in `{state}/kafka-users.json` (0600); the SCRAM users are written into the
-metadata log at format time through a 0600 argument file (`teamtrack.kafka_server`), and each
+metadata log at format time through a 0600 argument file (`teamtrack.local.kafka_server`), and each
 service gets its own URL (`kafka://tt-role:password@host:port,...`) in its environment
 (`TEAMTRACK_BACKEND_URL`): never on a command line.
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from teamtrack.kafka_server import KafkaSasl, SaslUser
+from teamtrack.local.kafka_server import KafkaSasl, SaslUser
 from teamtrack.passwords import generate_secret
 
 USERS_FILE: Final = "kafka-users.json"

@@ -45,10 +45,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from teamtrack.cluster import Child, LocalCluster
 from teamtrack.files import supervisor_running, write_json_atomically
-from teamtrack.ports import MAX_BRIDGES_PER_BROKER, MAX_BROKERS, MAX_DASHBOARDS, bridge_role
-from teamtrack.servers import LOOPBACK, PRIVATE_UMASK, free_port, port_is_open
+from teamtrack.local.cluster import Child, LocalCluster
+from teamtrack.local.ports import MAX_BRIDGES_PER_BROKER, MAX_BROKERS, MAX_DASHBOARDS, bridge_role
+from teamtrack.local.servers import LOOPBACK, PRIVATE_UMASK, free_port, port_is_open
 
 REQUEST_FILE = "scale-request.json"
 RESULT_FILE = "scale-result.json"
