@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import heapq
 import logging
@@ -27,19 +26,18 @@ import random
 import ssl
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gmqtt import Client, Message
+from gmqtt import Message
 from gmqtt.mqtt.handler import MQTTConnectError
-from gmqtt.storage import PersistentStorage
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from devices.failover import BrokerFailover, Disconnect, broker_order, parse_disconnect
+from devices.connection import AckedStorage, DeviceClient, Phase, RateMeter, Worker
+from devices.failover import BrokerFailover, broker_order, parse_disconnect
 from devices.identities import DeviceIdentity, load_device_identities, select_identities
 from devices.movement import (
     CENTRAL_BERLIN,
@@ -49,8 +47,15 @@ from devices.movement import (
     start_near,
     team_base,
 )
+from devices.report import (
+    ReconnectSample,
+    SimulationSummary,
+    TimelineSample,
+    clock,
+    summary_table,
+)
 from devices.schedule import LoadSchedule, SchedulePoint, parse_schedule
-from teamtrack.contract import Position, Presence, encode_position, position_topic, status_topic
+from teamtrack.contract import Position, Presence, encode_position
 from teamtrack.logs import RateLimitedLog, RateLimitFilter
 from teamtrack.mqtt import BrokerAddress
 from teamtrack.tls import client_ssl_context
@@ -169,203 +174,6 @@ class SimulationConfig:
         return math.inf
 
 
-@dataclass(frozen=True, slots=True)
-class TimelineSample:
-    elapsed_s: float
-    target: int
-    connected: int
-    messages_sent: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectSample:
-    """A worker connected again after losing its connection: when (seconds into the run),
-    where, how long it had been without a connection, and whether that is another broker."""
-
-    elapsed_s: float
-    worker: str
-    broker: str
-    outage_s: float
-    failover: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SimulationSummary:
-    """The numbers of one run. `timeline` keeps the last hour of progress samples,
-    `reconnect_log` the last 100,000 reconnects.
-
-    `failovers`: reconnects to another broker than the one lost. `resent`: QoS 1 positions sent
-    again on a new connection because the previous one ended before their PUBACK (duplicates
-    at the backend are possible, losses are not). `unacknowledged`: positions still without a
-    PUBACK when the run ended; `outbox_dropped`: the oldest unacknowledged ones dropped because
-    a worker's outbox was full (`max_unacknowledged`).
-    """
-
-    duration_s: float
-    seed: int
-    workers_selected: int
-    workers_peak: int
-    messages_sent: int
-    mean_rate: float
-    errors: dict[str, int]
-    reconnects: int
-    fixes_skipped: int
-    workers_by_broker: dict[str, int]
-    timeline: tuple[TimelineSample, ...]
-    failovers: int = 0
-    resent: int = 0
-    unacknowledged: int = 0
-    outbox_dropped: int = 0
-    reconnect_log: tuple[ReconnectSample, ...] = ()
-
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
-    def peak_reconnects(self, window_s: float = 1.0) -> dict[str, int]:
-        """Per broker, the most reconnects it took within any `window_s` seconds: the connect
-        rate a broker sees when another one dies."""
-        times: dict[str, list[float]] = {}
-        for sample in self.reconnect_log:
-            times.setdefault(sample.broker, []).append(sample.elapsed_s)
-        return {broker: _peak_in_window(sorted(ts), window_s) for broker, ts in times.items()}
-
-
-def _peak_in_window(times: list[float], window_s: float) -> int:
-    peak = first = 0
-    for last, at in enumerate(times):
-        while at - times[first] >= window_s:
-            first += 1
-        peak = max(peak, last - first + 1)
-    return peak
-
-
-class _Phase(enum.Enum):
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    # Wanted online; the connection may be down for a while, gmqtt is then reconnecting.
-    ONLINE = "online"
-    STOPPING = "stopping"
-
-
-class _AckedStorage(PersistentStorage):  # type: ignore[misc]  # gmqtt ships no type information
-    """gmqtt's store of the QoS 1 packets a client has in flight, telling the simulator of each
-    PUBACK and of the packet id of the last publish (gmqtt's `publish` returns neither)."""
-
-    def __init__(self, on_ack: Callable[[int], None]) -> None:
-        super().__init__()
-        self.on_ack = on_ack
-        self.last_mid = 0
-
-    def push_message(self, mid: int, raw_package: bytes) -> None:
-        super().push_message(mid, raw_package)
-        self.last_mid = mid
-
-    def remove_message_by_mid(self, mid: int) -> None:
-        super().remove_message_by_mid(mid)
-        self.on_ack(mid)
-
-    async def wait_empty(self) -> None:
-        """gmqtt's `connect()` waits here for what it replays to be acknowledged; the worker's
-        outbox follows the acknowledgements instead, so a connection is up at its CONNACK
-        (and a slow PUBACK of the `online` status is no connect timeout)."""
-        return
-
-
-class _DeviceClient(Client):  # type: ignore[misc]  # gmqtt ships no type information
-    """A gmqtt client for one connection: it never reconnects on its own.
-
-    The simulator decides where and when a worker connects again (its failover rules) and uses
-    a fresh client for it. gmqtt would reconnect to the same broker only, and a client that
-    reconnects without a session present drops its unacknowledged QoS 1 packets and leaks
-    their packet ids; the worker's own outbox keeps the positions instead.
-    """
-
-    async def reconnect(self, delay: bool = False) -> None:
-        return
-
-
-class _Worker:
-    __slots__ = (
-        "client",
-        "connected",
-        "failover",
-        "generation",
-        "identity",
-        "index",
-        "inflight",
-        "last_broker",
-        "last_fix_at",
-        "loss",
-        "lost_at",
-        "mover",
-        "name",
-        "pending",
-        "phase",
-        "position_topic",
-        "reconnect_task",
-        "retry_at",
-        "seq",
-        "status_topic",
-        "storage",
-        "unacked",
-    )
-
-    def __init__(
-        self, index: int, identity: DeviceIdentity, failover: BrokerFailover, mover: Mover
-    ) -> None:
-        self.index = index
-        self.identity = identity
-        self.name = f"{identity.team}/{identity.worker}"
-        self.failover = failover
-        self.mover = mover
-        self.position_topic = position_topic(identity.team, identity.worker)
-        self.status_topic = status_topic(identity.team, identity.worker)
-        self.client: _DeviceClient | None = None
-        self.storage: _AckedStorage | None = None
-        self.phase = _Phase.IDLE
-        # Whether the current client's connection is up (between CONNACK and its loss).
-        self.connected = False
-        # The broker of the last connection that got a CONNACK (None: never connected).
-        self.last_broker: BrokerAddress | None = None
-        # When the connection was lost and what the broker said (None: no DISCONNECT); a
-        # CONNACK while lost_at is set is a reconnect.
-        self.lost_at: float | None = None
-        self.loss: Disconnect | None = None
-        self.reconnect_task: asyncio.Task[None] | None = None
-        # Bumped whenever the worker goes offline, so its stale heap entries are skipped.
-        self.generation = 0
-        self.seq = 0
-        self.last_fix_at = 0.0
-        self.retry_at = 0.0
-        # QoS 1 outbox: seq -> payload until its PUBACK, in seq order; the seqs not yet sent on
-        # the current connection (the broker's receive maximum holds them back, or they were
-        # in flight on a connection that ended); packet id -> seq of what is in flight.
-        self.unacked: dict[int, bytes] = {}
-        self.pending: deque[int] = deque()
-        self.inflight: dict[int, int] = {}
-
-    @property
-    def broker(self) -> BrokerAddress:
-        return self.failover.broker
-
-
-class _RateMeter:
-    """Messages per second over the last `window` seconds."""
-
-    def __init__(self, window: float = 1.0) -> None:
-        self._window = window
-        self._samples: deque[tuple[float, int]] = deque()
-
-    def add(self, now: float, total: int) -> float:
-        samples = self._samples
-        samples.append((now, total))
-        while len(samples) > 2 and now - samples[1][0] >= self._window:
-            samples.popleft()
-        first_time, first_total = samples[0]
-        return (total - first_total) / (now - first_time) if now > first_time else 0.0
-
-
 def _bring_up_order(identities: list[DeviceIdentity]) -> list[int]:
     """Indices interleaved across teams (t1w1, t2w1, t1w2, ...), so a growing schedule grows
     every team, not the first team first."""
@@ -412,7 +220,7 @@ class _Simulation:
         self.target = 0
         self.broker_workers: dict[BrokerAddress, set[int]] = {b: set() for b in self.brokers}
         self.timeline: deque[TimelineSample] = deque(maxlen=TIMELINE_SAMPLES)
-        self.rate_meter = _RateMeter()
+        self.rate_meter = RateMeter()
         self.rate = 0.0
         self.due: list[tuple[float, int, int]] = []
         self.connect_tasks: set[asyncio.Task[None]] = set()
@@ -423,7 +231,7 @@ class _Simulation:
             select_identities(identities, config.teams, config.workers_per_team)
         )
 
-    def _build_workers(self, selected: list[DeviceIdentity]) -> list[_Worker]:
+    def _build_workers(self, selected: list[DeviceIdentity]) -> list[Worker]:
         config = self.config
         profiles = config.profile_mix.assign(len(selected), random.Random(f"{self.seed}/profiles"))
         bases = {
@@ -440,7 +248,7 @@ class _Simulation:
         # Home brokers go round-robin in file order, so each team is spread over all brokers;
         # the bring-up order interleaves teams.
         return [
-            _Worker(
+            Worker(
                 position,
                 selected[index],
                 BrokerFailover(
@@ -456,7 +264,7 @@ class _Simulation:
 
     # --- errors -------------------------------------------------------------------------
 
-    def _fail(self, kind: str, worker: _Worker, detail: object) -> None:
+    def _fail(self, kind: str, worker: Worker, detail: object) -> None:
         self.errors[kind] += 1
         self.error_log.warning(
             kind,
@@ -547,16 +355,16 @@ class _Simulation:
                     break
                 if self.connects_in_flight >= self.config.max_concurrent_connects:
                     break
-                if worker.phase is _Phase.IDLE and worker.retry_at <= now:
+                if worker.phase is Phase.IDLE and worker.retry_at <= now:
                     self._start(self.connect_tasks, self._connect(worker))
-                    worker.phase = _Phase.CONNECTING
+                    worker.phase = Phase.CONNECTING
                     self.active_count += 1
                     self.connects_in_flight += 1
         elif self.active_count > target:
             for worker in reversed(self.workers):
                 if self.active_count <= target:
                     break
-                if worker.phase is _Phase.ONLINE:
+                if worker.phase is Phase.ONLINE:
                     self._take_offline(worker)
 
     def _start(self, tasks: set[asyncio.Task[None]], coroutine: Any) -> asyncio.Task[None]:
@@ -583,7 +391,7 @@ class _Simulation:
                 next_due = now + interval
             heapq.heappush(due, (next_due, generation, index))
 
-    def _publish_fix(self, worker: _Worker, now: float) -> None:
+    def _publish_fix(self, worker: Worker, now: float) -> None:
         fix = worker.mover.step(now - worker.last_fix_at)
         worker.last_fix_at = now
         client = worker.client
@@ -621,7 +429,7 @@ class _Simulation:
 
     # --- the QoS 1 outbox ---------------------------------------------------------------
 
-    def _keep(self, worker: _Worker, seq: int, payload: bytes) -> None:
+    def _keep(self, worker: Worker, seq: int, payload: bytes) -> None:
         unacked = worker.unacked
         if len(unacked) >= self.config.max_unacknowledged:
             # Full: the oldest goes (a live map wants the newest), counted as lost.
@@ -634,7 +442,7 @@ class _Simulation:
         unacked[seq] = payload
         worker.pending.append(seq)
 
-    def _send_pending(self, worker: _Worker) -> None:
+    def _send_pending(self, worker: Worker) -> None:
         """Sends the outbox's unsent positions, oldest first, while the connection is up and
         the broker's receive maximum allows; the rest follow as PUBACKs come in."""
         client, storage = worker.client, worker.storage
@@ -657,7 +465,7 @@ class _Simulation:
             worker.inflight[storage.last_mid] = seq
             pending.popleft()
 
-    def _on_ack(self, worker: _Worker, client: _DeviceClient, mid: int) -> None:
+    def _on_ack(self, worker: Worker, client: DeviceClient, mid: int) -> None:
         if worker.client is not client:
             return  # a late PUBACK of a connection left behind: that position is sent again
         seq = worker.inflight.pop(mid, None)
@@ -667,7 +475,7 @@ class _Simulation:
         if worker.pending:
             self._send_pending(worker)
 
-    def _resend_outbox(self, worker: _Worker) -> None:
+    def _resend_outbox(self, worker: Worker) -> None:
         """On a new connection: everything unacknowledged goes again, in seq order, before any
         new fix (those are appended behind it)."""
         worker.inflight.clear()
@@ -677,11 +485,11 @@ class _Simulation:
 
     # --- connections --------------------------------------------------------------------
 
-    def _new_client(self, worker: _Worker) -> _DeviceClient:
+    def _new_client(self, worker: Worker) -> DeviceClient:
         identity = worker.identity
-        client: _DeviceClient
-        storage = _AckedStorage(lambda mid: self._on_ack(worker, client, mid))
-        client = _DeviceClient(
+        client: DeviceClient
+        storage = AckedStorage(lambda mid: self._on_ack(worker, client, mid))
+        client = DeviceClient(
             identity.client_id,
             will_message=Message(worker.status_topic, _OFFLINE, qos=1, retain=True),
             persistent_storage=storage,
@@ -693,7 +501,7 @@ class _Simulation:
         worker.storage = storage
         return client
 
-    async def _attempt(self, worker: _Worker) -> bool:
+    async def _attempt(self, worker: Worker) -> bool:
         """One connection attempt to the worker's current broker, with a fresh client. A
         failure is counted, the client closed and the failover told; True on a CONNACK."""
         config = self.config
@@ -731,7 +539,7 @@ class _Simulation:
         self._abandon(worker, client)
         return False
 
-    def _abandon(self, worker: _Worker, client: _DeviceClient) -> None:
+    def _abandon(self, worker: Worker, client: DeviceClient) -> None:
         """Leaves a client behind: closed in the background, its callbacks ignored."""
         if worker.client is client:
             self._mark_disconnected(worker)
@@ -739,7 +547,7 @@ class _Simulation:
             worker.storage = None
         self._start(self.disconnect_tasks, self._close_quietly(client))
 
-    async def _connect(self, worker: _Worker) -> None:
+    async def _connect(self, worker: Worker) -> None:
         """Brings a worker online (the schedule asked for it): one attempt; after a failure the
         worker waits its backoff on the next broker of its list until the schedule retries."""
         worker.lost_at = None
@@ -749,11 +557,11 @@ class _Simulation:
             self.connects_in_flight -= 1
         loop = asyncio.get_running_loop()
         if not connected:
-            worker.phase = _Phase.IDLE
+            worker.phase = Phase.IDLE
             self.active_count -= 1
             worker.retry_at = loop.time() + worker.failover.after_failure()
             return
-        worker.phase = _Phase.ONLINE
+        worker.phase = Phase.ONLINE
         now = loop.time()
         worker.last_fix_at = now
         # Spread the first fixes of workers that connect together over one interval.
@@ -762,18 +570,18 @@ class _Simulation:
         if not worker.connected:
             self._start_reconnect(worker)  # lost between its CONNACK and now
 
-    def _start_reconnect(self, worker: _Worker) -> None:
+    def _start_reconnect(self, worker: Worker) -> None:
         now = asyncio.get_running_loop().time()
         delay = worker.failover.after_loss(worker.loss, now)
         worker.reconnect_task = self._start(self.reconnect_tasks, self._reconnect(worker, delay))
 
-    async def _reconnect(self, worker: _Worker, delay: float) -> None:
+    async def _reconnect(self, worker: Worker, delay: float) -> None:
         """Connects a worker that lost its connection again, wherever its failover rules say,
         until it is connected or no longer wanted online."""
         try:
-            while worker.phase is _Phase.ONLINE:
+            while worker.phase is Phase.ONLINE:
                 await asyncio.sleep(delay)
-                if worker.phase is not _Phase.ONLINE:
+                if worker.phase is not Phase.ONLINE:
                     return
                 if not await self._attempt(worker):
                     delay = worker.failover.after_failure()
@@ -786,15 +594,15 @@ class _Simulation:
             if worker.reconnect_task is asyncio.current_task():
                 worker.reconnect_task = None
 
-    def _mark_disconnected(self, worker: _Worker) -> None:
+    def _mark_disconnected(self, worker: Worker) -> None:
         if worker.connected:
             worker.connected = False
             self.connected_count -= 1
 
     def _on_connect(
-        self, worker: _Worker, client: _DeviceClient, flags: Any, rc: Any, properties: Any
+        self, worker: Worker, client: DeviceClient, flags: Any, rc: Any, properties: Any
     ) -> None:
-        if worker.client is not client or worker.phase not in (_Phase.CONNECTING, _Phase.ONLINE):
+        if worker.client is not client or worker.phase not in (Phase.CONNECTING, Phase.ONLINE):
             return
         now = asyncio.get_running_loop().time()
         broker = worker.broker
@@ -815,7 +623,7 @@ class _Simulation:
         if worker.unacked:
             self._resend_outbox(worker)
 
-    def _record_reconnect(self, worker: _Worker, broker: BrokerAddress, now: float) -> None:
+    def _record_reconnect(self, worker: Worker, broker: BrokerAddress, now: float) -> None:
         assert worker.lost_at is not None
         failover = broker != worker.last_broker
         self.reconnects += 1
@@ -833,7 +641,7 @@ class _Simulation:
         worker.lost_at = None
 
     def _on_disconnect(
-        self, worker: _Worker, client: _DeviceClient, packet: Any, exc: Any = None
+        self, worker: Worker, client: DeviceClient, packet: Any, exc: Any = None
     ) -> None:
         """The connection ended. gmqtt calls this with the body of the broker's DISCONNECT, and
         (again) with an empty one when the socket closes: the first call counts."""
@@ -844,7 +652,7 @@ class _Simulation:
         worker.loss = loss
         if worker.lost_at is None:
             worker.lost_at = asyncio.get_running_loop().time()
-        if worker.phase is not _Phase.ONLINE:
+        if worker.phase is not Phase.ONLINE:
             return  # stopping, or still in _connect, which reconnects it
         if loss is not None and loss.moves:
             self._fail("told_to_move", worker, f"DISCONNECT {loss.reason:#04x}")
@@ -855,13 +663,13 @@ class _Simulation:
         if worker.reconnect_task is None:
             self._start_reconnect(worker)
 
-    def _take_offline(self, worker: _Worker) -> None:
-        worker.phase = _Phase.STOPPING
+    def _take_offline(self, worker: Worker) -> None:
+        worker.phase = Phase.STOPPING
         worker.generation += 1
         self.active_count -= 1
         self._start(self.disconnect_tasks, self._disconnect(worker))
 
-    async def _disconnect(self, worker: _Worker) -> None:
+    async def _disconnect(self, worker: Worker) -> None:
         reconnecting = worker.reconnect_task
         if reconnecting is not None:
             reconnecting.cancel()
@@ -890,9 +698,9 @@ class _Simulation:
         worker.client = None
         worker.storage = None
         worker.lost_at = None
-        worker.phase = _Phase.IDLE
+        worker.phase = Phase.IDLE
 
-    async def _drain(self, worker: _Worker) -> None:
+    async def _drain(self, worker: Worker) -> None:
         """Waits (a bounded while) for the PUBACKs of the outbox before a clean disconnect: a
         worker that leaves does not leave what it sent unconfirmed."""
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
@@ -901,7 +709,7 @@ class _Simulation:
                 return
             await asyncio.sleep(0.02)
 
-    async def _close_quietly(self, client: _DeviceClient) -> None:
+    async def _close_quietly(self, client: DeviceClient) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.disconnect(), DISCONNECT_TIMEOUT_S)
 
@@ -910,7 +718,7 @@ class _Simulation:
             task.cancel()
         await asyncio.gather(*self.connect_tasks, return_exceptions=True)
         for worker in self.workers:
-            if worker.phase in (_Phase.CONNECTING, _Phase.ONLINE):
+            if worker.phase in (Phase.CONNECTING, Phase.ONLINE):
                 self._take_offline(worker)
         await asyncio.gather(*self.disconnect_tasks, return_exceptions=True)
         for task in self.reconnect_tasks:
@@ -941,13 +749,13 @@ class _Simulation:
 
     def _progress_view(self, elapsed: float, state: str = "running") -> Group:
         run_seconds = self.config.run_seconds
-        length = "until stopped" if math.isinf(run_seconds) else _clock(run_seconds)
+        length = "until stopped" if math.isinf(run_seconds) else clock(run_seconds)
         errors = sum(self.errors.values())
         kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.errors.items()))
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="bold")
         grid.add_column()
-        grid.add_row("time", f"{_clock(elapsed)} / {length}  ({state}, seed {self.seed})")
+        grid.add_row("time", f"{clock(elapsed)} / {length}  ({state}, seed {self.seed})")
         grid.add_row(
             "workers",
             f"{self.connected_count:,} connected / {self.target:,} target"
@@ -966,41 +774,6 @@ class _Simulation:
             f"{self.reconnects:,}  failovers {self.failovers:,}  resent {self.resent:,}",
         )
         return Group(Text("teamtrack device simulator", style="bold cyan"), grid)
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
-def summary_table(summary: SimulationSummary) -> Table:
-    table = Table(title="device simulation summary", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("duration", f"{summary.duration_s:,.1f} s")
-    table.add_row("seed", str(summary.seed))
-    table.add_row("workers selected", f"{summary.workers_selected:,}")
-    table.add_row("workers peak", f"{summary.workers_peak:,}")
-    for broker, count in summary.workers_by_broker.items():
-        table.add_row(f"  on {broker}", f"{count:,}")
-    table.add_row("messages sent", f"{summary.messages_sent:,}")
-    table.add_row("mean rate", f"{summary.mean_rate:,.1f} msg/s")
-    table.add_row("fixes skipped (offline)", f"{summary.fixes_skipped:,}")
-    table.add_row("reconnects", f"{summary.reconnects:,}")
-    table.add_row("  to another broker (failovers)", f"{summary.failovers:,}")
-    if summary.reconnect_log:
-        longest = max(sample.outage_s for sample in summary.reconnect_log)
-        table.add_row("  longest time without a broker", f"{longest:,.2f} s")
-    for broker, peak in summary.peak_reconnects(1.0).items():
-        table.add_row(f"  peak reconnects/s on {broker}", f"{peak:,}")
-    table.add_row("QoS 1 positions resent", f"{summary.resent:,}")
-    table.add_row("  unacknowledged at the end", f"{summary.unacknowledged:,}")
-    table.add_row("  dropped from a full outbox", f"{summary.outbox_dropped:,}")
-    table.add_row("errors", f"{summary.error_count:,}")
-    for kind, count in summary.errors.items():
-        table.add_row(f"  {kind}", f"{count:,}")
-    return table
 
 
 async def run_simulation(
