@@ -11,7 +11,7 @@ import socket
 import stat
 from pathlib import Path
 
-from teamtrack.local.kafka_server import SaslUser, broker_answers_metadata
+from teamtrack.local.kafka_probe import SaslUser, broker_answers_metadata
 from teamtrack.local.servers import LOOPBACK
 
 # role -> pid of every child, rewritten when one is restarted.

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from teamtrack.local.kafka_server import KafkaSasl, SaslUser
+from teamtrack.local.kafka_probe import SaslUser
+from teamtrack.local.kafka_server import KafkaSasl
 from teamtrack.passwords import generate_secret
 
 USERS_FILE: Final = "kafka-users.json"

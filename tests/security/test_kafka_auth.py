@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 from teamtrack.backends import BackendError, Event, SessionRevocation, from_url
 from teamtrack.contract import Kind
 from teamtrack.local.cluster import ClusterOptions, LocalCluster
-from teamtrack.local.kafka_server import live_brokers
+from teamtrack.local.kafka_probe import live_brokers
 from teamtrack.local.servers import LOOPBACK
 
 pytestmark = pytest.mark.security
@@ -189,7 +189,8 @@ def test_the_storage_format_reads_the_scram_passwords_from_a_private_file(
     """`kafka-storage format --add-scram 'SCRAM-SHA-512=[name=...,password=...]'` would show
     every role's password in `ps` while the JVM formats: the tool is run as `java @file`
     instead, the file 0600 and removed afterwards."""
-    from teamtrack.local.kafka_server import KafkaSasl, SaslUser, _format_command
+    from teamtrack.local.kafka_probe import SaslUser
+    from teamtrack.local.kafka_server import KafkaSasl, _format_command
 
     sasl = KafkaSasl(SaslUser("tt-broker", "nodes-secret"), (SaslUser("tt-bridge", "b-secret"),))
     properties = tmp_path / "server.properties"
