@@ -696,39 +696,42 @@ def scale_command(
 def bench_command(
     scenarios: Annotated[
         str | None,
-        typer.Option(help="comma-separated: baseline,redis,mqtt-mirror,kafka (default: all "
-                     "four), faults (the fault suite under load, with recovery times; "
+        typer.Option(help="comma-separated paths: baseline, redis, mqtt-mirror, http, kafka; "
+                     "or faults (the fault suite under load, with recovery times; "
                      "the rate is the first of --fixed-rates, the load --step-seconds long) "
-                     "and spike (the load doubled and halved while `teamtrack scale` "
-                     "changes the cluster; phases of --step-seconds, at least 10)"),
+                     "or spike (the load doubled and halved while `teamtrack scale` "
+                     "changes the cluster; phases of --step-seconds, at least 10) "
+                     "\\[default: baseline,redis,mqtt-mirror,http,kafka]"),
     ] = None,
     rates: Annotated[
-        str | None, typer.Option(help="offered-rate ladder, msg/s (default 1k,2k,5k,...,50k)")
+        str | None, typer.Option(help="offered-rate ladder, msg/s \\[default: 1k,2k,5k,...,50k]")
     ] = None,
     fixed_rates: Annotated[
-        str | None, typer.Option(help="rates always run and reported (default 1k,5k,10k)")
+        str | None, typer.Option(help="rates always run and reported \\[default: 1k,5k,10k]")
     ] = None,
     step_seconds: Annotated[float, typer.Option(help="measured seconds per step")] = 10.0,
     warmup_seconds: Annotated[float, typer.Option(help="unmeasured seconds first")] = 2.0,
     drain_seconds: Annotated[float, typer.Option(help="longest wait for stragglers")] = 5.0,
     shape: Annotated[str, typer.Option(help="many (connections), few, or both")] = "both",
     workers: Annotated[
-        int | None, typer.Option(help="connections of the many shape (default 10000)")
+        int | None, typer.Option(help="connections of the many shape \\[default: 10000]")
     ] = None,
     few_workers: Annotated[
-        int | None, typer.Option(help="connections of the few shape (default 20)")
+        int | None, typer.Option(help="connections of the few shape \\[default: 20]")
     ] = None,
-    teams: Annotated[int | None, typer.Option(help="teams the workers belong to")] = None,
+    teams: Annotated[
+        int | None, typer.Option(help="teams the workers belong to \\[default: 10]")
+    ] = None,
     generators: Annotated[int, typer.Option(help="load generator processes")] = 2,
     qos: Annotated[int, typer.Option(help="QoS of the positions (0 or 1)")] = 0,
     endpoints: Annotated[
         Path | None, typer.Option(help="endpoints.json of a running `teamtrack up`")
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="its state folder (default: the endpoints' folder)")
+        Path | None, typer.Option(help="its state folder \\[default: the endpoints' folder]")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="report folder (default reports/bench-<time>)")
+        Path | None, typer.Option(help="report folder \\[default: reports/bench-<time>]")
     ] = None,
     progress: Annotated[bool, typer.Option(help="live progress table")] = True,
     rounds: Annotated[

@@ -14,14 +14,16 @@ from dashboard.settings import DashboardSettings
 from devices.__main__ import build_parser
 from gateway.settings import GatewaySettings
 from ingest.settings import IngestSettings
+from rules.settings import RulesSettings
 from teamtrack.backends import SCHEMES
+from teamtrack.bench.scenarios import FAULTS, SCENARIOS, SPIKE
 from teamtrack.cli import app
 from teamtrack.settings import ServiceSettings, load_settings
 from wsgate.settings import GatewaySettings as WsGatewaySettings
 
 SERVICES: dict[str, type[ServiceSettings]] = {
     "bridge": BridgeSettings, "ingest": IngestSettings, "dashboard": DashboardSettings,
-    "wsgate": WsGatewaySettings, "gateway": GatewaySettings,
+    "wsgate": WsGatewaySettings, "gateway": GatewaySettings, "rules": RulesSettings,
 }
 # What only the old styles printed: argparse's `(default: x)`, pydantic-settings' type names,
 # enum member names, upper-case placeholders.
@@ -58,6 +60,22 @@ def test_placeholders_say_the_type(capsys: pytest.CaptureFixture[str]) -> None:
         assert flag in text
     assert "[default: 1]" in text  # --instance
     assert "[default: ]" not in text and "[default: null]" not in text
+
+
+def test_every_secret_shows_as_one(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(service_help("rules", capsys).split())
+    assert "--webhook-secret <secret>" in text
+
+
+def test_bench_help_names_every_scenario() -> None:
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    listed = text.partition("--scenarios")[2].partition("--rates")[0]
+    for name in (*SCENARIOS, FAULTS, SPIKE):
+        assert name in listed, name
+    assert f"[default: {','.join(SCENARIOS)}]" in listed
+    assert "(default" not in text, "the shared style: [default: ...]"
 
 
 def test_the_backend_url_help_names_every_scheme(capsys: pytest.CaptureFixture[str]) -> None:
