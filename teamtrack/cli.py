@@ -146,8 +146,8 @@ def up(
     ] = True,
     https: Annotated[
         bool,
-        typer.Option(envvar=_env("https"), help="dashboards serve HTTPS with that certificate "
-                     "(default: plain HTTP, on 127.0.0.1 only)"),
+        typer.Option(envvar=_env("https"), help="dashboards serve HTTPS with that certificate; "
+                     "without it, plain HTTP on 127.0.0.1 only"),
     ] = False,
     tls_hosts: Annotated[
         str,
@@ -163,7 +163,7 @@ def up(
         str | None,
         typer.Option(envvar=_env("tile_url"), help="the dashboards' map tiles: an http(s) URL "
                      "template with {z}, {x}, {y} (e.g. a self-hosted tile server); '' for none "
-                     "(default: OpenStreetMap's)"),
+                     "\\[default: OpenStreetMap's]"),
     ] = None,
     tile_attribution: Annotated[
         str | None,
@@ -354,14 +354,14 @@ _OUT = Annotated[
 ]
 _REGISTRY = Annotated[
     Path | None,
-    typer.Option(envvar=_env("registry"), help="registry YAML (default: OUT/registry.yaml)"),
+    typer.Option(envvar=_env("registry"), help="registry YAML \\[default: OUT/registry.yaml]"),
 ]
 _STATE_DIR = Annotated[
     Path | None,
     typer.Option(
         envvar=_env("state_dir"),
         help="state folder of a running `teamtrack up` whose brokers get SIGHUP "
-        "(default: OUT)",
+        "\\[default: OUT]",
     ),
 ]
 
@@ -438,14 +438,14 @@ _HOST = Annotated[
 ]
 _PORT = Annotated[
     int | None,
-    typer.Option(help="the port phones connect to (default: each broker's mqtts port in "
-                 "endpoints.json)", min=1, max=65535),
+    typer.Option(help="the port phones connect to \\[default: each broker's mqtts "
+                 "port in endpoints.json]", min=1, max=65535),
 ]
 _HTTP_URL = Annotated[
     str | None,
     typer.Option(envvar=_env("enrol_http_url"), help="--mode http: the https:// URL of the "
-                 "device gateway's OwnTracks endpoint as phones reach it (default: "
-                 "endpoints.json's device_http under --host)"),
+                 "device gateway's OwnTracks endpoint as phones reach it \\[default: "
+                 "endpoints.json's device_http under --host]"),
 ]
 _TLS = Annotated[bool, typer.Option(help="MQTT over TLS (phones reach no plain listener)")]
 _MONITORING = Annotated[
@@ -458,7 +458,7 @@ _CERTIFICATE_CHECK = Annotated[
 _ENDPOINTS_DIR = Annotated[
     Path | None,
     typer.Option(envvar=_env("state_dir"), help="state folder of `teamtrack up` with "
-                 "endpoints.json (default: OUT)"),
+                 "endpoints.json \\[default: OUT]"),
 ]
 
 

@@ -5,8 +5,10 @@ the `--backend-url` help names every backend scheme."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from bridge.settings import BridgeSettings
@@ -94,3 +96,25 @@ def test_the_simulator_and_teamtrack_use_the_same_style() -> None:
     assert result.exit_code == 0
     assert "<int>" in result.output and "[default:" in result.output
     assert "[env var: TEAMTRACK_" in result.output
+
+
+def _command_paths(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every leaf command of a typer app (a group has `commands`)."""
+    commands = getattr(command, "commands", None)
+    if isinstance(commands, dict):
+        return [found for name, sub in sorted(commands.items())
+                for found in _command_paths(sub, (*path, name))]
+    return [path]
+
+
+def test_every_teamtrack_command_writes_defaults_one_way() -> None:
+    """`[default: …]` after the description everywhere: `teamtrack up --help` said both
+    "(default: plain HTTP, …)" and "[default: no-https]"."""
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("history", "erase") in paths and ("bench",) in paths
+    runner = CliRunner()
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, (path, result.output)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert "(default" not in text, (path, text[text.index("(default") - 80:][:200])
