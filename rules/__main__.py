@@ -31,7 +31,7 @@ async def serve(settings: RulesSettings) -> None:
             idle_radius_m=settings.idle_radius_m,
         ),
         registry_path=settings.registry,
-        webhook_secret=settings.webhook_secret,
+        webhook_secret=settings.webhook_secret.get_secret_value(),
     )
     registry = service_registry()
     store = HistoryStore.from_url(settings.history_url())

@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from teamtrack.history import default_database_url
 from teamtrack.settings import ServiceSettings
 
 
 class RulesSettings(ServiceSettings):
+    """Zones and alerts: positions into zone, offline, battery and idle alerts, each stored once."""
+
     database_url: str = Field(
         "", description="history database (zones, alerts, the rules' state): "
         "sqlite+aiosqlite:///path or postgresql+asyncpg://... (default: history.sqlite3 in "
@@ -32,8 +34,8 @@ class RulesSettings(ServiceSettings):
     battery_alert_below: float = Field(15.0, ge=0, le=100, description="battery % threshold")
     idle_alert_s: float = Field(900.0, ge=0, description="no movement this long: an alert")
     idle_radius_m: float = Field(30.0, gt=0, description="moves within this are no movement")
-    webhook_secret: str = Field(
-        "", description="secret the teams' webhook signing keys derive from (set it in "
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="secret the teams' webhook signing keys derive from (set it in "
         "TEAMTRACK_WEBHOOK_SECRET, not on the command line); empty: no webhook is called"
     )
     tick_ms: float = Field(500.0, gt=0, description="how often the timer rules run")

@@ -146,8 +146,8 @@ def up(
     ] = True,
     https: Annotated[
         bool,
-        typer.Option(envvar=_env("https"), help="dashboards serve HTTPS with that certificate "
-                     "(default: plain HTTP, on 127.0.0.1 only)"),
+        typer.Option(envvar=_env("https"), help="dashboards serve HTTPS with that certificate; "
+                     "without it, plain HTTP on 127.0.0.1 only"),
     ] = False,
     tls_hosts: Annotated[
         str,
@@ -163,7 +163,7 @@ def up(
         str | None,
         typer.Option(envvar=_env("tile_url"), help="the dashboards' map tiles: an http(s) URL "
                      "template with {z}, {x}, {y} (e.g. a self-hosted tile server); '' for none "
-                     "(default: OpenStreetMap's)"),
+                     "\\[default: OpenStreetMap's]"),
     ] = None,
     tile_attribution: Annotated[
         str | None,
@@ -354,14 +354,14 @@ _OUT = Annotated[
 ]
 _REGISTRY = Annotated[
     Path | None,
-    typer.Option(envvar=_env("registry"), help="registry YAML (default: OUT/registry.yaml)"),
+    typer.Option(envvar=_env("registry"), help="registry YAML \\[default: OUT/registry.yaml]"),
 ]
 _STATE_DIR = Annotated[
     Path | None,
     typer.Option(
         envvar=_env("state_dir"),
         help="state folder of a running `teamtrack up` whose brokers get SIGHUP "
-        "(default: OUT)",
+        "\\[default: OUT]",
     ),
 ]
 
@@ -438,14 +438,14 @@ _HOST = Annotated[
 ]
 _PORT = Annotated[
     int | None,
-    typer.Option(help="the port phones connect to (default: each broker's mqtts port in "
-                 "endpoints.json)", min=1, max=65535),
+    typer.Option(help="the port phones connect to \\[default: each broker's mqtts "
+                 "port in endpoints.json]", min=1, max=65535),
 ]
 _HTTP_URL = Annotated[
     str | None,
     typer.Option(envvar=_env("enrol_http_url"), help="--mode http: the https:// URL of the "
-                 "device gateway's OwnTracks endpoint as phones reach it (default: "
-                 "endpoints.json's device_http under --host)"),
+                 "device gateway's OwnTracks endpoint as phones reach it \\[default: "
+                 "endpoints.json's device_http under --host]"),
 ]
 _TLS = Annotated[bool, typer.Option(help="MQTT over TLS (phones reach no plain listener)")]
 _MONITORING = Annotated[
@@ -458,7 +458,7 @@ _CERTIFICATE_CHECK = Annotated[
 _ENDPOINTS_DIR = Annotated[
     Path | None,
     typer.Option(envvar=_env("state_dir"), help="state folder of `teamtrack up` with "
-                 "endpoints.json (default: OUT)"),
+                 "endpoints.json \\[default: OUT]"),
 ]
 
 
@@ -702,39 +702,42 @@ def scale_command(
 def bench_command(
     scenarios: Annotated[
         str | None,
-        typer.Option(help="comma-separated: baseline,redis,mqtt-mirror,kafka (default: all "
-                     "four), faults (the fault suite under load, with recovery times; "
+        typer.Option(help="comma-separated paths: baseline, redis, mqtt-mirror, http, kafka; "
+                     "or faults (the fault suite under load, with recovery times; "
                      "the rate is the first of --fixed-rates, the load --step-seconds long) "
-                     "and spike (the load doubled and halved while `teamtrack scale` "
-                     "changes the cluster; phases of --step-seconds, at least 10)"),
+                     "or spike (the load doubled and halved while `teamtrack scale` "
+                     "changes the cluster; phases of --step-seconds, at least 10) "
+                     "\\[default: baseline,redis,mqtt-mirror,http,kafka]"),
     ] = None,
     rates: Annotated[
-        str | None, typer.Option(help="offered-rate ladder, msg/s (default 1k,2k,5k,...,50k)")
+        str | None, typer.Option(help="offered-rate ladder, msg/s \\[default: 1k,2k,5k,...,50k]")
     ] = None,
     fixed_rates: Annotated[
-        str | None, typer.Option(help="rates always run and reported (default 1k,5k,10k)")
+        str | None, typer.Option(help="rates always run and reported \\[default: 1k,5k,10k]")
     ] = None,
     step_seconds: Annotated[float, typer.Option(help="measured seconds per step")] = 10.0,
     warmup_seconds: Annotated[float, typer.Option(help="unmeasured seconds first")] = 2.0,
     drain_seconds: Annotated[float, typer.Option(help="longest wait for stragglers")] = 5.0,
     shape: Annotated[str, typer.Option(help="many (connections), few, or both")] = "both",
     workers: Annotated[
-        int | None, typer.Option(help="connections of the many shape (default 10000)")
+        int | None, typer.Option(help="connections of the many shape \\[default: 10000]")
     ] = None,
     few_workers: Annotated[
-        int | None, typer.Option(help="connections of the few shape (default 20)")
+        int | None, typer.Option(help="connections of the few shape \\[default: 20]")
     ] = None,
-    teams: Annotated[int | None, typer.Option(help="teams the workers belong to")] = None,
+    teams: Annotated[
+        int | None, typer.Option(help="teams the workers belong to \\[default: 10]")
+    ] = None,
     generators: Annotated[int, typer.Option(help="load generator processes")] = 2,
     qos: Annotated[int, typer.Option(help="QoS of the positions (0 or 1)")] = 0,
     endpoints: Annotated[
         Path | None, typer.Option(help="endpoints.json of a running `teamtrack up`")
     ] = None,
     state_dir: Annotated[
-        Path | None, typer.Option(help="its state folder (default: the endpoints' folder)")
+        Path | None, typer.Option(help="its state folder \\[default: the endpoints' folder]")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="report folder (default reports/bench-<time>)")
+        Path | None, typer.Option(help="report folder \\[default: reports/bench-<time>]")
     ] = None,
     progress: Annotated[bool, typer.Option(help="live progress table")] = True,
     rounds: Annotated[

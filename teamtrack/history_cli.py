@@ -57,14 +57,14 @@ StateDir = Annotated[
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(envvar=_env("database_url"), show_default=False,
-                 help="history database (default: the state folder's history.sqlite3); "
-                 "prefer the variable when it holds a password"),
+                 help="history database; prefer the variable when it holds a password "
+                 "\\[default: the state folder's history.sqlite3]"),
 ]
 BackendUrl = Annotated[
     str | None,
     typer.Option(envvar=_env("backend_url"), show_default=False,
-                 help="live backend (default: the running `teamtrack up` of --state-dir); "
-                 "prefer the variable when it holds a password"),
+                 help="live backend; prefer the variable when it holds a password "
+                 "\\[default: the running `teamtrack up` of --state-dir]"),
 ]
 
 
@@ -155,7 +155,7 @@ def export_person_command(
     worker: Annotated[str, typer.Argument(help="worker id")],
     out: Annotated[
         Path | None,
-        typer.Option(help="archive to write (default: TEAM-WORKER-export.zip here)",
+        typer.Option(help="archive to write \\[default: TEAM-WORKER-export.zip here]",
                      show_default=False),
     ] = None,
     state_dir: StateDir = Path("state"),
@@ -220,8 +220,8 @@ def erase_command(
                             "ingest was still writing)")
     ] = SETTLE_S,
     operator: Annotated[
-        str | None, typer.Option(help="who erases, for the erasure log (default: the login "
-                                 "name and host)", show_default=False)
+        str | None, typer.Option(help="who erases, for the erasure log \\[default: the "
+                                 "login name and host]", show_default=False)
     ] = None,
 ) -> None:
     """Erase a worker's history (positions, presence, events) and last-known position and

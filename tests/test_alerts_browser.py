@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -103,6 +104,9 @@ async def test_zone_drawn_on_the_page_alerts_both_managers_once_and_shows_the_ac
             for page in (alice, carol):
                 assert await until(page, ALERTS, lambda a: len(a) >= 2) == expected
                 assert await page.locator("#alerts-list li.unacked").count() == 2
+                # The time as the workers' list writes it (24 h), not the locale's "12:44:35 PM".
+                times = await page.locator("#alerts-list .alert-time").all_text_contents()
+                assert all(re.fullmatch(r"\d{2}:\d{2}:\d{2}", text) for text in times), times
                 assert await page.locator(".alert-toast").count() >= 1
             await alice.screenshot(path=output_dir / "1-alerts-alice.png")
             await carol.locator("#alerts-list li[data-kind=zone_enter] .alert-ack").click()

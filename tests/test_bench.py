@@ -177,6 +177,38 @@ def test_a_ratio_from_a_ladder_passed_to_its_top_is_only_a_bound(tmp_path: Path)
     assert (above["met"], above["undecided"]) == (True, None)
 
 
+def test_the_latency_plot_marks_the_offered_rates_in_plain_numbers() -> None:
+    """A log axis labelled itself 10^3 and 2x10^3: the rates are written as the options take
+    them (1k, 2k), at the measured rates only."""
+    import matplotlib.pyplot as plt
+
+    from teamtrack.bench.plots import label_rates, rate_label
+
+    assert [rate_label(rate) for rate in (200, 1_000, 1_500, 10_000, 50_000)] == [
+        "200", "1k", "1.5k", "10k", "50k"]
+    figure, axis = plt.subplots()
+    axis.plot([1_000, 2_000, 5_000], [1.0, 2.0, 3.0])
+    axis.set_xscale("log")
+    label_rates(axis, [1_000, 2_000, 5_000])
+    figure.canvas.draw()
+    assert [label.get_text() for label in axis.get_xticklabels()] == ["1k", "2k", "5k"]
+    assert not any(label.get_text() for label in axis.get_xticklabels(minor=True))
+    plt.close(figure)
+
+
+def test_without_a_ladder_the_ratio_blames_no_ladder(tmp_path: Path) -> None:
+    """`--rates ""` (fixed rates only): the report said "both passed the whole ladder" of a
+    run that had none."""
+    config = BenchConfig(out_dir=tmp_path, scenarios=("baseline", "redis"), shapes=(Shape.FEW,),
+                         rates=(), fixed_rates=(1_000, 2_000))
+    result = BenchResult(config, {}, "", runs=[_ladder("baseline", [1_000, 2_000]),
+                                               _ladder("redis", [1_000, 2_000])])
+    target = result.document()["targets"][0]
+    assert target["met"] is None
+    assert "ladder" not in str(target["undecided"]).replace("no ladder", "")
+    assert "every fixed rate" in str(target["undecided"])
+
+
 def test_rounds_compare_each_path_with_the_baseline_of_its_own_round(tmp_path: Path) -> None:
     """With --rounds, each target is judged per round against that round's baseline, and the
     median of the rounds decides; the report names every round's run."""

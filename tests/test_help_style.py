@@ -5,8 +5,10 @@ the `--backend-url` help names every backend scheme."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from bridge.settings import BridgeSettings
@@ -14,14 +16,16 @@ from dashboard.settings import DashboardSettings
 from devices.__main__ import build_parser
 from gateway.settings import GatewaySettings
 from ingest.settings import IngestSettings
+from rules.settings import RulesSettings
 from teamtrack.backends import SCHEMES
+from teamtrack.bench.scenarios import FAULTS, SCENARIOS, SPIKE
 from teamtrack.cli import app
 from teamtrack.settings import ServiceSettings, load_settings
 from wsgate.settings import GatewaySettings as WsGatewaySettings
 
 SERVICES: dict[str, type[ServiceSettings]] = {
     "bridge": BridgeSettings, "ingest": IngestSettings, "dashboard": DashboardSettings,
-    "wsgate": WsGatewaySettings, "gateway": GatewaySettings,
+    "wsgate": WsGatewaySettings, "gateway": GatewaySettings, "rules": RulesSettings,
 }
 # What only the old styles printed: argparse's `(default: x)`, pydantic-settings' type names,
 # enum member names, upper-case placeholders.
@@ -60,6 +64,22 @@ def test_placeholders_say_the_type(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[default: ]" not in text and "[default: null]" not in text
 
 
+def test_every_secret_shows_as_one(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(service_help("rules", capsys).split())
+    assert "--webhook-secret <secret>" in text
+
+
+def test_bench_help_names_every_scenario() -> None:
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    listed = text.partition("--scenarios")[2].partition("--rates")[0]
+    for name in (*SCENARIOS, FAULTS, SPIKE):
+        assert name in listed, name
+    assert f"[default: {','.join(SCENARIOS)}]" in listed
+    assert "(default" not in text, "the shared style: [default: ...]"
+
+
 def test_the_backend_url_help_names_every_scheme(capsys: pytest.CaptureFixture[str]) -> None:
     text = "".join(service_help("dashboard", capsys).split())
     for scheme in SCHEMES:
@@ -76,3 +96,25 @@ def test_the_simulator_and_teamtrack_use_the_same_style() -> None:
     assert result.exit_code == 0
     assert "<int>" in result.output and "[default:" in result.output
     assert "[env var: TEAMTRACK_" in result.output
+
+
+def _command_paths(command: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every leaf command of a typer app (a group has `commands`)."""
+    commands = getattr(command, "commands", None)
+    if isinstance(commands, dict):
+        return [found for name, sub in sorted(commands.items())
+                for found in _command_paths(sub, (*path, name))]
+    return [path]
+
+
+def test_every_teamtrack_command_writes_defaults_one_way() -> None:
+    """`[default: …]` after the description everywhere: `teamtrack up --help` said both
+    "(default: plain HTTP, …)" and "[default: no-https]"."""
+    paths = _command_paths(typer.main.get_command(app))
+    assert ("history", "erase") in paths and ("bench",) in paths
+    runner = CliRunner()
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300"})
+        assert result.exit_code == 0, (path, result.output)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert "(default" not in text, (path, text[text.index("(default") - 80:][:200])

@@ -113,7 +113,9 @@
       const item = el("li", alert.acked_by ? "alert acked" : "alert unacked");
       item.dataset.id = alert.id;
       item.dataset.kind = alert.kind;
-      const when = el("time", "alert-time", new Date(alert.at).toLocaleTimeString());
+      // 24 h, as the workers' list writes its times (not the locale's "12:44:35 PM").
+      const when = el("time", "alert-time",
+        new Date(alert.at).toLocaleTimeString([], { hour12: false }));
       const worker = el("b", "alert-worker", alert.worker);
       const detail = el("span", "alert-detail", alert.detail);
       item.append(when, worker, detail);

@@ -16,7 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullFormatter
 
 from teamtrack.bench.config import Shape
 from teamtrack.bench.results import BenchResult, RunResult, StepResult
@@ -33,6 +35,21 @@ def _save(figure: Figure, path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def rate_label(rate: int) -> str:
+    """An offered rate as the report's options write it: 500, 1k, 1.5k, 10k."""
+    if rate < 1_000:
+        return f"{rate:,}"
+    return f"{rate / 1_000:g}k"
+
+
+def label_rates(axis: Axes, rates: list[int]) -> None:
+    """A log axis marked at the measured rates in plain numbers (1k, 2k, 5k), not as 2x10^3."""
+    ticks = sorted(set(rates))
+    axis.xaxis.set_major_locator(FixedLocator(ticks))
+    axis.set_xticklabels([rate_label(rate) for rate in ticks])
+    axis.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _measured(run: RunResult) -> list[tuple[int, float, dict[str, float]]]:
@@ -66,6 +83,7 @@ def latency_plot(result: BenchResult, shape: Shape, path: Path) -> Path | None:
         axis.set_xlabel("offered rate (msg/s)")
         axis.set_xscale("log")
         axis.set_yscale("log")
+        label_rates(axis, rates)
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("latency (ms)")
     axes[0][-1].legend(loc="best")

@@ -348,13 +348,16 @@ class BenchResult:
         baseline = self.partner(run, "baseline")
         ratio = _ratio(run, baseline)
         undecided = None
+        # `--rates ""`: the fixed rates alone, no ladder to raise.
+        passed_all = "the whole ladder" if self.config.rates else "every fixed rate"
         if ratio is not None and baseline is not None:
             if run.reached_the_top and baseline.reached_the_top:
-                undecided = "both passed the whole ladder: raise --rates"
+                undecided = (f"both passed {passed_all}: raise --rates" if self.config.rates
+                             else "both passed every fixed rate (no ladder): give --rates")
             elif run.reached_the_top and ratio < share:
-                undecided = f"at least {ratio:.2f}: {run.scenario} passed the whole ladder"
+                undecided = f"at least {ratio:.2f}: {run.scenario} passed {passed_all}"
             elif baseline.reached_the_top and ratio >= share:
-                undecided = f"at most {ratio:.2f}: the baseline passed the whole ladder"
+                undecided = f"at most {ratio:.2f}: the baseline passed {passed_all}"
             if undecided is not None and run.round_number is not None:
                 undecided = f"round {run.round_number}, {undecided}"
         return TargetCheck(
