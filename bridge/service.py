@@ -90,6 +90,13 @@ RECEIVE_MAXIMUM = 20_000
 MIRROR_FLUSH_PACKETS = 1000
 # What the bridge subscribes to: the contract's topics and the OwnTracks app's.
 SUBSCRIBED_FILTERS = (WORKER_TOPIC_FILTER, *OWNTRACKS_FILTERS)
+# In a share group each bridge also takes every device status of its broker, marked by this
+# subscription identifier, only to learn pauses (docs/privacy.md): the broker hands each
+# message of the shared subscription to one bridge, and the positions after a `paused` would
+# otherwise pass the bridges that did not get it. Retained, it also reaches a bridge that
+# (re)starts after the pause. A marked copy is never forwarded: the shared one is.
+STATUS_FILTER = status_topic("+", "+")
+DUTY_SUBSCRIPTION_ID = 1
 _OWNTRACKS_PREFIX = OWNTRACKS_ROOT + "/"
 _TOPIC_OF_KIND = {Kind.POSITION: position_topic, Kind.STATUS: status_topic,
                   Kind.EVENT: event_topic}
@@ -404,12 +411,15 @@ class BridgeService:
         if self.config.shared_subscription:
             client.subscribe([Subscription(topic_filter, qos=1) for topic_filter in shared])
             client.unsubscribe(list(SUBSCRIBED_FILTERS))
+            client.subscribe(Subscription(STATUS_FILTER, qos=1, no_local=True,
+                                          subscription_identifier=DUTY_SUBSCRIPTION_ID))
         else:
             client.subscribe([
                 Subscription(topic_filter, qos=1, no_local=True)
                 for topic_filter in SUBSCRIBED_FILTERS
             ])
-            client.unsubscribe(shared)
+            # The only bridge of its broker gets every status already.
+            client.unsubscribe([*shared, STATUS_FILTER])
         if self.config.mirror and self.config.mirror_on_demand:
             # Its own SUBSCRIBE, so that a refusal (an ACL provisioned before on-demand
             # mirroring) is told apart; the count arrives retained at once.
@@ -478,6 +488,10 @@ class BridgeService:
             if topic == SUBSCRIPTION_COUNT_TOPIC:
                 self._on_subscription_count(payload)
             return None
+        marks = properties.get("subscription_identifier")
+        if marks and DUTY_SUBSCRIPTION_ID in marks:
+            self._note_status(topic, payload)
+            return None
         now = int(time.time() * 1000)
         if topic.startswith(_OWNTRACKS_PREFIX):
             return self._accept_owntracks(topic, payload, qos, now)
@@ -517,6 +531,16 @@ class BridgeService:
                 )
             return None
         return self.batcher.submit_nowait(event)
+
+    def _note_status(self, topic: str, payload: bytes) -> None:
+        """A device status of the broker's other bridges' share (`STATUS_FILTER`): its pause
+        is remembered here too; what is malformed is the forwarding bridge's to count."""
+        try:
+            address = parse_topic(topic)
+            status = decode_status(address.team, address.worker, payload)
+        except ContractError:
+            return
+        self.duty.note_status(address.team, address.worker, status.presence.value.encode())
 
     def _forward(self, events: list[Event], qos: int) -> asyncio.Future[None] | None:
         """Into the batcher, in order; for QoS 1 the future of the last one (batches keep
@@ -597,9 +621,10 @@ class BridgeService:
     # Outbound ------------------------------------------------------------------------------
     @property
     def own_subscriptions(self) -> int:
-        """What the broker counts of its bridges: each one's `$SYS` subscription, and the
-        plain subscription of a broker's only bridge (shared ones are not counted)."""
-        own = 0 if self.config.shared_subscription else len(SUBSCRIBED_FILTERS)
+        """What the broker counts of its bridges: each one's `$SYS` subscription, and its
+        plain ones: those of a broker's only bridge, or the status one of a bridge in a share
+        group (shared subscriptions are not counted)."""
+        own = 1 if self.config.shared_subscription else len(SUBSCRIBED_FILTERS)
         return self.config.broker_bridges * (1 + own)
 
     def _on_subscription_count(self, payload: bytes) -> None:

@@ -465,7 +465,8 @@ async def test_on_demand_mirror_sends_positions_only_while_the_broker_has_a_read
     sent after it subscribed, once, and none of those sent while nobody read."""
     await start_bridge(0, mirror=False)
     mirror = await start_bridge(1, mirror_on_demand=True)
-    assert mirror.own_subscriptions == 1  # its own $SYS subscription (shared ones not counted)
+    # its own $SYS and device status subscriptions (shared ones are not counted)
+    assert mirror.own_subscriptions == 2
     await _until(lambda: mirror.counters.mirror_demand is False)
     device = cluster.device("alpha", "w001")
     port = cluster.brokers[0].mqtt_port

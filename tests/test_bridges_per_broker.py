@@ -30,7 +30,7 @@ from mqtt_tools import publish_lines
 from paho.mqtt.enums import CallbackAPIVersion
 from test_end_to_end import RunningCluster, cluster_running
 
-from teamtrack.contract import position_topic
+from teamtrack.contract import position_topic, status_topic
 from teamtrack.local.cluster import ClusterError, ClusterOptions, LocalCluster
 from teamtrack.local.ports import MAX_BRIDGES_PER_BROKER, PortPlan
 from teamtrack.metrics import scrape_totals
@@ -224,6 +224,71 @@ def test_a_bridge_killed_under_load_loses_nothing_acknowledged(
     assert set(stored) == acked and max(stored.values()) == 1
     restarted = json.loads((running.state_dir / "processes.json").read_text())
     assert int(restarted["bridge-1-2"]) != victim
+
+
+def subscribed_again(running: RunningCluster, role: str, old_pid: int) -> None:
+    """Wait until the supervisor restarted `role` and the new process subscribed."""
+    deadline = time.monotonic() + WAIT
+    index = 1 if role == "bridge-1-2" else 0
+    while time.monotonic() < deadline:
+        pids = json.loads((running.state_dir / "processes.json").read_text())
+        if int(pids[role]) != old_pid:
+            try:
+                totals = scrape_totals(broker_1_bridges(running)[index])
+            except httpx.HTTPError:
+                totals = {}
+            if totals.get("teamtrack_bridge_subscribed") == 1:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"{role} was not back and subscribed within {WAIT} s")
+
+
+def test_a_paused_device_is_dropped_by_every_bridge_of_its_broker_also_after_a_restart(
+    running: RunningCluster,
+) -> None:
+    """A device states `paused` (retained), then sends positions on the same connection. The
+    broker hands each message to one of its two bridges: the one that did not get the pause
+    must drop the positions too, and so must a bridge started after the pause."""
+    worker = "w020"
+    credential = running.credentials.device("alpha", worker)
+    device = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=credential.username,
+                         protocol=mqtt.MQTTv5)
+    device.username_pw_set(credential.username, credential.password)
+    device.connect("127.0.0.1", running.broker_port(0), keepalive=30)
+    device.loop_start()
+    since_ms = int(time.time() * 1000)
+    start_ms = since_ms + 12_000  # after every position of the tests before
+
+    def send(stamps: list[int]) -> None:
+        sent = [device.publish(position_topic("alpha", worker), position(ts, ts - start_ms),
+                               qos=1) for ts in stamps]
+        for info in sent:
+            info.wait_for_publish(WAIT)
+            assert info.is_published()
+
+    status = status_topic("alpha", worker)
+    try:
+        device.publish(status, b"paused", qos=1, retain=True).wait_for_publish(WAIT)
+        send([start_ms + seq for seq in range(40)])  # each to one of the two bridges
+        # The manager sees the worker off duty (the pause itself was forwarded, once).
+        snapshot = httpx.get(running.endpoints["dashboards"][0] + "/api/teams/alpha/positions",
+                             headers={"Authorization": f"Bearer {running.token_of('alpha')}"},
+                             timeout=WAIT).json()
+        assert {w["worker"]: w["status"] for w in snapshot["workers"]}[worker] == "off_duty"
+        processes = json.loads((running.state_dir / "processes.json").read_text())
+        victim = int(processes["bridge-1-2"])
+        os.kill(victim, signal.SIGKILL)
+        subscribed_again(running, "bridge-1-2", victim)
+        send([start_ms + seq for seq in range(40, 60)])  # and to the bridge started since
+        device.publish(status, b"online", qos=1, retain=True).wait_for_publish(WAIT)
+        send([start_ms + 60])  # resumed: this one is stored
+    finally:
+        device.disconnect()
+        device.loop_stop()
+    last = {(worker, start_ms + 60)}
+    stored = Counter({key: count for key, count in wait_stored(running, since_ms, last).items()
+                      if key[0] == worker and key[1] >= start_ms})
+    assert set(stored) == last, sorted(stored)
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])

@@ -354,6 +354,27 @@ class DutyGate:
                 state_or_none.paused = False
         return out
 
+    def note_status(self, team: str, worker: str, presence: bytes) -> None:
+        """A device's status that another process forwards (and announces): remember the pause
+        it states, announce nothing. Every bridge of a broker gets every status this way
+        (bridge/service.py), so that a pause holds for the device's positions whichever bridge
+        of the share group they reach, and a bridge started later learns it from the retained
+        status."""
+        key = (team, worker)
+        if presence == _OFF_DUTY:
+            state = self._state(key)
+            state.paused = state.off = True
+            self._watched.pop(key, None)
+            return
+        state_or_none = self._workers.get(key)
+        if state_or_none is None:
+            return
+        # online (a device's own word) resumes, offline ends the pause too; the forwarding
+        # process announced it.
+        state_or_none.paused = state_or_none.off = False
+        if self.roster.shifts(team, worker) is None:
+            self._workers.pop(key, None)
+
     def _admit_one(self, event: Event, now: int, out: list[Event],
                    online_resumes: bool = True) -> None:
         key = (event.team, event.worker)
@@ -369,6 +390,9 @@ class DutyGate:
         if event.kind is Kind.STATUS:
             if event.body == _OFF_DUTY:  # the device paused (`paused`)
                 state.paused = True
+                # Announced each time the device says it, also where `note_status` already
+                # knew (another copy of this very message came first).
+                state.off = False
                 self._go_off(state, event, now, out)
             elif event.body == _OFFLINE:
                 state.paused = state.off = False
