@@ -145,5 +145,14 @@ async def test_zone_drawn_on_the_page_alerts_both_managers_once_and_shows_the_ac
                     [HOSTILE, "Yard </b><script>x</script>"])
                 assert await page.locator(".zone-label").count() == 2
             await carol.screenshot(path=output_dir / "2-acknowledged-carol.png")
+            # The panel folds to its heading and count (leaving the map free), and unfolds.
+            await carol.click("#alerts-panel .alerts-fold")
+            assert not await carol.locator("#alerts-list").is_visible()
+            assert await carol.locator("#alerts-count").is_visible()
+            assert await carol.get_attribute("#alerts-panel .alerts-fold",
+                                             "aria-expanded") == "false"
+            await carol.screenshot(path=output_dir / "3-folded-carol.png")
+            await carol.click("#alerts-panel .alerts-fold")
+            assert await carol.locator("#alerts-list").is_visible()
     await backend.close()
     assert errors == []

@@ -46,6 +46,27 @@
     const count = el("b", "alerts-count", "0");
     count.id = "alerts-count";
     head.appendChild(count);
+    // Folded, the panel is its heading and count only, and leaves the map to the workers;
+    // remembered for this browser tab.
+    const fold = el("button", "alerts-fold");
+    fold.type = "button";
+    fold.setAttribute("aria-controls", "alerts-body");
+    const body = el("div", "alerts-body");
+    body.id = "alerts-body";
+    function setFolded(folded) {
+      panel.classList.toggle("folded", folded);
+      body.hidden = folded;
+      fold.textContent = folded ? "Show" : "Hide";
+      fold.setAttribute("aria-expanded", String(!folded));
+      fold.setAttribute("aria-label", folded ? "Show the alerts panel" : "Fold the alerts panel");
+      try {
+        window.sessionStorage.setItem("teamtrack.alertsFolded", folded ? "1" : "0");
+      } catch (error) {
+        // storage refused (private mode): folding still works for this page
+      }
+    }
+    fold.addEventListener("click", () => setFolded(!body.hidden));
+    head.appendChild(fold);
     const list = el("ol", "alerts-list");
     list.id = "alerts-list";
     const form = el("form", "zone-form");
@@ -96,7 +117,15 @@
     const toasts = el("div", "alert-toasts");
     toasts.id = "alert-toasts";
     toasts.setAttribute("aria-live", "polite");
-    panel.append(head, list, form);
+    body.append(list, form);
+    panel.append(head, body);
+    let folded = false;
+    try {
+      folded = window.sessionStorage.getItem("teamtrack.alertsFolded") === "1";
+    } catch (error) {
+      folded = false;
+    }
+    setFolded(folded);
     const main = document.querySelector("main") || document.body;
     main.appendChild(panel);
     document.body.appendChild(toasts);
