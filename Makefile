@@ -21,10 +21,13 @@ export PATH := $(PATH):/usr/sbin:/sbin
 
 PYTHON ?= python3
 VENV := .venv
-# Touched after a successful install, so the install re-runs only when the lock file changes.
-VENV_STAMP := $(VENV)/.installed-from-lock
-# Every Python dependency pinned with its hashes (`make lock` writes them from pyproject.toml).
+# Every Python dependency pinned with its hashes (`make lock` writes them from pyproject.toml):
+# what the services run on (the demo, the image), and that with the tests' and the bench's tools.
+RUN_LOCK := requirements.lock
 LOCK := requirements-dev.lock
+# Touched after a successful install, so an install re-runs only when its lock file changes.
+VENV_STAMP := $(VENV)/.installed-from-$(LOCK)
+RUN_STAMP := $(VENV)/.installed-from-$(RUN_LOCK)
 TEST_OUTPUT := test-output
 SYSTEM_COMMANDS := mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub redis-server cc
 SYSTEM_PACKAGES := mosquitto mosquitto-clients redis-server gcc libc6-dev
@@ -36,7 +39,7 @@ ASSETS_STAMP := $(VENDOR)/.installed-from-package-lock
 TEST_TOOLS := yes
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || ! command -v sudo >/dev/null 2>&1 || echo sudo)
 
-.PHONY: bootstrap system-deps venv assets kafka-jars test faults demo bench lint clean lock
+.PHONY: bootstrap system-deps venv venv-run assets kafka-jars test faults demo bench lint clean lock
 
 bootstrap: system-deps venv
 
@@ -74,15 +77,31 @@ system-deps:
 		fi; \
 	fi
 
-venv: $(VENV_STAMP)
-
-$(VENV_STAMP): $(LOCK) pyproject.toml
+# $(1): the lock file installed into the virtualenv (created if missing), then the project
+# itself, editable.
+define install-lock
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
 		echo "venv: $(PYTHON) is $$($(PYTHON) --version 2>&1); teamtrack needs Python >= 3.11" >&2; \
 		exit 1; }
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(1)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+endef
+
+# The whole development environment (make test, faults, bench, lint): the dev lock, which
+# holds the services' pins too.
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): $(LOCK) pyproject.toml
+	$(call install-lock,$(LOCK))
+	touch $@ $(RUN_STAMP)
+
+# What the demo runs on: the services' lock alone (about 160 MB, against 610 MB for the
+# development environment); nothing to do where the development environment is installed.
+venv-run: $(RUN_STAMP)
+
+$(RUN_STAMP): $(RUN_LOCK) pyproject.toml
+	$(call install-lock,$(RUN_LOCK))
 	touch $@
 
 # After a change of pyproject.toml's dependencies: the newest versions that satisfy it, pinned
@@ -130,7 +149,7 @@ faults: bootstrap assets kafka-jars
 
 # The Redis demo: no Java, Maven, Kafka jars, Chromium or PostgreSQL (`make test` installs them).
 demo: TEST_TOOLS := no
-demo: bootstrap assets
+demo: system-deps venv-run assets
 	$(VENV)/bin/teamtrack up --teams 3 --workers 50
 
 # The reference run: every scenario, both load shapes, the default ladder and fixed rates.
