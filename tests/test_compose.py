@@ -188,4 +188,10 @@ def test_the_python_dependencies_are_locked_with_hashes() -> None:
                 f"{lock} pins {name}=={pins[name]}, pyproject.toml asks {requirement.specifier}"
             )
     assert "--require-hashes -r requirements.lock" in (ROOT / "Dockerfile").read_text()
-    assert "--require-hashes -r $(LOCK)" in (ROOT / "Makefile").read_text()
+    # Both of make's installs (test: the dev lock; demo: the services' lock) check the hashes.
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--require-hashes -r $(1)" in makefile
+    assert "$(call install-lock,$(LOCK))" in makefile
+    assert "$(call install-lock,$(RUN_LOCK))" in makefile
+    assert re.search(r"^RUN_LOCK := requirements\.lock$", makefile, re.MULTILINE)
+    assert re.search(r"^LOCK := requirements-dev\.lock$", makefile, re.MULTILINE)
