@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 import websockets
+from asgi_tools import serving
 from conftest import Cluster
 from gateway_tools import basic
 from mqtt_tools import publish_lines
@@ -33,7 +33,7 @@ from teamtrack.backends import from_url
 from teamtrack.contract import position_topic, status_topic
 from teamtrack.history import HistoryStore
 from teamtrack.ingress.duty import DAYS
-from teamtrack.local.servers import LOOPBACK, free_port
+from teamtrack.local.servers import LOOPBACK
 from teamtrack.mqtt import BrokerAddress, bridge_username
 from teamtrack.provision import ProvisionResult
 
@@ -93,16 +93,8 @@ async def dashboard_port(redis_url: str, tmp_path: Path) -> AsyncIterator[int]:
     )
     app = create_app(from_url(redis_url), authenticator, instance_id="off-duty",
                      registry=CollectorRegistry())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port,
-                                           ws="websockets-sansio", log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not serving.done(), "uvicorn did not start"
-        await asyncio.sleep(0.02)
-    yield port
-    server.should_exit = True
-    await asyncio.wait_for(serving, WAIT)
+    async with serving(app) as port:
+        yield port
 
 
 async def test_off_duty_and_paused_workers_are_neither_shown_nor_stored(

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import httpx
 import orjson
 import pytest
-import uvicorn
 import websockets
+from asgi_tools import serving
 from prometheus_client import CollectorRegistry
 
 from dashboard.app import create_app
@@ -70,18 +70,8 @@ CROSSING = (52.49, 52.5, 52.5002, 52.49)  # outside, in, in, out (1 km south of 
 async def dashboard(redis_url: str, database: str) -> AsyncIterator[int]:
     app = create_app(from_url(redis_url), authenticator(), instance_id=f"d{free_port()}",
                      registry=CollectorRegistry(), history_store=HistoryStore.from_url(database))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=port,
-                                           ws="websockets-sansio", log_level="warning"))
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not serving.done(), "uvicorn did not start"
-        await asyncio.sleep(0.02)
-    try:
+    async with serving(app) as port:
         yield port
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, WAIT)
 
 
 def rules_config(**changes: Any) -> RulesConfig:
