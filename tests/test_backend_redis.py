@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import pytest
 from backend_contract import BackendContract, position
 from redis.asyncio import Connection
 
-from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, Gap, from_url
+from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, Event, Gap, from_url
 from teamtrack.backends.redis import RedisBackend
 from teamtrack.local.servers import free_port, start_redis
 
@@ -293,6 +294,52 @@ async def test_a_redis_that_lost_its_data_is_a_gap_for_every_reader(tmp_path: Pa
         await live.close()
         await backend.close()
         server.stop()
+
+
+async def test_a_redis_that_restarts_during_a_recovery_is_recovered_again(tmp_path: Path) -> None:
+    """A recovery reads the history, then Redis loses its data before the recovery writes: a
+    position the history did not have yet when it was read (its row was committed a moment
+    later; Redis had it) was in neither. The new, empty server was marked whole all the same,
+    and that worker stayed missing from every snapshot for good. A recovery that spans a loss
+    now gives up, and the next one reads the history again."""
+    port = free_port()
+    servers = [start_redis(port, tmp_path / "first")]
+    url = f"redis://127.0.0.1:{port}/0"
+    backend = from_url(url)
+    await backend.start()
+    alpha, bravo = position("alpha", "w1", 1), position("bravo", "w9", 2)
+
+    async def reachable() -> None:
+        for _attempt in range(100):
+            try:
+                await backend.snapshot("alpha")
+                return
+            except BackendError:
+                await asyncio.sleep(0.05)
+        raise AssertionError("the restarted redis never answered")
+
+    async def load_across_a_loss() -> list[Event]:
+        read = [alpha]  # bravo's row is not committed yet
+        servers[0].stop()
+        servers[0] = start_redis(port, tmp_path / "second")  # the same server, its data gone
+        await reachable()
+        return read
+
+    async def load() -> list[Event]:
+        return [alpha, bravo]
+
+    try:
+        await backend.publish([alpha, bravo])
+        with contextlib.suppress(BackendError):
+            await backend.recover_last_known(load_across_a_loss)
+        await reachable()
+        await backend.recover_last_known(load)
+        assert set((await backend.snapshot("alpha")).positions) == {"w1"}
+        assert set((await backend.snapshot("bravo")).positions) == {"w9"}
+        assert await backend.recover_last_known(load) == 0  # whole now
+    finally:
+        await backend.close()
+        servers[0].stop()
 
 
 async def test_forget_worker_trims_a_quiet_teams_log_to_its_age(redis_url: str) -> None:

@@ -24,7 +24,7 @@ import pytest
 from backend_contract import BackendContract, position
 from redis.crc import key_slot
 
-from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, from_url
+from teamtrack.backends import START_OF_LOG, Backend, BackendError, Batch, Event, from_url
 from teamtrack.backends.redis import RedisBackend
 from teamtrack.backends.redis_cluster import ClusterTarget
 from teamtrack.local.redis_cluster_servers import RedisClusterGroup, start_redis_cluster
@@ -106,7 +106,8 @@ def test_every_key_of_a_team_and_its_feed_shard_share_one_slot() -> None:
     for team in ("alpha", "bravo", "team-7"):
         shard = layout.shard_of(team)
         keys = [layout.log_key(team), *layout.store_keys(team), layout.feed_key(shard),
-                layout.newest_key(shard), layout.marker_key(shard), layout.wake_key(shard, "x")]
+                layout.newest_key(shard), layout.marker_key(shard), layout.recovery_key(shard),
+                layout.wake_key(shard, "x")]
         assert len({key_slot(key.encode()) for key in keys}) == 1, keys
     # The shards' slots spread evenly over the slot space, so over the primaries.
     for shard in range(12):
@@ -124,6 +125,31 @@ def test_a_single_server_keeps_its_key_layout() -> None:
                                           "tt:presence:alpha", "tt:presence-ts:alpha")
     assert (layout.feed_key(0), layout.newest_key(0), layout.marker_key(0)) == (
         "tt:all", "tt:log-newest", "tt:last-known")
+
+
+async def test_each_shard_of_a_cluster_gets_its_last_known_back_once(
+    redis_cluster: RedisClusterGroup,
+) -> None:
+    """A new prefix is a cluster whose every shard lost its last-known store: one recovery
+    gives each team back through its own shard's node (one script per team, its keys in one
+    slot), then marks every shard whole."""
+    backend = from_url(redis_cluster.url(query=f"prefix={_prefix()}&shards=6"))
+    assert isinstance(backend, RedisBackend)
+    teams = [f"team-{n}" for n in range(12)]
+    assert len({backend.layout.shard_of(team) for team in teams}) > 1
+    events = [position(team, "w1", 1) for team in teams]
+
+    async def load() -> list[Event]:
+        return events
+
+    await backend.start()
+    try:
+        assert await backend.recover_last_known(load) == len(events)
+        for team in teams:
+            assert set((await backend.snapshot(team)).positions) == {"w1"}
+        assert await backend.recover_last_known(load) == 0
+    finally:
+        await backend.close()
 
 
 async def test_the_all_teams_feed_is_spread_over_every_primary(

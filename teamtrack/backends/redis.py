@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -81,6 +82,7 @@ from teamtrack.backends.redis_common import (
     PUBLISH_SCRIPT,
     PUBLISH_SHA,
     RESTORE_SCRIPT,
+    RESTORED_SCRIPT,
     broken_chain,
     execute_on_pool,
     execute_packed,
@@ -301,35 +303,53 @@ class RedisBackend(Backend):
         """See `Backend.recover_last_known`. The store is known to be whole while the key
         `{prefix}:last-known` exists: written once it was filled, gone with everything else
         when Redis lost its data. On a cluster, one such key per shard (a node that lost its
-        data lost its shards' keys only): the shards without theirs are filled again."""
+        data lost its shards' keys only): the shards without theirs are filled again.
+
+        A recovery first writes a token of its own under the shard's recovery key, then reads
+        the history, then writes only while the token is still there, and marks the shard
+        whole in the same script that checks it. A Redis that loses its data again meanwhile
+        loses the token too: what the history lacked when it was read (rows committed a moment
+        later, which that Redis had) would be missing for good, so that shard is left unmarked
+        and the next recovery starts over."""
         layout = self.layout
         try:
-            lost = [
-                shard for shard in range(layout.shards)
-                if not await self.client.exists(layout.marker_key(shard))
-            ]
-            if not lost:
+            tokens = {}
+            for shard in range(layout.shards):
+                if not await self.client.exists(layout.marker_key(shard)):
+                    tokens[shard] = secrets.token_hex(16).encode()
+                    await self.client.set(layout.recovery_key(shard), tokens[shard])
+            if not tokens:
                 return 0
-            events = [event for event in await load() if layout.shard_of(event.team) in lost]
+            events = [event for event in await load() if layout.shard_of(event.team) in tokens]
             by_team: dict[str, list[Event]] = {}
             for event in events:
                 by_team.setdefault(event.team, []).append(event)
             restore = self.client.register_script(RESTORE_SCRIPT)
+            restored = self.client.register_script(RESTORED_SCRIPT)
+            given_back = dict.fromkeys(tokens, 0)
             for team, team_events in by_team.items():
-                keys: list[str] = []
-                args: list[bytes | int] = []
+                shard = layout.shard_of(team)
+                if shard not in given_back:
+                    continue  # lost again since the recovery began
+                keys = [layout.recovery_key(shard)]
+                args: list[bytes | int] = [tokens[shard]]
                 for kind in (Kind.POSITION, Kind.STATUS):
                     keys += self._store_keys(kind, team)
                     chosen = [event for event in team_events if event.kind is kind]
                     args.append(len(chosen))
                     for event in chosen:
                         args += [event.worker.encode(), event.ts, event.to_json()]
-                await restore(keys=keys, args=args)
-            for shard in lost:
-                await self.client.set(layout.marker_key(shard), b"1")
+                if await restore(keys=keys, args=args) == -1:
+                    del given_back[shard]
+                else:
+                    given_back[shard] += len(team_events)
+            for shard in list(given_back):
+                keys = [layout.recovery_key(shard), layout.marker_key(shard)]
+                if not await restored(keys=keys, args=[tokens[shard]]):
+                    del given_back[shard]
         except RedisError as error:
             raise BackendError(f"recovering the last-known store failed: {error}") from error
-        return len(events)
+        return sum(given_back.values())
 
     async def forget_worker(self, team: str, worker: str) -> int:
         """See `Backend.forget_worker`: HDEL from both hashes of each store, in one MULTI.

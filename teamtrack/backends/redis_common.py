@@ -136,12 +136,17 @@ trim_by_age(KEYS[1], all_id, all_age)
 return team_count
 """
 # Gives a lost last-known store back (`RedisBackend.recover_last_known`): rare, so plain.
-# KEYS: per team its positions and their ts, its presence and its time. ARGV: per team, for
-# positions then presence, a count u and u triples (worker, ts, event JSON). Only a strictly
-# newer value replaces what a bridge may have written since the loss.
+# KEYS: the shard's recovery key, then per kind its values and their ts. ARGV: the recovery's
+# token, then per kind a count u and u triples (worker, ts, event JSON). Writes nothing (-1)
+# when the recovery key no longer holds the token: Redis lost its data again since the
+# recovery began (or another recovery took over). Only a strictly newer value replaces what a
+# bridge may have written since the loss.
 RESTORE_SCRIPT = """
-local a = 1
-for k = 1, #KEYS, 2 do
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return -1
+end
+local a = 2
+for k = 2, #KEYS, 2 do
   local values_key, stamps_key = KEYS[k], KEYS[k + 1]
   local u = tonumber(ARGV[a])
   a = a + 1
@@ -156,6 +161,16 @@ for k = 1, #KEYS, 2 do
   end
 end
 return a
+"""
+# Ends a recovery (`RedisBackend.recover_last_known`): marks the shard's store whole (KEYS[2])
+# if the recovery key (KEYS[1]) still holds this recovery's token (ARGV[1]); 0 if it does not.
+RESTORED_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], '1')
+redis.call('DEL', KEYS[1])
+return 1
 """
 # Redis names a script by its SHA-1 (EVALSHA); nothing here depends on SHA-1 being secure.
 PUBLISH_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode(), usedforsecurity=False).hexdigest().encode()

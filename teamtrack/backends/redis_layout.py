@@ -93,6 +93,9 @@ class KeyLayout:
     def marker_key(self, shard: int) -> str:
         return f"{self._shard_prefixes[shard]}:last-known"
 
+    def recovery_key(self, shard: int) -> str:
+        return f"{self._shard_prefixes[shard]}:last-known-recovery"
+
     def wake_key(self, shard: int, reader: str) -> str:
         return f"{self._shard_prefixes[shard]}:wake:{reader}"
 
