@@ -24,6 +24,7 @@ async def serve(settings: RulesSettings) -> None:
         consumer=settings.consumer,
         start=settings.start,
         tick_s=settings.tick_ms / 1000,
+        commit_interval_s=settings.commit_interval_ms / 1000,
         default_rules=TeamRules(
             offline_after_s=settings.offline_alert_s,
             battery_below=settings.battery_alert_below,

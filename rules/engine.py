@@ -75,6 +75,14 @@ class RuleEngine:
     def set_zones(self, team: str, zones: Iterable[Zone]) -> None:
         self.team(team).zones = tuple(zones)
 
+    def forget(self, team: str, worker: str) -> None:
+        """Drop what is held of a worker whose data was erased (`teamtrack history erase`):
+        nothing of it is stored again unless it reports again."""
+        state = self.teams.get(team)
+        if state is not None:
+            state.workers.pop(worker, None)
+        self._changed.discard((team, worker))
+
     def take_changed(self) -> dict[tuple[str, str], dict[str, Any]]:
         changed = {key: self.teams[key[0]].workers[key[1]] for key in self._changed
                    if key[1] in self.teams[key[0]].workers}

@@ -45,6 +45,7 @@ from teamtrack.alerts import ALERT_KINDS, Alert, AlertStore, ack_notice, alert_n
 from teamtrack.backends import Backend, BackendError, Event, GroupBatch, GroupConsumer
 from teamtrack.contract import NOTICE_ORIGIN
 from teamtrack.history import HistoryStore
+from teamtrack.history_privacy import erasures_after, last_erasure_id
 from teamtrack.logs import RateLimitedLog
 from teamtrack.registry import RegistryError, load_registry
 from teamtrack.retry import Backoff
@@ -59,6 +60,12 @@ class RulesConfig:
     start: str = "latest"
     max_pending_batches: int = 1000
     max_batches_per_commit: int = 500
+    # Batches that raised no alert are committed and acknowledged together, at most this long
+    # after the first of them was applied: what a crash makes the backend deliver again.
+    commit_interval_s: float = 1.0
+    # How often alerts and acknowledgements stored by others (a dashboard's acknowledgement)
+    # are looked for, to be announced; the service's own alerts are announced at once.
+    announce_poll_s: float = 0.1
     tick_s: float = 0.5
     zone_poll_s: float = 1.0
     read_pace_s: float = 0.05
@@ -87,6 +94,7 @@ class RulesCounters:
     database_errors: int = 0
     publish_errors: int = 0
     queued_batches: int = 0
+    workers_forgotten: int = 0
 
 
 class _Collector(Collector):
@@ -117,6 +125,8 @@ class _Collector(Collector):
             ("notices", "Notices (alerts, acknowledgements, zone changes) published",
              counters.notices),
             ("commits", "Database transactions committed", counters.commits),
+            ("workers_forgotten", "Workers erased whole whose state was dropped",
+             counters.workers_forgotten),
             ("database_errors", "Failed database operations (retried)",
              counters.database_errors),
             ("publish_errors", "Failed notice publications (retried)",
@@ -171,6 +181,9 @@ class RulesService:
         self._cursors: dict[str, str] = {}
         self._zone_versions: dict[str, int] = {}
         self._next_zone_poll = 0.0
+        self._erasure_id = 0
+        # Changed workers' states applied and not yet committed (`_work`).
+        self._uncommitted: dict[tuple[str, str], Any] = {}
         self._next_registry_poll = 0.0
         self._log = RateLimitedLog(log)
         self._applied = asyncio.Condition()
@@ -188,6 +201,8 @@ class RulesService:
         # The ingest migrates the same database at the same moment under `teamtrack up`
         # (migrate waits for it); a database not up yet is retried, not a reason to exit.
         await self._until_done(self.history.migrate)
+        # Before the state: an erasure recorded in between is read by the first poll.
+        self._erasure_id = await last_erasure_id(self.history)
         states, self._cursors = await self.store.load_state()
         self.engine.load(states)
         self._read_registry()
@@ -231,38 +246,59 @@ class RulesService:
                 self.counters.queued_batches = self._queue.qsize()
 
     async def _work(self, consumer: GroupConsumer) -> None:
+        """Apply batches as they come; commit (and then acknowledge) at once when an alert
+        was raised, otherwise every `commit_interval_s` or `max_batches_per_commit` batches:
+        a batch that raises nothing changes only the state, which a crash rebuilds by running
+        the unacknowledged batches again (docs/alerts.md)."""
         await self._until_done(self._announce)
+        config = self.config
         next_tick = time.monotonic()
+        next_announce = 0.0
+        applied: list[GroupBatch] = []  # applied, not yet committed and acknowledged
+        changed = self._uncommitted
+        commit_by = float("inf")
         while True:
             items: list[GroupBatch] = []
-            timeout = max(next_tick - time.monotonic(), 0.0)
+            timeout = max(min(next_tick, commit_by) - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
                 items.append(await asyncio.wait_for(self._queue.get(), timeout))
             while items and not self._queue.empty() and (
-                len(items) < self.config.max_batches_per_commit
+                len(applied) + len(items) < config.max_batches_per_commit
             ):
                 items.append(self._queue.get_nowait())
             self.counters.queued_batches = self._queue.qsize()
             now = time.monotonic()
             await self._until_done(self._poll)
             raised = self._apply_batches(items)
+            if items and not applied:
+                commit_by = now + config.commit_interval_s
+            applied += items
             if now >= next_tick:
                 raised += self.engine.tick(int(time.time() * 1000))
-                next_tick = now + self.config.tick_s
-            changed = self.engine.take_changed()
-            if raised or changed or items:
+                next_tick = now + config.tick_s
+            changed.update(self.engine.take_changed())
+            if raised or (changed and not applied) or (applied and (
+                now >= commit_by or len(applied) >= config.max_batches_per_commit
+            )):
                 await self._until_done(functools.partial(self._commit, raised, changed))
-            await self._until_done(self._announce)
-            if items:
-                try:
-                    await consumer.acknowledge(items)
-                except Exception as error:  # any driver's: the batches come again, skipped
-                    self._log.warning("ack", "acknowledging failed (%s); they come again", error)
-                for _item in items:
-                    self._queue.task_done()
-                self.counters.batches += len(items)
-                async with self._applied:
-                    self._applied.notify_all()
+                changed.clear()
+                if applied:
+                    await self._acknowledge(consumer, applied)
+                    applied, commit_by = [], float("inf")
+            if raised or now >= next_announce:
+                await self._until_done(self._announce)
+                next_announce = now + config.announce_poll_s
+
+    async def _acknowledge(self, consumer: GroupConsumer, items: list[GroupBatch]) -> None:
+        try:
+            await consumer.acknowledge(items)
+        except Exception as error:  # any driver's: the batches come again, skipped
+            self._log.warning("ack", "acknowledging failed (%s); they come again", error)
+        for _item in items:
+            self._queue.task_done()
+        self.counters.batches += len(items)
+        async with self._applied:
+            self._applied.notify_all()
 
     def _apply_batches(self, items: list[GroupBatch]) -> list[Alert]:
         raised: list[Alert] = []
@@ -321,6 +357,18 @@ class RulesService:
             self._read_registry()
         if now >= self._next_zone_poll:
             await self._poll_zones()
+            await self._poll_erasures()
+
+    async def _poll_erasures(self) -> None:
+        """Workers erased whole since the last poll: their state is dropped, here and from
+        what waits to be committed (`teamtrack history erase` deletes the rows again once
+        this poll has had time to run: docs/privacy.md)."""
+        for erasure in await erasures_after(self.history, self._erasure_id):
+            self._erasure_id = erasure.id
+            if erasure.before_ms is None:
+                self.engine.forget(erasure.team, erasure.worker)
+                self._uncommitted.pop((erasure.team, erasure.worker), None)
+                self.counters.workers_forgotten += 1
 
     def _read_registry(self) -> None:
         self._next_registry_poll = time.monotonic() + self.config.registry_poll_s

@@ -39,6 +39,10 @@ class RulesSettings(ServiceSettings):
         "TEAMTRACK_WEBHOOK_SECRET, not on the command line); empty: no webhook is called"
     )
     tick_ms: float = Field(500.0, gt=0, description="how often the timer rules run")
+    commit_interval_ms: float = Field(
+        1000.0, gt=0, description="batches that raise no alert are committed and acknowledged "
+        "together this often (an alert is committed at once); a crash runs them again"
+    )
     metrics_host: str = Field("127.0.0.1", description="address of the /metrics port")
     metrics_port: int = Field(9106, ge=0, description="port of /metrics (0: any free port)")
 

@@ -159,6 +159,15 @@ class AlertStore:
         self.engine = engine
         dialect = engine.dialect.name
         self._insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # The rules' per-commit upserts, built once (executed with many rows each).
+        state = self._insert(rule_state)
+        self._upsert_state = state.on_conflict_do_update(
+            index_elements=["team", "worker"], set_={"state": state.excluded.state}
+        )
+        cursor = self._insert(rule_cursors)
+        self._upsert_cursor = cursor.on_conflict_do_update(
+            index_elements=["team"], set_={"cursor": cursor.excluded.cursor}
+        )
 
     # Zones ---------------------------------------------------------------------------------
     async def zones(self, team: str) -> list[Zone]:
@@ -343,19 +352,17 @@ class AlertStore:
                     self._insert(alerts).values(**row).on_conflict_do_nothing()
                 )
                 inserted += max(result.rowcount, 0)
-            for (team, worker), state in states.items():
-                statement = self._insert(rule_state).values(
-                    team=team, worker=worker, state=orjson.dumps(state).decode()
-                )
-                await connection.execute(statement.on_conflict_do_update(
-                    index_elements=["team", "worker"], set_={"state": statement.excluded.state}
-                ))
-            for team, cursor in cursors.items():
-                statement = self._insert(rule_cursors).values(team=team, cursor=cursor)
-                await connection.execute(statement.on_conflict_do_update(
-                    index_elements=["team"], set_={"cursor": statement.excluded.cursor}
-                ))
+            if states:  # one statement for all of them (executemany)
+                await connection.execute(self._upsert_state, [
+                    {"team": team, "worker": worker, "state": orjson.dumps(state).decode()}
+                    for (team, worker), state in states.items()
+                ])
+            if cursors:
+                await connection.execute(self._upsert_cursor, [
+                    {"team": team, "cursor": cursor} for team, cursor in cursors.items()
+                ])
         return inserted
+
 
     # Privacy -------------------------------------------------------------------------------
     async def delete_older(self, team: str, before_ms: int) -> int:

@@ -246,14 +246,16 @@ def erase_command(
     if not yes and not typer.confirm(f"erase everything stored about {what} in {where}?"):
         raise _fail("nothing erased", code=1)
     who = operator or f"{getpass.getuser()}@{socket.gethostname()}"
-    line = asyncio.run(_erase(targets, team, worker, before_ms, who, settle_s))
+    line = asyncio.run(erase_everywhere(targets, team, worker, before_ms, who, settle_s))
     console.print(line, highlight=False, soft_wrap=True)
 
 
-async def _erase(
+async def erase_everywhere(
     targets: Targets, team: str, worker: str, before_ms: int | None, operator: str,
     settle_s: float,
 ) -> str:
+    """`teamtrack history erase`'s work (docs/privacy.md): the history, the backend's
+    last-known entries, the erasure logged; the line it prints."""
     from teamtrack.history import HistoryStore
     from teamtrack.history_privacy import erase_worker, record_erasure
 
@@ -264,7 +266,12 @@ async def _erase(
         last_known: int | None = None
         if targets.backend_url is not None:
             last_known = await _forget(targets.backend_url, team, worker, before_ms)
-        # Rows the ingest was still writing (from batches already in the backend's log).
+        # Logged now: a running rules service reads it and drops what it holds of the worker.
+        erasure = await record_erasure(store, operator=operator, team=team, worker=worker,
+                                       before_ms=before_ms, deleted=deleted,
+                                       last_known=last_known)
+        # Rows the ingest was still writing (from batches already in the backend's log), and
+        # what the rules service stored before it read the erasure.
         await asyncio.sleep(settle_s)
         late = await erase_worker(store, team, worker, before_ms=before_ms)
         deleted.positions += late.positions
@@ -272,7 +279,8 @@ async def _erase(
         deleted.events += late.events
         deleted.alerts += late.alerts
         await record_erasure(store, operator=operator, team=team, worker=worker,
-                             before_ms=before_ms, deleted=deleted, last_known=last_known)
+                             before_ms=before_ms, deleted=deleted, last_known=last_known,
+                             erasure_id=erasure)
     finally:
         await store.close()
     reached = "not reached" if last_known is None else f"{last_known} entries"
@@ -295,4 +303,7 @@ async def _forget(url: str, team: str, worker: str, before_ms: int | None) -> in
         return await backend.forget_worker(team, worker)
 
 
-__all__ = ["Targets", "cluster_backend_url", "history_app", "parse_before", "resolve_targets"]
+__all__ = [
+    "Targets", "cluster_backend_url", "erase_everywhere", "history_app", "parse_before",
+    "resolve_targets",
+]

@@ -186,15 +186,52 @@ async def erase_worker(
 
 async def record_erasure(
     store: HistoryStore, *, operator: str, team: str, worker: str, before_ms: int | None,
-    deleted: Deleted, last_known: int | None,
-) -> None:
-    """The erasure in the `erasures` table: who, when, what, how many; no position."""
+    deleted: Deleted, last_known: int | None, erasure_id: int | None = None,
+) -> int:
+    """The erasure in the `erasures` table: who, when, what, how many; no position. Its id;
+    with `erasure_id`, that row is updated instead (the totals once the erase is over).
+
+    A running rules service reads new rows (`erasures_after`) and drops what it holds of a
+    worker erased whole: `teamtrack history erase` records the erasure after its first pass,
+    so that the rules service has dropped it before the second."""
+    values = {
+        "at_ms": int(time.time() * 1000), "operator": operator[:200], "team": team,
+        "worker": worker, "before_ms": before_ms, "positions": deleted.positions,
+        "presence": deleted.presence, "events": deleted.events, "last_known": last_known,
+    }
     async with store.engine.begin() as connection:
-        await connection.execute(erasures.insert().values(
-            at_ms=int(time.time() * 1000), operator=operator[:200], team=team,
-            worker=worker, before_ms=before_ms, positions=deleted.positions,
-            presence=deleted.presence, events=deleted.events, last_known=last_known,
+        if erasure_id is not None:
+            del values["at_ms"]  # when it began
+            await connection.execute(
+                erasures.update().where(erasures.c.id == erasure_id).values(**values)
+            )
+            return erasure_id
+        return int(await connection.scalar(
+            erasures.insert().values(**values).returning(erasures.c.id)
         ))
+
+
+@dataclass(frozen=True)
+class Erasure:
+    id: int
+    team: str
+    worker: str
+    before_ms: int | None
+
+
+async def erasures_after(store: HistoryStore, after_id: int) -> list[Erasure]:
+    """Erasures recorded after the one with `after_id` (`last_erasure_id`), oldest first."""
+    query = (sa.select(erasures.c.id, erasures.c.team, erasures.c.worker, erasures.c.before_ms)
+             .where(erasures.c.id > after_id).order_by(erasures.c.id))
+    async with store.engine.connect() as connection:
+        rows = await connection.execute(query)
+        return [Erasure(row.id, row.team, row.worker, row.before_ms) for row in rows]
+
+
+async def last_erasure_id(store: HistoryStore) -> int:
+    """The newest erasure's id (0: none yet)."""
+    async with store.engine.connect() as connection:
+        return int(await connection.scalar(sa.select(sa.func.max(erasures.c.id))) or 0)
 
 
 async def erasure_log(store: HistoryStore, team: str | None = None) -> list[dict[str, Any]]:
@@ -264,10 +301,13 @@ __all__ = [
     "DAY_MS",
     "DEFAULT_RETENTION_DAYS",
     "Deleted",
+    "Erasure",
     "erase_worker",
     "erasure_log",
     "erasures",
+    "erasures_after",
     "history_teams",
+    "last_erasure_id",
     "person_counts",
     "person_events",
     "person_positions",

@@ -13,8 +13,11 @@ import pytest
 from teamtrack.history import HistoryStore
 from teamtrack.history_privacy import (
     DAY_MS,
+    Erasure,
     erase_worker,
     erasure_log,
+    erasures_after,
+    last_erasure_id,
     person_counts,
     record_erasure,
     sweep,
@@ -104,8 +107,16 @@ async def test_erase_removes_one_worker_everywhere_and_logs_no_data(store: Histo
     newest, _presence = await store.last_known("alpha")
     assert [position.worker for position in newest] == ["w2"]
 
+    assert await last_erasure_id(store) == 0
+    erasure = await record_erasure(store, operator="dpo@example", team="alpha", worker="w1",
+                                   before_ms=None, deleted=partial, last_known=2)
+    # What a running rules service reads (it drops the worker's state).
+    assert await erasures_after(store, 0) == [Erasure(erasure, "alpha", "w1", None)]
+    assert await erasures_after(store, erasure) == []
+    assert await last_erasure_id(store) == erasure
+    # The totals, once the second pass is over: the same row.
     await record_erasure(store, operator="dpo@example", team="alpha", worker="w1",
-                         before_ms=None, deleted=rest, last_known=2)
+                         before_ms=None, deleted=rest, last_known=2, erasure_id=erasure)
     (entry,) = await erasure_log(store)
     assert entry["operator"] == "dpo@example"
     assert (entry["team"], entry["worker"], entry["positions"], entry["last_known"]) == (

@@ -32,6 +32,7 @@ from teamtrack.alerts import Alert, AlertStore
 from teamtrack.backends import START_OF_LOG, Backend, Batch, Event, from_url
 from teamtrack.contract import NOTICE_ORIGIN, Kind
 from teamtrack.history import HistoryStore
+from teamtrack.history_cli import Targets, erase_everywhere
 from teamtrack.local.servers import LOOPBACK, free_port
 from teamtrack.passwords import hash_password, token_digest
 from teamtrack.zones import parse_zone
@@ -333,6 +334,42 @@ async def test_offline_survives_restarts_once_and_never_for_off_duty(
     assert Counter(notice["alert"]["kind"] for notice in await notices(backend, "alpha")) == (
         Counter({"offline": 1})
     )
+    await backend.close()
+
+
+async def test_an_erased_worker_is_not_written_back_by_a_running_rules_service(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """`teamtrack history erase` deleted the worker's rule state and alerts, but the running
+    rules service still held the state in memory (its last movement point among it): the
+    offline alert it raised from it later stored that state again, and an alert about the
+    erased worker. Another worker's alert shows the clock rules still run."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'history.sqlite3'}"
+    backend = from_url(redis_url)
+    await backend.start()
+    rules = TeamRules(offline_after_s=4.0, idle_after_s=0)
+    now = int(time.time() * 1000)
+    async with rules_service(redis_url, database, default_rules=rules) as service:
+        store = service.store
+        await backend.publish([fix("alpha", "w001", 0, 52.5, now - 1000),
+                               presence("alpha", "w001", "offline", now),
+                               presence("alpha", "w002", "offline", now)])
+        deadline = time.monotonic() + WAIT
+        while len((await store.load_state())[0]) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await erase_everywhere(Targets(database, redis_url), "alpha", "w001", None,
+                               "test", settle_s=0.5)
+        assert time.time() * 1000 < now + 4000, "erased too late for this test"
+        while not await store.alerts("alpha"):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # more ticks
+        await service.wait_applied(1)
+        found = await store.alerts("alpha")
+        states, _cursors = await store.load_state()
+    assert [(alert.kind, alert.worker) for alert in found] == [("offline", "w002")]
+    assert set(states) == {("alpha", "w002")}
     await backend.close()
 
 
