@@ -24,9 +24,8 @@ from typing import TYPE_CHECKING, Annotated
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import typer
-from rich.console import Console
 
-from teamtrack.settings import ENV_PREFIX
+from teamtrack.cli_support import console, env_name, errors, failure
 
 if TYPE_CHECKING:
     from teamtrack.person_export import ExportSummary
@@ -35,20 +34,16 @@ history_app = typer.Typer(
     help="The tracked person's data: export everything stored about a worker, or erase it.",
     no_args_is_help=True,
 )
-console = Console()
-errors = Console(stderr=True)
 # After erasing, the history is erased once more this much later: rows the ingest was still
 # writing from the backend's log (it runs a fraction of a second behind) go too.
 SETTLE_S = 2.0
 
 
-def _env(name: str) -> str:
-    return f"{ENV_PREFIX}{name.upper()}"
+_env = env_name
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[red]teamtrack history:[/red] {message}", highlight=False)
-    return typer.Exit(code)
+    return failure("teamtrack history", message, code)
 
 
 StateDir = Annotated[
