@@ -63,8 +63,9 @@ class RulesConfig:
     # Batches that raised no alert are committed and acknowledged together, at most this long
     # after the first of them was applied: what a crash makes the backend deliver again.
     commit_interval_s: float = 1.0
-    # How often alerts and acknowledgements stored by others (a dashboard's acknowledgement)
-    # are looked for, to be announced; the service's own alerts are announced at once.
+    # How often, at most, acknowledgements stored by others (a dashboard's) are looked for to
+    # be announced: after a read at least this long after the last look, and at every tick
+    # when nothing comes. The service's own alerts are announced at once.
     announce_poll_s: float = 0.1
     tick_s: float = 0.5
     zone_poll_s: float = 1.0
