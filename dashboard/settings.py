@@ -9,7 +9,7 @@ from typing import Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from dashboard.page import DEFAULT_TILE_ATTRIBUTION, DEFAULT_TILE_URL, tile_origin
-from teamtrack.settings import ServiceSettings
+from teamtrack.settings import OptionalPath, ServiceSettings
 
 
 class DashboardSettings(ServiceSettings):
@@ -142,12 +142,12 @@ class DashboardSettings(ServiceSettings):
     keep_alive_timeout_s: int = Field(
         5, ge=1, description="an idle keep-alive connection is closed after this long"
     )
-    tls_cert: Path | None = Field(
+    tls_cert: OptionalPath = Field(
         None,
         description="serve HTTPS (and wss://) with this certificate (PEM, the chain after it; "
         "`teamtrack provision` writes state/tls/server.crt); with --tls-key",
     )
-    tls_key: Path | None = Field(
+    tls_key: OptionalPath = Field(
         None, description="the certificate's private key (PEM, unencrypted; state/tls/server.key)"
     )
 

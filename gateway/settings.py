@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from teamtrack.settings import ServiceSettings
+from teamtrack.settings import OptionalPath, ServiceSettings
 
 from .service import GatewayConfig
 
@@ -12,8 +12,8 @@ from .service import GatewayConfig
 class GatewaySettings(ServiceSettings):
     """Devices over HTTP (OwnTracks, NDJSON streams) into the backend."""
 
-    password_file: str = Field(
-        "state/mosquitto.passwd",
+    password_file: Path = Field(
+        Path("state/mosquitto.passwd"),
         description="the brokers' password file (mosquitto_passwd hashes): devices log in with "
         "their MQTT password; reloaded when it changes",
     )
@@ -26,8 +26,10 @@ class GatewaySettings(ServiceSettings):
         "(or --allow-plain-http behind a proxy that terminates TLS)",
     )
     port: int = Field(8080, ge=0, lt=65536, description="the HTTP port (0: any free port)")
-    tls_cert: str = Field("", description="PEM certificate chain: serve https:// (with --tls-key)")
-    tls_key: str = Field("", description="PEM private key of --tls-cert")
+    tls_cert: OptionalPath = Field(
+        None, description="PEM certificate chain: serve https:// (with --tls-key)"
+    )
+    tls_key: OptionalPath = Field(None, description="PEM private key of --tls-cert")
     allow_plain_http: bool = Field(
         False,
         description="plain HTTP on an address other than loopback: only behind a proxy that "
@@ -95,12 +97,12 @@ class GatewaySettings(ServiceSettings):
 
     def gateway_config(self) -> GatewayConfig:
         return GatewayConfig(
-            password_file=Path(self.password_file),
+            password_file=self.password_file,
             gateway_id=self.gateway_id,
             host=self.host,
             port=self.port,
-            tls_cert=Path(self.tls_cert) if self.tls_cert else None,
-            tls_key=Path(self.tls_key) if self.tls_key else None,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
             allow_plain_http=self.allow_plain_http,
             max_connections=self.max_connections,
             max_connections_per_address=self.max_connections_per_address,

@@ -12,14 +12,23 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 from teamtrack.help_style import HelpFormatter, env_note, placeholder, restyle_notes
 
 ENV_PREFIX = "TEAMTRACK_"
+
+
+def _empty_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+# A file option that may be left out: an empty value (`TEAMTRACK_TLS_CERT=` in a compose file)
+# means none, not the current folder.
+OptionalPath = Annotated[Path | None, BeforeValidator(_empty_is_none)]
 
 
 class ServiceSettings(BaseSettings):

@@ -389,6 +389,11 @@ def test_settings_read_flags_and_environment(
         "g2", 77, 0.005)
     with pytest.raises(ValueError, match="gateway id"):
         replace(config, gateway_id="G 1")
+    # An empty variable (a compose file's `TEAMTRACK_TLS_CERT=`) is no file, not the folder ".".
+    monkeypatch.setenv("TEAMTRACK_TLS_CERT", "")
+    monkeypatch.setenv("TEAMTRACK_TLS_KEY", "")
+    plain = GatewaySettings(_cli_parse_args=[])  # type: ignore[call-arg]
+    assert (plain.gateway_config().tls_cert, plain.gateway_config().tls_key) == (None, None)
 
 
 async def test_metrics_name_every_counter(password_file: Path) -> None:

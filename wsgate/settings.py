@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
-from teamtrack.settings import ServiceSettings
+from teamtrack.settings import OptionalPath, ServiceSettings
 
 from .service import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_PACKET_BYTES, GatewayConfig
 
@@ -22,8 +20,10 @@ class GatewaySettings(ServiceSettings):
         "for every interface)",
     )
     port: int = Field(9001, ge=0, lt=65536, description="the WebSocket port (0: any free port)")
-    tls_cert: str = Field("", description="PEM certificate chain: serve wss:// (with --tls-key)")
-    tls_key: str = Field("", description="PEM private key of --tls-cert")
+    tls_cert: OptionalPath = Field(
+        None, description="PEM certificate chain: serve wss:// (with --tls-key)"
+    )
+    tls_key: OptionalPath = Field(None, description="PEM private key of --tls-cert")
     max_connections: int = Field(
         1000, ge=1, description="open connections; one beyond gets 503 and is closed at once"
     )
@@ -71,8 +71,8 @@ class GatewaySettings(ServiceSettings):
             broker=broker,
             host=self.host,
             port=self.port,
-            tls_cert=Path(self.tls_cert) if self.tls_cert else None,
-            tls_key=Path(self.tls_key) if self.tls_key else None,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
             max_connections=self.max_connections,
             max_connections_per_address=self.max_connections_per_address,
             max_message_bytes=self.max_message_bytes,
