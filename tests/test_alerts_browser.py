@@ -144,6 +144,29 @@ async def test_zone_drawn_on_the_page_alerts_both_managers_once_and_shows_the_ac
                 assert sorted(zone["name"] for zone in zones) == sorted(
                     [HOSTILE, "Yard </b><script>x</script>"])
                 assert await page.locator(".zone-label").count() == 2
+            # alice draws a smaller circle on the first one's centre: the two names are stacked,
+            # not drawn over each other (they were).
+            await alice.evaluate("window.teamtrack.map.setView([52.5, 13.4], 15)")
+            await alice.fill("#zone-form input[name=name]", "Gate")
+            await alice.fill("#zone-form input[name=radius]", "40")
+            await alice.click("#zone-form button[type=submit]")
+            box = await alice.locator("#map").bounding_box()
+            assert box is not None
+            point = await alice.evaluate(
+                "(() => { const p = window.teamtrack.map.latLngToContainerPoint([52.5, 13.4]);"
+                " return [p.x, p.y]; })()")
+            x, y = box["x"] + point[0], box["y"] + point[1]
+            await alice.mouse.click(x, y)
+            await until(alice, "window.teamtrackAlerts.zones()", lambda z: len(z) == 3)
+            labels = alice.locator(".zone-label")
+            assert await labels.count() == 3
+            boxes = {await label.text_content(): await label.bounding_box()
+                     for label in await labels.all()}
+            first, gate = boxes[HOSTILE], boxes["Gate"]
+            assert first is not None and gate is not None
+            assert (first["y"] + first["height"] <= gate["y"]
+                    or gate["y"] + gate["height"] <= first["y"]), (first, gate)
+            await alice.screenshot(path=output_dir / "2-zones-sharing-a-centre-alice.png")
             await carol.screenshot(path=output_dir / "2-acknowledged-carol.png")
             # The panel folds to its heading and count (leaving the map free), and unfolds.
             await carol.click("#alerts-panel .alerts-fold")

@@ -210,6 +210,7 @@
     drawnZones = key;
     if (!zonesLayer) zonesLayer = L.layerGroup().addTo(map);
     zonesLayer.clearLayers();
+    const labels = new Map(); // label position -> {where, names}: zones sharing a centre stack
     for (const feature of zones) {
       const properties = feature.properties;
       const geometry = feature.geometry;
@@ -222,12 +223,19 @@
           { className: "zone" });
       }
       layer.addTo(zonesLayer);
-      // The name as a marker of its own (a DOM node, never HTML), not a permanent tooltip:
-      // one of those could outlive its layer when zones were redrawn quickly.
-      const label = el("span", "zone-label", properties.name);
       const where = geometry.type === "Point" ? layer.getLatLng() : layer.getBounds().getCenter();
+      const key = `${where.lat.toFixed(5)},${where.lng.toFixed(5)}`; // about a metre
+      if (!labels.has(key)) labels.set(key, { where, names: [] });
+      labels.get(key).names.push(properties.name);
+    }
+    // The names as markers of their own (DOM nodes, never HTML), not permanent tooltips: one
+    // of those could outlive its layer when zones were redrawn quickly. Names that share a
+    // position are one column, not drawn over each other.
+    for (const { where, names } of labels.values()) {
+      const column = el("span", "zone-labels");
+      for (const name of names) column.append(el("span", "zone-label", name));
       L.marker(where, {
-        icon: L.divIcon({ html: label, className: "zone-tooltip", iconSize: null }),
+        icon: L.divIcon({ html: column, className: "zone-tooltip", iconSize: null }),
         interactive: false, keyboard: false,
       }).addTo(zonesLayer);
     }
