@@ -15,6 +15,7 @@ from conftest import Cluster
 from mqtt_tools import MosquittoSub, publish_lines
 from prometheus_client import CollectorRegistry
 
+from bridge.metrics import CountersCollector
 from bridge.service import MIRROR_REPLAY_S, BridgeConfig, BridgeService
 from teamtrack.alerts import Alert, alert_notice
 from teamtrack.backends import Backend, Batch, Event, from_url
@@ -330,9 +331,7 @@ async def test_metrics_port_serves_counters(cluster: Cluster, start_bridge: Star
     bridge = await start_bridge(0, mirror=False)
     bridge_registry = CollectorRegistry()
     # Serve the running bridge's counters the way `python -m bridge` does.
-    from bridge.service import _CountersCollector
-
-    bridge_registry.register(_CountersCollector(bridge.counters, "b1"))
+    bridge_registry.register(CountersCollector(bridge.counters, "b1"))
     server = MetricsServer(bridge_registry, "127.0.0.1", 0)
     server.start()
     try:
