@@ -33,6 +33,13 @@ async def test_alerts_are_stored_once_acked_once_aged_erased_and_exported(
     assert await store.apply(batch, {}, {}) == 0  # delivered again: nothing new
     states, cursors = await store.load_state()
     assert states == {("alpha", "w001"): {"inside": ["z1"]}} and cursors == {"alpha": "7"}
+    # Many states and cursors in one statement each: new ones inserted, known ones replaced.
+    await store.apply([], {("alpha", "w001"): {"inside": []}, ("alpha", "w002"): {"n": 2},
+                           ("bravo", "x001"): {"n": 3}}, {"alpha": "9", "bravo": "4"})
+    states, cursors = await store.load_state()
+    assert states == {("alpha", "w001"): {"inside": []}, ("alpha", "w002"): {"n": 2},
+                      ("bravo", "x001"): {"n": 3}}
+    assert cursors == {"alpha": "9", "bravo": "4"}
     # Newest first (ties by id).
     assert [found.id for found in await store.alerts("alpha")] == [
         batch[1].id, batch[2].id, batch[0].id
@@ -61,5 +68,6 @@ async def test_alerts_are_stored_once_acked_once_aged_erased_and_exported(
     erased = await erase_worker(history, "alpha", "w001")
     assert erased.alerts == 1
     assert [found.worker for found in await store.alerts("alpha")] == ["w002"]
-    assert await store.load_state() == ({}, {"alpha": "7"})
+    assert await store.load_state() == (  # the erased worker's state only
+        {("alpha", "w002"): {"n": 2}, ("bravo", "x001"): {"n": 3}}, {"alpha": "9", "bravo": "4"})
     await history.close()
